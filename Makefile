@@ -1,0 +1,57 @@
+# hsml: two commands matter —  `make train` (the main job) and `make test` (every check).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+UV := $(PYTHON) -m uv
+VENV := .venv
+BIN := $(VENV)/bin
+export OMP_NUM_THREADS ?= 1
+export UV_PYTHON_DOWNLOADS := never
+export WANDB_MODE ?= offline
+
+.PHONY: env train data test test-nbs test-py lint format export-check clean docs help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(BIN)/hsml: pyproject.toml uv.lock
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q --disable-pip-version-check uv
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	@touch $@
+
+env: $(BIN)/hsml  ## create .venv from the lock file (uv sync --frozen)
+
+train: env  ## the main job: the default training experiment on built-in sample data
+	$(BIN)/python -m hsml.cli train
+
+data: env  ## generate the sample data and print its validation report
+	$(BIN)/hsml data generate --out data/sample
+	$(BIN)/hsml data check data/sample
+
+export-check: env  ## nbdev_export must leave hsml/ unchanged
+	@$(BIN)/nbdev_export
+	@if [ -n "$$(git status --porcelain -- hsml)" ]; then \
+	  echo "nbdev_export changed hsml/: the package is out of step with nbs/"; git status --porcelain -- hsml; git --no-pager diff --stat -- hsml; exit 1; fi
+	@echo "export-check: hsml/ matches nbs/"
+
+test-nbs: env  ## run every notebook in nbs/ as tests (nbdev_test)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+test-py: env  ## pytest: end-to-end and system tests
+	$(BIN)/pytest -q
+
+lint: env  ## ruff lint and format check (notebooks too)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: export-check lint test-nbs test-py  ## every check: export, ruff, nbdev_test, pytest
+
+format: env  ## ruff fix + format, nbdev_clean
+	$(BIN)/ruff check --fix . || true
+	$(BIN)/ruff format .
+	$(BIN)/nbdev_clean
+
+docs: env  ## build the Quarto site (needs Quarto)
+	$(BIN)/nbdev_docs
+
+clean:
+	rm -rf _proc _docs .pytest_cache .ruff_cache
