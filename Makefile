@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export UV_PYTHON_DOWNLOADS := never
 export WANDB_MODE ?= offline
 
-.PHONY: env train data test test-nbs test-py lint format export-check clean docs help
+.PHONY: env train data readme test test-nbs test-py lint format export-check clean docs help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -21,7 +21,7 @@ $(BIN)/hsml: pyproject.toml uv.lock
 env: $(BIN)/hsml  ## create .venv from the lock file (uv sync --frozen)
 
 train: env  ## the main job: the default training experiment on built-in sample data
-	$(BIN)/python -m hsml.cli train
+	$(BIN)/hsml train
 
 data: env  ## generate the sample data and print its validation report
 	$(BIN)/hsml data generate --out data/sample
@@ -32,9 +32,10 @@ export-check: env  ## nbdev_export must leave hsml/ unchanged
 	@if [ -n "$$(git status --porcelain -- hsml)" ]; then \
 	  echo "nbdev_export changed hsml/: the package is out of step with nbs/"; git status --porcelain -- hsml; git --no-pager diff --stat -- hsml; exit 1; fi
 	@echo "export-check: hsml/ matches nbs/"
+	@$(BIN)/python tools/readme.py --check
 
 test-nbs: env  ## run every notebook in nbs/ as tests (nbdev_test)
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags postgres
 
 test-py: env  ## pytest: end-to-end and system tests
 	$(BIN)/pytest -q
@@ -44,6 +45,9 @@ lint: env  ## ruff lint and format check (notebooks too)
 	$(BIN)/ruff format --check .
 
 test: export-check lint test-nbs test-py  ## every check: export, ruff, nbdev_test, pytest
+
+readme: env  ## regenerate README.md from nbs/index.ipynb
+	$(BIN)/python tools/readme.py
 
 format: env  ## ruff fix + format, nbdev_clean
 	$(BIN)/ruff check --fix . || true
