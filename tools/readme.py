@@ -1,7 +1,7 @@
 """Render README.md from nbs/index.ipynb without Quarto (nbdev_readme needs Quarto).
 
-    python tools/readme.py          # write README.md
-    python tools/readme.py --check  # exit 1 when README.md is out of step with nbs/index.ipynb
+python tools/readme.py          # write README.md
+python tools/readme.py --check  # exit 1 when README.md is out of step with nbs/index.ipynb
 """
 
 import json
@@ -19,7 +19,11 @@ def render(nb_path: Path = ROOT / "nbs" / "index.ipynb") -> str:
         if not src or src.startswith("#| hide"):
             continue
         parts.append(src if cell["cell_type"] == "markdown" else f"```python\n{src}\n```")
-    return "<!-- generated from nbs/index.ipynb by tools/readme.py: edit the notebook -->\n\n" + "\n\n".join(parts) + "\n"
+    return (
+        "<!-- generated from nbs/index.ipynb by tools/readme.py: edit the notebook -->\n\n"
+        + "\n\n".join(parts)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":
