@@ -199,3 +199,39 @@ def test_chunked_large_run_bounded_memory(tmp_path: Path) -> None:
     u = pl.scan_csv(p["usage"]).select(pl.len()).collect().item()
     assert u == m["usage_rows"] and 0.9e6 <= u <= 1.3e6
     assert grown_mib < 1500, grown_mib  # blocks of 20k companies: memory does not grow with the run
+
+
+def _honest_and_leaky_auc(d: Path) -> tuple[float, float]:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from hsml.synth import _quick_panel
+
+    start = date(2019, 1, 7)
+    as_ofs = [start + timedelta(days=56 + 28 * k) for k in range(13)]
+    panel = _quick_panel(d, as_ofs, horizon=56)
+    feats = [c for c in panel.columns if c not in ("id", "as_of", "label")]
+
+    def X(df: pl.DataFrame) -> np.ndarray:
+        return np.log1p(df.select(feats).to_numpy().astype(float))
+
+    train = panel.filter(pl.col("as_of") <= as_ofs[7])
+    test = panel.filter(pl.col("as_of") >= as_ofs[7] + timedelta(days=56))
+    assert train["label"].sum() >= 30 and test["label"].sum() >= 15
+    lr = LogisticRegression(max_iter=1000).fit(X(train), train["label"])
+    honest = roc_auc_score(test["label"], lr.predict_proba(X(test))[:, 1])
+    acts = [c for c in USAGE_COLUMNS if c.startswith("ACTIONS")]
+    totals = pl.read_csv(d / "usage_actions.csv").group_by("id").agg(a=pl.sum_horizontal(acts).sum())
+    cust = pl.read_csv(d / "customers.csv", columns=["id"]).unique().with_columns(y=pl.lit(1))
+    pros = pl.read_csv(d / "noncustomers.csv", columns=["id"]).unique().with_columns(y=pl.lit(0))
+    every = pl.concat([cust, pros]).unique("id", keep="first").join(totals, on="id", how="left").fill_null(0)
+    return honest, roc_auc_score(every["y"], every["a"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_truth(tmp_path: Path, seed: int) -> None:
+    generate(tmp_path, seed=seed)
+    honest, leaky = _honest_and_leaky_auc(tmp_path)
+    assert 0.68 < honest < 0.9, honest  # real but imperfect signal, point in time
+    assert leaky > 0.95, leaky  # summing all usage (post-conversion jump) looks suspiciously good
