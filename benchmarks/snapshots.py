@@ -1,0 +1,199 @@
+"""Benchmark: point-in-time training sets with hsml vs a straightforward pandas implementation.
+
+For each size (usage rows) it generates sample data with `hsml.synth` (cached under --data-root), stores the clean
+companies and usage as Parquet, then builds the same training set (12 weekly as-of dates, 56-day horizon, the
+`default` feature set) twice, each in its own subprocess so that peak memory (ru_maxrss) is per run:
+
+- hsml: `build_training_set` over a lazy Parquet scan of the usage (leakage audit included);
+- pandas: `benchmarks/pandas_reference.py` (a loop over as-of dates and windows, masks and groupby).
+
+On the smallest size the two results are checked to agree value for value. One JSON line per size:
+
+    {"usage_rows": ..., "companies": ..., "train_rows": ..., "hsml_s": ..., "pandas_s": ..., "ratio": ...,
+     "hsml_peak_mib": ..., "pandas_peak_mib": ..., "agree": true|null}
+
+Usage: python benchmarks/snapshots.py [--sizes 1M,5M,50M] [--data-root DIR] [--pandas-max 5M] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+AS_OF_START, AS_OF_END, EVERY, HORIZON = "2020-02-10", "2020-04-27", 7, 56  # 12 weekly as-of dates
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1_000, "M": 1_000_000}.get(s[-1], 1)
+    return int(float(s[:-1] if s[-1] in "KM" else s) * mult)
+
+
+def prepare(rows: int, root: Path) -> Path:
+    "Generate sample data of about `rows` usage rows (dense: ~50 weekly rows per company) as clean Parquet."
+    import polars as pl
+
+    from hsml.contracts import validate_frames
+    from hsml.synth import generate
+
+    d = root / f"rows_{rows}"
+    if (d / "usage.parquet").exists() and (d / "companies.parquet").exists():
+        return d
+    raw = d / "csv"
+    if not (raw / "usage_actions.csv").exists():
+        generate(raw, companies=max(rows // 50, 100), seed=0, usage_rows=rows)
+    read = lambda f: pl.read_csv(raw / f, infer_schema=False)  # noqa: E731
+    empty_usage = pl.read_csv(
+        raw / "usage_actions.csv", infer_schema=False, n_rows=1
+    )  # contracts want a data row
+    tables = validate_frames({"customers": read("customers.csv"), "noncustomers": read("noncustomers.csv"),
+                              "usage": empty_usage})  # fmt: skip
+    tables.companies().write_parquet(d / "companies.parquet")
+    ints = [c for c in empty_usage.columns if c not in ("WHEN_TIMESTAMP",)]
+    (
+        pl.scan_csv(raw / "usage_actions.csv", schema={c: pl.String for c in empty_usage.columns})
+        .select(
+            *[pl.col(c).cast(pl.Int64, strict=False) for c in ints],
+            pl.col("WHEN_TIMESTAMP").str.to_datetime("%Y-%m-%d %H:%M:%S%.3f", time_unit="ms", strict=False),
+        )
+        .drop_nulls()
+        .sink_parquet(d / "usage.parquet")
+    )
+    return d
+
+
+def run_hsml(d: Path, out: Path | None) -> dict:
+    import polars as pl
+
+    from hsml.trainset import build_training_set
+
+    class T:
+        usage = pl.scan_parquet(d / "usage.parquet")
+        fingerprints: dict = {}
+
+        def companies(self):
+            return pl.read_parquet(d / "companies.parquet")
+
+    t0 = time.perf_counter()
+    ts = build_training_set(T(), AS_OF_START, AS_OF_END, EVERY, HORIZON)
+    secs = time.perf_counter() - t0
+    if out:
+        ts.frame.write_parquet(out)
+    return {"seconds": secs, "train_rows": ts.frame.height, "positives": int(ts.frame["label"].sum())}
+
+
+def run_pandas(d: Path, out: Path | None) -> dict:
+    from datetime import date, timedelta
+
+    import pandas as pd
+
+    sys.path.insert(0, str(HERE))
+    from pandas_reference import features, panel
+
+    t0 = time.perf_counter()
+    comp = pd.read_parquet(d / "companies.parquet")
+    use = pd.read_parquet(d / "usage.parquet")
+    start, end = date.fromisoformat(AS_OF_START), date.fromisoformat(AS_OF_END)
+    dates = [start + timedelta(days=k * EVERY) for k in range((end - start).days // EVERY + 1)]
+    p = panel(comp, use, dates, HORIZON)
+    f = features(comp, use, p)
+    frame = p.merge(f, on=["id", "as_of"]).sort_values(["as_of", "id"])
+    secs = time.perf_counter() - t0
+    if out:
+        frame.to_parquet(out)
+    return {"seconds": secs, "train_rows": len(frame)}
+
+
+def child(which: str, d: Path, out: str) -> None:
+    res = (run_hsml if which == "hsml" else run_pandas)(d, Path(out) if out else None)
+    res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res))
+
+
+def spawn(which: str, d: Path, out: Path | None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, __file__, "--child", which, "--dir", str(d), "--out", str(out or "")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{which} run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def agree(a: Path, b: Path) -> bool:
+    "Value-for-value comparison of the hsml and pandas training sets."
+    import polars as pl
+
+    h, p = pl.read_parquet(a), pl.read_parquet(b)
+    p = p.select(h.columns).with_columns(pl.col("as_of").cast(pl.Date))
+    h, p = h.sort("as_of", "id"), p.sort("as_of", "id")
+    if h.height != p.height or not h["id"].equals(p["id"]) or not h["as_of"].equals(p["as_of"]):
+        print(f"population differs: {h.height} vs {p.height} rows", file=sys.stderr)
+        return False
+    ok = True
+    for c in h.columns[2:]:
+        x, y = h[c], p[c]
+        if x.dtype in (pl.Categorical, pl.String):
+            same = x.cast(pl.String).to_list() == y.cast(pl.String).to_list()
+        else:
+            xs, ys = x.cast(pl.Float64).fill_nan(None).to_list(), y.cast(pl.Float64).fill_nan(None).to_list()
+            same = all((u is None and v is None) or (u is not None and v is not None and math.isclose(u, v, rel_tol=1e-9, abs_tol=1e-9))
+                       for u, v in zip(xs, ys))  # fmt: skip
+        if not same:
+            print(f"column {c} differs", file=sys.stderr)
+            ok = False
+    return ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1M,5M", help="usage-row counts, e.g. 1M,5M,50M")
+    ap.add_argument("--data-root", default="/tmp/hsml_bench", help="where generated data is cached")
+    ap.add_argument("--pandas-max", default="5M", help="skip the pandas reference above this many rows")
+    ap.add_argument("--smoke", action="store_true", help="tiny run (20k rows) for CI")
+    ap.add_argument("--child", choices=["hsml", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, Path(a.dir), a.out)
+    sizes = [20_000] if a.smoke else sorted(parse_size(s) for s in a.sizes.split(","))
+    root = Path(a.data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(sizes):
+        d = prepare(n, root)
+        import polars as pl
+
+        usage_rows = pl.scan_parquet(d / "usage.parquet").select(pl.len()).collect().item()
+        companies = pl.scan_parquet(d / "companies.parquet").select(pl.len()).collect().item()
+        check = i == 0
+        h = spawn("hsml", d, d / "hsml.parquet" if check else None)
+        p = (
+            spawn("pandas", d, d / "pandas.parquet" if check else None)
+            if n <= parse_size(a.pandas_max)
+            else None
+        )
+        line = {
+            "usage_rows": usage_rows,
+            "companies": companies,
+            "as_of_dates": 12,
+            "train_rows": h["train_rows"],
+            "hsml_s": round(h["seconds"], 3),
+            "pandas_s": round(p["seconds"], 3) if p else None,
+            "ratio": round(p["seconds"] / h["seconds"], 2) if p else None,
+            "hsml_peak_mib": round(h["peak_mib"]),
+            "pandas_peak_mib": round(p["peak_mib"]) if p else None,
+            "agree": agree(d / "hsml.parquet", d / "pandas.parquet") if (check and p) else None,
+        }
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
