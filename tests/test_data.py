@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from hsml import synth
 from hsml.contracts import CLEAN_SCHEMAS, Tables, check, load_tables, validate_frames
 from hsml.core import HsmlError
 from hsml.sources import TABLES, Catalog
@@ -132,7 +133,6 @@ def test_parquet_source_matches_csv(tmp_path):
 
 # --- generated data ------------------------------------------------------------------------------------------
 
-synth = pytest.importorskip("hsml.synth", reason="hsml.synth not written yet")
 
 USAGE_DIRT = [  # appended to a generated usage file (generated rows are Monday midnights): (line, rule, column)
     ("2019-03-05 10:00:00.000,1,0,0,-3,1,0,0,1,{id}", "negative_count", "ACTIONS_EMAIL"),
