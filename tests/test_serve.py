@@ -1,0 +1,577 @@
+"""The HTTP service, end to end: the real uvicorn server on 127.0.0.1, spoken to over HTTP with httpx.
+
+A small model is trained on generated sample data with hsml's own feature path and model pipeline, published
+to a registry in a temporary directory, promoted, and served from `NAME@production`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+
+from hsml.bundle import load_bundle, save_bundle
+from hsml.contracts import load_tables
+from hsml.models import columns_from_spec, fit_model, make_model
+from hsml.registry import load_model, promote, publish
+from hsml.trainset import build_training_set
+
+NAME = "conv-test"
+TOKEN = "t0ken-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    "uvicorn running hsml.serve.serve in a subprocess on a free loopback port."
+
+    def __init__(self, model: str, env: dict[str, str], tmp: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = "import sys; from hsml.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]))"
+        self.out = open(tmp / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, model, str(self.port)],
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+        )
+        self.log = tmp / f"server-{self.port}.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.out.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    "Sample data, features at two as-of dates, a trained LightGBM bundle published and promoted."
+    from hsml import synth
+
+    tmp = tmp_path_factory.mktemp("serve")
+    paths = synth.generate(tmp / "data", companies=400, seed=3)
+    tables = load_tables(tmp / "data")
+    last = tables.usage["WHEN_TIMESTAMP"].max().date()
+    ts = build_training_set(
+        tables,
+        as_of_start=last - dt.timedelta(days=84),
+        as_of_end=last - dt.timedelta(days=28),
+        every_days=28,
+        horizon_days=28,
+    )
+    # random labels: this model only has to exist, not to be good (few positives in 400 companies)
+    rng = np.random.default_rng(0)
+    frame = ts.frame.with_columns(label=pl.Series(rng.integers(0, 2, ts.frame.height)))
+    num, cat = columns_from_spec(ts.spec)
+    pipe = fit_model(make_model("lgbm", num, cat, seed=0, n_estimators=30, min_child_samples=5), frame)
+    bdir = save_bundle(
+        tmp / "run" / "model",
+        pipe,
+        ts.spec,
+        {"test": {"roc_auc": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}},
+        {
+            "name": NAME,
+            "model": "lgbm",
+            "run_id": "r-test",
+            "data_fingerprints": tables.fingerprints,
+            "training_set_hash": ts.content_hash,
+            "feature_set": "default",
+            "horizon_days": 28,
+        },
+        train_frame=frame,
+    )
+    reg = tmp / "registry"
+    v = publish(tmp / "run", NAME, root=reg, tracking="disabled")
+    promote(NAME, v, "production", root=reg, tracking="disabled")
+    return {
+        "tmp": tmp,
+        "paths": paths,
+        "tables": tables,
+        "feats": ts.frame,
+        "last": last,
+        "registry": reg,
+        "bundle": load_bundle(bdir),
+        "version": v,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    log = world["tmp"] / "predictions.jsonl"
+    s = Server(
+        f"{NAME}@production",
+        {"HSML_REGISTRY": str(world["registry"]), "HSML_PREDICTION_LOG": str(log), "HSML_API_TOKEN": ""},
+        world["tmp"],
+    )
+    s.prediction_log = log
+    yield s
+    s.stop()
+
+
+def records(world, n: int = 3, with_id: bool = False) -> list[dict]:
+    b = world["bundle"]
+    df = world["feats"].head(n)
+    out = df.select(b.feature_names).to_dicts()
+    if with_id:
+        for r, i in zip(out, df["id"].to_list()):
+            r["id"] = i
+    return out
+
+
+def test_predict_scores_match_in_process_model(world, server):
+    recs = records(world, 5, with_id=True)
+    r = httpx.post(server.url + "/predict", json={"records": recs})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert (j["model"], j["version"]) == (NAME, world["version"])
+    assert len(j["request_id"]) == 32
+    expected = world["bundle"].predict_reference(world["feats"].head(5))
+    np.testing.assert_allclose([p["score"] for p in j["predictions"]], expected, rtol=0, atol=1e-12)
+    assert [p["id"] for p in j["predictions"]] == world["feats"]["id"].head(5).to_list()
+
+
+def test_health_ready_model_openapi(world, server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    r = httpx.get(server.url + "/ready")
+    assert r.status_code == 200 and r.json()["ready"] and r.json()["fast_path"]
+    m = httpx.get(server.url + "/model").json()
+    assert (m["name"], m["version"], m["alias"]) == (NAME, world["version"], "production")
+    assert m["data_fingerprints"] == world["tables"].fingerprints
+    assert m["input_schema"]["fields"][0]["name"] == world["bundle"].feature_names[0]
+    assert m["metrics"]["test"]["roc_auc"]["value"] == 0.5
+    spec = httpx.get(server.url + "/openapi.json").json()
+    props = spec["components"]["schemas"]["Record"]["properties"]
+    assert set(world["bundle"].feature_names) <= set(props)
+    assert "/predict/company" in spec["paths"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# client mistakes: every one a 4xx with a message, never a 500
+
+
+def _bad_cases(world) -> list[tuple[str, str, dict, int, str]]:
+    "(name, path, request kwargs, expected status, expected text in the answer)."
+    b = world["bundle"]
+    good = records(world, 1)[0]
+    fields = {f["name"]: f for f in b.input_schema["fields"]}
+    count = next(n for n, f in fields.items() if f["type"] == "integer" and f.get("minimum") == 0)
+    num = next(n for n, f in fields.items() if f["type"] == "number" and not f["nullable"])
+    nullable_num = next((n for n, f in fields.items() if f["type"] == "number" and f["nullable"]), num)
+    cat = next(n for n, f in fields.items() if f["type"] == "category")
+    non_null = next(n for n, f in fields.items() if not f["nullable"])
+    J = {"content-type": "application/json"}
+
+    def rec(**kw):
+        return {"records": [good | kw]}
+
+    def raw(body: str, path: str = "/predict"):
+        return (path, {"content": body.replace("GOOD", json.dumps(good)).encode(), "headers": J})
+
+    def lit(token: str):  # a JSON-ish literal in place of a number
+        body = json.dumps(good | {num: "__X__"}).replace('"__X__"', token)
+        return raw(f'{{"records": [{body}]}}')
+
+    missing = dict(good)
+    missing.pop(num)
+    company = {"id": 1, "company": {"ALEXA_RANK": "100", "EMPLOYEE_RANGE": "1", "INDUSTRY": ""}, "usage": []}
+    cases = [
+        ("malformed json", *raw('{"records": [GOOD'), 400, "malformed JSON"),
+        ("trailing garbage", *raw('{"records": [GOOD]} x'), 400, "malformed JSON"),
+        ("empty body", *raw(""), 400, "empty request body"),
+        ("top-level array", *raw("[GOOD]"), 422, "JSON object"),
+        ("top-level string", *raw('"hello"'), 422, "JSON object"),
+        ("no records key", "/predict", {"json": {}}, 422, "records: Field required"),
+        (
+            "records not a list",
+            "/predict",
+            {"json": {"records": good}},
+            422,
+            "records: Input should be a valid array",
+        ),
+        ("records empty", "/predict", {"json": {"records": []}}, 422, "at least 1 item"),
+        ("record not an object", "/predict", {"json": {"records": [1]}}, 422, "records.0"),
+        (
+            "missing feature",
+            "/predict",
+            {"json": {"records": [missing]}},
+            422,
+            f"records.0.{num}: Field required",
+        ),
+        (
+            "unknown field",
+            "/predict",
+            {"json": rec(actions_totl_sum_28d=3)},
+            422,
+            "actions_totl_sum_28d: Extra inputs are not permitted",
+        ),
+        (
+            "unknown top-level key",
+            "/predict",
+            {"json": {"records": [good], "debug": True}},
+            422,
+            "debug: Extra inputs",
+        ),
+        (
+            "string for a number",
+            "/predict",
+            {"json": rec(**{num: "12.5"})},
+            422,
+            f"records.0.{num}: Input should be a valid number",
+        ),
+        ("bool for a number", "/predict", {"json": rec(**{num: True})}, 422, f"records.0.{num}"),
+        ("object for a number", "/predict", {"json": rec(**{num: {"v": 1}})}, 422, f"records.0.{num}"),
+        ("NaN", *lit("NaN"), 422, "finite number"),
+        ("Infinity", *lit("Infinity"), 422, "finite number"),
+        ("-Infinity", *lit("-Infinity"), 422, "finite number"),
+        ("overflow 1e999", *lit("1e999"), 422, "finite number"),
+        (
+            "negative count",
+            "/predict",
+            {"json": rec(**{count: -1})},
+            422,
+            f"records.0.{count}: Input should be greater than or equal to 0",
+        ),
+        (
+            "float for an integer",
+            "/predict",
+            {"json": rec(**{count: 2.5})},
+            422,
+            f"records.0.{count}: Input should be a valid integer",
+        ),
+        (
+            "string for an integer",
+            "/predict",
+            {"json": rec(**{count: "3"})},
+            422,
+            f"records.0.{count}: Input should be a valid integer",
+        ),
+        (
+            "null for a non-nullable feature",
+            "/predict",
+            {"json": rec(**{non_null: None})},
+            422,
+            f"records.0.{non_null}",
+        ),
+        (
+            "number for a category",
+            "/predict",
+            {"json": rec(**{cat: 7})},
+            422,
+            f"records.0.{cat}: Input should be a valid string",
+        ),
+        ("bad id type", "/predict", {"json": rec(id=[1, 2])}, 422, "records.0.id"),
+        (
+            "second record bad",
+            "/predict",
+            {"json": {"records": [good, good | {nullable_num: "x"}]}},
+            422,
+            f"records.1.{nullable_num}",
+        ),
+        ("too many records", "/predict", {"json": {"records": [good] * 10_001}}, 413, "too many records"),
+        (
+            "body over the size limit",
+            "/predict",
+            {"content": b"{" + b" " * (64 << 20) + b"}", "headers": J},
+            413,
+            "over the limit",
+        ),
+        (
+            "text/plain",
+            "/predict",
+            {"content": b"records", "headers": {"content-type": "text/plain"}},
+            415,
+            "application/json",
+        ),
+        ("company: missing company", "/predict/company", {"json": {"id": 1}}, 422, "company: Field required"),
+        (
+            "company: negative id",
+            "/predict/company",
+            {"json": company | {"id": -5}},
+            422,
+            "id: Input should be greater than or equal to 0",
+        ),
+        ("company: bad as_of", "/predict/company", {"json": company | {"as_of": "2024-13-01"}}, 422, "as_of"),
+        (
+            "company: unknown company field",
+            "/predict/company",
+            {"json": company | {"company": {"MRR": "10"}}},
+            422,
+            "unknown field(s) ['MRR']",
+        ),
+        (
+            "company: unknown usage field",
+            "/predict/company",
+            {"json": company | {"usage": [{"CLICKS": 1}]}},
+            422,
+            "usage[0]: unknown field(s) ['CLICKS']",
+        ),
+        (
+            "company: usage of another id",
+            "/predict/company",
+            {"json": company | {"usage": [{"id": 2}]}},
+            422,
+            "differs from id 1",
+        ),
+        (
+            "company: unknown top-level key",
+            "/predict/company",
+            {"json": company | {"feature_set": "leaky"}},
+            422,
+            "feature_set: Extra inputs",
+        ),
+        (
+            "company: malformed json",
+            "/predict/company",
+            {"content": b'{"id": 1,', "headers": J},
+            400,
+            "malformed JSON",
+        ),
+        (
+            "company: NaN raw value",
+            *raw('{"id": 1, "company": {"ALEXA_RANK": NaN}}', "/predict/company"),
+            422,
+            "NaN",
+        ),
+        ("GET on /predict", "/predict", {"method": "GET"}, 405, "Method Not Allowed"),
+        ("unknown path", "/predicts", {"json": {}}, 404, "Not Found"),
+    ]
+    return cases
+
+
+def test_bad_requests_are_4xx_with_messages(world, server):
+    cases = _bad_cases(world)
+    assert len(cases) >= 25
+    failures = []
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for name, path, kw, status, text in cases:
+            kw = dict(kw)
+            method = kw.pop("method", "POST")
+            r = c.request(method, path, **kw)
+            body = r.text
+            if r.status_code != status or text not in body:
+                failures.append(f"{name}: {r.status_code} {body[:300]}")
+            assert 400 <= r.status_code < 500
+            if r.status_code in (400, 413, 415, 422):
+                assert r.json()["message"], name
+    assert not failures, "\n".join(failures)
+    # field-level detail: the location of every problem
+    r = httpx.post(server.url + "/predict", json={"records": [records(world, 1)[0] | {"bogus": 1}]})
+    assert {
+        "loc": ["records", 0, "bogus"],
+        "msg": "Extra inputs are not permitted",
+        "type": "extra_forbidden",
+        "input": 1,
+    } in r.json()["detail"]
+    assert httpx.get(server.url + "/ready").status_code == 200  # the server is fine after all that
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one feature path: the company endpoint computes the same feature vectors as the training set
+
+
+def test_training_serving_feature_parity(world, server):
+    "Raw rows in, features out: identical to the training set's rows (prospects at every as_of, with and without usage)."
+    tables, ts_frame, paths = world["tables"], world["feats"], world["paths"]
+    b = world["bundle"]
+    raw_n = pl.read_csv(paths["noncustomers"], infer_schema=False)
+    raw_u = pl.read_csv(paths["usage"], infer_schema=False)
+    prospects = tables.noncustomers["id"].to_list()
+    with_usage = set(tables.usage["id"].to_list())
+    rows = ts_frame.filter(pl.col("id").is_in(prospects))
+    active = rows.filter(pl.col("id").is_in(list(with_usage)) & (pl.col("active_periods_84d") > 0))
+    idle = rows.filter(~pl.col("id").is_in(list(with_usage)))
+    pick = pl.concat([active.head(10), idle.head(2)])
+    assert active.height >= 10 and pick["as_of"].n_unique() >= 1
+    for row in pick.iter_rows(named=True):
+        i = row["id"]
+        crow = raw_n.filter(pl.col("id").str.strip_chars() == str(i)).head(1).drop("id").to_dicts()[0]
+        usage = raw_u.filter(pl.col("id").str.strip_chars() == str(i)).drop("id").to_dicts()
+        body = {"id": i, "as_of": str(row["as_of"]), "company": crow, "usage": usage, "return_features": True}
+        r = httpx.post(server.url + "/predict/company", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert list(got["features"]) == b.feature_names
+        for k in b.feature_names:
+            e, g = row[k], got["features"][k]
+            if e is None or (isinstance(e, float) and np.isnan(e)):
+                assert g is None, (i, k, g)
+            else:
+                assert g == e, (i, k, g, e)
+        train_row = ts_frame.filter((pl.col("id") == i) & (pl.col("as_of") == row["as_of"]))
+        assert got["predictions"][0]["score"] == pytest.approx(b.predict_reference(train_row)[0], abs=1e-12)
+        assert got["id"] == i and got["as_of"] == str(row["as_of"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the prediction log
+
+
+def _read_log(path: Path, n: int, timeout: float = 15) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            if len(lines) >= n:
+                return lines
+        time.sleep(0.1)
+    raise AssertionError(f"prediction log {path} has fewer than {n} lines")
+
+
+def test_prediction_log(world, server):
+    recs = records(world, 4, with_id=True)
+    rid = "log-test-42"
+    r = httpx.post(server.url + "/predict", json={"records": recs}, headers={"X-Request-ID": rid})
+    assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    scores = [p["score"] for p in r.json()["predictions"]]
+    lines = [x for x in _read_log(server.prediction_log, 1) if x["request_id"] == rid]
+    deadline = time.monotonic() + 15
+    while len(lines) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lines = [x for x in _read_log(server.prediction_log, 1) if x["request_id"] == rid]
+    assert len(lines) == 4
+    b = world["bundle"]
+    for line, rec, s in zip(lines, recs, scores):
+        assert set(line) == {
+            "request_id",
+            "model",
+            "version",
+            "digest",
+            "endpoint",
+            "id",
+            "as_of",
+            "score",
+            "features_hash",
+            "timestamp",
+        }
+        assert (line["model"], line["version"], line["endpoint"]) == (NAME, world["version"], "predict")
+        assert line["id"] == rec["id"] and line["score"] == s
+        values = [rec[n] for n in b.feature_names]
+        assert (
+            line["features_hash"]
+            == hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:16]
+        )
+        assert line["digest"] == b.digest
+        assert line["timestamp"].endswith("+00:00")
+    # readable by another team without hsml
+    df = pl.read_ndjson(server.prediction_log)
+    assert {"request_id", "score", "features_hash"} <= set(df.columns)
+    # a bad request logs nothing
+    n = len(_read_log(server.prediction_log, 1))
+    httpx.post(server.url + "/predict", json={"records": [recs[0] | {"x": 1}]})
+    time.sleep(1.2)
+    assert len(_read_log(server.prediction_log, 1)) == n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokens, tampering
+
+
+def test_token_auth(world, tmp_path):
+    s = Server(
+        f"{NAME}@{world['version']}",
+        {
+            "HSML_REGISTRY": str(world["registry"]),
+            "HSML_PREDICTION_LOG": str(tmp_path / "p.jsonl"),
+            "HSML_API_TOKEN": TOKEN,
+        },
+        tmp_path,
+    )
+    try:
+        body = {"records": records(world, 1)}
+        assert httpx.post(s.url + "/predict", json=body).status_code == 401
+        r = httpx.post(s.url + "/predict", json=body, headers={"Authorization": "Bearer wrong"})
+        assert (
+            r.status_code == 401
+            and r.headers["www-authenticate"] == "Bearer"
+            and "token" in r.json()["message"]
+        )
+        assert httpx.post(s.url + "/predict", json=body, headers={"Authorization": TOKEN}).status_code == 401
+        assert (
+            httpx.post(
+                s.url + "/predict", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+            ).status_code
+            == 200
+        )
+        assert httpx.get(s.url + "/model").status_code == 401
+        assert httpx.get(s.url + "/model", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_tampered_bundle_refused(world, tmp_path):
+    reg = tmp_path / "registry"
+    shutil.copytree(world["registry"], reg)
+    model = reg / NAME / "versions" / str(world["version"]) / "model" / "model.joblib"
+    model.write_bytes(model.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(Exception, match="tampered"):
+        load_model(f"{NAME}@production", root=reg)
+    code = "import sys; from hsml.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]))"
+    p = subprocess.run(
+        [sys.executable, "-c", code, f"{NAME}@production", str(free_port())],
+        env={**os.environ, "HSML_REGISTRY": str(reg), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0
+    assert "tampered" in p.stderr and "model.joblib" in p.stderr
+
+
+def test_serve_cmd_exit_code_on_tamper(world, tmp_path):
+    "The command-line entry prints the message and exits 2, without a traceback."
+    reg = tmp_path / "registry"
+    shutil.copytree(world["registry"], reg)
+    (reg / NAME / "versions" / str(world["version"]) / "model" / "input_schema.json").write_text("{}")
+    code = "import typer; from hsml.serve import serve_cmd; typer.run(serve_cmd)"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--model",
+            f"{NAME}@production",
+            "--registry",
+            str(reg),
+            "--port",
+            str(free_port()),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "tampered" in p.stderr and "input_schema.json" in p.stderr and "Traceback" not in p.stderr
