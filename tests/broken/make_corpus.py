@@ -43,8 +43,8 @@ def replace_line(text: str, line: int, new: str) -> str:
     return "".join(lines)
 
 
-# case name -> (description, {table: new content, or None to leave the file out}, expected fragments)
-CASES: dict[str, tuple[str, dict[str, str | None], list[str]]] = {
+# case name -> (description, {table: new content (text or bytes), or None to leave the file out}, expected fragments)
+CASES: dict[str, tuple[str, dict[str, str | bytes | None], list[str]]] = {
     "missing_file": (
         "usage_actions.csv is not there",
         {"usage": None},
@@ -147,6 +147,16 @@ CASES: dict[str, tuple[str, dict[str, str | None], list[str]]] = {
         {"usage": USAGE.replace(",0,0,0,1,203", ",zero,0,0,1,203")},
         ["usage_actions.csv", "column USERS_CRM_CONTACTS", "line 6", "'zero'"],
     ),
+    "latin1_encoding": (
+        "noncustomers.csv saved as Latin-1, not UTF-8",
+        {"noncustomers": NONCUSTOMERS.replace("retail", "caf\u00e9s").encode("latin-1")},
+        ["noncustomers.csv", "column INDUSTRY", "line 4", "not UTF-8"],
+    ),
+    "duplicate_header": (
+        "customers.csv names id twice",
+        {"customers": CUSTOMERS.replace("INDUSTRY,id", "id,id", 1)},
+        ["customers.csv", "column id", "line 1", "more than once"],
+    ),
 }
 
 
@@ -159,7 +169,9 @@ def write_corpus(root: Path = HERE) -> list[str]:
         d.mkdir(parents=True)
         for table, fname in FILES.items():
             content = changes.get(table, BASE[table])
-            if content is not None:
+            if isinstance(content, bytes):
+                (d / fname).write_bytes(content)
+            elif content is not None:
                 (d / fname).write_text(content)
         (d / "expect.txt").write_text(f"# {desc}\n" + "".join(f"{e}\n" for e in expect))
     return list(CASES)
