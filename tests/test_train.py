@@ -1,0 +1,321 @@
+"""End-to-end tests of the training loop: papermill runs of experiments/train.ipynb on the sample data.
+
+Two real runs are shared by the whole module (session fixtures): one through `hsml.runs.train_main` (the wrapper
+behind `hsml train`) and one through plain `papermill` on the command line with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import polars as pl
+import pytest
+import yaml
+
+from hsml.core import HsmlError
+from hsml.runs import train_main, validate_params
+from hsml.tracking import find_wandb_run_files, wandb_run_contents
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / "experiments" / "train.ipynb"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    from hsml import synth
+
+    d = tmp_path_factory.mktemp("sample")
+    synth.generate(d, companies=5200, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def params(sample_dir, tmp_path_factory) -> dict:
+    return {
+        "model": "lgbm",
+        "data_dir": str(sample_dir),
+        "run_dir": str(tmp_path_factory.mktemp("runs")),
+        "n_boot": 50,
+        "tracking": "offline",
+        "seed": 0,
+    }
+
+
+@pytest.fixture(scope="session")
+def run_a(params) -> Path:
+    return train_main(params, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def run_b(params, tmp_path_factory) -> tuple[Path, str]:
+    "The same parameters through plain papermill on the command line (-f YAML + -p)."
+    out = tmp_path_factory.mktemp("pm") / "out.ipynb"
+    cfg = out.parent / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump({**yaml.safe_load((ROOT / "experiments/configs/lgbm.yaml").read_text()), **params})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "papermill", str(NB), str(out), "-f", str(cfg), "--no-progress-bar"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = "\n".join(
+        o.get("text", "")
+        for c in nbformat.read(out, as_version=4).cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+    line = [ln for ln in text.splitlines() if ln.startswith("run directory: ")]
+    assert line, "the notebook must print where the run directory is"
+    return Path(line[-1].split(": ", 1)[1]), str(out)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"model": "xgboost"}, "unknown model"),
+        ({"as_of_start": "2020-02-30"}, "not a date"),
+        ({"as_of_start": "2020-01-01", "as_of_end": "2019-01-01"}, "after as_of_end"),
+        ({"as_of_start": "2019-06-01", "as_of_end": "2020-01-01", "test_from": "2021-01-01"}, "outside"),
+        ({"capacities": [0, 10]}, "positive whole number"),
+        ({"capacities": "ten"}, "positive whole number"),
+        ({"tracking": "cloud"}, "not a tracking mode"),
+        ({"every_days": -7}, "at least 1"),
+        ({"register": "maybe"}, "true/false"),
+        ({"mdoel": "lgbm"}, "unknown parameter"),
+    ],
+)
+def test_validate_params_rejects(bad, msg):
+    with pytest.raises(HsmlError, match=msg):
+        validate_params(bad)
+
+
+def test_train_main_fails_fast_without_run_dir(tmp_path):
+    t = time.perf_counter()
+    with pytest.raises(HsmlError, match="unknown model"):
+        train_main({"model": "nope", "run_dir": str(tmp_path)})
+    assert time.perf_counter() - t < 30  # no kernel was started
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_value_stops_in_first_cells(tmp_path, sample_dir):
+    import papermill as pm
+
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(
+            str(NB),
+            str(tmp_path / "out.ipynb"),
+            parameters={
+                "capacities": [50, -3],
+                "data_dir": str(sample_dir),
+                "run_dir": str(tmp_path / "runs"),
+            },
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    assert e.value.ename == "HsmlError" and "capacities" in e.value.evalue
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    first_code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    assert e.value.cell_index <= first_code[3], "parameter errors must stop in the first cells"
+    assert not (tmp_path / "runs").exists() or not [
+        p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")
+    ]
+
+
+# ---------------------------------------------------------------- the run directory contract
+
+
+def test_run_dir_contract(run_a, params):
+    assert run_a.parent == Path(params["run_dir"]).absolute()
+    names = {p.name for p in run_a.iterdir()}
+    need = {
+        "config.yaml",
+        "manifest.json",
+        "training_set.parquet",
+        "feature_spec.json",
+        "metrics.json",
+        "plots",
+        "model",
+        "train.ipynb",
+    }
+    assert need <= names, need - names
+    assert list((run_a / "plots").glob("*.png"))
+    bundle = {p.name for p in (run_a / "model").iterdir()}
+    assert {
+        "model.joblib",
+        "feature_spec.json",
+        "input_schema.json",
+        "metrics.json",
+        "model_card.md",
+        "hashes.json",
+    } <= bundle
+
+    cfg = yaml.safe_load((run_a / "config.yaml").read_text())
+    assert cfg["model"] == "lgbm" and cfg["seed"] == 0
+    assert cfg["as_of_start"] and cfg["as_of_end"] and cfg["test_from"]  # resolved, not empty
+
+    man = json.loads((run_a / "manifest.json").read_text())
+    keys = {
+        "run_id",
+        "git_sha",
+        "git_dirty",
+        "data_fingerprints",
+        "python",
+        "packages",
+        "lock_sha256",
+        "seed",
+        "started_at",
+        "finished_at",
+    }
+    assert keys <= set(man), keys - set(man)
+    assert man["run_id"] == run_a.name
+    assert set(man["data_fingerprints"]) == {"customers", "noncustomers", "usage"}
+    assert all(len(v) == 64 for v in man["data_fingerprints"].values())
+    assert "lightgbm" in man["packages"] and man["started_at"] <= man["finished_at"]
+
+    m = json.loads((run_a / "metrics.json").read_text())
+    assert {"test", "baselines", "n_test", "n_test_positive"} <= set(m)
+    for name in ("roc_auc", "pr_auc"):
+        v = m["test"][name]
+        assert v["ci_low"] <= v["value"] <= v["ci_high"]
+    assert m["n_test_positive"] > 0
+
+    ts = pl.read_parquet(run_a / "training_set.parquet")
+    assert {"id", "as_of", "label"} <= set(ts.columns)
+    assert ts["as_of"].n_unique() == 13
+
+    timings = json.loads((run_a / "timings.json").read_text())
+    assert {"kernel_start", "data", "features", "fit", "evaluation", "tracking"} <= set(timings)
+
+    # the executed notebook is the report: it has outputs
+    nb = nbformat.read(run_a / "train.ipynb", as_version=4)
+    assert sum(len(c.get("outputs", [])) for c in nb.cells if c.cell_type == "code") > 5
+    # nothing half-written beside it
+    assert not [p for p in run_a.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_recovers_planted_signal(run_a):
+    m = json.loads((run_a / "metrics.json").read_text())
+    assert m["test"]["roc_auc"]["value"] > 0.6
+    assert m["test"]["roc_auc"]["ci_low"] > 0.5
+
+
+def test_same_params_same_results(run_a, run_b):
+    b, _ = run_b
+    assert b != run_a and b.exists()
+    ha = json.loads((run_a / "manifest.json").read_text())["training_set_hash"]
+    hb = json.loads((b / "manifest.json").read_text())["training_set_hash"]
+    assert ha == hb
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (run_a, b))
+    assert ma == mb
+
+
+def test_plain_papermill_run_gets_its_notebook(run_b):
+    b, out = run_b
+    for _ in range(100):  # copied by a detached helper once papermill exits
+        if (b / "train.ipynb").exists():
+            break
+        time.sleep(0.1)
+    assert (b / "train.ipynb").read_bytes() == Path(out).read_bytes()
+    assert json.loads((b / "manifest.json").read_text())["run_id"] == b.name
+
+
+# ---------------------------------------------------------------- W&B offline contents
+
+
+def test_wandb_offline_contents(run_a):
+    files = find_wandb_run_files(run_a)
+    assert len(files) == 1 and files[0].is_relative_to(run_a)
+    c = wandb_run_contents(files[0])
+    assert c["project"] == "hsml"
+    assert {"model", "seed", "capacities", "horizon_days", "test_from", "run_id"} <= set(c["config"])
+    assert c["config"]["run_id"] == run_a.name
+    m = json.loads((run_a / "metrics.json").read_text())
+    assert c["summary"]["test/roc_auc"] == pytest.approx(m["test"]["roc_auc"]["value"])
+    assert c["summary"]["test/roc_auc_ci_low"] == pytest.approx(m["test"]["roc_auc"]["ci_low"])
+    logged = {
+        k.split("/")[0] + ("/" + k.split("/")[1] if k.startswith("plots/") else "")
+        for row in c["history"]
+        for k in row
+    }
+    assert "training_set_summary" in logged and "metrics" in logged
+    assert any(k.startswith("plots/") for k in logged)
+    models = [a for a in c["artifacts"] if a["type"] == "model"]
+    assert len(models) == 1 and "model.joblib" in models[0]["files"]
+    man = json.loads((run_a / "manifest.json").read_text())
+    assert man["wandb"]["run_id"] == c["run_id"]
+
+
+def test_tracking_disabled_writes_no_wandb(tmp_path, sample_dir, params):
+    d = train_main(
+        {**params, "tracking": "disabled", "model": "logreg", "run_dir": str(tmp_path)}, quiet=True
+    )
+    assert find_wandb_run_files(d) == []
+    assert (d / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- crash atomicity
+
+
+def test_crash_leaves_no_run_dir(tmp_path, params):
+    "A failure just before the run is published (everything else written) leaves no run directory."
+    nb = nbformat.read(NB, as_version=4)
+    last = max(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells.insert(last, nbformat.v4.new_code_cell("raise RuntimeError('injected crash')"))
+    broken = tmp_path / "broken.ipynb"
+    nbformat.write(nb, broken)
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(HsmlError, match="injected crash"):
+        train_main(
+            {**params, "model": "logreg", "tracking": "disabled", "run_dir": str(runs_dir)},
+            notebook=broken,
+            quiet=True,
+        )
+    left = [p.name for p in runs_dir.iterdir() if not p.name.startswith(".")]
+    assert left == []
+    assert not [p for p in runs_dir.iterdir() if p.name.endswith(".tmp")]
+    assert list((runs_dir / ".failed").glob("*.ipynb"))  # the failed notebook is kept for debugging
+
+
+def test_crash_under_plain_papermill_leaves_no_run_dir(tmp_path, params):
+    runs_dir = tmp_path / "runs"
+    r = subprocess.run(
+        [sys.executable, "-m", "papermill", str(NB), str(tmp_path / "o.ipynb"), "--no-progress-bar",
+         "-p", "data_dir", params["data_dir"], "-p", "run_dir", str(runs_dir), "-p", "feature_set", "no_such_set",
+         "-p", "tracking", "disabled"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode != 0
+    for _ in range(50):  # the kernel removes its temporary directory when it exits
+        if not [p for p in runs_dir.iterdir() if p.name.endswith(".tmp")]:
+            break
+        time.sleep(0.1)
+    assert [p.name for p in runs_dir.iterdir() if p.name != ".hsml"] == []
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_register_publishes_the_bundle(run_a, tmp_path):
+    pytest.importorskip("hsml.registry")
+    from hsml.runs import publish_bundle
+
+    v = publish_bundle(
+        run_a / "model", {"model": "lgbm", "registry": str(tmp_path / "reg"), "tracking": "disabled"}
+    )
+    assert v == 1
