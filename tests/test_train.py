@@ -261,12 +261,23 @@ def test_wandb_offline_contents(run_a):
     assert man["wandb"]["run_id"] == c["run_id"]
 
 
-def test_tracking_disabled_writes_no_wandb(tmp_path, sample_dir, params):
+def test_default_sample_data_and_tracking_disabled(tmp_path):
+    "data_dir empty -> sample data generated into the run area; tracking=disabled -> no W&B files."
     d = train_main(
-        {**params, "tracking": "disabled", "model": "logreg", "run_dir": str(tmp_path)}, quiet=True
+        {
+            "model": "logreg",
+            "sample_companies": 2500,
+            "n_boot": 20,
+            "tracking": "disabled",
+            "run_dir": str(tmp_path),
+        },
+        quiet=True,
     )
     assert find_wandb_run_files(d) == []
     assert (d / "metrics.json").exists()
+    assert list((tmp_path / ".hsml" / "sample_data").glob("companies-2500-seed-0/usage_actions.csv"))
+    man = json.loads((d / "manifest.json").read_text())
+    assert "wandb" not in man and man["data_source"].endswith("companies-2500-seed-0")
 
 
 # ---------------------------------------------------------------- crash atomicity
@@ -319,3 +330,38 @@ def test_register_publishes_the_bundle(run_a, tmp_path):
         run_a / "model", {"model": "lgbm", "registry": str(tmp_path / "reg"), "tracking": "disabled"}
     )
     assert v == 1
+
+
+# ---------------------------------------------------------------- leakage guards
+
+LEAKY_CELL = """
+import polars as pl
+from hsml.features import FEATURE_SETS, feature, register_feature_set
+
+
+@feature(name="all_time_actions", description="LEAKY on purpose: all usage ever, no cut-off", kind="frame")
+def _all_time(events, spine):
+    tot = events.group_by("id").agg(pl.sum_horizontal(pl.col("^ACTIONS_.*$")).sum().alias("all_time_actions"))
+    return spine.join(tot, on="id", how="left").with_columns(pl.col("all_time_actions").fill_null(0))
+
+
+register_feature_set("leaky", FEATURE_SETS["default"] + ["all_time_actions"])
+"""
+
+
+def test_leaky_variant_trips_the_guards(tmp_path, params):
+    "A feature summing all usage ever (post-conversion included) is stopped by the leakage audit: no run dir."
+    nb = nbformat.read(NB, as_version=4)
+    params_cell = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(params_cell + 1, nbformat.v4.new_code_cell(LEAKY_CELL))
+    leaky = tmp_path / "leaky.ipynb"
+    nbformat.write(nb, leaky)
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(HsmlError, match="LeakageError") as e:
+        train_main(
+            {**params, "feature_set": "leaky", "tracking": "disabled", "run_dir": str(runs_dir)},
+            notebook=leaky,
+            quiet=True,
+        )
+    assert "all_time_actions" in str(e.value)
+    assert [p.name for p in runs_dir.iterdir() if not p.name.startswith(".")] == []
