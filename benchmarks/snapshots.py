@@ -10,7 +10,11 @@ companies and usage as Parquet, then builds the same training set (12 weekly as-
 On the smallest size the two results are checked to agree value for value. One JSON line per size:
 
     {"usage_rows": ..., "companies": ..., "train_rows": ..., "hsml_s": ..., "pandas_s": ..., "ratio": ...,
-     "hsml_peak_mib": ..., "pandas_peak_mib": ..., "agree": true|null}
+     "hsml_cpu_s": ..., "pandas_cpu_s": ..., "load_avg": ..., "hsml_peak_mib": ..., "pandas_peak_mib": ...,
+     "agree": true|null}
+
+Seconds are wall-clock (hsml's include its leakage audit and content hash); CPU seconds and the 1-minute load
+average are printed too because the build machine is shared.
 
 Usage: python benchmarks/snapshots.py [--sizes 1M,5M,50M] [--data-root DIR] [--pandas-max 5M] [--smoke]
 """
@@ -70,6 +74,12 @@ def prepare(rows: int, root: Path) -> Path:
     return d
 
 
+def cpu() -> float:
+    "CPU seconds (user + system, all threads) of this process so far."
+    t = os.times()
+    return t.user + t.system
+
+
 def run_hsml(d: Path, out: Path | None) -> dict:
     import polars as pl
 
@@ -82,12 +92,12 @@ def run_hsml(d: Path, out: Path | None) -> dict:
         def companies(self):
             return pl.read_parquet(d / "companies.parquet")
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     ts = build_training_set(T(), AS_OF_START, AS_OF_END, EVERY, HORIZON)
-    secs = time.perf_counter() - t0
+    secs, cpus = time.perf_counter() - t0, cpu() - c0
     if out:
         ts.frame.write_parquet(out)
-    return {"seconds": secs, "train_rows": ts.frame.height, "positives": int(ts.frame["label"].sum())}
+    return {"seconds": secs, "cpu_seconds": cpus, "train_rows": ts.frame.height}
 
 
 def run_pandas(d: Path, out: Path | None) -> dict:
@@ -98,7 +108,7 @@ def run_pandas(d: Path, out: Path | None) -> dict:
     sys.path.insert(0, str(HERE))
     from pandas_reference import features, panel
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     comp = pd.read_parquet(d / "companies.parquet")
     use = pd.read_parquet(d / "usage.parquet")
     start, end = date.fromisoformat(AS_OF_START), date.fromisoformat(AS_OF_END)
@@ -106,10 +116,10 @@ def run_pandas(d: Path, out: Path | None) -> dict:
     p = panel(comp, use, dates, HORIZON)
     f = features(comp, use, p)
     frame = p.merge(f, on=["id", "as_of"]).sort_values(["as_of", "id"])
-    secs = time.perf_counter() - t0
+    secs, cpus = time.perf_counter() - t0, cpu() - c0
     if out:
         frame.to_parquet(out)
-    return {"seconds": secs, "train_rows": len(frame)}
+    return {"seconds": secs, "cpu_seconds": cpus, "train_rows": len(frame)}
 
 
 def child(which: str, d: Path, out: str) -> None:
@@ -188,6 +198,9 @@ def main() -> None:
             "hsml_s": round(h["seconds"], 3),
             "pandas_s": round(p["seconds"], 3) if p else None,
             "ratio": round(p["seconds"] / h["seconds"], 2) if p else None,
+            "hsml_cpu_s": round(h["cpu_seconds"], 3),
+            "pandas_cpu_s": round(p["cpu_seconds"], 3) if p else None,
+            "load_avg": round(os.getloadavg()[0], 2),
             "hsml_peak_mib": round(h["peak_mib"]),
             "pandas_peak_mib": round(p["peak_mib"]) if p else None,
             "agree": agree(d / "hsml.parquet", d / "pandas.parquet") if (check and p) else None,
