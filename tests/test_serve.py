@@ -41,13 +41,13 @@ def free_port() -> int:
 class Server:
     "uvicorn running hsml.serve.serve in a subprocess on a free loopback port."
 
-    def __init__(self, model: str, env: dict[str, str], tmp: Path):
+    def __init__(self, model: str, env: dict[str, str], tmp: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        code = "import sys; from hsml.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]))"
+        code = "import sys; from hsml.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]))"
         self.out = open(tmp / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, model, str(self.port)],
+            [sys.executable, "-c", code, model, str(self.port), str(workers)],
             env={**os.environ, "OMP_NUM_THREADS": "1", **env},
             stdout=self.out,
             stderr=subprocess.STDOUT,
@@ -449,6 +449,20 @@ def _read_log(path: Path, n: int, timeout: float = 15) -> list[dict]:
     raise AssertionError(f"prediction log {path} has fewer than {n} lines")
 
 
+def features_hash_by_hand(schema: dict, rec: dict) -> str:
+    "The documented recipe, without hsml: float64 LE bytes of the non-category features, then 0x1f + category."
+    fields = schema["fields"]
+    nums = [
+        np.nan if rec[f["name"]] is None else float(rec[f["name"]]) for f in fields if f["type"] != "category"
+    ]
+    h = hashlib.sha256(np.array(nums, dtype="<f8").tobytes())
+    for f in fields:
+        if f["type"] == "category":
+            v = rec[f["name"]]
+            h.update(b"\x1f" + (b"\x00" if v is None else v.encode()))
+    return h.hexdigest()[:16]
+
+
 def test_prediction_log(world, server):
     recs = records(world, 4, with_id=True)
     rid = "log-test-42"
@@ -477,11 +491,7 @@ def test_prediction_log(world, server):
         }
         assert (line["model"], line["version"], line["endpoint"]) == (NAME, world["version"], "predict")
         assert line["id"] == rec["id"] and line["score"] == s
-        values = [rec[n] for n in b.feature_names]
-        assert (
-            line["features_hash"]
-            == hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()[:16]
-        )
+        assert line["features_hash"] == features_hash_by_hand(b.input_schema, rec)
         assert line["digest"] == b.digest
         assert line["timestamp"].endswith("+00:00")
     # readable by another team without hsml
@@ -575,3 +585,24 @@ def test_serve_cmd_exit_code_on_tamper(world, tmp_path):
     )
     assert p.returncode == 2, p.stderr
     assert "tampered" in p.stderr and "input_schema.json" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_two_workers_share_the_prediction_log(world, tmp_path):
+    log = tmp_path / "shared.jsonl"
+    env = {"HSML_REGISTRY": str(world["registry"]), "HSML_PREDICTION_LOG": str(log), "HSML_API_TOKEN": ""}
+    s = Server(f"{NAME}@production", env, tmp_path, workers=2)
+    try:
+        recs = records(world, 50, with_id=True)
+        expected = world["bundle"].predict_reference(world["feats"].head(50))
+        with httpx.Client(base_url=s.url) as c:
+            for k in range(20):
+                r = c.post("/predict", json={"records": recs[k : k + 30]}, headers={"x-request-id": f"w-{k}"})
+                assert r.status_code == 200, r.text
+                np.testing.assert_allclose(
+                    [p["score"] for p in r.json()["predictions"]], expected[k : k + 30], atol=1e-12
+                )
+        lines = _read_log(log, 600)
+        assert sorted({x["request_id"] for x in lines}) == sorted(f"w-{k}" for k in range(20))
+        assert all(x["model"] == NAME for x in lines)
+    finally:
+        s.stop()
