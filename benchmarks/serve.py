@@ -1,0 +1,308 @@
+"""Serving and batch-scoring speed, measured on this machine, beside the in-process reference.
+
+    .venv/bin/python benchmarks/serve.py            # full run (trains a model on sample data, 1M-prospect scoring)
+    .venv/bin/python benchmarks/serve.py --smoke    # tiny sizes, a few seconds
+
+Prints one JSON line per case:
+
+- `serve`: the real server (uvicorn + uvloop + httptools, `hsml.serve.serve`) on 127.0.0.1: p50/p99 of
+  single-record `POST /predict` over >= 2000 sequential keep-alive requests, rows/s of 1000-record batches
+  from 4 concurrent clients; beside them the in-process numbers for the same model: the compiled
+  `Bundle.predict_rows` and the reference `pipeline.predict_proba` on a pandas frame.
+- `batch_score`: `hsml.score.score_frame` over generated prospects (1M by default): rows/s end to end
+  (features + scores + top-three reasons) and for the parts, beside the reference pipeline on the same
+  feature rows.
+
+The model is LightGBM from `hsml.models.make_model` with its default parameters, trained on the default
+feature set of generated sample data of the real extract's size (about 5k companies), as `train.ipynb` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import httpx
+import numpy as np
+import polars as pl
+
+from hsml import synth
+from hsml.bundle import load_bundle, save_bundle
+from hsml.contracts import load_tables
+from hsml.models import columns_from_spec, fit_model, make_model
+from hsml.trainset import build_training_set
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def train_bundle(work: Path, companies: int) -> tuple[Path, pl.DataFrame]:
+    "Sample data -> training set -> default lgbm pipeline -> bundle; returns (bundle dir, feature rows)."
+    synth.generate(work / "data", companies=companies, seed=0)
+    tables = load_tables(work / "data")
+    last = tables.usage["WHEN_TIMESTAMP"].max().date()
+    end = last - dt.timedelta(days=56)
+    ts = build_training_set(tables, end - dt.timedelta(days=28 * 12), end, 28, 56)
+    frame = ts.frame
+    if int(frame["label"].sum()) < 5:  # tiny smoke data: make sure the model can be fitted
+        rng = np.random.default_rng(0)
+        frame = frame.with_columns(label=pl.Series(rng.integers(0, 2, frame.height)))
+    num, cat = columns_from_spec(ts.spec)
+    pipe = fit_model(make_model("lgbm", num, cat, seed=0), frame)
+    meta = {
+        "name": "bench-lgbm",
+        "model": "lgbm",
+        "feature_set": "default",
+        "horizon_days": 56,
+        "data_fingerprints": tables.fingerprints,
+    }
+    return save_bundle(work / "model", pipe, ts.spec, {}, meta, train_frame=frame), frame
+
+
+def in_process(b, frame: pl.DataFrame, n_single: int) -> dict:
+    names = b.feature_names
+    X = frame.select(names)
+    rows = [tuple(r) for r in X.iter_rows()]
+    single = []
+    for i in range(n_single + 200):
+        r = rows[i % len(rows)]
+        t = time.perf_counter()
+        b.predict_rows([r])
+        if i >= 200:
+            single.append(time.perf_counter() - t)
+    ref = []
+    for i in range(300):
+        fr = X.slice(i % len(rows), 1)
+        t = time.perf_counter()
+        b.predict_reference(fr)
+        ref.append(time.perf_counter() - t)
+    batch = [rows[(i * 997) % len(rows)] for i in range(1000)]
+    reps = 30
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.predict_rows(batch)
+    fast_rows_s = reps * 1000 / (time.perf_counter() - t)
+    Xb = pl.DataFrame(batch, schema=X.schema, orient="row")
+    t = time.perf_counter()
+    for _ in range(5):
+        b.predict_reference(Xb)
+    ref_rows_s = 5 * 1000 / (time.perf_counter() - t)
+    return {
+        "inproc_single_p50_ms": round(pct(single, 50) * 1e3, 4),
+        "inproc_single_p99_ms": round(pct(single, 99) * 1e3, 4),
+        "inproc_reference_single_p50_ms": round(pct(ref, 50) * 1e3, 3),
+        "inproc_batch1000_rows_per_s": round(fast_rows_s),
+        "inproc_reference_batch1000_rows_per_s": round(ref_rows_s),
+    }
+
+
+def over_http(
+    bundle_dir: Path,
+    frame: pl.DataFrame,
+    names: list[str],
+    n_single: int,
+    n_batches: int,
+    work: Path,
+    workers: int = 1,
+) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    code = (
+        "import sys; from hsml.serve import serve; "
+        "serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]))"
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HSML_PREDICTION_LOG": str(work / "predictions.jsonl"),
+        "HSML_API_TOKEN": "",
+    }
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(bundle_dir), str(port), str(workers)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not start: " + (work / "server.log").read_text())
+            time.sleep(0.1)
+        recs = frame.select(names).to_dicts()
+        bodies = [json.dumps({"records": [r]}).encode() for r in recs[:500]]
+        h = {"content-type": "application/json"}
+        lat = []
+        with httpx.Client(base_url=url, headers=h) as c:
+            for i in range(n_single + 200):
+                body = bodies[i % len(bodies)]
+                t = time.perf_counter()
+                r = c.post("/predict", content=body)
+                dt_ = time.perf_counter() - t
+                assert r.status_code == 200, r.text
+                if i >= 200:
+                    lat.append(dt_)
+        batch_bodies = [
+            json.dumps({"records": [recs[(k * 1000 + i) % len(recs)] for i in range(1000)]}).encode()
+            for k in range(4)
+        ]
+        done = [0] * 4
+        errors: list[str] = []
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=url, headers=h, timeout=60) as c:
+                for _ in range(n_batches):
+                    r = c.post("/predict", content=batch_bodies[k])
+                    if r.status_code != 200:
+                        errors.append(r.text[:200])
+                        return
+                    done[k] += len(r.json()["predictions"])
+
+        # warm up
+        with httpx.Client(base_url=url, headers=h, timeout=60) as c:
+            for k in range(4):
+                c.post("/predict", content=batch_bodies[k])
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        if errors:
+            raise RuntimeError(errors[0])
+        logged = (
+            sum(1 for _ in open(work / "predictions.jsonl")) if (work / "predictions.jsonl").exists() else 0
+        )
+        return {
+            "http_single_n": len(lat),
+            "http_single_p50_ms": round(pct(lat, 50) * 1e3, 3),
+            "http_single_p99_ms": round(pct(lat, 99) * 1e3, 3),
+            "http_single_mean_ms": round(statistics.fmean(lat) * 1e3, 3),
+            "http_batch1000_clients": 4,
+            "http_batch1000_requests": 4 * n_batches,
+            "http_batch1000_rows_per_s": round(sum(done) / wall),
+            "prediction_log_lines_so_far": logged,
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def batch_score(b, work: Path, prospects: int) -> dict:
+    from hsml.features import compute_features
+    from hsml.score import score_frame, write_scores
+
+    t0 = time.perf_counter()
+    synth.generate(work / "big", companies=prospects, seed=1)
+    gen_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    tables = load_tables(work / "big")
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    out = score_frame(b, tables, "latest", progress=False)
+    score_s = time.perf_counter() - t
+    n = out.height
+    t = time.perf_counter()
+    write_scores(out, work / "scores.parquet")
+    write_s = time.perf_counter() - t
+    # the parts, on the same rows
+    comp = tables.companies()
+    t = time.perf_counter()
+    feats = compute_features(
+        comp, tables.usage, out.select("id", "as_of"), b.info.get("feature_set") or "default"
+    )
+    feat_s = time.perf_counter() - t
+    t = time.perf_counter()
+    b.predict(feats)
+    pred_s = time.perf_counter() - t
+    sample = feats.head(min(100_000, feats.height))
+    t = time.perf_counter()
+    b.predict_reference(sample)
+    ref_rows_s = sample.height / (time.perf_counter() - t)
+    return {
+        "prospects_scored": n,
+        "generate_s": round(gen_s, 1),
+        "load_tables_s": round(load_s, 1),
+        "score_frame_s": round(score_s, 2),
+        "score_frame_rows_per_s": round(n / score_s),
+        "write_parquet_s": round(write_s, 2),
+        "features_rows_per_s": round(n / feat_s),
+        "predict_rows_per_s": round(n / pred_s),
+        "reference_predict_proba_rows_per_s": round(ref_rows_s),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    ap.add_argument("--companies", type=int, default=5200, help="sample data size for training")
+    ap.add_argument("--prospects", type=int, default=1_000_000, help="generated companies for batch scoring")
+    ap.add_argument("--single", type=int, default=2000, help="sequential single-record requests")
+    ap.add_argument("--batches", type=int, default=40, help="1000-record batches per client (4 clients)")
+    a = ap.parse_args()
+    if a.smoke:
+        a.companies, a.prospects, a.single, a.batches = 600, 5000, 200, 3
+    env = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        bdir, frame = train_bundle(work, a.companies)
+        b = load_bundle(bdir)
+        assert b.fast, b.fast_problem
+        sample = frame.sample(min(frame.height, 5000), seed=0)
+        res = {
+            "case": "serve",
+            "model": "lgbm",
+            "features": len(b.feature_names),
+            "trees": b.compiled.booster.num_trees() if b.compiled and b.compiled.booster else None,
+        }
+        res |= in_process(b, sample, a.single)
+        res |= over_http(bdir, sample, b.feature_names, a.single, a.batches, work)
+        (work / "w2").mkdir()
+        w2 = over_http(bdir, sample, b.feature_names, 200, a.batches, work / "w2", workers=2)
+        res["http_batch1000_rows_per_s_2workers"] = w2["http_batch1000_rows_per_s"]
+        res["load_average_1m"] = round(os.getloadavg()[0], 2)
+        res["goal_p99_single_ms"], res["goal_batch_rows_per_s"] = 2.0, 100_000
+        res["env"] = env
+        print(json.dumps(res), flush=True)
+        bs = {"case": "batch_score", "model": "lgbm"} | batch_score(b, work, a.prospects)
+        bs |= {"load_average_1m": round(os.getloadavg()[0], 2), "env": env}
+        print(json.dumps(bs), flush=True)
+
+
+if __name__ == "__main__":
+    main()
