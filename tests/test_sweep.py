@@ -87,7 +87,7 @@ print(json.dumps({"worker_trials": r.worker_trials, "run_file": str(r.wandb_run_
 def test_two_workers_share_one_postgres_study(sample_dir, tmp_path):
     from hsml.testing import local_postgres
 
-    n_trials = 8
+    n_trials = 6
     with local_postgres() as url:
         base = {
             "model": "logreg",
