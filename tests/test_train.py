@@ -58,6 +58,8 @@ def run_a(params) -> Path:
 def run_b(params, tmp_path_factory) -> tuple[Path, str]:
     "The same parameters through plain papermill on the command line (-f YAML + -p)."
     out = tmp_path_factory.mktemp("pm") / "out.ipynb"
+    home = out.parent / "home"  # W&B must not write into the home directory
+    home.mkdir()
     cfg = out.parent / "cfg.yaml"
     cfg.write_text(
         yaml.safe_dump({**yaml.safe_load((ROOT / "experiments/configs/lgbm.yaml").read_text()), **params})
@@ -65,7 +67,7 @@ def run_b(params, tmp_path_factory) -> tuple[Path, str]:
     r = subprocess.run(
         [sys.executable, "-m", "papermill", str(NB), str(out), "-f", str(cfg), "--no-progress-bar"],
         cwd=ROOT,
-        env=ENV,
+        env={**ENV, "HOME": str(home)},
         capture_output=True,
         text=True,
         timeout=600,
@@ -365,3 +367,9 @@ def test_leaky_variant_trips_the_guards(tmp_path, params):
         )
     assert "all_time_actions" in str(e.value)
     assert [p.name for p in runs_dir.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_wandb_keeps_out_of_home(run_b):
+    _, out = run_b
+    home = Path(out).parent / "home"
+    assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
