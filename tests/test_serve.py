@@ -606,3 +606,80 @@ def test_two_workers_share_the_prediction_log(world, tmp_path):
         assert all(x["model"] == NAME for x in lines)
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# batch scoring: the command and the papermill notebook, from the registry
+
+
+def _check_scores(df: pl.DataFrame, world) -> None:
+    tables, last = world["tables"], world["last"]
+    as_of = last + dt.timedelta(days=1)
+    comp = tables.companies()
+    prospects = comp.filter(pl.col("CLOSEDATE").is_null() | (pl.col("CLOSEDATE") > as_of))
+    assert df.height == prospects.height
+    assert sorted(df["id"].to_list()) == sorted(prospects["id"].to_list())
+    assert df["rank"].to_list() == list(range(1, df.height + 1))
+    assert df["score"].is_sorted(descending=True)
+    assert set(df["decile"].unique().to_list()) == set(range(1, 11))
+    assert (df["model"] == NAME).all() and (df["model_version"] == world["version"]).all()
+    assert set(df["reason_1"].unique().to_list()) <= set(world["bundle"].feature_names)
+    assert (df["reason_1_contribution"] >= df["reason_2_contribution"]).all()
+
+
+def test_score_command(world, tmp_path):
+    out = tmp_path / "scores.parquet"
+    code = "import typer; from hsml.score import score_cmd; typer.run(score_cmd)"
+    args = ["--model", f"{NAME}@production", "--data-dir", str(world["tmp"] / "data"), "--as-of", "latest"]
+    env = {**os.environ, "HSML_REGISTRY": str(world["registry"]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-c", code, *args, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert f"with {NAME} v{world['version']}" in p.stdout
+    _check_scores(pl.read_parquet(out), world)
+    p = subprocess.run(
+        [sys.executable, "-c", code, *args, "--out", str(tmp_path / "s.xlsx")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2 and "unknown output format" in p.stderr
+
+
+def test_score_notebook_with_papermill(world, tmp_path):
+    import papermill as pm
+
+    nb = Path(__file__).resolve().parents[1] / "experiments" / "score.ipynb"
+    out = tmp_path / "scores.csv"
+    pm.execute_notebook(
+        str(nb),
+        str(tmp_path / "score-run.ipynb"),
+        parameters={
+            "model": f"{NAME}@production",
+            "registry": str(world["registry"]),
+            "data_dir": str(world["tmp"] / "data"),
+            "as_of": "latest",
+            "out": str(out),
+            "top_n": 5,
+        },
+        progress_bar=False,
+        kernel_name="python3",
+    )
+    _check_scores(pl.read_csv(out), world)
+    text = (tmp_path / "score-run.ipynb").read_text()
+    assert "mean score by decile" in text and "reasons:" in text
+    # a bad parameter stops in the first cells with a clear message
+    with pytest.raises(pm.PapermillExecutionError, match="unknown output format"):
+        pm.execute_notebook(
+            str(nb),
+            str(tmp_path / "bad.ipynb"),
+            parameters={"out": "x.xlsx"},
+            progress_bar=False,
+            kernel_name="python3",
+        )
