@@ -264,7 +264,7 @@ def test_wandb_offline_contents(run_a):
 
 
 def test_default_sample_data_and_tracking_disabled(tmp_path):
-    "data_dir empty -> sample data generated into the run area; tracking=disabled -> no W&B files."
+    "data_dir empty -> sample data generated into the run area; tracking=disabled -> no W&B files; register=True."
     d = train_main(
         {
             "model": "logreg",
@@ -272,6 +272,8 @@ def test_default_sample_data_and_tracking_disabled(tmp_path):
             "n_boot": 20,
             "tracking": "disabled",
             "run_dir": str(tmp_path),
+            "register": True,
+            "registry": str(tmp_path / "registry"),
         },
         quiet=True,
     )
@@ -280,6 +282,9 @@ def test_default_sample_data_and_tracking_disabled(tmp_path):
     assert list((tmp_path / ".hsml" / "sample_data").glob("companies-2500-seed-0/usage_actions.csv"))
     man = json.loads((d / "manifest.json").read_text())
     assert "wandb" not in man and man["data_source"].endswith("companies-2500-seed-0")
+    # register=True published the bundle as version 1 of conversion-logreg
+    assert man["registered"] == {"name": "conversion-logreg", "version": 1}
+    assert (tmp_path / "registry").exists()
 
 
 # ---------------------------------------------------------------- crash atomicity
