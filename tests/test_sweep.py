@@ -54,6 +54,9 @@ def test_three_trial_sweep(sample_dir, tmp_path):
     best = yaml.safe_load((sdir / "best_params.yaml").read_text())
     assert best["model"] == "lgbm" and best["model_params"] == study.best_params
     validate_params(best)
+    from hsml.models import make_model
+
+    make_model(best["model"], ["x"], [], seed=0, **best["model_params"])  # the model takes these parameters
 
     # every trial recorded once in W&B, with a trials table and the best value
     files = find_wandb_run_files(sdir)
