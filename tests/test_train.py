@@ -268,7 +268,7 @@ def test_wandb_offline_contents(run_a):
 
 
 def test_default_sample_data_and_tracking_disabled(tmp_path):
-    "data_dir empty -> sample data generated into the run area; tracking=disabled -> no W&B files; register=True."
+    "data_dir empty -> sample data generated into the run area; tracking=disabled -> no W&B files; register; backtest."
     d = train_main(
         {
             "model": "logreg",
@@ -278,6 +278,7 @@ def test_default_sample_data_and_tracking_disabled(tmp_path):
             "run_dir": str(tmp_path),
             "register": True,
             "registry": str(tmp_path / "registry"),
+            "backtest_folds": 2,
         },
         quiet=True,
     )
@@ -289,6 +290,10 @@ def test_default_sample_data_and_tracking_disabled(tmp_path):
     # register=True published the bundle as version 1 of conversion-logreg
     assert man["registered"] == {"name": "conversion-logreg", "version": 1}
     assert (tmp_path / "registry").exists()
+    # backtest_folds=2: a rolling-origin backtest, oldest fold first, each test block after its training data
+    bt = json.loads((d / "backtest.json").read_text())
+    assert [f["fold"] for f in bt] == [1, 2]
+    assert all(f["train_until"] < f["test_from"] <= f["test_to"] for f in bt)
 
 
 # ---------------------------------------------------------------- crash atomicity
