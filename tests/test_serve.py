@@ -25,6 +25,7 @@ import pytest
 from hsml.bundle import load_bundle, save_bundle
 from hsml.contracts import load_tables
 from hsml.models import columns_from_spec, fit_model, make_model
+from hsml.registry import list_models as list_models_
 from hsml.registry import load_model, promote, publish
 from hsml.trainset import build_training_set
 
@@ -683,3 +684,74 @@ def test_score_notebook_with_papermill(world, tmp_path):
             progress_bar=False,
             kernel_name="python3",
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the README walkthrough: train with register=True, promote, serve, query, score
+
+
+def test_walkthrough_train_register_promote_serve_score(tmp_path):
+    from hsml.runs import train_main
+
+    reg = tmp_path / "registry"
+    os.environ["HSML_REGISTRY"] = str(reg)
+    try:
+        run = train_main(
+            {
+                "model": "lgbm",
+                "sample_companies": 1500,
+                "n_boot": 20,
+                "tracking": "disabled",
+                "register": True,
+                "run_dir": str(tmp_path / "runs"),
+            },
+            quiet=True,
+        )
+    finally:
+        del os.environ["HSML_REGISTRY"]
+    name = "conversion-lgbm"
+    assert [m["name"] for m in list_models_(reg)] == [name]
+    p = subprocess.run(
+        [sys.executable, "-c", "from hsml.registry import registry_app; registry_app()", "promote", name, "1"]
+        + ["--alias", "production", "--registry", str(reg), "--tracking", "disabled"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    env = {
+        "HSML_REGISTRY": str(reg),
+        "HSML_PREDICTION_LOG": str(tmp_path / "pred.jsonl"),
+        "HSML_API_TOKEN": "",
+    }
+    s = Server(f"{name}@production", env, tmp_path)
+    try:
+        m = httpx.get(s.url + "/model").json()
+        assert (m["name"], m["version"], m["alias"]) == (name, 1, "production")
+        assert m["bundle"]["run_id"] == run.name
+        ts = pl.read_parquet(run / "training_set.parquet")
+        feats = [f["name"] for f in m["input_schema"]["fields"]]
+        rec = ts.select(feats).head(2).to_dicts()
+        r = httpx.post(s.url + "/predict", json={"records": rec})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+        b = load_model(f"{name}@production", root=reg)
+        np.testing.assert_allclose(
+            [x["score"] for x in r.json()["predictions"]], b.predict_reference(ts.head(2)), atol=1e-12
+        )
+    finally:
+        s.stop()
+    data = next(run.parent.rglob("noncustomers.csv")).parent
+    out = tmp_path / "scores.parquet"
+    code = "import typer; from hsml.score import score_cmd; typer.run(score_cmd)"
+    args = ["--model", f"{name}@production", "--data-dir", str(data), "--as-of", "latest", "--out", str(out)]
+    p = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env={**os.environ, "HSML_REGISTRY": str(reg), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    df = pl.read_parquet(out)
+    assert df.height > 1000 and (df["model_version"] == 1).all() and df["reason_1"].null_count() == 0
