@@ -324,11 +324,22 @@ def _spine(
     return (s if _strictly_sorted(s, key) else s.sort("as_of", key)).rename({key: KEY})
 
 
+def _dense_index(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    "Position of each value in the sorted `keys` (len(keys) when absent); one search per run of equal values."
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    heads = np.flatnonzero(
+        np.concatenate([[True], values[1:] != values[:-1]])
+    )  # usage is often grouped by id
+    pos = np.searchsorted(keys, values[heads]).clip(max=max(len(keys) - 1, 0))
+    k = np.where(keys[pos] == values[heads], pos, len(keys)) if len(keys) else np.zeros(len(heads), np.int64)
+    return np.repeat(k.astype(np.int64), np.diff(np.append(heads, len(values))))
+
+
 def _usage_aggregates(
     usage: pl.LazyFrame, spine: pl.DataFrame, sums: set[tuple[str, int]], history: bool, key: str, time: str
 ) -> pl.DataFrame:
     "spine + one column per requested (column, days) sum, + first/last event timestamps (see above)."
-    # the spine is sorted by as_of, then key: per as-of date the gathers below walk memory in order
     dates = spine["as_of"].unique().sort().to_list()
     windows = sorted({d for _, d in sums})
     cols = sorted({c for c, _ in sums if c != ROWS})
@@ -338,63 +349,63 @@ def _usage_aggregates(
         )
         return spine.with_columns([pl.lit(0, pl.Int64).alias(_sum_col(c, d)) for c, d in sums] + hist)
     bounds = sorted({a - timedelta(days=w) for a in dates for w in [0, *windows]})
-    b0, last_b = bounds[0], bounds[-1]
-    n_iv = len(bounds)  # matrix row 0: days before bounds[0]; row i: days in [bounds[i-1], bounds[i])
-    keys = spine.select(pl.col(KEY).unique().sort())
-    n_keys = keys.height
-    index = keys.with_row_index("__k").select(pl.col(KEY).alias(key), pl.col("__k").cast(pl.Int64)).lazy()
+    n_iv = len(bounds)  # interval 0: days before bounds[0]; interval i: days in [bounds[i-1], bounds[i])
+    epoch = date(1970, 1, 1)
+    b0, last_b = (bounds[0] - epoch).days, (bounds[-1] - epoch).days
+    keys = spine[KEY].unique().sort().to_numpy()
+    n_keys = len(keys)
     tdt = usage.collect_schema()[time]
-    day = pl.col(time).dt.date() if isinstance(tdt, pl.Datetime) else pl.col(time).cast(pl.Date)
-    ts = pl.col(time).cast(pl.Datetime("ms")).dt.epoch("ms").alias("__ts")
-    past = (
-        usage.with_columns(day.alias("__day"))
-        .filter(pl.col("__day") < last_b)
-        .join(index, on=key, how="inner")
+    day = (pl.col(time).dt.date() if isinstance(tdt, pl.Datetime) else pl.col(time).cast(pl.Date)).cast(
+        pl.Int32
     )
-    col_ = (
-        pl.lit(pl.Series(bounds, dtype=pl.Date)).search_sorted(pl.col("__day"), side="right").cast(pl.Int64)
+    ts = pl.col(time).cast(pl.Datetime("ms")).dt.epoch("ms")
+    past = usage.select(
+        pl.col(key).cast(spine.schema[KEY]),
+        day.alias("__day"),
+        ts.alias("__ts"),
+        *[pl.col(c).cast(pl.Int64) for c in cols],
+    ).filter(pl.col(key).is_not_null() & (pl.col("__day") < last_b))
+    queries = [past.filter(pl.col("__day") >= b0).drop(*([] if history else ["__ts"]))]
+    if history:  # first event, and last event before the first interval, per company
+        old = pl.col("__ts").filter(pl.col("__day") < b0).max()
+        queries.append(past.group_by(key).agg(pl.col("__ts").min().alias("first"), old.alias("last")))
+    recent, *hist = pl.collect_all(queries, engine="streaming")
+    k = _dense_index(keys, recent[key].to_numpy())  # n_keys: a company outside the spine
+    iv = np.searchsorted(
+        np.array([(b - epoch).days for b in bounds]), recent["__day"].to_numpy(), side="right"
     )
-    recent = (
-        past.filter(pl.col("__day") >= b0)
-        .select(
-            (col_ * n_keys + pl.col("__k")).alias("__cell"), ts, *[pl.col(c).cast(pl.Int64) for c in cols]
-        )
-        .collect(engine="streaming")
-    )
-    cell = recent["__cell"].to_numpy()
-    # every needed column summed per (interval, company) cell, cumulated over intervals: cum[p(x)] is the sum
-    # over days < x for a boundary x, so the window [as_of - w, as_of) sums to cum[p(as_of)] - cum[p(as_of - w)]
-    k_sp = np.searchsorted(keys[KEY].to_numpy(), spine[KEY].to_numpy()).astype(np.int64)
-    j_sp = np.searchsorted(
-        np.array(dates, dtype="datetime64[D]"), spine["as_of"].to_numpy()
-    )  # date index per row
+    cell = iv * (n_keys + 1) + k  # interval-major: the gathers below read each interval's row in key order
+    n_cells = (n_keys + 1) * n_iv
+    k_sp = np.searchsorted(keys, spine[KEY].to_numpy()).astype(np.int64)
+    j_sp = np.searchsorted(np.array(dates, dtype="datetime64[D]"), spine["as_of"].to_numpy())
     q = {
-        w: np.array([bounds.index(a - timedelta(days=w)) for a in dates])[j_sp] * n_keys + k_sp
+        w: np.array([bounds.index(a - timedelta(days=w)) for a in dates])[j_sp] * (n_keys + 1) + k_sp
         for w in [0, *windows]
     }
-    out: list[pl.Series] = []  # converted one by one so that no numpy copy outlives its column
-    for c in [*cols, ROWS]:
-        weights = None if c == ROWS else recent[c].to_numpy().astype(np.float64)
-        m = np.bincount(cell, weights=weights, minlength=n_keys * n_iv)  # float64: exact below 2**53
-        cum = np.cumsum(m.reshape(n_iv, n_keys), axis=0).ravel().astype(np.int64)
-        at0 = cum[q[0]]  # cumulative sum up to the interval ending at as_of
-        for cc, d in sums:
-            if cc == c:
-                out.append(pl.Series(_sum_col(c, d), at0 - cum[q[d]]))
-    res = spine.with_columns(out)
-    del out
+    # every needed column summed per (interval, company) cell and cumulated over intervals: cum[i, k] is the sum
+    # over days < bounds[i], so the window [as_of - w, as_of) sums to cum[i(as_of), k] - cum[i(as_of - w), k]
+    cum = {  # one column at a time: a float64 matrix (exact below 2**53) lives only until it is cast
+        c: pl.Series(np.bincount(cell, weights=None if c == ROWS else recent[c].to_numpy().astype(np.float64),
+                                 minlength=n_cells).reshape(n_iv, n_keys + 1).cumsum(axis=0).ravel()).cast(pl.Int64)
+        for c in [*cols, ROWS]
+    }  # fmt: skip
+    at = {w: pl.Series(i) for w, i in q.items()}  # cell of each spine row at as_of and at each window start
+    res = spine.with_columns(
+        (cum[c].gather(at[0]) - cum[c].gather(at[d])).alias(_sum_col(c, d)) for c, d in sorted(sums)
+    )
+    del cum
     if history:
-        hist = past.select("__k", ts).collect(engine="streaming")
-        hk, hts = hist["__k"].to_numpy(), hist["__ts"].to_numpy()
-        first = np.full(n_keys, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(first, hk, hts)
-        last = np.full(n_keys * n_iv, -1, dtype=np.int64)  # latest event per cell, then running max
+        (h,) = hist
+        hk = _dense_index(keys, h[key].to_numpy())
+        last = np.full(n_cells, -1, dtype=np.int64)  # latest event per cell, then running max over intervals
+        last[hk] = h["last"].fill_null(-1).to_numpy()  # interval 0: before bounds[0]
         np.maximum.at(last, cell, recent["__ts"].to_numpy())
-        old = hist.filter(pl.col("__ts") < pl.lit(b0).cast(pl.Datetime("ms")).dt.epoch("ms"))
-        np.maximum.at(last, old["__k"].to_numpy(), old["__ts"].to_numpy())  # row 0: before the first interval
-        last = np.maximum.accumulate(last.reshape(n_iv, n_keys), axis=0).ravel()
-        lv, fv = last[q[0]], first[k_sp]
-        res = res.with_columns(pl.Series(LAST_EVENT, lv), pl.Series(FIRST_EVENT, fv)).with_columns(
+        last = np.maximum.accumulate(last.reshape(n_iv, n_keys + 1), axis=0).ravel()
+        first = np.full(n_keys + 1, np.iinfo(np.int64).max, dtype=np.int64)
+        first[hk] = h["first"].to_numpy()
+        res = res.with_columns(
+            pl.Series(LAST_EVENT, last[q[0]]), pl.Series(FIRST_EVENT, first[k_sp])
+        ).with_columns(
             pl.when(pl.col(LAST_EVENT) >= 0).then(pl.col(LAST_EVENT)).cast(pl.Datetime("ms")),
             pl.when(pl.col(FIRST_EVENT) < pl.col("as_of").cast(pl.Datetime("ms")).dt.epoch("ms"))
             .then(pl.col(FIRST_EVENT))
