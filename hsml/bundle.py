@@ -510,7 +510,9 @@ def _ct_stage(ct: Any, num: list[str], cat: list[str]) -> tuple[Callable, list[s
                     for j, (i, (m, oth)) in enumerate(zip(idx, maps)):
                         col = cs[i]
                         if isinstance(col, pl.Series):  # big frames: the lookup runs in polars
-                            codes = col.cast(pl.String).replace_strict(m, default=oth, return_dtype=pl.Float64)
+                            codes = col.cast(pl.String).replace_strict(
+                                m, default=oth, return_dtype=pl.Float64
+                            )
                             out[:, j] = codes.to_numpy()
                             out[col.is_null().to_numpy(), j] = np.nan
                         else:
@@ -669,11 +671,11 @@ def path_contributions(
     out[:, nf] = bias
     for s in range(0, len(Z), chunk):
         leaves = np.asarray(
-            booster.predict(Z[s : s + chunk], pred_leaf=True, num_threads=getattr(booster, "_hsml_threads", 1)),
+            booster.predict(
+                Z[s : s + chunk], pred_leaf=True, num_threads=getattr(booster, "_hsml_threads", 1)
+            ),
             dtype=np.int64,
-        ).reshape(
-            -1, len(offsets)
-        )
+        ).reshape(-1, len(offsets))
         n, T = leaves.shape
         A = sparse.csr_matrix(
             (np.ones(n * T), (leaves + offsets).ravel(), np.arange(0, n * T + 1, T)), shape=(n, len(G))
@@ -796,7 +798,9 @@ class Bundle:
             if num
             else np.empty((len(frame), 0))
         )
-        cats = [frame[n].cast(pl.String) for n in cat]  # polars Series: lists would cost a Python object per value
+        cats = [
+            frame[n].cast(pl.String) for n in cat
+        ]  # polars Series: lists would cost a Python object per value
         return np.ascontiguousarray(Xnum, dtype=np.float64), cats
 
     def split_rows(self, rows: Sequence[Sequence[Any]]) -> tuple[np.ndarray, list[list]]:
@@ -912,7 +916,9 @@ class Bundle:
             Z = c.transform(*self.split_frame(frame))
             if method == "shap":
                 contrib = np.asarray(
-                    c.booster.predict(Z, pred_contrib=True, num_threads=getattr(c.booster, "_hsml_threads", 1))
+                    c.booster.predict(
+                        Z, pred_contrib=True, num_threads=getattr(c.booster, "_hsml_threads", 1)
+                    )
                 )
                 how = "lightgbm pred_contrib: TreeSHAP, log-odds of the uncalibrated model"
             else:

@@ -136,7 +136,9 @@ def score_frame(
     )
     if reasons:
         name_s = pl.Series(names, dtype=pl.String)
-        cols = [name_s.gather(r_idx[:, j]).alias(f"reason_{j + 1}") for j in range(min(N_REASONS, len(names)))]
+        cols = [
+            name_s.gather(r_idx[:, j]).alias(f"reason_{j + 1}") for j in range(min(N_REASONS, len(names)))
+        ]
         out = out.with_columns(cols)
         vals = []
         for j in range(min(N_REASONS, len(names))):
