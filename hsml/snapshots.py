@@ -174,10 +174,13 @@ def build_snapshots(
     in_window = (pl.col(OUTCOME_DATE) > pl.col("as_of")) & (
         pl.col(OUTCOME_DATE) <= pl.col("as_of") + pl.duration(days=horizon_days)
     )
+    per_entity = (  # joined once per entity, then crossed with the dates: already in (as_of, key) order
+        keys.sort(entity_key)
+        .join(first_outcome, on=entity_key, how="left", maintain_order="left")
+        .join(first_event, on=entity_key, how="left", maintain_order="left")
+    )
     panel = (
-        keys.join(dates, how="cross")
-        .join(first_outcome, on=entity_key, how="left")
-        .join(first_event, on=entity_key, how="left")
+        dates.join(per_entity, how="cross", maintain_order="left_right")
         .filter(policy.fn())
         .select(
             pl.col(entity_key),
@@ -185,6 +188,5 @@ def build_snapshots(
             in_window.fill_null(False).cast(pl.Int8).alias("label"),
             pl.when(in_window).then(pl.col("_outcome_value")).otherwise(None).alias("conversion_mrr"),
         )
-        .sort("as_of", entity_key)
     )
     return panel.collect()
