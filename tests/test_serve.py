@@ -30,6 +30,14 @@ from hsml.registry import load_model, promote, publish
 from hsml.trainset import build_training_set
 
 NAME = "conv-test"
+USAGE_ROW = {
+    "WHEN_TIMESTAMP": "2020-01-06 00:00:00.000",
+    **{
+        f"{k}_{o}": "1"
+        for k in ("ACTIONS", "USERS")
+        for o in ("CRM_CONTACTS", "CRM_COMPANIES", "CRM_DEALS", "EMAIL")
+    },
+}
 TOKEN = "t0ken-for-tests"
 
 
@@ -364,6 +372,13 @@ def _bad_cases(world) -> list[tuple[str, str, dict, int, str]]:
             *raw('{"id": 1, "company": {"ALEXA_RANK": NaN}}', "/predict/company"),
             422,
             "NaN",
+        ),
+        (
+            "company: unparseable usage timestamp",
+            "/predict/company",
+            {"json": company | {"usage": [USAGE_ROW | {"WHEN_TIMESTAMP": "yesterday"}]}},
+            422,
+            "usage[0].WHEN_TIMESTAMP: 'yesterday' is not a timestamp",
         ),
         ("GET on /predict", "/predict", {"method": "GET"}, 405, "Method Not Allowed"),
         ("unknown path", "/predicts", {"json": {}}, 404, "Not Found"),
@@ -755,3 +770,25 @@ def test_walkthrough_train_register_promote_serve_score(tmp_path):
     assert p.returncode == 0, p.stderr
     df = pl.read_parquet(out)
     assert df.height > 1000 and (df["model_version"] == 1).all() and df["reason_1"].null_count() == 0
+
+
+def test_company_usage_rows_left_out_by_the_contracts_are_warnings(world, server):
+    "As in training, a usage row the contracts quarantine is left out; the answer says which and why."
+    as_of = str(world["last"])
+    good = {
+        "id": 77,
+        "as_of": as_of,
+        "company": {"ALEXA_RANK": "1000", "EMPLOYEE_RANGE": "2 to 5", "INDUSTRY": ""},
+    }
+    base = httpx.post(
+        server.url + "/predict/company", json=good | {"usage": [USAGE_ROW], "return_features": True}
+    )
+    assert base.status_code == 200 and base.json()["warnings"] == []
+    bad_row = USAGE_ROW | {"WHEN_TIMESTAMP": "2020-01-13 00:00:00.000", "ACTIONS_EMAIL": "-4"}
+    r = httpx.post(
+        server.url + "/predict/company", json=good | {"usage": [USAGE_ROW, bad_row], "return_features": True}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] == ["usage[1].ACTIONS_EMAIL: rejected by rule negative_count"]
+    assert r.json()["features"] == base.json()["features"]
+    assert r.json()["predictions"] == base.json()["predictions"]
