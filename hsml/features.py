@@ -384,16 +384,16 @@ def _usage_aggregates(
     }
     # every needed column summed per (interval, company) cell and cumulated over intervals: cum[i, k] is the sum
     # over days < bounds[i], so the window [as_of - w, as_of) sums to cum[i(as_of), k] - cum[i(as_of - w), k]
-    cum = {  # one column at a time: a float64 matrix (exact below 2**53) lives only until it is cast
-        c: pl.Series(np.bincount(cell, weights=None if c == ROWS else recent[c].to_numpy().astype(np.float64),
-                                 minlength=n_cells).reshape(n_iv, n_keys + 1).cumsum(axis=0).ravel()).cast(pl.Int64)
-        for c in [*cols, ROWS]
-    }  # fmt: skip
-    at = {w: pl.Series(i) for w, i in q.items()}  # cell of each spine row at as_of and at each window start
-    res = spine.with_columns(
-        (cum[c].gather(at[0]) - cum[c].gather(at[d])).alias(_sum_col(c, d)) for c, d in sorted(sums)
-    )
-    del cum
+    m = np.zeros(n_cells, dtype=np.int64)  # one buffer, reused for every column
+    out: list[pl.Series] = []
+    for c in [*cols, ROWS]:
+        m[:] = 0
+        np.add.at(m, cell, 1 if c == ROWS else recent[c].to_numpy())
+        np.cumsum(m.reshape(n_iv, n_keys + 1), axis=0, out=m.reshape(n_iv, n_keys + 1))
+        at0 = m[q[0]]  # cumulative sum up to as_of, per spine row
+        out += [pl.Series(_sum_col(c, d), at0 - m[q[d]]) for cc, d in sorted(sums) if cc == c]
+    res = spine.with_columns(out)
+    del out
     if history:
         (h,) = hist
         hk = _dense_index(keys, h[key].to_numpy())
@@ -438,13 +438,15 @@ def compute_features(
             .unique(KEY, keep="first")
             .collect()
         )
-        base = base.join(ent, on=KEY, how="left", maintain_order="left")
+        ent = base.select(KEY).join(ent, on=KEY, how="left", maintain_order="left").drop(KEY)
+        base = pl.concat([base, ent], how="horizontal")  # joined on the key column alone: no copy of the sums
     try:
-        frame = base.with_columns(**exprs) if exprs else base
+        frame = (
+            base.lazy().with_columns(**exprs).select(pl.col(KEY).alias(entity_key), "as_of", *exprs).collect()
+        )
     except pl.exceptions.ColumnNotFoundError as e:
         raise HsmlError(f"a feature reads a column that is not available to features: {e}",
                         hint="features see only ctx.sum/count/entity/as_of; the id, close date and MRR are not there") from None  # fmt: skip
-    frame = frame.select(pl.col(KEY).alias(entity_key), "as_of", *exprs)
     for f in feats:
         if (
             f.kind == "frame"

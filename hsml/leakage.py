@@ -130,6 +130,25 @@ def _spearman(a: pl.Series, b: pl.Series) -> float | None:
     return df.select(pl.corr("a", "b", method="spearman")).item()
 
 
+def _spearmans(
+    df: pl.DataFrame,  # holds every column named in `pairs`
+    pairs: list[tuple[str, str]],  # (a, b) column pairs
+) -> dict[tuple[str, str], float | None]:
+    "`_spearman(df[a], df[b])` for every pair, in one pass over `df`."
+    if not pairs:
+        return {}
+    exprs = []
+    for i, (a, b) in enumerate(pairs):
+        x, y = pl.col(a).cast(pl.Float64), pl.col(b).cast(pl.Float64)
+        ok = x.is_not_null() & y.is_not_null() & x.is_not_nan() & y.is_not_nan()
+        x, y = x.filter(ok), y.filter(ok)
+        exprs += [pl.corr(x, y, method="spearman").alias(f"r{i}"), ok.sum().alias(f"n{i}"),
+                  x.n_unique().alias(f"a{i}"), y.n_unique().alias(f"b{i}")]  # fmt: skip
+    row = df.select(exprs).row(0, named=True)
+    return {p: row[f"r{i}"] if row[f"n{i}"] >= 3 and min(row[f"a{i}"], row[f"b{i}"]) >= 2 else None
+            for i, p in enumerate(pairs)}  # fmt: skip
+
+
 def _is_numeric(dtype: pl.DataType) -> bool:
     return dtype.is_numeric() or dtype == pl.Boolean
 
@@ -193,16 +212,19 @@ def audit_training_set(
         picks = sorted(
             {dates[i] for i in np.linspace(0, len(dates) - 1, min(probe_dates, len(dates))).astype(int)}
         )
-        rows = (
-            frame.filter(pl.col("as_of").is_in(picks))
+        probe = (  # pick the rows on (key, as_of) alone, then fetch their features
+            frame.select(key, "as_of")
+            .with_row_index("__i")
+            .filter(pl.col("as_of").is_in(picks))
             .with_columns(pl.col(key).hash(7).alias("__h"))
             .sort("as_of", "__h")
             .group_by("as_of", maintain_order=True)
             .head(probe_rows)
-            .select(key, "as_of", *feats)
         )
+        rows = frame[probe["__i"]].select(key, "as_of", *feats)
         fresh = recompute(rows.select(key, "as_of"))  # one call for every probed row
         both = rows.join(fresh.select(key, "as_of", *feats), on=[key, "as_of"], how="left", suffix="__fresh")
+        differs = {}
         for c in feats:
             old, new = pl.col(c), pl.col(f"{c}__fresh")
             if not _is_numeric(frame.schema[c]):
@@ -212,6 +234,13 @@ def audit_training_set(
                 differ = (old.is_null() != new.is_null()) | (
                     (old - new).abs() > 1e-9 * (1 + new.abs())
                 ).fill_null(False)
+            differs[c] = differ
+        any_diff = (
+            both.select(e.any().alias(c) for c, e in differs.items()).row(0, named=True) if feats else {}
+        )
+        for c, differ in differs.items():
+            if not any_diff[c]:
+                continue
             bad = both.filter(differ)
             for a in bad["as_of"].unique().sort().to_list():
                 at = bad.filter(pl.col("as_of") == a)
@@ -262,9 +291,10 @@ def audit_training_set(
     if n_pos >= min_positives:
         targets = [("conversion_mrr", "the conversion MRR")] if "conversion_mrr" in pos.columns else []
         targets += [("__days", "the days to conversion")] if "__days" in pos.columns else []
+        rs = _spearmans(pos, [(c, t) for c in num for t, _ in targets])
         for c in num:
             for t, what in targets:
-                r = _spearman(pos[c], pos[t])
+                r = rs[(c, t)]
                 if r is not None and abs(r) >= outcome_corr_threshold:
                     rep.findings.append(Finding("outcome_derived", c, f"tracks {what} on the positive rows "
                                                 f"(Spearman {r:.3f})"))  # fmt: skip

@@ -185,22 +185,26 @@ def build_training_set(
     frame = pl.concat([panel, fx.drop("id", "as_of")], how="horizontal")
     spec = feature_spec(fx, names)
     report: AuditReport | None = None
-    if audit:
-        time_col = "WHEN_TIMESTAMP"
+    with ThreadPoolExecutor(
+        max_workers=1
+    ) as pool:  # the content hash (hashlib releases the GIL) runs beside the audit
+        hashed = pool.submit(content_hash, frame, spec)
+        if audit:
+            time_col = "WHEN_TIMESTAMP"
 
-        def recompute(rows: pl.DataFrame) -> pl.DataFrame:
-            "The audit's probe: these rows' features, each from the usage strictly before its as_of only."
-            ids = rows["id"].unique().implode()
-            mine = usage.lazy().filter(pl.col("id").is_in(ids)).collect()  # one scan for every probed row
-            comp = companies.filter(pl.col("id").is_in(ids))
-            parts = []
-            for (a,), part in rows.group_by("as_of", maintain_order=True):
-                past = mine.filter(pl.col(time_col) < pl.lit(a).cast(pl.Datetime("ms")))
-                parts.append(compute_features(comp, past, part, names))
-            return pl.concat(parts)
+            def recompute(rows: pl.DataFrame) -> pl.DataFrame:
+                "The audit's probe: these rows' features, each from the usage strictly before its as_of only."
+                ids = rows["id"].unique().implode()
+                mine = usage.lazy().filter(pl.col("id").is_in(ids)).collect()  # one scan for every probed row
+                comp = companies.filter(pl.col("id").is_in(ids))
+                parts = []
+                for (a,), part in rows.group_by("as_of", maintain_order=True):
+                    past = mine.filter(pl.col(time_col) < pl.lit(a).cast(pl.Datetime("ms")))
+                    parts.append(compute_features(comp, past, part, names))
+                return pl.concat(parts)
 
-        report = audit_training_set(frame, names, outcomes=companies, horizon_days=horizon_days,
-                                    recompute=recompute, auc_threshold=auc_threshold, allow=allow)  # fmt: skip
+            report = audit_training_set(frame, names, outcomes=companies, horizon_days=horizon_days,
+                                        recompute=recompute, auc_threshold=auc_threshold, allow=allow)  # fmt: skip
     config = {
         "as_of_start": str(dates[0]),
         "as_of_end": str(to_date(as_of_end, "as_of_end")),
@@ -212,7 +216,7 @@ def build_training_set(
         "population": population,
         "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
     }
-    return TrainingSet(frame, spec, content_hash(frame, spec), _summary(frame), config,
+    return TrainingSet(frame, spec, hashed.result(), _summary(frame), config,
                        report.to_dict() if report else None)  # fmt: skip
 
 # %% ../nbs/13_trainset.ipynb #cb8955f6
