@@ -18,8 +18,9 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sample")
-    r = run("data", "generate", "--out", str(out), "--seed", "3")
+    "Sample data written by the command itself."
+    out = tmp_path_factory.mktemp("cli-sample")
+    r = run("data", "generate", "--out", str(out), "--companies", "2000", "--seed", "3")
     assert r.returncode == 0, r.stderr
     return out
 

@@ -19,16 +19,6 @@ from hsml.tracking import find_wandb_run_files, wandb_run_contents
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-os.environ["OMP_NUM_THREADS"] = "1"
-
-
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory) -> Path:
-    from hsml import synth
-
-    d = tmp_path_factory.mktemp("sample")
-    synth.generate(d, companies=5200, seed=0)
-    return d
 
 
 def trials_recorded(run_file: Path) -> list[int]:

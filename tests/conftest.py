@@ -1,0 +1,20 @@
+"""Shared fixtures: one generated sample data set per session, and a quiet, single-threaded environment."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# two-thread OpenMP fits were seen to run 50x slower on a busy two-core machine
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    "The default sample data (5,200 companies, seed 0), generated once per test session."
+    from hsml import synth
+
+    d = tmp_path_factory.mktemp("sample")
+    synth.generate(d, companies=5200, seed=0)
+    return d
