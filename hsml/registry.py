@@ -331,6 +331,7 @@ def publish(
     tracking: str = "offline",  # W&B: offline | online | disabled
     wandb_project: str = "hsml-registry",  # W&B project for the artifact
     alias: str | None = None,  # also promote the new version to this alias
+    origin: str | Path | None = None,  # where the source will live, when it is published after this call
 ) -> int:
     "Publish a bundle as the next version of `name` (atomic, concurrent-safe); return the version number."
     _check_name(name)
@@ -363,7 +364,7 @@ def publish(
             "digest": bundle_digest(tmp / "model"),
             "published_at": None,
             "published_by": _user(),
-            "source": str(src.absolute()),
+            "source": str(Path(origin or src).absolute()),
             "run_id": info.get("run_id"),
             "model": info.get("model"),
             "training_set_hash": info.get("training_set_hash"),

@@ -503,6 +503,9 @@ def sample_data_dir(
 def publish_bundle(
     bundle_dir: str | Path,  # the run's model/ directory
     params: Mapping[str, Any],  # resolved parameters (register_name, registry)
+    origin: str
+    | Path
+    | None = None,  # the run directory's final path, recorded by the registry as the source
 ) -> int:
     "Publish a bundle with `hsml.registry.publish`; returns the version (a clear error when there is no registry module)."
     try:
@@ -518,6 +521,7 @@ def publish_bundle(
         root=params.get("registry") or None,
         tracking=params.get("tracking", "offline"),
         wandb_project=params.get("wandb_project") or "hsml",
+        origin=origin,
     )
 
 # %% ../nbs/23_runs.ipynb #261d109d
