@@ -518,8 +518,11 @@ def show(
 # %% ../nbs/31_registry.ipynb #0eb7e46e
 registry_app = typer.Typer(
     help="Model registry: publish bundles as versions, move aliases, read the history.\n\n"
-    "The registry is a directory: $HSML_REGISTRY (default ./registry) or --registry.",
+    "The registry is a directory: $HSML_REGISTRY (default ./registry) or --registry.\n\n"
+    "Example: hsml registry promote conversion-lgbm 1 --alias production",
     no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
 )
 
 

@@ -28,9 +28,14 @@ def sample(tmp_path_factory) -> Path:
 def test_help_lists_commands_and_examples():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ["data"]:
+    for cmd in ["data", "features", "train", "registry", "serve", "score"]:
         assert cmd in r.stdout
-    for sub in [["data", "generate"], ["data", "check"]]:
+    subs = [["data", "generate"], ["data", "check"], ["features", "build"], ["train"], ["registry"]]
+    subs += [["registry", c] for c in ("list", "show", "promote", "history", "publish")] + [
+        ["serve"],
+        ["score"],
+    ]
+    for sub in subs:
         r = run(*sub, "--help")
         assert r.returncode == 0 and "Example" in r.stdout, (sub, r.stdout)
 
