@@ -29,8 +29,8 @@ from .core import HsmlError, atomic_path, atomic_write_json, atomic_write_text, 
 from .tracking import TRACKING_MODES
 
 # %% auto #0
-__all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'known_models',
-           'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates', 'repo_root', 'git_info',
+__all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
+           'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates', 'repo_root', 'git_info',
            'environment_info', 'make_run_id', 'Run', 'papermill_output_path', 'sample_data_dir', 'publish_bundle',
            'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
@@ -525,6 +525,9 @@ def publish_bundle(
     )
 
 # %% ../nbs/23_runs.ipynb #261d109d
+QUIET_KERNEL = ["--IPKernelApp.log_level=CRITICAL"]  # no kernel chatter (TCP warning, shutdown interrupt)
+
+
 def train_notebook() -> Path:
     "Path of `experiments/train.ipynb` in this project."
     root = repo_root()
@@ -568,7 +571,8 @@ def train_main(
                 str(out_nb),
                 parameters=pm_params,
                 kernel_name="python3",
-                progress_bar=False,
+                progress_bar=sys.stderr.isatty() and not log_output,  # a bar over the cells, in a terminal
+                extra_arguments=QUIET_KERNEL,
                 log_output=log_output,
                 cwd=os.getcwd(),
             )

@@ -440,6 +440,7 @@ def sweep_main(
                 parameters={**p, "run_dir": str(Path(p["run_dir"]).absolute())},
                 kernel_name="python3",
                 progress_bar=False,
+                extra_arguments=runs.QUIET_KERNEL,
                 log_output=log_output,
                 cwd=os.getcwd(),
             )
