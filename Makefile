@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export UV_PYTHON_DOWNLOADS := never
 export WANDB_MODE ?= offline
 
-.PHONY: env train data readme test test-nbs test-py lint format export-check clean docs help
+.PHONY: env train data readme test test-nbs test-py lint format export-check docs-check clean docs help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -31,7 +31,10 @@ export-check: env  ## nbdev_export must leave hsml/ unchanged
 	@$(BIN)/nbdev_export
 	@if [ -n "$$(git status --porcelain -- hsml)" ]; then \
 	  echo "nbdev_export changed hsml/: the package is out of step with nbs/"; git status --porcelain -- hsml; git --no-pager diff --stat -- hsml; exit 1; fi
-	@echo "export-check: hsml/ matches nbs/"
+	@$(BIN)/nbdev_clean && $(BIN)/nbdev_clean --fname experiments
+	@if [ -n "$$(git status --porcelain -- nbs experiments)" ]; then \
+	  echo "nbdev_clean changed notebooks: commit them clean"; git status --porcelain -- nbs experiments; exit 1; fi
+	@echo "export-check: hsml/ matches nbs/, notebooks are clean"
 	@$(BIN)/python tools/readme.py --check
 
 test-nbs: env  ## run every notebook in nbs/ as tests (nbdev_test)
@@ -44,7 +47,10 @@ lint: env  ## ruff lint and format check (notebooks too)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: export-check lint test-nbs test-py  ## every check: export, ruff, nbdev_test, pytest
+docs-check: env  ## process the notebooks for the docs site as nbdev_docs does (Quarto renders the rest)
+	$(BIN)/nbdev_proc_nbs
+
+test: export-check lint test-nbs docs-check test-py  ## every check: export, ruff, nbdev_test, docs processing, pytest
 
 readme: env  ## regenerate README.md from nbs/index.ipynb
 	$(BIN)/python tools/readme.py
