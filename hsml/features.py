@@ -369,12 +369,14 @@ def _usage_aggregates(
     if history:  # first event, and last event before the first interval, per company
         old = pl.col("__ts").filter(pl.col("__day") < b0).max()
         queries.append(past.group_by(key).agg(pl.col("__ts").min().alias("first"), old.alias("last")))
-    recent, *hist = pl.collect_all(queries, engine="streaming")
+    recent, *hist = [q.collect(engine="streaming") for q in queries]  # apart: no cached copy of `past`
     k = _dense_index(keys, recent[key].to_numpy())  # n_keys: a company outside the spine
     iv = np.searchsorted(
         np.array([(b - epoch).days for b in bounds]), recent["__day"].to_numpy(), side="right"
     )
-    cell = iv * (n_keys + 1) + k  # interval-major: the gathers below read each interval's row in key order
+    cell = np.add(iv * (n_keys + 1), k, out=k)  # interval-major: the gathers below read each row in key order
+    recent = recent.drop(key, "__day")
+    del iv
     n_cells = (n_keys + 1) * n_iv
     k_sp = np.searchsorted(keys, spine[KEY].to_numpy()).astype(np.int64)
     j_sp = np.searchsorted(np.array(dates, dtype="datetime64[D]"), spine["as_of"].to_numpy())
@@ -391,7 +393,10 @@ def _usage_aggregates(
         np.add.at(m, cell, 1 if c == ROWS else recent[c].to_numpy())
         np.cumsum(m.reshape(n_iv, n_keys + 1), axis=0, out=m.reshape(n_iv, n_keys + 1))
         at0 = m[q[0]]  # cumulative sum up to as_of, per spine row
-        out += [pl.Series(_sum_col(c, d), at0 - m[q[d]]) for cc, d in sorted(sums) if cc == c]
+        for cc, d in sorted(sums):
+            if cc == c:
+                v = m[q[d]]  # cumulative sum up to the window start, turned in place into the window sum
+                out.append(pl.Series(_sum_col(c, d), np.subtract(at0, v, out=v)))
     res = spine.with_columns(out)
     del out
     if history:

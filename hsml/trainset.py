@@ -30,23 +30,28 @@ __all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manif
 LEAD_COLUMNS = ["id", "as_of", "label", "conversion_mrr"]
 
 
-def _column_digest(s: pl.Series) -> bytes:
+def _column_digest(
+    s: pl.Series,  # one column
+    rows: int = 1 << 20,  # hashed this many rows at a time (same bytes, bounded memory)
+) -> bytes:
     "sha256 of one column's name, null mask and values (little-endian 64-bit numbers; text for categoricals)."
     nulls = s.null_count()
     mask = np.packbits(s.is_not_null().to_numpy()).tobytes() if nulls else b"no nulls"
     h = hashlib.sha256(s.name.encode() + b"\0" + mask)
-    if s.dtype in (pl.String, pl.Categorical) or isinstance(s.dtype, pl.Enum):
-        h.update(s.cast(pl.String).fill_null("").str.join("\0").item().encode())
-        return h.digest()
-    if s.dtype.is_float():
-        v = s.cast(pl.Float64)
-        v = v.fill_null(0.0) if nulls else v
-        dtype = "<f8"
-    else:  # integers, booleans, dates, datetimes: their integer representation
-        v = s.to_physical().cast(pl.Int64)
+    text = s.dtype in (pl.String, pl.Categorical) or isinstance(s.dtype, pl.Enum)
+    for i in range(0, len(s), rows):
+        part = s.slice(i, rows)
+        if text:  # the values joined by NUL, null as ""
+            h.update(
+                (b"\0" if i else b"") + part.cast(pl.String).fill_null("").str.join("\0").item().encode()
+            )
+            continue
+        if s.dtype.is_float():
+            v, dtype = part.cast(pl.Float64), "<f8"
+        else:  # integers, booleans, dates, datetimes: their integer representation
+            v, dtype = part.to_physical().cast(pl.Int64), "<i8"
         v = v.fill_null(0) if nulls else v
-        dtype = "<i8"
-    h.update(np.ascontiguousarray(v.to_numpy(), dtype=dtype).data)
+        h.update(np.ascontiguousarray(v.to_numpy(), dtype=dtype).data)
     return h.digest()
 
 
