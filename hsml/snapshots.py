@@ -189,4 +189,6 @@ def build_snapshots(
             pl.when(in_window).then(pl.col("_outcome_value")).otherwise(None).alias("conversion_mrr"),
         )
     )
-    return panel.collect()
+    return (
+        panel.collect().rechunk()
+    )  # one chunk per column: later row selections do not copy the training set
