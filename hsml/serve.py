@@ -303,10 +303,12 @@ class PredictionLog:
                 tails = list(map(b"".join, zip(*map(PredictionLog._cat_bytes, cats))))
             else:
                 tails = [b""] * n
-            for i, (rid, s, tail) in enumerate(zip(ids, scores.tolist(), tails)):
-                h = sha(nb[i * w : i * w + w] + tail).hexdigest()[:16]
-                rid_s = "null" if rid is None else (str(rid) if type(rid) is int else json.dumps(rid))
-                out.append(f'{head},"id":{rid_s},"score":{s!r},"features_hash":"{h}"}}')
+            hashes = [sha(nb[i * w : i * w + w] + tail).hexdigest()[:16] for i, tail in enumerate(tails)]
+            rids = ["null" if r is None else (str(r) if type(r) is int else json.dumps(r)) for r in ids]
+            out += [
+                f'{head},"id":{r},"score":{s!r},"features_hash":"{h}"}}'
+                for r, s, h in zip(rids, scores.tolist(), hashes)
+            ]
         return ("\n".join(out) + "\n").encode() if out else b""
 
     def flush(self) -> None:
