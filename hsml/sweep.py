@@ -106,15 +106,26 @@ def storage_url(
     return storage
 
 
-def make_storage(url: str) -> Any:
+def make_storage(
+    url: str,  # SQLAlchemy URL of the storage
+    attempts: int = 5,  # tries when workers race to create the schema
+) -> Any:
     "An Optuna RDB storage for `url` (with connection health checks for long sweeps)."
     import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as e:
-        safe = url.split("@")[-1]
-        raise HsmlError(f"cannot open the Optuna storage at ...@{safe}: {e}") from e
+    safe = url.split("@")[-1]
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (IntegrityError, ProgrammingError) as e:
+            # workers started together on an empty database race to create Optuna's tables and types
+            # ("duplicate key ... pg_type_typname_nsp_index"): the loser waits and finds them made
+            if attempt == attempts:
+                raise HsmlError(f"cannot open the Optuna storage at ...@{safe}: {e}") from e
+            time.sleep(0.2 * attempt)
+        except Exception as e:
+            raise HsmlError(f"cannot open the Optuna storage at ...@{safe}: {e}") from e
 
 # %% ../nbs/24_sweep.ipynb #b68fc73a
 def training_period(
