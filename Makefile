@@ -14,7 +14,8 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 $(BIN)/hsml: pyproject.toml uv.lock
-	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q --disable-pip-version-check uv
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q --disable-pip-version-check uv \
+	  || $(PYTHON) -m pip install -q --disable-pip-version-check --user uv  # an externally managed Python
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
 	@touch $@
 
