@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -19,20 +20,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .core import HsmlError, atomic_path, atomic_write_json, atomic_write_text, sha256_file
+from .core import HsmlError, atomic_path, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
 from .tracking import TRACKING_MODES
 
 # %% auto #0
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
-           'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates', 'repo_root', 'git_info',
-           'environment_info', 'make_run_id', 'Run', 'papermill_output_path', 'sample_data_dir', 'publish_bundle',
-           'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
+           'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
+           'repo_root', 'git_info', 'environment_info', 'make_run_id', 'Run', 'papermill_output_path',
+           'sample_data_dir', 'publish_bundle', 'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
 # %% ../nbs/23_runs.ipynb #34ac9573
 BUILTIN_MODELS = ("logreg", "random_forest", "hist_gb", "lgbm")
@@ -41,6 +42,7 @@ N_TEST_DEFAULT = 4  # test as-of dates when test_from is empty
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "model": "lgbm",  # a registered model name
+    "plugins": [],  # your own .py files or modules registering models/features, imported first
     "model_params": {},  # the model's hyper-parameters (e.g. the best of a sweep)
     "data_dir": "",  # CSV directory or catalog YAML; empty -> generate the sample data into the run area
     "sample_companies": 5200,  # size of the generated sample data (when data_dir is empty)
@@ -63,6 +65,42 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "run_dir": "experiments/runs",  # where run directories go
 }
 INTERNAL_PARAMS = ("_run_id", "_work_dir", "_launched_at")
+
+# %% ../nbs/23_runs.ipynb #acae54e37e7d407bbb7b55eff062a284
+def load_plugins(
+    plugins: str
+    | Sequence[str]
+    | None,  # .py files or importable module names; a comma-separated string works
+) -> list[str]:
+    "Import the user's own modules that register models, features or feature sets; return them as a list."
+    if isinstance(plugins, str):
+        plugins = [x.strip() for x in plugins.split(",") if x.strip()]
+    out = [str(x) for x in plugins or []]
+    for item in out:
+        try:
+            if item.endswith(".py"):
+                path = Path(item).absolute()
+                if not path.exists():
+                    raise HsmlError(
+                        f"plugins: {item} not found", hint="give a path relative to the working directory"
+                    )
+                name = f"hsml_plugin_{path.stem}_{sha256_bytes(str(path).encode())[:8]}"
+                if name not in sys.modules:
+                    spec = importlib.util.spec_from_file_location(name, path)
+                    module = importlib.util.module_from_spec(spec)
+                    sys.modules[name] = module
+                    try:
+                        spec.loader.exec_module(module)
+                    except BaseException:
+                        del sys.modules[name]
+                        raise
+            else:
+                importlib.import_module(item)
+        except HsmlError:
+            raise
+        except Exception as e:
+            raise HsmlError(f"plugins: importing {item} failed: {type(e).__name__}: {e}") from None
+    return out
 
 # %% ../nbs/23_runs.ipynb #b241240b
 def known_models() -> list[str]:
@@ -165,6 +203,7 @@ def validate_params(
             hint=f"known parameters: {', '.join(DEFAULT_PARAMS)}",
         )
     p = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if k in DEFAULT_PARAMS}}
+    p["plugins"] = load_plugins(p["plugins"])  # before the model name is checked: they may register it
     p["model_params"] = dict(p["model_params"] or {})
     if not isinstance(p["model"], str) or (
         p["model"] not in BUILTIN_MODELS and p["model"] not in known_models()

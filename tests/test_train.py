@@ -377,3 +377,44 @@ def test_wandb_keeps_out_of_home(run_b):
     _, out = run_b
     home = Path(out).parent / "home"
     assert not [p for p in home.rglob("*") if "wandb" in p.name.lower()]
+
+
+PLUGIN = """
+import polars as pl
+from sklearn.ensemble import ExtraTreesClassifier
+
+from hsml.features import feature, register_feature_set, FEATURE_SETS
+from hsml.models import register_model
+
+
+@register_model("plugin_trees", description="extra trees from the user's own file", preprocess="onehot")
+def plugin_trees(numeric, categorical, seed, n_estimators: int = 60):
+    return ExtraTreesClassifier(n_estimators=n_estimators, min_samples_leaf=20, random_state=seed, n_jobs=1)
+
+
+@feature(description="share of email among all actions over the last 28 days", window=28)
+def plugin_email_share_28d(ctx):
+    total = ctx.sum("ACTIONS_EMAIL", 28) + ctx.sum("ACTIONS_CRM_CONTACTS", 28)
+    return pl.when(total > 0).then(ctx.sum("ACTIONS_EMAIL", 28) / total).otherwise(0.0)
+
+
+register_feature_set("plugin", [*FEATURE_SETS["minimal"], "plugin_email_share_28d"])
+"""
+
+
+def test_plugins_bring_the_users_own_model_and_feature(tmp_path, sample_dir):
+    "`plugins` imports the user's own file in both processes: its model and feature set train end to end."
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(PLUGIN)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "hsml"), "train", "-p", f"plugins=[{plugin}]",
+         "-p", "model=plugin_trees", "-p", "feature_set=plugin", "-p", f"data_dir={sample_dir}",
+         "-p", "tracking=disabled", "-p", "n_boot=50", "-p", f"run_dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, env=ENV, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = next(p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
+    spec = json.loads((run / "feature_spec.json").read_text())
+    assert "plugin_email_share_28d" in [f["name"] for f in spec]
+    assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == [str(plugin)]
+    assert json.loads((run / "model" / "bundle.json").read_text())["model"] == "plugin_trees"
