@@ -15,25 +15,20 @@ from typing import Any
 import pandera.polars as pa
 import polars as pl
 
-from .core import HsmlError, sha256_bytes
+from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, sha256_bytes
 from .sources import TABLES, Catalog
 
 # %% auto #0
-__all__ = ['EMPLOYEE_LEVELS', 'EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RANK_SENTINEL', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS',
-           'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS', 'ColumnSpec', 'fold_label', 'edit_distance', 'industry_mapper',
-           'employee_level', 'Policy', 'Issue', 'TableReport', 'Report', 'Tables', 'validate_frames', 'load_tables',
-           'check']
+__all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', 'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS', 'ColumnSpec',
+           'fold_label', 'edit_distance', 'industry_mapper', 'employee_level', 'Policy', 'Issue', 'TableReport',
+           'Report', 'Tables', 'validate_frames', 'load_tables', 'check']
 
 # %% ../nbs/02_contracts.ipynb #805f36d9
-EMPLOYEE_LEVELS: list[str] = [
-    "1", "2 to 5", "6 to 10", "11 to 25", "26 to 50", "51 to 200", "201 to 1000", "1001 to 10000", "10,001 or more",
-]  # fmt: skip
 EMPLOYEE_ENUM = pl.Enum(EMPLOYEE_LEVELS)
 COUNT_COLUMNS: list[str] = [
     "ACTIONS_CRM_CONTACTS", "ACTIONS_CRM_COMPANIES", "ACTIONS_CRM_DEALS", "ACTIONS_EMAIL",
     "USERS_CRM_CONTACTS", "USERS_CRM_COMPANIES", "USERS_CRM_DEALS", "USERS_EMAIL",
 ]  # fmt: skip
-RANK_SENTINEL: int = 16_000_001
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json', 'atomic_path', 'atomic_write_text', 'atomic_write_json']
+__all__ = ['EMPLOYEE_LEVELS', 'RANK_SENTINEL', 'HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json', 'atomic_path',
+           'atomic_write_text', 'atomic_write_json']
 
 # %% ../nbs/00_core.ipynb #bb57c353
 class HsmlError(Exception):
@@ -29,6 +30,12 @@ class HsmlError(Exception):
     ):
         self.message, self.hint = message, hint
         super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+# %% ../nbs/00_core.ipynb #acae54e37e7d407bbb7b55eff062a284
+EMPLOYEE_LEVELS: list[str] = [
+    "1", "2 to 5", "6 to 10", "11 to 25", "26 to 50", "51 to 200", "201 to 1000", "1001 to 10000", "10,001 or more",
+]  # fmt: skip  # EMPLOYEE_RANGE buckets, smallest first
+RANK_SENTINEL: int = 16_000_001  # the ALEXA_RANK real extracts carry for "no rank known", beside blank ranks
 
 # %% ../nbs/00_core.ipynb #cb3cfba8
 def sha256_bytes(data: bytes) -> str:

@@ -17,26 +17,15 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from .core import HsmlError, atomic_path, atomic_write_json
+from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, atomic_path, atomic_write_json
 
 # %% auto #0
-__all__ = ['EMPLOYEE_RANGES', 'RANK_SENTINEL', 'CUSTOMERS_COLUMNS', 'NONCUSTOMERS_COLUMNS', 'USAGE_OBJECTS', 'USAGE_COLUMNS',
-           'FILES', 'DEFAULT_START', 'DEFAULT_WEEKS', 'INDUSTRIES', 'JUNK_INDUSTRY_LABELS', 'INDUSTRY_STYLES',
-           'INDUSTRY_LABELS', 'BLOCK', 'SynthConfig', 'generate']
+__all__ = ['EMPLOYEE_RANGES', 'CUSTOMERS_COLUMNS', 'NONCUSTOMERS_COLUMNS', 'USAGE_OBJECTS', 'USAGE_COLUMNS', 'FILES',
+           'DEFAULT_START', 'DEFAULT_WEEKS', 'INDUSTRIES', 'JUNK_INDUSTRY_LABELS', 'INDUSTRY_STYLES', 'INDUSTRY_LABELS',
+           'BLOCK', 'SynthConfig', 'generate']
 
 # %% ../nbs/03_synth.ipynb #e1b0f3a0
-EMPLOYEE_RANGES: list[str] = [
-    "1",
-    "2 to 5",
-    "6 to 10",
-    "11 to 25",
-    "26 to 50",
-    "51 to 200",
-    "201 to 1000",
-    "1001 to 10000",
-    "10,001 or more",
-]  # ordered size buckets, as in DATA.md
-RANK_SENTINEL: int = 16_000_001  # the "no rank known" value real extracts carry beside truly blank ranks
+EMPLOYEE_RANGES: list[str] = EMPLOYEE_LEVELS  # ordered size buckets, as in DATA.md (hsml.core)
 CUSTOMERS_COLUMNS: list[str] = ["CLOSEDATE", "MRR", "ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY", "id"]
 NONCUSTOMERS_COLUMNS: list[str] = ["ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY", "id"]
 USAGE_OBJECTS: list[str] = ["CRM_CONTACTS", "CRM_COMPANIES", "CRM_DEALS", "EMAIL"]
