@@ -319,3 +319,46 @@ def test_binary_file_is_one_clear_error(sample, tmp_path, content):
     r = run("data", "check", str(tmp_path))
     assert r.returncode == 2, (r.returncode, r.stderr[-500:])
     assert "usage_actions.csv: not a text file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_audit_probe_catches_a_week_still_running(sample):
+    "A free-form feature using the old `stamp < as_of` rule reads the running week on a Thursday grid: refused."
+    from hsml.leakage import LeakageError
+
+    _, tables = sample
+
+    @feature(
+        name="tmp_email_old_rule_7d", description="LEAKY: rows stamped in [as_of - 7, as_of)", kind="frame"
+    )
+    def _old(events, spine):
+        cut = pl.col("as_of").cast(pl.Datetime("ms"))
+        rows = spine.join(events.select("id", "WHEN_TIMESTAMP", "ACTIONS_EMAIL"), on="id", how="left").filter(
+            (pl.col("WHEN_TIMESTAMP") < cut) & (pl.col("WHEN_TIMESTAMP") >= cut - pl.duration(days=7))
+        )
+        s = rows.group_by("id", "as_of").agg(pl.col("ACTIONS_EMAIL").sum().alias("tmp_email_old_rule_7d"))
+        return spine.join(s, on=["id", "as_of"], how="left").with_columns(
+            pl.col("tmp_email_old_rule_7d").fill_null(0)
+        )
+
+    names = ["actions_email_sum_28d", "tmp_email_old_rule_7d"]
+    try:  # on Mondays the old rule reads whole weeks only: no alarm
+        build_training_set(tables, "2019-09-02", "2020-03-30", 28, 56, feature_set=names)
+        with pytest.raises(LeakageError, match="tmp_email_old_rule_7d"):
+            build_training_set(tables, "2019-09-05", "2020-04-02", 28, 56, feature_set=names)
+    finally:
+        FEATURES.pop("tmp_email_old_rule_7d", None)
+
+
+def test_training_set_with_an_old_list_spec_still_loads(sample, tmp_path):
+    from hsml.trainset import content_hash, manifest_path
+
+    _, tables = sample
+    ts = build_training_set(tables, "2020-03-02", "2020-03-30", 28, 28, audit=False, feature_set="minimal")
+    p = ts.save(tmp_path / "t.parquet")
+    old = [{k: e[k] for k in ("name", "dtype", "description", "window")} for e in ts.spec]
+    (tmp_path / "feature_spec.json").write_text(json.dumps(old))
+    man = json.loads(manifest_path(p).read_text())
+    man["content_hash"] = content_hash(ts.frame, old)  # as the code before timing hashed it
+    manifest_path(p).write_text(json.dumps(man))
+    back = TrainingSet.load(p)
+    assert back.spec == old and back.timing == {"usage_period_days": 7, "usage_anchor_weekday": "Monday"}
