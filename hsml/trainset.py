@@ -19,7 +19,7 @@ import typer
 
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
 from .features import FEATURE_SETS, compute_features, feature_spec, resolve_features
-from .leakage import AuditReport, audit_training_set
+from .leakage import AuditReport, audit_training_set, past_only
 from .snapshots import DEFAULT_POPULATION, DateLike, as_of_grid, build_snapshots, to_date
 
 # %% auto #0
@@ -195,21 +195,8 @@ def build_training_set(
     ) as pool:  # the content hash (hashlib releases the GIL) runs beside the audit
         hashed = pool.submit(content_hash, frame, spec)
         if audit:
-            time_col = "WHEN_TIMESTAMP"
-
-            def recompute(rows: pl.DataFrame) -> pl.DataFrame:
-                "The audit's probe: these rows' features, each from the usage strictly before its as_of only."
-                ids = rows["id"].unique().implode()
-                mine = usage.lazy().filter(pl.col("id").is_in(ids)).collect()  # one scan for every probed row
-                comp = companies.filter(pl.col("id").is_in(ids))
-                parts = []
-                for (a,), part in rows.group_by("as_of", maintain_order=True):
-                    past = mine.filter(pl.col(time_col) < pl.lit(a).cast(pl.Datetime("ms")))
-                    parts.append(compute_features(comp, past, part, names))
-                return pl.concat(parts)
-
             report = audit_training_set(frame, names, outcomes=companies, horizon_days=horizon_days,
-                                        recompute=recompute, auc_threshold=auc_threshold, allow=allow)  # fmt: skip
+                                        recompute=past_only(companies, usage, names), auc_threshold=auc_threshold, allow=allow)  # fmt: skip
     config = {
         "as_of_start": str(dates[0]),
         "as_of_end": str(to_date(as_of_end, "as_of_end")),
