@@ -21,7 +21,7 @@ from .features import FORBIDDEN_COLUMNS, FORBIDDEN_NAME_TOKENS, compute_features
 __all__ = ['GUARDS', 'LeakageError', 'GuardSkipped', 'Finding', 'AuditReport', 'single_feature_auc', 'feature_aucs',
            'AuditLimits', 'AuditData', 'check_population', 'check_labels', 'probe_cutoff', 'ended_by', 'past_only',
            'check_outcome_names', 'check_class_patterns', 'check_outcome_tracking', 'auc_canary', 'check_existence',
-           'entity_constants', 'check_id_like', 'check_id_correlation', 'audit_training_set']
+           'check_id_like', 'check_id_correlation', 'audit_training_set']
 
 # %% ../nbs/12_leakage.ipynb #733582ae
 class LeakageError(HsmlError):
@@ -237,6 +237,23 @@ class AuditData:
         ]
 
     @cached_property
+    def entities(self) -> tuple[pl.DataFrame, list[str]]:
+        "A hash sample of entities (key, `__rows`: as-of dates, first value of each) and the canary features constant per entity."
+        ents = self.frame.select(pl.col(self.key).unique()).with_columns(
+            pl.col(self.key).hash(11).alias("__h")
+        )
+        sub = self.frame.join(ents.sort("__h").head(self.limits.id_sample), on=self.key, how="semi")
+        sub = sub.with_columns(
+            [pl.col(c).to_physical() for c in self.canary if not _is_numeric(sub.schema[c])]
+        )
+        per = sub.group_by(self.key).agg([pl.col(c).n_unique() for c in self.canary])
+        const = [c for c in self.canary if per[c].max() == 1]
+        first = sub.group_by(self.key).agg(
+            pl.col("as_of").n_unique().alias("__rows"), *[pl.col(c).first() for c in const]
+        )
+        return first.sort(self.key), const
+
+    @cached_property
     def aucs(self) -> dict[str, float]:
         "max(AUC, 1 - AUC) of every canary feature against the label, on `sample`."
         return feature_aucs(self.sample, self.canary)
@@ -440,24 +457,10 @@ def check_existence(d: AuditData) -> list[Finding]:
                     f"{names[1]}: it exists for one group only") for c, (a, b) in gaps.items()
             if abs(a - b) >= d.limits.existence_gap]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #3ab377be
-def entity_constants(d: AuditData) -> tuple[pl.DataFrame, list[str]]:
-    "A hash sample of entities (key, `__rows`, first value of each column) and the canary features constant per entity."
-    ents = d.frame.select(pl.col(d.key).unique()).with_columns(pl.col(d.key).hash(11).alias("__h"))
-    ents = ents.sort("__h").head(d.limits.id_sample).select(d.key)
-    sub = d.frame.join(ents, on=d.key, how="semi")
-    sub = sub.with_columns([pl.col(c).to_physical() for c in d.canary if not _is_numeric(d.frame.schema[c])])
-    per = sub.group_by(d.key).agg([pl.col(c).n_unique() for c in d.canary])
-    const = [c for c in d.canary if per[c].max() == 1]
-    first = sub.group_by(d.key).agg(
-        pl.col("as_of").n_unique().alias("__rows"), *[pl.col(c).first() for c in const]
-    )
-    return first.sort(d.key), const
-
-# %% ../nbs/12_leakage.ipynb #40c024e0
+# %% ../nbs/12_leakage.ipynb #735e82c3
 def check_id_like(d: AuditData) -> list[Finding]:
     "Guard `id_like`: no feature is constant per entity, unique across entities and monotone in the id."
-    first, const = entity_constants(d)
+    first, const = d.entities
     n = first.height
     if n < 20:
         raise GuardSkipped(f"only {n} entities")
@@ -475,7 +478,7 @@ def check_id_like(d: AuditData) -> list[Finding]:
 
 def check_id_correlation(d: AuditData) -> list[Finding]:
     "Guard `id_correlated`: no feature constant per entity tracks the id (|Spearman| >= `id_trend_threshold`)."
-    first, const = entity_constants(d)
+    first, const = d.entities
     n_multi = int((first["__rows"] >= 2).sum())
     if n_multi < 20:
         raise GuardSkipped(f"only {n_multi} entities at two or more as-of dates")
@@ -485,7 +488,7 @@ def check_id_correlation(d: AuditData) -> list[Finding]:
                     f"(Spearman {rs[(d.key, c)]:.3f})") for c in num
             if rs[(d.key, c)] is not None and abs(rs[(d.key, c)]) >= d.limits.id_trend_threshold]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #3fc95a6e
+# %% ../nbs/12_leakage.ipynb #edfd582e
 GUARDS: list[tuple[str, Callable[[AuditData], list[Finding]]]] = [
     ("population_unconverted", check_population),
     ("labels_point_in_time", check_labels),
