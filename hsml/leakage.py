@@ -289,7 +289,7 @@ def outcome_rows(self: AuditData) -> pl.DataFrame:
     return self.frame.select(self.key, "as_of", "label").join(self.outcome_dates, on=self.key, how="left",
                                                               maintain_order="left")  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #108e7687
+# %% ../nbs/12_leakage.ipynb #4f824cc8
 def check_population(d: AuditData) -> list[Finding]:
     "Guard `population_unconverted`: no row's entity converted on or before its as_of."
     bad = d.outcome_rows().filter(pl.col("__od") <= pl.col("as_of"))
@@ -313,7 +313,7 @@ def check_labels(d: AuditData) -> list[Finding]:
     return [Finding("labels_point_in_time", None, f"{wrong.height} label(s) disagree with 'converted in "
                     f"(as_of, as_of + {d.horizon_days} days]', e.g. {wrong.head(3).rows()}")]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #db4ba8c5
+# %% ../nbs/12_leakage.ipynb #e8dfd77f
 def _differs(old: pl.Expr, new: pl.Expr, numeric: bool) -> pl.Expr:
     "Row-wise: the two values differ (nulls compared as values, numbers up to 1e-9 relative)."
     if not numeric:
@@ -334,7 +334,7 @@ def _probe_rows(d: AuditData) -> pl.DataFrame:
     )  # fmt: skip
     return d.frame[probe["__i"]].select(d.key, "as_of", *d.features)
 
-# %% ../nbs/12_leakage.ipynb #cf12bfe4
+# %% ../nbs/12_leakage.ipynb #792cd2b3
 def probe_cutoff(d: AuditData) -> list[Finding]:
     "Guard `events_before_as_of`: a sample of rows recomputed from the past alone keeps every feature value."
     if d.recompute is None:
@@ -356,7 +356,7 @@ def probe_cutoff(d: AuditData) -> list[Finding]:
                 "past alone)"))  # fmt: skip
     return out
 
-# %% ../nbs/12_leakage.ipynb #2171b1a9
+# %% ../nbs/12_leakage.ipynb #92381dea
 def ended_by(
     usage: pl.DataFrame,  # event rows, each standing for the period that starts at its stamp
     as_of: date,  # the as-of date (midnight)
@@ -388,7 +388,7 @@ def past_only(
 
     return recompute
 
-# %% ../nbs/12_leakage.ipynb #d33fd397
+# %% ../nbs/12_leakage.ipynb #a8cedfb0
 def check_outcome_names(d: AuditData) -> list[Finding]:
     "Guard `outcome_derived`: no feature is named like the id, close date, MRR or the outcome."
     bad = [c for c in d.canary if c in FORBIDDEN_COLUMNS or set(c.lower().split("_")) & FORBIDDEN_NAME_TOKENS]
@@ -412,7 +412,7 @@ def check_class_patterns(d: AuditData) -> list[Finding]:
     hits = _class_patterns(d.frame, sorted({h[0] for h in hits})) if hits else []
     return [Finding("outcome_derived", c, f"is {what} exactly on the {side} rows") for c, what, side in hits]
 
-# %% ../nbs/12_leakage.ipynb #5c8922b5
+# %% ../nbs/12_leakage.ipynb #6748b163
 def check_outcome_tracking(d: AuditData) -> list[Finding]:
     "Guard `outcome_derived`: on the positives, no feature tracks the conversion MRR or the days to conversion."
     if d.n_pos < d.limits.min_positives:
@@ -428,14 +428,14 @@ def check_outcome_tracking(d: AuditData) -> list[Finding]:
             for c in d.numeric for t, what in targets
             if rs[(c, t)] is not None and abs(rs[(c, t)]) >= d.limits.outcome_corr_threshold]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #3b12ce90
+# %% ../nbs/12_leakage.ipynb #ab6fe1aa
 def auc_canary(d: AuditData) -> list[Finding]:
     "Guard `auc_canary`: no single feature separates the label with ROC AUC >= `auc_threshold`."
     d.need_classes()
     return [Finding("auc_canary", c, f"alone separates the label with ROC AUC {auc:.3f} >= {d.auc_threshold}: "
                     "almost certainly leakage") for c, auc in d.aucs.items() if auc >= d.auc_threshold]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #0e336e34
+# %% ../nbs/12_leakage.ipynb #a166324a
 def check_existence(d: AuditData) -> list[Finding]:
     "Guard `existence_by_outcome`: no feature is missing for (almost) all of one group and present for the other."
     if d.outcome_dates is not None:
@@ -457,7 +457,7 @@ def check_existence(d: AuditData) -> list[Finding]:
                     f"{names[1]}: it exists for one group only") for c, (a, b) in gaps.items()
             if abs(a - b) >= d.limits.existence_gap]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #735e82c3
+# %% ../nbs/12_leakage.ipynb #40c024e0
 def check_id_like(d: AuditData) -> list[Finding]:
     "Guard `id_like`: no feature is constant per entity, unique across entities and monotone in the id."
     first, const = d.entities
@@ -488,7 +488,7 @@ def check_id_correlation(d: AuditData) -> list[Finding]:
                     f"(Spearman {rs[(d.key, c)]:.3f})") for c in num
             if rs[(d.key, c)] is not None and abs(rs[(d.key, c)]) >= d.limits.id_trend_threshold]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #edfd582e
+# %% ../nbs/12_leakage.ipynb #3fc95a6e
 GUARDS: list[tuple[str, Callable[[AuditData], list[Finding]]]] = [
     ("population_unconverted", check_population),
     ("labels_point_in_time", check_labels),
