@@ -16,6 +16,7 @@ from fastcore.basics import patch
 
 from .core import HsmlError
 from .features import FORBIDDEN_COLUMNS, FORBIDDEN_NAME_TOKENS, compute_features
+from .snapshots import period_end
 
 # %% auto #0
 __all__ = ['GUARDS', 'LeakageError', 'GuardSkipped', 'Finding', 'AuditReport', 'single_feature_auc', 'feature_aucs',
@@ -364,8 +365,8 @@ def ended_by(
     event_time: str = "WHEN_TIMESTAMP",  # the stamp column
 ) -> pl.DataFrame:
     "The rows whose whole period ended by `as_of`: `stamp + period <= as_of`."
-    cut = pl.lit(as_of).cast(pl.Datetime("ms")) - pl.duration(days=period_days)
-    return usage.filter(pl.col(event_time).cast(pl.Datetime("ms")) <= cut)
+    end = period_end(event_time, usage.schema[event_time], period_days)
+    return usage.filter(end <= pl.lit(as_of).cast(pl.Datetime("ms")))
 
 
 def past_only(
@@ -383,7 +384,8 @@ def past_only(
         mine = usage.lazy().filter(pl.col(key).is_in(ids)).collect()  # one scan for every probed row
         comp = companies.lazy().filter(pl.col(key).is_in(ids)).collect()
         return pl.concat([compute_features(comp, ended_by(mine, a, usage_period_days, event_time), part,
-                                           feature_names, entity_key=key, event_time=event_time)
+                                           feature_names, entity_key=key, event_time=event_time,
+                                           usage_period_days=usage_period_days)
                           for (a,), part in rows.group_by("as_of", maintain_order=True)])  # fmt: skip
 
     return recompute
