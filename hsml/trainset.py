@@ -28,7 +28,7 @@ from hsml.features import (
     read_feature_spec,
     resolve_features,
 )
-from .leakage import AuditReport, audit_training_set
+from .leakage import AuditReport, audit_training_set, past_only
 from hsml.snapshots import (
     DEFAULT_POPULATION,
     DateLike,
@@ -36,7 +36,6 @@ from hsml.snapshots import (
     build_snapshots,
     data_end,
     is_on_anchor,
-    period_end,
     to_date,
 )
 
@@ -263,22 +262,8 @@ def build_training_set(
     ) as pool:  # the content hash (hashlib releases the GIL) runs beside the audit
         hashed = pool.submit(content_hash, frame, spec, timing)
         if audit:
-            time_col = "WHEN_TIMESTAMP"
-
-            def recompute(rows: pl.DataFrame) -> pl.DataFrame:
-                "The audit's probe: these rows' features, each from the usage rows whose period ended by its as_of."
-                ids = rows["id"].unique().implode()
-                mine = usage.lazy().filter(pl.col("id").is_in(ids)).collect()  # one scan for every probed row
-                end = period_end(time_col, mine.schema[time_col], period)
-                comp = companies.filter(pl.col("id").is_in(ids))
-                parts = []
-                for (a,), part in rows.group_by("as_of", maintain_order=True):
-                    past = mine.filter(end <= pl.lit(a).cast(pl.Datetime("ms")))
-                    parts.append(compute_features(comp, past, part, names, usage_period_days=period))
-                return pl.concat(parts)
-
             report = audit_training_set(frame, names, outcomes=companies, horizon_days=horizon_days,
-                                        recompute=recompute, auc_threshold=auc_threshold, allow=allow)  # fmt: skip
+                                        recompute=past_only(companies, usage, names, period), auc_threshold=auc_threshold, allow=allow)  # fmt: skip
     config = {
         "as_of_start": str(dates[0]),
         "as_of_end": str(to_date(as_of_end, "as_of_end")),
