@@ -21,7 +21,8 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path
 
 # %% auto #0
-__all__ = ['N_REASONS', 'top_reasons', 'score_frame', 'write_scores', 'score', 'score_cmd']
+__all__ = ['N_REASONS', 'OUTSIDE_REASONS', 'top_reasons', 'outside_reason', 'population_split', 'score_frame', 'write_scores',
+           'score', 'score_cmd']
 
 # %% ../nbs/33_score.ipynb #5074a226
 N_REASONS = 3
@@ -59,6 +60,36 @@ def top_reasons(
     order = np.argsort(-vals, axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
+# %% ../nbs/33_score.ipynb #c4a1e002
+OUTSIDE_REASONS = {
+    "active_unconverted": "no usage before as_of"
+}  # why a prospect is outside a policy, by policy name
+
+
+def outside_reason(
+    population: str,  # population policy name
+) -> str:
+    "The `unscored_reason` of a prospect outside `population`."
+    return "outside_population: " + OUTSIDE_REASONS.get(population, f"not in the population {population!r}")
+
+
+def population_split(
+    companies: pl.DataFrame,  # tables.companies()
+    usage: pl.DataFrame,  # tables.usage
+    day: dt.date,  # the scoring date
+    horizon_days: int,  # the model's horizon (labels are not used here)
+    population: str,  # the scoring population policy
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    "(panel of the companies in `population` at `day`, `id, unscored_reason` of the other prospects)."
+    from hsml.snapshots import build_snapshots
+
+    inside = build_snapshots(companies, usage, [day], horizon_days, population=population)
+    prospects = build_snapshots(companies, usage, [day], horizon_days, population="unconverted")
+    outside = prospects.join(inside.select("id"), on="id", how="anti").select(
+        "id", unscored_reason=pl.lit(outside_reason(population))
+    )
+    return inside, outside.sort("id")
+
 # %% ../nbs/33_score.ipynb #7acf6be9
 def _score_chunks(
     bundle: Bundle, X: pl.DataFrame, how: str | None, chunk_size: int, show: bool
@@ -85,23 +116,29 @@ def score_frame(
     bundle: Bundle,  # a loaded bundle (hsml.registry.load_model / hsml.bundle.load_bundle)
     tables: Any,  # clean tables (hsml.contracts.Tables)
     as_of: str | dt.date | None = "latest",  # scoring date; 'latest' = the day after the last usage event
-    population: str = "unconverted",  # population policy (hsml.snapshots): unconverted | active_unconverted
+    population: str
+    | None = None,  # population policy (hsml.snapshots); None: the bundle's training population
     chunk_size: int = 100_000,  # rows scored per step (progress bar and memory)
     reasons: bool = True,  # compute the top three reasons
     reasons_method: str = "auto",  # auto | shap | path | occlusion (auto: TreeSHAP up to 20,000 rows, then tree paths)
     progress: bool | None = None,  # tqdm progress bar; default on when more than one chunk
     threads: int | None = None,  # LightGBM threads for this batch; None = all cores
 ) -> pl.DataFrame:
-    "Score every prospect not converted by `as_of`: id, as_of, score, rank, decile, reasons, model version."
+    "Rank the prospects in the population at `as_of` (score, rank, decile, reasons, model version); list the others after them, unscored."
     from hsml.features import compute_features
-    from hsml.snapshots import build_snapshots
 
     day = _resolve_as_of(as_of, tables)
     horizon = int(bundle.info.get("horizon_days") or 28)
+    population = population or bundle.population
     companies = tables.companies()
-    panel = build_snapshots(companies, tables.usage, [day], horizon, population=population)
+    panel, outside = population_split(companies, tables.usage, day, horizon, population)
     if panel.height == 0:
-        raise HsmlError(f"nobody to score: no company is in the population {population!r} at {day}")
+        raise HsmlError(
+            f"nobody to score: no company is in the population {population!r} at {day}",
+            hint=f"{outside.height} prospect(s) are outside it ({outside_reason(population)})"
+            if outside.height
+            else "no prospect at all: is as_of within the data?",
+        )
     feature_set = bundle.info.get("feature_set") or "default"
     names = bundle.feature_names
     feats = compute_features(companies, tables.usage, panel.select("id", "as_of"), feature_set=feature_set)
@@ -164,7 +201,13 @@ def score_frame(
         model_digest=pl.lit(bundle.digest),
     ).sort("rank")
     out = out.with_columns(pl.lit(method).alias("reasons_method")) if reasons else out
-    return out
+    out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
+    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason").with_columns(
+        model=pl.lit(bundle.name),
+        model_version=pl.lit(bundle.version, dtype=pl.Int64),
+        model_digest=pl.lit(bundle.digest),
+    )
+    return pl.concat([out, unscored], how="diagonal_relaxed")
 
 
 def write_scores(
@@ -189,11 +232,16 @@ def score(
     as_of: str | dt.date | None,  # scoring date YYYY-MM-DD, or 'latest'
     out: str | Path,  # FILE.parquet or FILE.csv
     registry: str | Path | None = None,  # registry directory (default $HSML_REGISTRY or ./registry)
-    population: str = "unconverted",  # population policy
+    population: str | None = None,  # population policy; None: the bundle's training population
     chunk_size: int = 100_000,  # rows per step
     progress: bool | None = None,  # progress bar
 ) -> Path:
-    "Load the model and the data, score every prospect not converted by `as_of`, write `out`; return its path."
+    "Load the model and the data, score the population at `as_of`, write `out`; return its path."
+    return _score(model, data_dir, as_of, out, registry, population, chunk_size, progress)[1]
+
+
+def _score(model, data_dir, as_of, out, registry, population, chunk_size=100_000, progress=None):
+    "(the scored frame, the path written): the command reports from the frame, never re-reads its file."
     from hsml.contracts import load_tables
     from hsml.registry import load_model
 
@@ -202,7 +250,7 @@ def score(
     b = model if isinstance(model, Bundle) else load_model(model, root=registry)
     tables = load_tables(data_dir)
     fr = score_frame(b, tables, as_of, population=population, chunk_size=chunk_size, progress=progress)
-    return write_scores(fr, out)
+    return fr, write_scores(fr, out)
 
 # %% ../nbs/33_score.ipynb #6976eea3
 def score_cmd(
@@ -221,9 +269,13 @@ def score_cmd(
     registry: Path | None = typer.Option(
         None, help="registry directory (default $HSML_REGISTRY or ./registry)"
     ),
-    population: str = typer.Option("unconverted", help="population policy: unconverted | active_unconverted"),
+    population: str | None = typer.Option(
+        None, help="population policy (default: the model's training population, e.g. active_unconverted)"
+    ),
 ) -> None:
-    """Score every prospect not converted by --as-of: score, rank, decile, top three reasons, model version.
+    """Rank the prospects in the model's training population at --as-of: score, rank, decile, top three reasons.
+
+    Prospects outside that population are listed after the ranked ones, without a score, with the reason.
 
     Examples:
 
@@ -233,16 +285,20 @@ def score_cmd(
     """
     t0 = time.perf_counter()
     try:
-        p = score(model, data_dir, as_of, out, registry=registry, population=population)
+        fr, p = _score(model, data_dir, as_of, out, registry, population)
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    fr = pl.read_parquet(p) if p.suffix.lower() == ".parquet" else pl.read_csv(p)
-    ver = fr["model_version"][0] if fr.height else None
+    ranked = fr.filter(pl.col("unscored_reason").is_null())
+    ver = fr["model_version"][0]
     typer.echo(
-        f"scored {fr.height:,} prospects as of {fr['as_of'][0] if fr.height else as_of} with {fr['model'][0] if fr.height else model}"
+        f"scored {ranked.height:,} prospects as of {fr['as_of'][0]} with {fr['model'][0]}"
         + (f" v{ver}" if ver is not None else "")
         + f" in {time.perf_counter() - t0:.1f}s -> {p}"
     )
+    for why, n in fr.group_by("unscored_reason").len().drop_nulls().sort("unscored_reason").iter_rows():
+        typer.echo(f"listed without a score: {n:,} prospects ({why})")
     with pl.Config(tbl_rows=10, tbl_cols=8, fmt_str_lengths=40):
-        typer.echo(fr.select("rank", "id", "score", "decile", "reason_1", "reason_2", "reason_3").head(10))
+        typer.echo(
+            ranked.select("rank", "id", "score", "decile", "reason_1", "reason_2", "reason_3").head(10)
+        )
