@@ -21,7 +21,7 @@ from .sources import TABLES, Catalog
 # %% auto #0
 __all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', 'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS', 'ColumnSpec',
            'fold_label', 'edit_distance', 'industry_mapper', 'employee_level', 'Policy', 'Issue', 'TableReport',
-           'Report', 'Tables', 'validate_frames', 'load_tables', 'check']
+           'Report', 'infer_usage_period', 'Tables', 'validate_frames', 'load_tables', 'check']
 
 # %% ../nbs/02_contracts.ipynb #805f36d9
 EMPLOYEE_ENUM = pl.Enum(EMPLOYEE_LEVELS)
@@ -284,6 +284,7 @@ class Report:
 
     tables: dict[str, TableReport]
     max_quarantine_fraction: float = 0.5
+    timing: dict[str, Any] = field(default_factory=dict)  # usage period and anchor, data end (JSON values)
 
     @property
     def usable(self) -> bool:
@@ -304,7 +305,17 @@ class Report:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {t: r.to_dict() for t, r in self.tables.items()}
+        return {**{t: r.to_dict() for t, r in self.tables.items()}, **self.timing}
+
+    def _timing_lines(self) -> list[str]:
+        t = self.timing
+        if not t:
+            return []
+        out = [f"usage logged every {t['usage_period_days']} days, stamped on {t['usage_anchor_weekday']}s "
+               f"({t['usage_stamps_off_anchor']} of {t['usage_stamps']} stamps off that weekday)",
+               f"last usage stamp {t['last_usage_stamp']}, last close date {t['last_close_date']}: data ends "
+               f"{t['data_end']} (labels observed through it); latest as-of date {t['latest_as_of']}"]  # fmt: skip
+        return out + [f"! {w}" for w in t.get("data_end_warnings", [])]
 
     def _problems(self) -> list[str]:
         out = []
@@ -330,6 +341,8 @@ class Report:
             lines += [
                 f"{i.table:13s} {i.column:22s} {i.rule:24s} {i.count:8d}  {i.action}" for i in self.issues
             ]
+        if timing := self._timing_lines():
+            lines += ["", *timing]
         if probs := self._problems():
             lines += ["", *[f"! {p}" for p in probs]]
         return "\n".join(lines)
@@ -348,6 +361,8 @@ class Report:
         if self.issues:
             md += ["", "| table | column | rule | count | action |", "|---|---|---|--:|---|"]
             md += [f"| {i.table} | {i.column} | `{i.rule}` | {i.count} | {i.action} |" for i in self.issues]
+        if timing := self._timing_lines():
+            md += ["", *[f"- {x}" for x in timing]]
         if probs := self._problems():
             md += ["", *[f"- **{p}**" for p in probs]]
         return "\n".join(md)
@@ -617,6 +632,39 @@ def _finish(
     CLEAN_SCHEMAS[table].validate(clean)  # the contract on the output: a failure here is a bug
     return clean, quarantine, report
 
+# %% ../nbs/02_contracts.ipynb #ec4c18e3
+def _usage_timing(
+    usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
+    time: str = "WHEN_TIMESTAMP",  # stamp column
+    key: str = "id",  # company column
+) -> dict[str, Any]:
+    "Period, anchor, and the counts behind them (stamps, off-anchor stamps, gaps, gaps equal to the period)."
+    from hsml.snapshots import WEEKDAYS
+
+    u = usage.lazy().select(pl.col(key), pl.col(time).cast(pl.Datetime("ms"))).collect()
+    gaps = (
+        u.sort(key, time)
+        .select((pl.col(time).diff().over(key).dt.total_milliseconds() / 86_400_000).round().alias("gap"))
+        .filter(pl.col("gap") > 0)["gap"]
+    )
+    days = u[time].dt.weekday()  # 1 = Monday
+    mode = lambda s: s.value_counts(sort=True).sort(["count", s.name], descending=[True, False])[s.name][0]  # noqa: E731
+    period = int(mode(gaps)) if gaps.len() else 7  # no company with two stamps: the extract's weekly default
+    anchor = int(mode(days)) if days.len() else 1
+    return {"usage_period_days": period, "usage_anchor_weekday": WEEKDAYS[anchor - 1],
+            "usage_stamps": u.height, "usage_stamps_off_anchor": int((days != anchor).sum()),
+            "usage_gaps": gaps.len(), "usage_gaps_at_period": int((gaps == period).sum())}  # fmt: skip
+
+
+def infer_usage_period(
+    usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
+    time: str = "WHEN_TIMESTAMP",  # stamp column
+    key: str = "id",  # company column
+) -> dict[str, Any]:
+    "`{usage_period_days, usage_anchor_weekday}`: the most common gap between a company's stamps, the usual weekday."
+    t = _usage_timing(usage, time, key)
+    return {"usage_period_days": t["usage_period_days"], "usage_anchor_weekday": t["usage_anchor_weekday"]}
+
 # %% ../nbs/02_contracts.ipynb #d828de14
 @dataclass
 class Tables:
@@ -652,6 +700,16 @@ class Tables:
                 pros.select(cols).with_columns(is_customer=pl.lit(False)),
             ]
         ).sort("id")
+
+    @property
+    def usage_period_days(self) -> int:
+        "Length of the usage logging period in days, inferred from the data (see `infer_usage_period`)."
+        return int(self.report.timing.get("usage_period_days", 7))
+
+    @property
+    def usage_anchor_weekday(self) -> str:
+        "The weekday usage stamps fall on, inferred from the data."
+        return str(self.report.timing.get("usage_anchor_weekday", "Monday"))
 
     def _repr_markdown_(self) -> str:
         return self.report._repr_markdown_()
@@ -746,8 +804,27 @@ def validate_frames(
     for t in TABLES:
         if t not in fps:
             fps[t] = sha256_bytes(raw[t].write_csv().encode())
-    report = Report(reports, max_quarantine_fraction=policy.max_quarantine_fraction)
-    return Tables(out["customers"], out["noncustomers"], out["usage"], quarantine, report, fps)
+    timing = _usage_timing(out["usage"])
+    if timing["usage_stamps_off_anchor"]:
+        reports["usage"].issues.append(
+            Issue("usage", "WHEN_TIMESTAMP", "off_anchor_stamp", timing["usage_stamps_off_anchor"], "info")
+        )
+    report = Report(reports, max_quarantine_fraction=policy.max_quarantine_fraction, timing=timing)
+    tables = Tables(out["customers"], out["noncustomers"], out["usage"], quarantine, report, fps)
+    report.timing.update(_data_end_json(tables))
+    return tables
+
+
+def _data_end_json(tables: Tables) -> dict[str, Any]:
+    "The data-end facts (`hsml.snapshots.data_end`) as JSON values for the report."
+    from hsml.snapshots import data_end
+
+    if tables.usage.is_empty() and tables.customers.is_empty():
+        return {}
+    e = data_end(tables)
+    s = lambda v: None if v is None else str(v)  # noqa: E731
+    return {"last_usage_stamp": s(e["last_usage_stamp"]), "last_close_date": s(e["last_close_date"]),
+            "data_end": s(e["data_end"]), "latest_as_of": s(e["latest_as_of"]), "data_end_warnings": e["warnings"]}  # fmt: skip
 
 # %% ../nbs/02_contracts.ipynb #fbebbd83
 def load_tables(

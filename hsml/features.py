@@ -5,23 +5,29 @@
 # %% ../nbs/11_features.ipynb #4892c04e
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import re
+import textwrap
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import date, timedelta
 
 import numpy as np
 import polars as pl
 
 from .core import HsmlError
-from .snapshots import DateLike, to_date
+from .snapshots import DAY_MS, DateLike, period_end, to_date
 
 # %% auto #0
 __all__ = ['FORBIDDEN_COLUMNS', 'FORBIDDEN_NAME_TOKENS', 'RESERVED_COLUMNS', 'KEY', 'LAST_EVENT', 'FIRST_EVENT', 'ROWS',
-           'FEATURES', 'FEATURE_SETS', 'ACTION_COLUMNS', 'USER_COLUMNS', 'USAGE_COLUMNS', 'WINDOWS', 'TREND_DAYS',
-           'check_feature_name', 'FeatureContext', 'Feature', 'feature', 'register_feature_set', 'resolve_features',
-           'compute_features', 'feature_spec']
+           'KNOWN_AT', 'FEATURES', 'FEATURE_SETS', 'ACTION_COLUMNS', 'USER_COLUMNS', 'USAGE_COLUMNS', 'WINDOWS',
+           'TREND_DAYS', 'DEFAULT_TIMING', 'check_feature_name', 'FeatureContext', 'definition_hash', 'Feature',
+           'feature', 'register_feature_set', 'resolve_features', 'compute_features', 'feature_spec',
+           'feature_spec_document', 'read_feature_spec', 'check_feature_definitions']
 
 # %% ../nbs/11_features.ipynb #b4b546a4
 FORBIDDEN_COLUMNS = frozenset(
@@ -47,7 +53,10 @@ def check_feature_name(name: str) -> str:
 
 # %% ../nbs/11_features.ipynb #0dbd8451
 KEY = "__key"  # the entity key inside the feature frame: features never see it under its real name
-LAST_EVENT, FIRST_EVENT = "__last_event", "__first_event"  # timestamps of the last / first event before as_of
+LAST_EVENT, FIRST_EVENT = (
+    "__last_event",
+    "__first_event",
+)  # period ends of the last / first row counted at as_of
 
 
 def _sum_col(column: str, days: int) -> str:
@@ -71,7 +80,7 @@ class FeatureContext:
     def sum(
         self,
         column: str,  # an event (usage) column
-        days: int,  # look-back in days: as_of - days <= time < as_of
+        days: int,  # look-back in days: rows whose period ended in (as_of - days, as_of]
     ) -> pl.Expr:
         "Sum of `column` over the event rows in the window (0 when there are none)."
         if column in FORBIDDEN_COLUMNS:
@@ -86,7 +95,7 @@ class FeatureContext:
         return pl.col(_sum_col(column, days))
 
     def count(self, days: int) -> pl.Expr:
-        "Number of event rows in the window `as_of - days <= time < as_of`."
+        "Number of event rows whose period ended in `(as_of - days, as_of]`."
         return self.sum(ROWS, days)
 
     def mean(self, column: str, days: int) -> pl.Expr:
@@ -95,12 +104,12 @@ class FeatureContext:
         return pl.when(n > 0).then(self.sum(column, days) / n).otherwise(None)
 
     def days_since_last_event(self) -> pl.Expr:
-        "Whole days from the day of the last event strictly before as_of to as_of (null when none)."
+        "Whole days from the day the last counted row's period ended to as_of (null when none)."
         self.history = True
         return (pl.col("as_of") - pl.col(LAST_EVENT).dt.date()).dt.total_days()
 
     def days_since_first_event(self) -> pl.Expr:
-        "Whole days from the day of the first event strictly before as_of to as_of (null when none)."
+        "Whole days from the day the first counted row's period ended to as_of (null when none)."
         self.history = True
         return (pl.col("as_of") - pl.col(FIRST_EVENT).dt.date()).dt.total_days()
 
@@ -123,6 +132,66 @@ class FeatureContext:
         "The as-of date (Date)."
         return pl.col("as_of")
 
+# %% ../nbs/11_features.ipynb #f4ede6ad
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object reprs carry memory addresses: not part of a definition
+_PLAIN = (str, bytes, int, float, bool, type(None), tuple, list, dict, set, frozenset)
+
+
+def _code_text(code: types.CodeType) -> str:
+    "When the source is unavailable: the bytecode and constants, nested code objects included."
+    consts = [_code_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return code.co_code.hex() + "|" + "|".join(consts) + "|" + ",".join(code.co_names)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    "Names a code object (and the code nested in it) looks up, globals among them."
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            out |= _global_names(c)
+    return out
+
+
+def _value_text(v: Any, seen: set[int]) -> str:
+    if inspect.isfunction(v):
+        return _definition_text(v, seen)
+    if isinstance(v, set | frozenset):  # string hashing is randomised per process: sort the members
+        return "{" + ", ".join(sorted(_value_text(x, seen) for x in v)) + "}"
+    return _ADDRESS.sub("", repr(v))
+
+
+def _definition_text(fn: Callable, seen: set[int]) -> str:
+    "A function's source, then every value it is bound to (defaults, closure, module data and helpers)."
+    if id(fn) in seen:
+        return f"<{fn.__qualname__}>"
+    seen.add(id(fn))
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+    except (OSError, TypeError):
+        src = _code_text(fn.__code__)
+    parts = [src]
+    parts += [f"default {_value_text(v, seen)}" for v in fn.__defaults__ or ()]
+    parts += [f"kwdefault {k}={_value_text(v, seen)}" for k, v in sorted((fn.__kwdefaults__ or {}).items())]
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            parts.append(f"free {name}={_value_text(cell.cell_contents, seen)}")
+        except ValueError:  # an empty cell
+            parts.append(f"free {name}=<empty>")
+    g = getattr(fn, "__globals__", {})
+    for name in sorted(_global_names(fn.__code__)):
+        v = g.get(name)
+        same_module = inspect.isfunction(v) and v.__module__ == fn.__module__
+        if same_module or (isinstance(v, _PLAIN) and len(r := repr(v)) < 100_000 and r):
+            parts.append(f"global {name}={_value_text(v, seen)}")
+    return "\n".join(parts)
+
+
+def definition_hash(
+    fn: Callable,  # a feature function (or any function)
+) -> str:
+    "sha256 of a function's definition: its source plus the values it is bound to."
+    return hashlib.sha256(_definition_text(fn, set()).encode()).hexdigest()
+
 # %% ../nbs/11_features.ipynb #85c4e0d6
 @dataclass(frozen=True)
 class Feature:
@@ -133,6 +202,16 @@ class Feature:
     window: int | None  # longest look-back in days (None: not a windowed usage feature)
     fn: Callable  # expr kind: fn(ctx) -> pl.Expr;  frame kind: fn(events, spine) -> LazyFrame(id, as_of, name)
     kind: str = "expr"  # "expr" (default, cut-off guaranteed by the context) or "frame" (free-form, audited)
+    known_at: str = "as_of"  # "as_of": from events before as_of;  "snapshot": an attribute read at extraction
+    definition_hash: str = ""  # sha256 of the definition (filled in from `fn` when empty)
+
+    def __post_init__(self):
+        if self.known_at not in KNOWN_AT:
+            raise HsmlError(
+                f"feature {self.name!r}: known_at must be one of {KNOWN_AT}, got {self.known_at!r}"
+            )
+        if not self.definition_hash:
+            object.__setattr__(self, "definition_hash", definition_hash(self.fn))
 
     def spec(self, dtype: pl.DataType | str) -> dict:
         "The feature_spec.json entry of this feature."
@@ -141,7 +220,12 @@ class Feature:
             "dtype": str(dtype),
             "description": self.description,
             "window": self.window,
+            "known_at": self.known_at,
+            "definition_hash": self.definition_hash,
         }
+
+
+KNOWN_AT = ("as_of", "snapshot")
 
 
 FEATURES: dict[str, Feature] = {}
@@ -165,6 +249,7 @@ def feature(
     description: str | None = None,  # what it measures (default: the docstring)
     window: int | None = None,  # longest look-back in days, None for non-windowed features
     kind: str = "expr",  # "expr": fn(ctx) -> pl.Expr;  "frame": fn(events, spine) -> LazyFrame
+    known_at: str | None = None,  # "as_of" or "snapshot"; default: "snapshot" when it reads an entity column
 ) -> Callable[[Callable], Callable]:
     "Decorator registering a feature. Re-registering a name replaces it (notebooks are re-run)."
 
@@ -175,9 +260,10 @@ def feature(
             raise HsmlError(f"feature {n!r} needs a description")
         if kind not in ("expr", "frame"):
             raise HsmlError(f"feature {n!r}: kind must be 'expr' or 'frame', got {kind!r}")
+        ctx = FeatureContext()
         if kind == "expr":  # build it once now: refuse forbidden columns at registration time
-            _check_expr(n, fn(FeatureContext()))
-        FEATURES[n] = Feature(n, d, window, fn, kind)
+            _check_expr(n, fn(ctx))
+        FEATURES[n] = Feature(n, d, window, fn, kind, known_at or ("snapshot" if ctx.entities else "as_of"))
         return fn
 
     return register
@@ -223,7 +309,7 @@ TREND_DAYS = 28
 
 
 def _window_text(days: int) -> str:
-    return f"over usage rows with as_of - {days} days <= WHEN_TIMESTAMP < as_of"
+    return f"over usage rows whose period ended in (as_of - {days} days, as_of]"
 
 
 def _register_builtins() -> None:
@@ -254,9 +340,9 @@ def _register_builtins() -> None:
             "before those): > 0 growing, < 0 shrinking", 2 * t, lambda ctx, c=c: trend(ctx, [c]))  # fmt: skip
     add(f"actions_total_trend_{t}d", f"trend of all actions: log1p(last {t} days) - log1p(the {t} days before)",
         2 * t, lambda ctx: trend(ctx, ACTION_COLUMNS))  # fmt: skip
-    add("days_since_last_activity", "recency: days from the day of the last usage row before as_of to as_of "
-        "(null when none)", None, lambda ctx: ctx.days_since_last_event())  # fmt: skip
-    add("days_since_first_activity", "tenure: days from the day of the first usage row before as_of to as_of "
+    add("days_since_last_activity", "recency: days from the end of the last usage period ended by as_of to "
+        "as_of (null when none)", None, lambda ctx: ctx.days_since_last_event())  # fmt: skip
+    add("days_since_first_activity", "tenure: days from the end of the first usage period to as_of "
         "(null when none)", None, lambda ctx: ctx.days_since_first_event())  # fmt: skip
     for w in (28, 84):
         add(f"objects_used_{w}d", f"breadth: how many of the 4 objects (contacts, companies, deals, email) had "
@@ -337,7 +423,13 @@ def _dense_index(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _usage_aggregates(
-    usage: pl.LazyFrame, spine: pl.DataFrame, sums: set[tuple[str, int]], history: bool, key: str, time: str
+    usage: pl.LazyFrame,
+    spine: pl.DataFrame,
+    sums: set[tuple[str, int]],
+    history: bool,
+    key: str,
+    time: str,
+    period: int,
 ) -> pl.DataFrame:
     "spine + one column per requested (column, days) sum, + first/last event timestamps (see above)."
     dates = spine["as_of"].unique().sort().to_list()
@@ -354,11 +446,10 @@ def _usage_aggregates(
     b0, last_b = (bounds[0] - epoch).days, (bounds[-1] - epoch).days
     keys = spine[KEY].unique().sort().to_numpy()
     n_keys = len(keys)
-    tdt = usage.collect_schema()[time]
-    day = (pl.col(time).dt.date() if isinstance(tdt, pl.Datetime) else pl.col(time).cast(pl.Date)).cast(
-        pl.Int32
-    )
-    ts = pl.col(time).cast(pl.Datetime("ms")).dt.epoch("ms")
+    # a row's period ends at ts = stamp + period; it counts at as_of when ts <= as_of, i.e. when its "day" (the
+    # day holding ts - 1 ms) is < as_of: the machinery below then reads `as_of - w <= day < as_of`
+    ts = period_end(time, usage.collect_schema()[time], period).dt.epoch("ms")
+    day = ((ts - 1) // DAY_MS).cast(pl.Int32)
     past = usage.select(
         pl.col(key).cast(spine.schema[KEY]),
         day.alias("__day"),
@@ -412,7 +503,7 @@ def _usage_aggregates(
             pl.Series(LAST_EVENT, last[q[0]]), pl.Series(FIRST_EVENT, first[k_sp])
         ).with_columns(
             pl.when(pl.col(LAST_EVENT) >= 0).then(pl.col(LAST_EVENT)).cast(pl.Datetime("ms")),
-            pl.when(pl.col(FIRST_EVENT) < pl.col("as_of").cast(pl.Datetime("ms")).dt.epoch("ms"))
+            pl.when(pl.col(FIRST_EVENT) <= pl.col("as_of").cast(pl.Datetime("ms")).dt.epoch("ms"))
             .then(pl.col(FIRST_EVENT))
             .cast(pl.Datetime("ms")),
         )
@@ -427,8 +518,9 @@ def compute_features(
     feature_set: str | Sequence[str] = "default",  # a registered feature set name, or a list of feature names
     entity_key: str = "id",  # key column of `companies` and `usage`
     event_time: str = "WHEN_TIMESTAMP",  # timestamp column of `usage`
+    usage_period_days: int = 7,  # each usage row covers this many days from its stamp; counts once they ended
 ) -> pl.DataFrame:
-    "THE feature path: `id, as_of, <features>` using only usage strictly before each row's as_of."
+    "THE feature path: `id, as_of, <features>` using only usage rows whose whole period ended by each as_of."
     feats = resolve_features(feature_set)
     comp, ev = companies.lazy(), usage.lazy()
     ent_cols = [c for c in comp.collect_schema().names() if c != entity_key]
@@ -436,7 +528,7 @@ def compute_features(
     ctx = FeatureContext(event_columns=ev_cols, entity_columns=ent_cols)
     exprs = {f.name: _check_expr(f.name, f.fn(ctx)) for f in feats if f.kind == "expr"}
     spine = _spine(comp, as_of_dates, entity_key)
-    base = _usage_aggregates(ev, spine, ctx.sums, ctx.history, entity_key, event_time)
+    base = _usage_aggregates(ev, spine, ctx.sums, ctx.history, entity_key, event_time, usage_period_days)
     if ctx.entities:  # only the requested, allowed entity columns enter the frame
         ent = (
             comp.select(pl.col(entity_key).alias(KEY), *sorted(ctx.entities))
@@ -471,3 +563,45 @@ def feature_spec(
 ) -> list[dict]:
     "feature_spec.json entries: name, dtype, description, window, in column order."
     return [f.spec(frame.schema[f.name]) for f in resolve_features(feature_set)]
+
+# %% ../nbs/11_features.ipynb #dc645933
+DEFAULT_TIMING = {"usage_period_days": 7, "usage_anchor_weekday": "Monday"}  # what specs without timing used
+
+
+def feature_spec_document(
+    entries: list[dict],  # `feature_spec` entries
+    timing: dict,  # {"usage_period_days": int, "usage_anchor_weekday": str}
+) -> dict:
+    "The feature_spec.json object: `{usage_period_days, usage_anchor_weekday, features}`."
+    return {"usage_period_days": int(timing["usage_period_days"]),
+            "usage_anchor_weekday": str(timing["usage_anchor_weekday"]), "features": list(entries)}  # fmt: skip
+
+
+def read_feature_spec(
+    obj: dict | list,  # the parsed feature_spec.json: the object, or the older plain list of entries
+) -> tuple[list[dict], dict]:
+    "(entries, timing) of a feature spec; a plain list is the old format with the default weekly Monday timing."
+    if isinstance(obj, list):
+        return obj, dict(DEFAULT_TIMING)
+    if not isinstance(obj, dict) or not isinstance(obj.get("features"), list):
+        raise HsmlError("feature_spec.json is neither a list of entries nor an object with a 'features' list")
+    timing = {k: obj.get(k, v) for k, v in DEFAULT_TIMING.items()}
+    return obj["features"], {"usage_period_days": int(timing["usage_period_days"]),
+                             "usage_anchor_weekday": str(timing["usage_anchor_weekday"])}  # fmt: skip
+
+
+def check_feature_definitions(
+    entries: list[dict],  # feature_spec entries (with `definition_hash`; entries without one are not checked)
+) -> None:
+    "Raise `HsmlError` naming every feature whose definition here differs from the spec's, or is missing."
+    missing = [e["name"] for e in entries if e["name"] not in FEATURES]
+    changed = [e["name"] for e in entries if e.get("definition_hash") and e["name"] in FEATURES
+               and FEATURES[e["name"]].definition_hash != e["definition_hash"]]  # fmt: skip
+    if missing or changed:
+        what = ([f"changed: {', '.join(changed)}"] if changed else []) + (
+            [f"not registered: {', '.join(missing)}"] if missing else []
+        )
+        raise HsmlError(
+            f"feature definitions differ from the ones the model was trained with ({'; '.join(what)})",
+            hint="register the same feature code (e.g. the run's plugins) or retrain the model",
+        )

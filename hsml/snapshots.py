@@ -8,14 +8,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import polars as pl
 
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['DateLike', 'OUTCOME_DATE', 'FIRST_EVENT_DATE', 'POPULATION_POLICIES', 'DEFAULT_POPULATION', 'Frame', 'to_date',
-           'as_of_grid', 'PopulationPolicy', 'population_policy', 'get_population_policy', 'build_snapshots']
+__all__ = ['DateLike', 'WEEKDAYS', 'DAY_MS', 'OUTCOME_DATE', 'FIRST_EVENT_DATE', 'POPULATION_POLICIES', 'DEFAULT_POPULATION',
+           'Frame', 'to_date', 'as_of_grid', 'weekday_index', 'snap_to_anchor', 'is_on_anchor', 'period_end',
+           'period_end_day', 'PopulationPolicy', 'population_policy', 'get_population_policy', 'build_snapshots',
+           'data_end']
 
 # %% ../nbs/10_snapshots.ipynb #cf599d6f
 DateLike = date | datetime | str
@@ -49,10 +52,77 @@ def as_of_grid(
         raise HsmlError(f"as_of_end {e} is before as_of_start {s}")
     return [s + timedelta(days=k * every_days) for k in range((e - s).days // every_days + 1)]
 
+# %% ../nbs/10_snapshots.ipynb #93909b53
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def weekday_index(
+    weekday: str,  # a weekday name, any case: "Monday" ... "Sunday"
+) -> int:
+    "0 for Monday ... 6 for Sunday (as `date.weekday()`), or an `HsmlError` listing the names."
+    names = [w.lower() for w in WEEKDAYS]
+    if str(weekday).strip().lower() not in names:
+        raise HsmlError(f"{weekday!r} is not a weekday name", hint=f"use one of {', '.join(WEEKDAYS)}")
+    return names.index(str(weekday).strip().lower())
+
+
+def snap_to_anchor(
+    d: DateLike,  # any date
+    anchor_weekday: str,  # the weekday usage stamps fall on, e.g. "Monday"
+) -> date:
+    "The latest `anchor_weekday` on or before `d`."
+    d = to_date(d, "as_of")
+    return d - timedelta(days=(d.weekday() - weekday_index(anchor_weekday)) % 7)
+
+
+def is_on_anchor(
+    d: DateLike,  # any date
+    anchor_weekday: str,  # the weekday usage stamps fall on
+) -> bool:
+    "True when `d` falls on `anchor_weekday`."
+    return to_date(d, "as_of").weekday() == weekday_index(anchor_weekday)
+
+# %% ../nbs/10_snapshots.ipynb #b22ad838
+DAY_MS = 86_400_000  # milliseconds in a day
+
+
+def _check_period(usage_period_days: int) -> int:
+    if not (isinstance(usage_period_days, int) and usage_period_days >= 1):
+        raise HsmlError(
+            f"usage_period_days must be a positive whole number of days, got {usage_period_days!r}"
+        )
+    return usage_period_days
+
+
+def period_end(
+    time: str,  # the stamp column (Date, Datetime or ISO string)
+    dtype: pl.DataType,  # its type
+    usage_period_days: int,  # length of the logging period each row stands for
+) -> pl.Expr:
+    "`stamp + period` as a millisecond Datetime (a Date stamp is its midnight)."
+    _check_period(usage_period_days)
+    if dtype == pl.String:
+        stamp = pl.col(time).str.to_datetime(time_unit="ms")
+    elif dtype == pl.Date or isinstance(dtype, pl.Datetime):
+        stamp = pl.col(time).cast(pl.Datetime("ms"))
+    else:
+        raise HsmlError(f"column {time!r} has type {dtype}, expected a date or a timestamp")
+    return stamp + pl.duration(days=usage_period_days)
+
+
+def period_end_day(
+    time: str,  # the stamp column
+    dtype: pl.DataType,  # its type
+    usage_period_days: int,  # length of the logging period
+) -> pl.Expr:
+    "The first day by whose start the row's period has ended: the row counts at `as_of` iff this <= as_of."
+    end = period_end(time, dtype, usage_period_days).dt.epoch("ms")
+    return ((end - 1) // DAY_MS + 1).cast(pl.Int32).cast(pl.Date)
+
 # %% ../nbs/10_snapshots.ipynb #090bc733
 OUTCOME_DATE = "_outcome_date"  # column name the policies see: date of the entity's first outcome (or null)
 FIRST_EVENT_DATE = (
-    "_first_event_date"  # column name the policies see: date of the entity's first event (or null)
+    "_first_event_date"  # column the policies see: first day by which an event period had ended
 )
 
 
@@ -96,10 +166,10 @@ def _not_converted() -> pl.Expr:
 
 @population_policy(
     "active_unconverted",
-    "not converted on or before as_of, and at least one event strictly before as_of (the default)",
+    "not converted on or before as_of, and at least one usage period ended by as_of (the default)",
 )
 def _active_unconverted() -> pl.Expr:
-    return _not_converted() & (pl.col(FIRST_EVENT_DATE) < pl.col("as_of"))
+    return _not_converted() & (pl.col(FIRST_EVENT_DATE) <= pl.col("as_of"))
 
 
 @population_policy("unconverted", "every entity not converted on or before as_of, with or without events")
@@ -137,6 +207,7 @@ def build_snapshots(
     outcome_time: str = "CLOSEDATE",  # outcome date column of `outcomes` (null = no outcome)
     outcome_value: str | None = "MRR",  # value of the outcome, carried as `conversion_mrr` (None: all null)
     population: str = DEFAULT_POPULATION,  # name of a registered population policy
+    usage_period_days: int = 7,  # each event stands for this many days from its stamp; counts once they ended
 ) -> pl.DataFrame:
     "The as-of panel: `entity_key, as_of, label, conversion_mrr`, sorted by as_of then key."
     if horizon_days < 1:
@@ -144,6 +215,7 @@ def build_snapshots(
     if not as_of_dates:
         raise HsmlError("no as-of dates given")
     policy = get_population_policy(population)
+    _check_period(usage_period_days)
     event_key, outcome_key = event_key or entity_key, outcome_key or entity_key
     ent, ev = entities.lazy(), events.lazy()
     out = ent if outcomes is None else outcomes.lazy()
@@ -157,7 +229,9 @@ def build_snapshots(
     )
     keys = ent.select(pl.col(entity_key)).unique()
     first_event = ev.group_by(pl.col(event_key).alias(entity_key)).agg(
-        _as_date_expr(event_time, ev.collect_schema()[event_time]).min().alias(FIRST_EVENT_DATE)
+        period_end_day(event_time, ev.collect_schema()[event_time], usage_period_days)
+        .min()
+        .alias(FIRST_EVENT_DATE)
     )
     val = pl.col(outcome_value).cast(pl.Float64) if outcome_value else pl.lit(None, dtype=pl.Float64)
     first_outcome = (
@@ -192,3 +266,51 @@ def build_snapshots(
     return (
         panel.collect().rechunk()
     )  # one chunk per column: later row selections do not copy the training set
+
+# %% ../nbs/10_snapshots.ipynb #c85cc648
+def _gap_warning(what: str, s: pl.Series, limit_days: int) -> list[str]:
+    "A warning when the latest day in `s` is more than `limit_days` after the one before it."
+    top = s.drop_nulls().cast(pl.Date).unique().sort(descending=True).head(2).to_list()
+    if len(top) == 2 and (top[0] - top[1]).days > limit_days:
+        return [f"the {what} {top[0]} is {(top[0] - top[1]).days} days after the one before it ({top[1]}): "
+                "if it is an outlier it moves the data's end"]  # fmt: skip
+    return []
+
+
+def data_end(
+    tables: Any,  # clean tables (`hsml.contracts.Tables`): `.usage` and `.companies()`
+    usage_period_days: int | None = None,  # default: `tables.usage_period_days` (inferred), else 7
+    usage_anchor_weekday: str | None = None,  # default: `tables.usage_anchor_weekday`, else "Monday"
+    time: str = "WHEN_TIMESTAMP",  # usage stamp column
+    close: str = "CLOSEDATE",  # conversion date column of `tables.companies()`
+    far_days: int = 42,  # warn when the two dates, or a date and the one before it, are further apart
+) -> dict[str, Any]:
+    "The data's end (later of the last usage stamp's day and the last close date), both dates, the latest as-of."
+    period = _check_period(usage_period_days or getattr(tables, "usage_period_days", None) or 7)
+    anchor = usage_anchor_weekday or getattr(tables, "usage_anchor_weekday", None) or "Monday"
+    stamps = tables.usage.lazy().select(pl.col(time).cast(pl.Datetime("ms"))).collect()[time]
+    closes = tables.companies()[close].cast(pl.Date)
+    last_stamp, last_close = stamps.max(), closes.max()
+    days = [to_date(d) for d in (last_stamp, last_close) if d is not None]
+    if not days:
+        raise HsmlError("the data has no usage stamp and no close date: it has no end")
+    end, period_end = max(days), None
+    if last_stamp is not None:  # the day from which the last usage row counts
+        e = last_stamp + timedelta(days=period)
+        period_end = e.date() + timedelta(days=int(e != datetime.combine(e.date(), datetime.min.time())))
+    warn = _gap_warning("last usage stamp", stamps, 2 * period) + _gap_warning(
+        "last close date", closes, far_days
+    )
+    if len(days) == 2 and abs((days[0] - days[1]).days) > far_days:
+        warn.append(f"the last usage stamp ({days[0]}) and the last close date ({days[1]}) are "
+                    f"{abs((days[0] - days[1]).days)} days apart")  # fmt: skip
+    return {
+        "last_usage_stamp": last_stamp,  # datetime (None without usage)
+        "last_close_date": last_close,  # date (None without conversions)
+        "data_end": end,  # labels are observed through this day
+        "last_usage_period_end": period_end,  # the last usage row counts at as_of >= this day
+        "latest_as_of": snap_to_anchor(min(period_end or end, end), anchor),  # what as_of="latest" means
+        "usage_period_days": period,
+        "usage_anchor_weekday": WEEKDAYS[weekday_index(anchor)],
+        "warnings": warn,
+    }

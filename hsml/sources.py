@@ -60,6 +60,19 @@ def _all_utf8(lf: pl.LazyFrame) -> pl.LazyFrame:
 _OTHER_SEPARATORS = [";", "\t", "|"]
 
 
+def _binary_evidence(
+    path: Path,  # a file that should be text
+    n: int = 8192,  # bytes looked at
+) -> str | None:
+    "Why the start of `path` is not text (a NUL byte, or mostly control bytes), or None when it may be text."
+    with open(path, "rb") as f:
+        head = f.read(n)
+    if (at := head.find(b"\0")) >= 0:
+        return f"a NUL byte at offset {at}"
+    ctrl = sum(b < 32 and b not in (9, 10, 12, 13) for b in head)
+    return f"{ctrl} of its first {len(head)} bytes are control bytes" if ctrl > 0.1 * len(head) else None
+
+
 def _first_line(path: Path) -> str:
     "The first non-blank line of a text file (without BOM), or '' for an empty file."
     with open(path, "rb") as f:
@@ -161,6 +174,9 @@ class CsvSource:
     def header(self) -> list[str]:
         "The column names, after validating the file is non-empty and uses `separator`."
         self._check_exists()
+        if why := _binary_evidence(self.path):
+            raise HsmlError(f"{self.path}: not a text file ({why}); expected a CSV with a header row",
+                            hint="a compressed, spreadsheet or other binary file in place of the CSV? export it as CSV")  # fmt: skip
         first = _first_line(self.path)
         if not first:
             raise HsmlError(f"{self.path}: line 1: empty file (no header, no rows)")

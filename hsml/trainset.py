@@ -10,6 +10,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -18,13 +19,30 @@ import polars as pl
 import typer
 
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
-from .features import FEATURE_SETS, compute_features, feature_spec, resolve_features
+from hsml.features import (
+    DEFAULT_TIMING,
+    FEATURE_SETS,
+    compute_features,
+    feature_spec,
+    feature_spec_document,
+    read_feature_spec,
+    resolve_features,
+)
 from .leakage import AuditReport, audit_training_set
-from .snapshots import DEFAULT_POPULATION, DateLike, as_of_grid, build_snapshots, to_date
+from hsml.snapshots import (
+    DEFAULT_POPULATION,
+    DateLike,
+    as_of_grid,
+    build_snapshots,
+    data_end,
+    is_on_anchor,
+    period_end,
+    to_date,
+)
 
 # %% auto #0
-__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'TablesLike', 'build_training_set',
-           'scoring_frame', 'features_build']
+__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'usage_timing',
+           'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame', 'features_build']
 
 # %% ../nbs/13_trainset.ipynb #5d257d4d
 LEAD_COLUMNS = ["id", "as_of", "label", "conversion_mrr"]
@@ -57,16 +75,16 @@ def _column_digest(
 
 def content_hash(
     frame: pl.DataFrame,  # the training-set frame
-    spec: list[dict],  # its feature spec
+    spec: list[dict],  # its feature spec entries
+    timing: dict | None = None,  # usage period and anchor the features used (None: a spec from before timing)
 ) -> str:
-    "Deterministic sha256 of a training set's content: spec, schema, then each column's validity and values."
+    "Deterministic sha256 of a training set's content: spec, timing, schema, then each column's validity and values."
     in_order = frame.select(
         ((pl.col("as_of").diff() > pl.duration(days=0)) | ((pl.col("as_of").diff() == pl.duration(days=0)) & (pl.col("id").diff() > 0))).all()
     ).item()  # fmt: skip
     canon = frame if frame.height < 2 or in_order else frame.sort("as_of", "id")
-    head = sha256_json(
-        {"spec": spec, "schema": {c: str(t) for c, t in frame.schema.items()}, "rows": canon.height}
-    )
+    head = {"spec": spec, "schema": {c: str(t) for c, t in frame.schema.items()}, "rows": canon.height}
+    head = sha256_json(head if timing is None else {**head, "timing": timing})
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
         digests = list(pool.map(_column_digest, canon.get_columns()))
     return hashlib.sha256(head.encode() + b"".join(digests)).hexdigest()
@@ -77,13 +95,16 @@ class TrainingSet:
     "A point-in-time training set: the frame, its feature spec, content hash, per-date summary and config."
 
     frame: pl.DataFrame  # id, as_of, label, conversion_mrr, then the features
-    spec: list[dict]  # feature_spec.json entries: name, dtype, description, window
+    spec: list[dict]  # feature_spec.json entries: name, dtype, description, window, known_at, definition_hash
     content_hash: str  # sha256 of the canonical content (see `content_hash`)
     summary: pl.DataFrame  # as_of, population, positives
     config: dict[str, Any] = field(
         default_factory=dict
     )  # how it was built (dates, horizon, feature set, ...)
     audit: dict | None = None  # the leakage audit summary (AuditReport.to_dict())
+    timing: dict = field(
+        default_factory=lambda: dict(DEFAULT_TIMING)
+    )  # usage_period_days, usage_anchor_weekday
 
     @property
     def feature_names(self) -> list[str]:
@@ -101,7 +122,7 @@ class TrainingSet:
             raise HsmlError(f"{path}: a training set is written as a .parquet file")
         with atomic_path(path) as tmp:
             self.frame.write_parquet(tmp, statistics=True)
-        atomic_write_json(path.parent / "feature_spec.json", self.spec)
+        atomic_write_json(path.parent / "feature_spec.json", feature_spec_document(self.spec, self.timing))
         atomic_write_json(manifest_path(path), self.manifest())
         return path
 
@@ -112,6 +133,7 @@ class TrainingSet:
             "rows": self.frame.height,
             "positives": int(self.frame["label"].sum()),
             "features": len(self.spec),
+            "timing": self.timing,
             "config": self.config,
             "summary": [{**r, "as_of": str(r["as_of"])} for r in self.summary.to_dicts()],
             "audit": self.audit,
@@ -132,13 +154,16 @@ class TrainingSet:
                     f"{p} is missing", hint="write training sets with TrainingSet.save / hsml features build"
                 )
         frame = pl.read_parquet(path)
-        spec, man = json.loads(spec_p.read_text()), json.loads(man_p.read_text())
-        h = content_hash(frame, spec)
+        raw, man = json.loads(spec_p.read_text()), json.loads(man_p.read_text())
+        spec, timing = read_feature_spec(raw)
+        h = content_hash(
+            frame, spec, None if isinstance(raw, list) else timing
+        )  # an old list: hashed without
         if verify and h != man["content_hash"]:
             raise HsmlError(f"{path}: content hash {h[:12]} does not match its manifest ({man['content_hash'][:12]})",
                             hint="the file or its feature_spec.json was modified after it was written")  # fmt: skip
         summary = _summary(frame)
-        return cls(frame, spec, h, summary, man.get("config", {}), man.get("audit"))
+        return cls(frame, spec, h, summary, man.get("config", {}), man.get("audit"), timing)
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -153,6 +178,42 @@ def _summary(frame: pl.DataFrame) -> pl.DataFrame:
         .agg(pl.len().alias("population"), pl.col("label").cast(pl.Int64).sum().alias("positives"))
         .sort("as_of")
     )
+
+# %% ../nbs/13_trainset.ipynb #ee6c7fb9
+def usage_timing(
+    tables: Any,  # clean tables; `usage_period_days` / `usage_anchor_weekday` are read when present
+    usage_period_days: int | None = None,  # explicit period (wins)
+    usage_anchor_weekday: str | None = None,  # explicit anchor (wins)
+) -> dict:
+    "`{usage_period_days, usage_anchor_weekday}`: the explicit values, else the tables', else inferred from the usage."
+    p = usage_period_days or getattr(tables, "usage_period_days", None)
+    a = usage_anchor_weekday or getattr(tables, "usage_anchor_weekday", None)
+    if not (p and a):
+        from hsml.contracts import infer_usage_period
+
+        inferred = infer_usage_period(tables.usage)
+        p, a = p or inferred["usage_period_days"], a or inferred["usage_anchor_weekday"]
+    return {"usage_period_days": int(p), "usage_anchor_weekday": str(a)}
+
+
+def check_labels_observed(
+    tables: Any,  # clean tables
+    last_as_of: DateLike,  # the latest as-of date to be labelled
+    horizon_days: int,  # label window
+    timing: dict | None = None,  # usage timing (default: `usage_timing(tables)`)
+) -> dict:
+    "Raise `HsmlError` when `last_as_of + horizon_days` is past the data's end (censored labels); return `data_end`."
+    t = timing or usage_timing(tables)
+    end = data_end(tables, t["usage_period_days"], t["usage_anchor_weekday"])
+    a, h = to_date(last_as_of, "as_of"), timedelta(days=horizon_days)
+    if a + h > end["data_end"]:
+        raise HsmlError(
+            f"as_of {a} + horizon_days {horizon_days} = {a + h} is past the data's end {end['data_end']} (last usage "
+            f"stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}): its labels are censored; "
+            f"the last valid as-of date is {end['data_end'] - h}",
+            hint=f"use as-of dates <= {end['data_end'] - h}, or a shorter horizon",
+        )
+    return end
 
 # %% ../nbs/13_trainset.ipynb #56edfc49
 class TablesLike(Protocol):
@@ -174,17 +235,24 @@ def build_training_set(
     audit: bool = True,  # run the leakage audit (raises LeakageError); switch off only to study a leak
     auc_threshold: float = 0.95,  # the audit's single-feature AUC canary
     allow: list[str] | tuple[str, ...] = (),  # features exempt from the audit's canaries
+    usage_period_days: int | None = None,  # usage logging period; default: the tables' (inferred), else 7
+    usage_anchor_weekday: str | None = None,  # weekday usage stamps fall on; default: the tables'
 ) -> TrainingSet:
     "Snapshots + features + leakage audit: the point-in-time training set."
     dates = as_of_grid(as_of_start, as_of_end, every_days)
     companies, usage = tables.companies(), tables.usage
+    timing = usage_timing(tables, usage_period_days, usage_anchor_weekday)
+    period = timing["usage_period_days"]
+    check_labels_observed(tables, dates[-1], horizon_days, timing)
     feats = resolve_features(feature_set)
     names = [f.name for f in feats]
-    panel = build_snapshots(companies, usage, dates, horizon_days, population=population)
+    panel = build_snapshots(
+        companies, usage, dates, horizon_days, population=population, usage_period_days=period
+    )
     if panel.height == 0:
         raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
                         hint="choose as-of dates inside the span of the usage data")  # fmt: skip
-    fx = compute_features(companies, usage, panel.select("id", "as_of"), names)
+    fx = compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
     if not (fx["id"].equals(panel["id"]) and fx["as_of"].equals(panel["as_of"])):  # both sorted by as_of, id
         raise AssertionError("feature rows are not aligned with the population")  # a bug, not a user error
     frame = pl.concat([panel, fx.drop("id", "as_of")], how="horizontal")
@@ -193,19 +261,20 @@ def build_training_set(
     with ThreadPoolExecutor(
         max_workers=1
     ) as pool:  # the content hash (hashlib releases the GIL) runs beside the audit
-        hashed = pool.submit(content_hash, frame, spec)
+        hashed = pool.submit(content_hash, frame, spec, timing)
         if audit:
             time_col = "WHEN_TIMESTAMP"
 
             def recompute(rows: pl.DataFrame) -> pl.DataFrame:
-                "The audit's probe: these rows' features, each from the usage strictly before its as_of only."
+                "The audit's probe: these rows' features, each from the usage rows whose period ended by its as_of."
                 ids = rows["id"].unique().implode()
                 mine = usage.lazy().filter(pl.col("id").is_in(ids)).collect()  # one scan for every probed row
+                end = period_end(time_col, mine.schema[time_col], period)
                 comp = companies.filter(pl.col("id").is_in(ids))
                 parts = []
                 for (a,), part in rows.group_by("as_of", maintain_order=True):
-                    past = mine.filter(pl.col(time_col) < pl.lit(a).cast(pl.Datetime("ms")))
-                    parts.append(compute_features(comp, past, part, names))
+                    past = mine.filter(end <= pl.lit(a).cast(pl.Datetime("ms")))
+                    parts.append(compute_features(comp, past, part, names, usage_period_days=period))
                 return pl.concat(parts)
 
             report = audit_training_set(frame, names, outcomes=companies, horizon_days=horizon_days,
@@ -219,25 +288,36 @@ def build_training_set(
         "feature_set": feature_set if isinstance(feature_set, str) else None,
         "features": names,
         "population": population,
+        **timing,
+        "off_anchor_as_of": [str(d) for d in dates if not is_on_anchor(d, timing["usage_anchor_weekday"])],
         "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
     }
     return TrainingSet(frame, spec, hashed.result(), _summary(frame), config,
-                       report.to_dict() if report else None)  # fmt: skip
+                       report.to_dict() if report else None, timing)  # fmt: skip
 
 # %% ../nbs/13_trainset.ipynb #cb8955f6
 def scoring_frame(
     tables: TablesLike,  # clean tables (hsml.contracts.Tables)
-    as_of: DateLike,  # the date to score as of (features use usage strictly before it)
+    as_of: DateLike,  # the date to score as of (features use the usage periods ended by it)
     feature_set: str | list[str] = "default",  # registered feature set name, or a list of feature names
     population: str = DEFAULT_POPULATION,  # registered population policy
+    usage_period_days: int | None = None,  # usage logging period; default: the tables' (inferred)
 ) -> pl.DataFrame:
     "id, as_of, features for the population at `as_of`: what a model trained on a training set scores."
     companies, usage = tables.companies(), tables.usage
     names = [f.name for f in resolve_features(feature_set)]
+    period = usage_timing(tables, usage_period_days, "Monday")[
+        "usage_period_days"
+    ]  # the anchor is not needed
     panel = build_snapshots(
-        companies, usage, [to_date(as_of, "as_of")], horizon_days=1, population=population
+        companies,
+        usage,
+        [to_date(as_of, "as_of")],
+        horizon_days=1,
+        population=population,
+        usage_period_days=period,
     )
-    return compute_features(companies, usage, panel.select("id", "as_of"), names)
+    return compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
 
 # %% ../nbs/13_trainset.ipynb #a63ed4c0
 features_app = typer.Typer(
@@ -288,6 +368,12 @@ def features_build(
     if not Path(source).exists():
         raise HsmlError(f"{source} does not exist")
     tables = load_tables(source)
+    end = data_end(tables)
+    typer.echo(f"data: last usage stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}, "
+               f"data ends {end['data_end']}; usage every {end['usage_period_days']} days on "
+               f"{end['usage_anchor_weekday']}s")  # fmt: skip
+    for w in end["warnings"]:
+        typer.echo(f"! {w}")
     ts = build_training_set(tables, to_date(as_of_start, "--as-of-start"), to_date(as_of_end, "--as-of-end"),
                             every_days, horizon_days, feature_set=feature_set, population=population)  # fmt: skip
     typer.echo(f"{'as_of':<12}{'population':>12}{'positives':>11}")

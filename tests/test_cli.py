@@ -45,11 +45,12 @@ def test_data_check_json_accounts_for_every_row(sample):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert set(report) >= {"customers", "noncustomers", "usage"}
-    for table, t in report.items():
+    assert (report["usage_period_days"], report["usage_anchor_weekday"]) == (7, "Monday")
+    for table, t in ((k, report[k]) for k in ("customers", "noncustomers", "usage")):
         assert t["rows_in"] == t["rows_clean"] + t["rows_quarantined"], table
         for issue in t["issues"]:
             assert set(issue) == {"table", "column", "rule", "count"} and issue["count"] > 0
-    rules = {i["rule"] for t in report.values() for i in t["issues"]}
+    rules = {i["rule"] for k in ("customers", "noncustomers", "usage") for i in report[k]["issues"]}
     assert {"duplicate_id", "rank_sentinel", "nonpositive_mrr", "industry_folded"} <= rules
 
 

@@ -62,8 +62,9 @@ def reference(companies: list[dict], usage: list[dict], as_of_dates: list[date],
             row["actions_total_trend_28d"] = math.log1p(recent) - math.log1p(
                 sum(u[c_] for u in prev for c_ in ACTIONS)
             )
-            row["days_since_last_activity"] = (a - max(u["WHEN_TIMESTAMP"] for u in past).date()).days
-            row["days_since_first_activity"] = (a - min(u["WHEN_TIMESTAMP"] for u in past).date()).days
+            # recency and tenure count from the end of the weekly period (stamp + 7 days), issue 8 item 1
+            row["days_since_last_activity"] = (a - max(u["WHEN_TIMESTAMP"] for u in past).date()).days - 7
+            row["days_since_first_activity"] = (a - min(u["WHEN_TIMESTAMP"] for u in past).date()).days - 7
             out[(c["id"], a)] = row
     return out
 
@@ -105,9 +106,9 @@ def test_artifact_roundtrip_and_determinism(sample, built, tmp_path):
     again = build_training_set(tables, START, END, EVERY, HORIZON)
     assert again.content_hash == built.content_hash
     p = built.save(tmp_path / "t.parquet")
-    spec = json.loads((tmp_path / "feature_spec.json").read_text())
+    spec = json.loads((tmp_path / "feature_spec.json").read_text())["features"]
     assert [s["name"] for s in spec] == built.feature_names
-    assert set(spec[0]) == {"name", "dtype", "description", "window"}
+    assert set(spec[0]) == {"name", "dtype", "description", "window", "known_at", "definition_hash"}
     back = TrainingSet.load(p)
     assert back.content_hash == built.content_hash and back.frame.equals(built.frame)
     assert list(back.frame.columns[:4]) == ["id", "as_of", "label", "conversion_mrr"]
