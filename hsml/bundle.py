@@ -352,10 +352,27 @@ def _hsml_version() -> str:
         return "unknown"
 
 
+def _spec_and_timing(spec: Sequence[dict] | dict, meta: dict) -> tuple[list[dict], dict]:
+    "(entries, timing) of a spec: the feature_spec.json object's timing, else meta's, else weekly on Monday."
+    from hsml.features import read_feature_spec
+
+    entries, timing = read_feature_spec(spec if isinstance(spec, dict) else list(spec))
+    given = {k: meta[k] for k in timing if meta.get(k) is not None}
+    if isinstance(spec, dict):
+        clash = {k: (v, timing[k]) for k, v in given.items() if str(v) != str(timing[k])}
+        if clash:
+            raise HsmlError(f"meta and the feature spec disagree on the usage timing: {clash}",
+                            hint="the features were computed with the spec's timing: pass that one")  # fmt: skip
+    else:
+        timing |= given
+    return [dict(e) for e in entries], {k: v for k, v in training_context(timing).items() if k in timing}
+
+
 def save_bundle(
     out_dir: str | Path,  # the bundle directory to create (e.g. <run>/model); replaced atomically
     pipeline: Any,  # a fitted sklearn Pipeline (predict_proba on a pandas frame of the features)
-    training_set_spec: Sequence[dict],  # the feature spec: list of {name, dtype, description, window}
+    training_set_spec: Sequence[dict]
+    | dict,  # the feature spec: its entries, or the feature_spec.json object with timing
     metrics: dict,  # the run's metrics ({"test": {...}, "baselines": {...}, ...})
     meta: dict,  # bundle.json fields: name, model, run_id, data_fingerprints, training_set_hash, feature_set, horizon_days, population, usage_period_days, usage_anchor_weekday
     train_frame: Any | None = None,  # training frame (polars/pandas) to derive ranges and categories
@@ -364,7 +381,9 @@ def save_bundle(
     "Write a bundle directory atomically and return its path."
     if not hasattr(pipeline, "predict_proba"):
         raise HsmlError("the pipeline has no predict_proba: a bundle needs a fitted probabilistic classifier")
-    spec = [dict(s) for s in training_set_spec]
+    from hsml.features import feature_spec_document
+
+    spec, timing = _spec_and_timing(training_set_spec, meta)
     schema = make_input_schema(spec, train_frame, max_records=max_records)
     # keep Enum levels in the spec too, so the spec alone rebuilds the training dtypes
     for s, f in zip(spec, schema["fields"]):
@@ -382,7 +401,7 @@ def save_bundle(
         "horizon_days": meta.get("horizon_days"),
         "feature_names": [s["name"] for s in spec],
     } | {k: v for k, v in meta.items() if k != "name" and v is not None}
-    info |= {k: v for k, v in training_context(info).items() if k != "horizon_days"}
+    info |= {k: v for k, v in training_context(info | timing).items() if k != "horizon_days"}
     out = Path(out_dir)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -391,7 +410,7 @@ def save_bundle(
         def dump(name: str, obj: Any) -> None:
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
-        dump("feature_spec.json", spec)
+        dump("feature_spec.json", feature_spec_document(spec, timing))
         dump("input_schema.json", schema)
         dump("metrics.json", metrics or {})
         dump("bundle.json", info)
@@ -831,6 +850,16 @@ class Bundle:
         "The population policy the training rows came from: scoring and serving default to it."
         return self.training["population"]
 
+    def check_features(self) -> None:
+        "Refuse (HsmlError naming the feature) when a feature's definition here differs from the one trained with."
+        from hsml.features import check_feature_definitions
+
+        hashed = [e for e in self.feature_spec if e.get("definition_hash")]  # demo/hand-made specs carry none
+        try:
+            check_feature_definitions(hashed)
+        except HsmlError as e:
+            raise HsmlError(f"model {self.name} (bundle {self.path}): {e.message}", hint=e.hint) from None
+
     def to_pandas(self, frame: Any) -> Any:
         "The pipeline's input: a pandas frame of the feature columns, in order, with the training dtypes."
         names = self.feature_names
@@ -1068,13 +1097,20 @@ def load_bundle(
         pipeline = joblib.load(p / "model.joblib")
     except Exception as e:
         raise HsmlError(f"bundle {p}: model.joblib could not be loaded ({type(e).__name__}: {e})") from None
+    from hsml.features import read_feature_spec
+
+    try:
+        entries, timing = read_feature_spec(read("feature_spec.json"))
+    except HsmlError as e:
+        raise HsmlError(f"bundle {p}: {e.message}") from None
     b = Bundle(
         path=p,
         pipeline=pipeline,
-        feature_spec=read("feature_spec.json"),
+        feature_spec=entries,
         input_schema=schema,
         metrics=read("metrics.json"),
-        info=read("bundle.json"),
+        info=timing
+        | read("bundle.json"),  # bundles from before the timing fields: the spec's (or weekly, Monday)
         hashes=hashes,
         digest=bundle_digest(p),
     )

@@ -9,6 +9,7 @@ import datetime as dt
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +22,51 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path
 
 # %% auto #0
-__all__ = ['N_REASONS', 'OUTSIDE_REASONS', 'top_reasons', 'outside_reason', 'population_split', 'score_frame', 'write_scores',
-           'score', 'score_cmd']
+__all__ = ['N_REASONS', 'OUTSIDE_REASONS', 'off_anchor_warning', 'top_reasons', 'outside_reason', 'population_split',
+           'score_frame', 'write_scores', 'score', 'score_cmd']
 
 # %% ../nbs/33_score.ipynb #5074a226
 N_REASONS = 3
 
 
-def _resolve_as_of(as_of: str | dt.date | None, tables: Any) -> dt.date:
-    "A date; '' / None / 'latest' = the day after the latest usage event (all data counts)."
+def _resolve_as_of(
+    as_of: str | dt.date | None,  # a date, 'YYYY-MM-DD', or '' / None / 'latest'
+    tables: Any,  # clean tables
+    period: int = 7,  # the model's usage period (days)
+    anchor: str = "Monday",  # the model's usage anchor weekday
+) -> dt.date:
+    "A date; '' / None / 'latest' = the latest anchor day by which the last usage period has ended (`data_end`)."
+    from hsml.snapshots import data_end
+
     if isinstance(as_of, dt.datetime):
         return as_of.date()
     if isinstance(as_of, dt.date):
         return as_of
     if as_of in (None, "", "latest"):
-        last = tables.usage["WHEN_TIMESTAMP"].max()
-        if last is None:
+        if tables.usage.is_empty():
             raise HsmlError("as_of='latest' needs usage data, and the usage table is empty")
-        return last.date() + dt.timedelta(days=1)
+        return data_end(tables, usage_period_days=period, usage_anchor_weekday=anchor)["latest_as_of"]
     try:
         return dt.date.fromisoformat(str(as_of))
     except ValueError:
         raise HsmlError(f"as_of={as_of!r} is not a date", hint="use YYYY-MM-DD, or 'latest'") from None
+
+
+def off_anchor_warning(
+    day: dt.date,  # the scoring date
+    anchor: str,  # the usage anchor weekday the model was trained with
+    period: int = 7,  # the usage period (days)
+) -> str | None:
+    "A warning when `day` is not on the anchor weekday (None when it is)."
+    from hsml.snapshots import is_on_anchor, snap_to_anchor
+
+    if is_on_anchor(day, anchor):
+        return None
+    return (
+        f"as_of {day} is a {day.strftime('%A')}, not a {anchor} (the usage anchor): only usage periods that ended "
+        f"by it count, so the last {(day - snap_to_anchor(day, anchor)).days} day(s) of activity are not seen yet; "
+        f"the model was trained on {anchor}s (nearest earlier: {snap_to_anchor(day, anchor)})"
+    )
 
 
 def top_reasons(
@@ -79,12 +103,14 @@ def population_split(
     day: dt.date,  # the scoring date
     horizon_days: int,  # the model's horizon (labels are not used here)
     population: str,  # the scoring population policy
+    usage_period_days: int = 7,  # the model's usage period: a usage row counts once its period ended
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     "(panel of the companies in `population` at `day`, `id, unscored_reason` of the other prospects)."
     from hsml.snapshots import build_snapshots
 
-    inside = build_snapshots(companies, usage, [day], horizon_days, population=population)
-    prospects = build_snapshots(companies, usage, [day], horizon_days, population="unconverted")
+    kw = dict(usage_period_days=usage_period_days)
+    inside = build_snapshots(companies, usage, [day], horizon_days, population=population, **kw)
+    prospects = build_snapshots(companies, usage, [day], horizon_days, population="unconverted", **kw)
     outside = prospects.join(inside.select("id"), on="id", how="anti").select(
         "id", unscored_reason=pl.lit(outside_reason(population))
     )
@@ -127,11 +153,14 @@ def score_frame(
     "Rank the prospects in the population at `as_of` (score, rank, decile, reasons, model version); list the others after them, unscored."
     from hsml.features import compute_features
 
-    day = _resolve_as_of(as_of, tables)
+    bundle.check_features()  # the feature code here must be the code the model was trained with
+    t = bundle.training
+    period, anchor = t["usage_period_days"], t["usage_anchor_weekday"]
+    day = _resolve_as_of(as_of, tables, period, anchor)
     horizon = int(bundle.info.get("horizon_days") or 28)
     population = population or bundle.population
     companies = tables.companies()
-    panel, outside = population_split(companies, tables.usage, day, horizon, population)
+    panel, outside = population_split(companies, tables.usage, day, horizon, population, period)
     if panel.height == 0:
         raise HsmlError(
             f"nobody to score: no company is in the population {population!r} at {day}",
@@ -141,7 +170,13 @@ def score_frame(
         )
     feature_set = bundle.info.get("feature_set") or "default"
     names = bundle.feature_names
-    feats = compute_features(companies, tables.usage, panel.select("id", "as_of"), feature_set=feature_set)
+    feats = compute_features(
+        companies,
+        tables.usage,
+        panel.select("id", "as_of"),
+        feature_set=feature_set,
+        usage_period_days=period,
+    )
     missing = [c for c in names if c not in feats.columns]
     if missing:
         raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
@@ -202,12 +237,13 @@ def score_frame(
     ).sort("rank")
     out = out.with_columns(pl.lit(method).alias("reasons_method")) if reasons else out
     out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
+    off = off_anchor_warning(day, anchor, period) is not None
     unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason").with_columns(
         model=pl.lit(bundle.name),
         model_version=pl.lit(bundle.version, dtype=pl.Int64),
         model_digest=pl.lit(bundle.digest),
     )
-    return pl.concat([out, unscored], how="diagonal_relaxed")
+    return pl.concat([out, unscored], how="diagonal_relaxed").with_columns(as_of_off_anchor=pl.lit(off))
 
 
 def write_scores(
@@ -237,11 +273,14 @@ def score(
     progress: bool | None = None,  # progress bar
 ) -> Path:
     "Load the model and the data, score the population at `as_of`, write `out`; return its path."
-    return _score(model, data_dir, as_of, out, registry, population, chunk_size, progress)[1]
+    fr, path, warn = _score(model, data_dir, as_of, out, registry, population, chunk_size, progress)
+    if warn:
+        warnings.warn(warn, stacklevel=2)
+    return path
 
 
 def _score(model, data_dir, as_of, out, registry, population, chunk_size=100_000, progress=None):
-    "(the scored frame, the path written): the command reports from the frame, never re-reads its file."
+    "(the scored frame, the path written, an off-anchor warning): the command reports from the frame, never re-reads its file."
     from hsml.contracts import load_tables
     from hsml.registry import load_model
 
@@ -250,7 +289,12 @@ def _score(model, data_dir, as_of, out, registry, population, chunk_size=100_000
     b = model if isinstance(model, Bundle) else load_model(model, root=registry)
     tables = load_tables(data_dir)
     fr = score_frame(b, tables, as_of, population=population, chunk_size=chunk_size, progress=progress)
-    return fr, write_scores(fr, out)
+    t = b.training
+    return (
+        fr,
+        write_scores(fr, out),
+        off_anchor_warning(fr["as_of"][0], t["usage_anchor_weekday"], t["usage_period_days"]),
+    )
 
 # %% ../nbs/33_score.ipynb #6976eea3
 def score_cmd(
@@ -263,7 +307,10 @@ def score_cmd(
         help="directory of customers.csv, noncustomers.csv, usage_actions.csv (or a catalog YAML)",
     ),
     as_of: str = typer.Option(
-        ..., "--as-of", help="scoring date YYYY-MM-DD, or 'latest' (the day after the last usage row)"
+        "latest",
+        "--as-of",
+        help="scoring date YYYY-MM-DD, or 'latest' (the latest anchor day by which the last usage period ended); "
+        "a date off the anchor weekday is scored and flagged",
     ),
     out: Path = typer.Option(..., "--out", help="FILE.parquet or FILE.csv"),
     registry: Path | None = typer.Option(
@@ -285,10 +332,12 @@ def score_cmd(
     """
     t0 = time.perf_counter()
     try:
-        fr, p = _score(model, data_dir, as_of, out, registry, population)
+        fr, p, warn = _score(model, data_dir, as_of, out, registry, population)
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if warn:
+        typer.echo(f"warning: {warn}", err=True)
     ranked = fr.filter(pl.col("unscored_reason").is_null())
     ver = fr["model_version"][0]
     typer.echo(

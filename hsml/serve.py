@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .bundle import Bundle, load_bundle, polars_dtype
+from .score import off_anchor_warning
 from .core import HsmlError
 
 # %% auto #0
@@ -362,7 +363,11 @@ class CompanyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: Annotated[int, Field(strict=True, ge=0, description="company / portal id")]
-    as_of: dt.date | None = Field(None, description="score as of this date (YYYY-MM-DD); default today (UTC)")
+    as_of: dt.date | None = Field(
+        None,
+        description="score as of this date (YYYY-MM-DD); default the latest usage anchor day (e.g. Monday) on or "
+        "before today (UTC); another weekday is scored and flagged (as_of_off_anchor)",
+    )
     company: dict[str, RawValue] = Field(
         ..., description="raw prospect row as in noncustomers.csv: ALEXA_RANK, EMPLOYEE_RANGE, INDUSTRY"
     )
@@ -390,12 +395,16 @@ def company_features(
     today: dt.date | None = None,  # default as_of
     population: str | None = None,  # the bundle's training population: say whether the company is in it
     horizon_days: int = 28,  # the bundle's horizon (for the population panel; labels are not used)
+    usage_period_days: int = 7,  # the bundle's usage period: a usage row counts once its period ended
+    usage_anchor_weekday: str = "Monday",  # the bundle's anchor weekday: the default as_of lands on it
 ) -> tuple[pl.DataFrame, dt.date, list[str], str | None]:
     "Validate the raw rows with the contracts, compute the features with the training code: (features, as_of, warnings, unscored_reason)."
     from hsml.contracts import validate_frames
     from hsml.features import compute_features
 
-    as_of = req.as_of or today or dt.datetime.now(dt.UTC).date()
+    from hsml.snapshots import snap_to_anchor
+
+    as_of = req.as_of or snap_to_anchor(today or dt.datetime.now(dt.UTC).date(), usage_anchor_weekday)
     unknown = sorted(set(req.company) - set(RAW_COMPANY_COLUMNS) - {"id"})
     if unknown:
         raise HsmlError(f"company: unknown field(s) {unknown}; expected {list(RAW_COMPANY_COLUMNS)}")
@@ -462,12 +471,14 @@ def company_features(
         raise HsmlError(f"company {req.id} did not pass the contracts")
     spine = pl.DataFrame({"id": [req.id], "as_of": [as_of]}, schema={"id": pl.Int64, "as_of": pl.Date})
     usage = tables.usage.filter(pl.col("id") == req.id)
-    feats = compute_features(companies, usage, spine, feature_set=feature_set)
+    feats = compute_features(
+        companies, usage, spine, feature_set=feature_set, usage_period_days=usage_period_days
+    )
     outside = None
     if population:
         from hsml.score import population_split
 
-        _, out = population_split(companies, usage, as_of, horizon_days, population)
+        _, out = population_split(companies, usage, as_of, horizon_days, population, usage_period_days)
         outside = out["unscored_reason"][0] if out.height else None
     return feats, as_of, warns, outside
 
@@ -539,6 +550,8 @@ def create_app(
     alias = (b.registry or {}).get("alias")
     feature_set = b.info.get("feature_set") or "default"
     population, horizon = b.population, int(b.info.get("horizon_days") or 28)
+    period, anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
+    b.check_features()  # refuse to serve features computed by other code than the model was trained with
     state: dict[str, Any] = {"log": None}
     model_info = {
         "name": name,
@@ -747,7 +760,7 @@ def create_app(
             return parse_errors(e)
         try:
             feats, as_of, warns, unscored = await run_in_threadpool(
-                company_features, req, feature_set, None, population, horizon
+                company_features, req, feature_set, None, population, horizon, period, anchor
             )
         except HsmlError as e:
             return _problem(
@@ -760,11 +773,13 @@ def create_app(
             return _problem(500, f"the feature set {feature_set!r} did not produce {missing}")
         X = feats.select([pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in schema["fields"]])
         rows = [tuple(r) for r in X.iter_rows()]
+        off = off_anchor_warning(as_of, anchor, period)
         extra: dict[str, Any] = {
             "id": req.id,
             "as_of": as_of.isoformat(),
+            "as_of_off_anchor": off is not None,
             "population": population,
-            "warnings": warns,
+            "warnings": ([off] if off else []) + warns,
         }
         if req.return_features:
             extra["features"] = {

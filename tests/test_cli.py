@@ -144,3 +144,22 @@ def test_score_nobody_to_score_is_one_clear_message(industry_model, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"nobody to score: no company is in the population 'active_unconverted' at {first}" in r.stderr
     assert "outside it (outside_population: no usage before as_of)" in r.stderr
+
+
+def test_score_off_anchor_as_of_is_scored_and_flagged(industry_model, tmp_path):
+    "A Thursday is accepted: the list says so in as_of_off_anchor, and the command warns, naming the anchor weekday."
+    import datetime as dt
+
+    import polars as pl
+
+    from hsml.snapshots import data_end
+
+    thursday = data_end(industry_model["tables"])["latest_as_of"] - dt.timedelta(days=4)
+    out = tmp_path / "s.parquet"
+    m = industry_model
+    r = run("score", "--model", str(m["bundle"]), "--data-dir", str(m["data"]), "--as-of", str(thursday),
+            "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"warning: as_of {thursday} is a Thursday, not a Monday (the usage anchor)" in r.stderr
+    df = pl.read_parquet(out)
+    assert (df["as_of"] == thursday).all() and df["as_of_off_anchor"].all()

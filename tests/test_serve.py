@@ -24,6 +24,7 @@ import pytest
 
 from hsml.bundle import load_bundle, save_bundle
 from hsml.contracts import load_tables
+from hsml.features import feature_spec_document
 from hsml.models import columns_from_spec, fit_model, make_model
 from hsml.registry import list_models as list_models_
 from hsml.registry import load_model, promote, publish
@@ -108,7 +109,7 @@ def world(tmp_path_factory):
     bdir = save_bundle(
         tmp / "run" / "model",
         pipe,
-        ts.spec,
+        feature_spec_document(ts.spec, ts.timing),
         {"test": {"roc_auc": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}},
         {
             "name": NAME,
@@ -464,13 +465,14 @@ def test_training_serving_feature_parity(world, server):
         assert (
             got["id"] == i and got["as_of"] == str(row["as_of"]) and got["population"] == "active_unconverted"
         )
-    # outside the population at each date: never used the product, or first used it on or after as_of
+        assert got["as_of_off_anchor"] is False and got["warnings"] == []
+    # outside the population at each date: never used the product, or its first usage week had not ended by as_of
     first = tables.usage.group_by("id").agg(pl.col("WHEN_TIMESTAMP").min().dt.date().alias("first"))
     pros = tables.noncustomers.select("id").join(first, on="id", how="left")
     outside = []
     for d in dates:
         never = pros.filter(pl.col("first").is_null()).head(1)
-        later = pros.filter(pl.col("first") >= d).sort("first").head(1)
+        later = pros.filter(pl.col("first") + dt.timedelta(days=7) > d).sort("first").head(1)
         assert never.height == 1 and later.height == 1, d
         outside += [(i, d) for i in (never["id"][0], later["id"][0])]
         assert not ts_frame.filter(
@@ -487,6 +489,55 @@ def test_training_serving_feature_parity(world, server):
         ], got
         w = want.filter((pl.col("id") == i) & (pl.col("as_of") == d)).row(0, named=True)
         _same_features(got["features"], w, b.feature_names, i)
+
+
+def test_company_as_of_off_the_anchor_is_scored_and_flagged(world, server):
+    "A Thursday is scored with the weekly rule (only weeks ended by it count) and flagged; the default is a Monday."
+    from hsml.features import compute_features
+
+    tables, b = world["tables"], world["bundle"]
+    assert b.training["usage_period_days"] == 7 and b.training["usage_anchor_weekday"] == "Monday"
+    monday = max(world["feats"]["as_of"].to_list())
+    thursday = monday + dt.timedelta(days=3)
+    i = world["feats"].filter((pl.col("as_of") == monday) & (pl.col("active_periods_84d") > 0))["id"][0]
+    r = httpx.post(server.url + "/predict/company", json=_company_body(world, i, thursday), timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["as_of"] == str(thursday) and got["as_of_off_anchor"] is True
+    assert got["warnings"][0].startswith(f"as_of {thursday} is a Thursday, not a Monday (the usage anchor)")
+    spine = pl.DataFrame({"id": [i], "as_of": [thursday]}, schema={"id": pl.Int64, "as_of": pl.Date})
+    want = compute_features(tables.companies(), tables.usage, spine, "default", usage_period_days=7)
+    _same_features(got["features"], want.row(0, named=True), b.feature_names, i)
+    assert got["predictions"][0]["score"] == pytest.approx(b.predict_reference(want)[0], abs=1e-12)
+    # no as_of: the latest Monday on or before today (UTC)
+    body = _company_body(world, i, monday)
+    del body["as_of"]
+    got = httpx.post(server.url + "/predict/company", json=body, timeout=60).json()
+    today = dt.datetime.now(dt.UTC).date()
+    assert (
+        got["as_of"] == str(today - dt.timedelta(days=today.weekday())) and got["as_of_off_anchor"] is False
+    )
+
+
+def test_a_changed_feature_definition_refuses_to_score(world, tmp_path):
+    "A feature re-registered under the same name with other code: scoring and serving refuse, naming it."
+    from hsml.core import HsmlError
+    from hsml.features import FEATURES, feature
+    from hsml.score import score_frame
+    from hsml.serve import create_app
+
+    b = world["bundle"]
+    assert all(e.get("definition_hash") for e in b.feature_spec)
+    orig = FEATURES["actions_total_sum_28d"]
+    try:
+        feature("actions_total_sum_28d", "all actions, 28 days")(lambda ctx: ctx.sum("ACTIONS_EMAIL", 28))
+        with pytest.raises(HsmlError, match="changed: actions_total_sum_28d"):
+            score_frame(b, world["tables"], "latest")
+        with pytest.raises(HsmlError, match="changed: actions_total_sum_28d"):
+            create_app(b, log_path=tmp_path / "log.jsonl")
+    finally:
+        FEATURES["actions_total_sum_28d"] = orig
+    b.check_features()  # the trained code again: accepted
 
 
 def test_company_rows_failing_the_contracts_are_a_422_that_says_so(world, server):
@@ -708,12 +759,20 @@ def test_two_workers_share_the_prediction_log(world, tmp_path):
 
 def _check_scores(df: pl.DataFrame, world) -> None:
     "The list ranks the training population only (active_unconverted), and lists the other prospects after it."
-    tables, last = world["tables"], world["last"]
-    as_of = last + dt.timedelta(days=1)
+    from hsml.snapshots import data_end
+
+    tables = world["tables"]
+    as_of = data_end(tables)["latest_as_of"]
+    assert (
+        (df["as_of"] == as_of).all() and as_of.strftime("%A") == "Monday" and not df["as_of_off_anchor"].any()
+    )
     comp = tables.companies()
     prospects = comp.filter(pl.col("CLOSEDATE").is_null() | (pl.col("CLOSEDATE") > as_of))
     first = tables.usage.group_by("id").agg(pl.col("WHEN_TIMESTAMP").min().dt.date().alias("first"))
-    active = prospects.join(first, on="id", how="inner").filter(pl.col("first") < as_of)
+    # the policy's rule: some usage week (7 days from its Monday stamp) ended by as_of
+    active = prospects.join(first, on="id", how="inner").filter(
+        pl.col("first") + dt.timedelta(days=7) <= as_of
+    )
     assert df.height == prospects.height
     assert sorted(df["id"].to_list()) == sorted(prospects["id"].to_list())
     ranked = df.filter(pl.col("unscored_reason").is_null())
