@@ -519,6 +519,39 @@ def test_company_as_of_off_the_anchor_is_scored_and_flagged(world, server):
     )
 
 
+def test_scoring_and_serving_use_the_bundle_usage_period(world, tmp_path):
+    "A model trained on 14-day usage periods is served and scored with 14-day periods, not the default 7."
+    from hsml.features import compute_features
+    from hsml.score import score_frame
+
+    b, tables = world["bundle"], world["tables"]
+    spec = feature_spec_document(b.feature_spec, {"usage_period_days": 14, "usage_anchor_weekday": "Monday"})
+    meta = {k: v for k, v in b.info.items() if not k.startswith("usage_")}
+    b14 = load_bundle(save_bundle(tmp_path / "m14", b.pipeline, spec, {}, meta, train_frame=world["feats"]))
+    assert b14.training["usage_period_days"] == 14
+    assert json.loads((b14.path / "feature_spec.json").read_text())["usage_period_days"] == 14
+    monday = max(world["feats"]["as_of"].to_list())
+    i = world["feats"].filter((pl.col("as_of") == monday) & (pl.col("active_periods_7d") > 0))["id"][0]
+    spine = pl.DataFrame({"id": [i], "as_of": [monday]}, schema={"id": pl.Int64, "as_of": pl.Date})
+    f14, f7 = (
+        compute_features(tables.companies(), tables.usage, spine, "default", usage_period_days=n)
+        for n in (14, 7)
+    )
+    assert f14.row(0) != f7.row(0)  # the period matters for this company
+    srv = Server(
+        str(b14.path), {"HSML_PREDICTION_LOG": str(tmp_path / "log.jsonl"), "HSML_API_TOKEN": ""}, tmp_path
+    )
+    try:
+        got = httpx.post(
+            srv.url + "/predict/company", json=_company_body(world, i, monday), timeout=60
+        ).json()
+    finally:
+        srv.stop()
+    _same_features(got["features"], f14.row(0, named=True), b.feature_names, i)
+    scored = score_frame(b14, tables, monday, reasons=False).filter(pl.col("id") == i)
+    assert scored["score"][0] == pytest.approx(b14.predict_reference(f14)[0], abs=1e-12)
+
+
 def test_a_changed_feature_definition_refuses_to_score(world, tmp_path):
     "A feature re-registered under the same name with other code: scoring and serving refuse, naming it."
     from hsml.core import HsmlError
