@@ -135,7 +135,9 @@ def data_check(
 ) -> None:
     """Load the tables through the catalog and contracts and print the validation report.
 
-    Exit status 0 when the data is usable, 2 when it is not.
+    The report ends with the usage logging period and its weekday (inferred from the data; `--json` keys
+    usage_period_days, usage_anchor_weekday), the last usage stamp, the last close date and the data's end.
+    Exit status 0 when the data is usable, 2 when it is not (or when a file cannot be read as a CSV).
 
     Example: hsml data check data/sample --json
     """

@@ -178,8 +178,10 @@ def _definition_text(fn: Callable, seen: set[int]) -> str:
         except ValueError:  # an empty cell
             parts.append(f"free {name}=<empty>")
     g = getattr(fn, "__globals__", {})
-    for name in sorted(_global_names(fn.__code__)):
-        v = g.get(name)
+    for name in sorted(
+        _global_names(fn.__code__) & set(g)
+    ):  # attribute names are in co_names too: skip those
+        v = g[name]
         same_module = inspect.isfunction(v) and v.__module__ == fn.__module__
         if same_module or (isinstance(v, _PLAIN) and len(r := repr(v)) < 100_000 and r):
             parts.append(f"global {name}={_value_text(v, seen)}")

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from .core import HsmlError, atomic_path, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+from .snapshots import snap_to_anchor
 from .tracking import TRACKING_MODES
 
 # %% auto #0
@@ -268,15 +269,21 @@ def as_of_dates(p: Mapping[str, Any]) -> list[dt.date]:
 
 def resolve_dates(
     params: Mapping[str, Any],  # validated parameters
-    last_event: dt.date | dt.datetime,  # the latest event date in the data (the snapshot moment)
+    last_event: dt.date
+    | dt.datetime
+    | Mapping,  # the data's end (the snapshot moment), or `data_end(tables)`
+    anchor_weekday: str | None = None,  # weekday default grids land on (default: data_end's, else "Monday")
 ) -> dict[str, Any]:
     "Parameters with empty dates filled in from the data, checked again (also against the data)."
     p = dict(params)
+    if isinstance(last_event, Mapping):
+        anchor_weekday = anchor_weekday or last_event.get("usage_anchor_weekday")
+        last_event = last_event["data_end"]
     if isinstance(last_event, dt.datetime):
         last_event = last_event.date()
     step, h = dt.timedelta(days=p["every_days"]), dt.timedelta(days=p["horizon_days"])
     if not p["as_of_end"]:
-        p["as_of_end"] = (last_event - h).isoformat()
+        p["as_of_end"] = snap_to_anchor(last_event - h, anchor_weekday or "Monday").isoformat()
     end = dt.date.fromisoformat(p["as_of_end"])
     if not p["as_of_start"]:
         p["as_of_start"] = (end - (N_AS_OF_DEFAULT - 1) * step).isoformat()
@@ -288,7 +295,8 @@ def resolve_dates(
     check_dates(p)
     if end + h > last_event:
         raise HsmlError(
-            f"as_of_end={end} + horizon_days={p['horizon_days']} goes past the data's last event ({last_event}): labels would be incomplete",
+            f"as_of_end={end} + horizon_days={p['horizon_days']} goes past the data's end ({last_event}): labels "
+            f"would be incomplete; the last valid as-of date is {last_event - h}",
             hint=f"use as_of_end <= {last_event - h}",
         )
     return p

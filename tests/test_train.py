@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from hsml.core import HsmlError
+from hsml.features import read_feature_spec
 from hsml.runs import train_main, validate_params
 from hsml.tracking import find_wandb_run_files, wandb_run_contents
 
@@ -414,7 +415,7 @@ def test_plugins_bring_the_users_own_model_and_feature(tmp_path, sample_dir):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     run = next(p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))
-    spec = json.loads((run / "feature_spec.json").read_text())
+    spec, _ = read_feature_spec(json.loads((run / "feature_spec.json").read_text()))
     assert "plugin_email_share_28d" in [f["name"] for f in spec]
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == [str(plugin)]
     assert json.loads((run / "model" / "bundle.json").read_text())["model"] == "plugin_trees"
