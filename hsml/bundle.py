@@ -273,7 +273,7 @@ def model_card(
         "a conversion in `(as_of, as_of + horizon]`; companies already converted at `as_of` are excluded.",
         "",
         f"Training population: `{ctx['population']}`"
-        + (f" ({_policy_text(ctx['population'])})" if _policy_text(ctx["population"]) else "")
+        + (f": {_policy_text(ctx['population'])}" if _policy_text(ctx["population"]) else "")
         + ". Scoring and serving default to the same population: a company outside it is listed without a score, "
         "with the reason, because the model has never seen its kind.",
         "",
@@ -286,7 +286,7 @@ def model_card(
         "",
         "## Features",
         "",
-        "`known_at`: `as_of` = computed from events before the scoring date; `snapshot` = an attribute read at "
+        "`known_at`: `as_of` = computed from usage periods that ended by the scoring date; `snapshot` = an attribute read at "
         "extraction time (see *Snapshot attributes* below).",
         "",
         "| feature | type | known_at | nullable | window | description |",
