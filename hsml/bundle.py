@@ -25,10 +25,10 @@ import polars as pl
 from .core import HsmlError, atomic_path, sha256_bytes, sha256_file
 
 # %% auto #0
-__all__ = ['BUNDLE_FILES', 'HASHES_FILE', 'SCHEMA_VERSION', 'DEFAULT_MAX_RECORDS', 'DEMO_SPEC', 'polars_dtype',
-           'make_input_schema', 'model_card', 'save_bundle', 'verify_bundle', 'bundle_digest', 'Compiled',
-           'compile_pipeline', 'path_contributions', 'probe_frame', 'Bundle', 'load_bundle', 'demo_frame',
-           'demo_pipeline', 'demo_bundle']
+__all__ = ['BUNDLE_FILES', 'HASHES_FILE', 'SCHEMA_VERSION', 'DEFAULT_MAX_RECORDS', 'TRAINING_DEFAULTS', 'DEMO_SPEC',
+           'polars_dtype', 'make_input_schema', 'training_context', 'model_card', 'save_bundle', 'verify_bundle',
+           'bundle_digest', 'Compiled', 'compile_pipeline', 'path_contributions', 'probe_frame', 'Bundle',
+           'load_bundle', 'demo_frame', 'demo_pipeline', 'demo_bundle']
 
 # %% ../nbs/30_bundle.ipynb #d1036187
 BUNDLE_FILES = (
@@ -109,6 +109,8 @@ def make_input_schema(
             "description": s.get("description", ""),
             "window": s.get("window"),
         }
+        if s.get("known_at"):  # "as_of" (events before as_of) or "snapshot" (an attribute read at extraction)
+            f["known_at"] = s["known_at"]
         if kind == "boolean":
             f.pop("minimum"), f.pop("maximum")
         if kind == "category":
@@ -157,6 +159,29 @@ def make_input_schema(
         "nan_policy": "NaN and infinity are refused; send null for a missing value where the field is nullable",
     }
 
+# %% ../nbs/30_bundle.ipynb #b7c1e002
+TRAINING_DEFAULTS = {
+    "population": "active_unconverted",
+    "usage_period_days": 7,
+    "usage_anchor_weekday": "Monday",
+}  # what a bundle without these fields was trained with
+
+
+def training_context(
+    info: dict,  # bundle.json content (or the meta passed to save_bundle)
+) -> dict:
+    "population, horizon_days, usage_period_days, usage_anchor_weekday of a bundle, defaults for old bundles."
+    info = info or {}
+    out = {k: info.get(k) or v for k, v in TRAINING_DEFAULTS.items()}
+    try:
+        out["usage_period_days"] = int(out["usage_period_days"])
+    except (TypeError, ValueError):
+        out["usage_period_days"] = TRAINING_DEFAULTS["usage_period_days"]
+    out["usage_anchor_weekday"] = str(out["usage_anchor_weekday"]).strip().capitalize()
+    h = info.get("horizon_days")
+    out["horizon_days"] = int(h) if isinstance(h, int | float) and not isinstance(h, bool) else None
+    return out
+
 # %% ../nbs/30_bundle.ipynb #a36a9e5a
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -178,6 +203,42 @@ def _metric_rows(metrics: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _policy_text(name: str) -> str:
+    "The population policy's one-sentence description ('' when hsml.snapshots does not know it)."
+    try:
+        from hsml.snapshots import get_population_policy
+
+        return get_population_policy(name).description
+    except Exception:
+        return ""
+
+
+def _snapshot_section(schema: dict, metrics: dict) -> list[str]:
+    "The card's words on snapshot attributes: which features are, the risk, and the attribute check's verdict."
+    snap = [f["name"] for f in schema["fields"] if f.get("known_at") == "snapshot"]
+    lines = ["", "## Snapshot attributes", ""]
+    lines.append(
+        (f"Features read at extraction time: {', '.join(f'`{n}`' for n in snap)}. " if snap else "")
+        + "Company attributes (Alexa rank, employee range, industry) hold the value at extraction, which for a "
+        "customer is *after* it converted: sales teams and CRMs often fill them in during the sale, so how often "
+        "they are blank, and their values, can differ between customers and prospects because of the conversion "
+        "itself. A model that leans on them can look better in the backtest than it will be on today's prospects."
+    )
+    ac = metrics.get("attribute_check") if isinstance(metrics, dict) else None
+    if isinstance(ac, dict) and ac:
+        verdict = ac.get("verdict") or ac.get("summary")
+        lines += ["", f"Attribute check: {verdict}" if verdict else "Attribute check (no verdict recorded):"]
+        for k, v in ac.items():
+            rows = _metric_rows(v) if isinstance(v, dict) else []
+            if rows:
+                lines += ["", f"*{k}*", "", "| metric | value [95% CI] |", "| --- | --- |"]
+                lines += [f"| {m} | {x} |" for m, x in rows]
+    else:
+        lines += ["", "Attribute check: not recorded for this run (compare the model without snapshot attributes "
+                  "before trusting it)."]  # fmt: skip
+    return lines
+
+
 def model_card(
     meta: dict,  # bundle.json content
     metrics: dict,  # metrics.json content
@@ -186,6 +247,7 @@ def model_card(
     "Render model_card.md: intended use, data, features, metrics with 95% intervals, baselines, caveats."
     name = meta.get("name") or meta.get("model") or "model"
     horizon = meta.get("horizon_days")
+    ctx = training_context(meta)
     lines = [
         f"# Model card: {name}",
         "",
@@ -206,8 +268,14 @@ def model_card(
         "",
         "## Data",
         "",
-        "Point-in-time snapshots: at each `as_of`, features use only events strictly before `as_of`; the label is "
+        f"Point-in-time snapshots: at each `as_of`, features use only usage rows whose whole logging period "
+        f"({ctx['usage_period_days']} days, stamped on {ctx['usage_anchor_weekday']}s) ended by `as_of`; the label is "
         "a conversion in `(as_of, as_of + horizon]`; companies already converted at `as_of` are excluded.",
+        "",
+        f"Training population: `{ctx['population']}`"
+        + (f": {_policy_text(ctx['population'])}" if _policy_text(ctx["population"]) else "")
+        + ". Scoring and serving default to the same population: a company outside it is listed without a score, "
+        "with the reason, because the model has never seen its kind.",
         "",
         "Data fingerprints (sha256 of each source table):",
         "",
@@ -218,14 +286,18 @@ def model_card(
         "",
         "## Features",
         "",
-        "| feature | type | nullable | window | description |",
-        "| --- | --- | --- | --- | --- |",
+        "`known_at`: `as_of` = computed from usage periods that ended by the scoring date; `snapshot` = an attribute read at "
+        "extraction time (see *Snapshot attributes* below).",
+        "",
+        "| feature | type | known_at | nullable | window | description |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for f in schema["fields"]:
         lines.append(
-            f"| `{f['name']}` | {f['type']} | {'yes' if f['nullable'] else 'no'} | {f.get('window') or ''} | "
-            f"{f.get('description') or ''} |"
+            f"| `{f['name']}` | {f['type']} | {f.get('known_at') or ''} | {'yes' if f['nullable'] else 'no'} | "
+            f"{f.get('window') or ''} | {f.get('description') or ''} |"
         )
+    lines += _snapshot_section(schema, metrics)
     lines += ["", "## Metrics (test period, bootstrap 95% intervals)", ""]
     test = metrics.get("test", metrics if "baselines" not in metrics else {})
     rows = _metric_rows(test)
@@ -280,19 +352,38 @@ def _hsml_version() -> str:
         return "unknown"
 
 
+def _spec_and_timing(spec: Sequence[dict] | dict, meta: dict) -> tuple[list[dict], dict]:
+    "(entries, timing) of a spec: the feature_spec.json object's timing, else meta's, else weekly on Monday."
+    from hsml.features import read_feature_spec
+
+    entries, timing = read_feature_spec(spec if isinstance(spec, dict) else list(spec))
+    given = {k: meta[k] for k in timing if meta.get(k) is not None}
+    if isinstance(spec, dict):
+        clash = {k: (v, timing[k]) for k, v in given.items() if str(v) != str(timing[k])}
+        if clash:
+            raise HsmlError(f"meta and the feature spec disagree on the usage timing: {clash}",
+                            hint="the features were computed with the spec's timing: pass that one")  # fmt: skip
+    else:
+        timing |= given
+    return [dict(e) for e in entries], {k: v for k, v in training_context(timing).items() if k in timing}
+
+
 def save_bundle(
     out_dir: str | Path,  # the bundle directory to create (e.g. <run>/model); replaced atomically
     pipeline: Any,  # a fitted sklearn Pipeline (predict_proba on a pandas frame of the features)
-    training_set_spec: Sequence[dict],  # the feature spec: list of {name, dtype, description, window}
+    training_set_spec: Sequence[dict]
+    | dict,  # the feature spec: its entries, or the feature_spec.json object with timing
     metrics: dict,  # the run's metrics ({"test": {...}, "baselines": {...}, ...})
-    meta: dict,  # bundle.json fields: name, model, run_id, data_fingerprints, training_set_hash, feature_set, horizon_days
+    meta: dict,  # bundle.json fields: name, model, run_id, data_fingerprints, training_set_hash, feature_set, horizon_days, population, usage_period_days, usage_anchor_weekday
     train_frame: Any | None = None,  # training frame (polars/pandas) to derive ranges and categories
     max_records: int = DEFAULT_MAX_RECORDS,  # records allowed in one /predict request
 ) -> Path:
     "Write a bundle directory atomically and return its path."
     if not hasattr(pipeline, "predict_proba"):
         raise HsmlError("the pipeline has no predict_proba: a bundle needs a fitted probabilistic classifier")
-    spec = [dict(s) for s in training_set_spec]
+    from hsml.features import feature_spec_document
+
+    spec, timing = _spec_and_timing(training_set_spec, meta)
     schema = make_input_schema(spec, train_frame, max_records=max_records)
     # keep Enum levels in the spec too, so the spec alone rebuilds the training dtypes
     for s, f in zip(spec, schema["fields"]):
@@ -310,6 +401,7 @@ def save_bundle(
         "horizon_days": meta.get("horizon_days"),
         "feature_names": [s["name"] for s in spec],
     } | {k: v for k, v in meta.items() if k != "name" and v is not None}
+    info |= {k: v for k, v in training_context(info | timing).items() if k != "horizon_days"}
     out = Path(out_dir)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -318,7 +410,7 @@ def save_bundle(
         def dump(name: str, obj: Any) -> None:
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
-        dump("feature_spec.json", spec)
+        dump("feature_spec.json", feature_spec_document(spec, timing))
         dump("input_schema.json", schema)
         dump("metrics.json", metrics or {})
         dump("bundle.json", info)
@@ -748,6 +840,26 @@ class Bundle:
         "The registry version (None when loaded from a path)."
         return self.registry.get("version")
 
+    @property
+    def training(self) -> dict:
+        "population, horizon_days, usage_period_days, usage_anchor_weekday the model was trained with."
+        return training_context(self.info)
+
+    @property
+    def population(self) -> str:
+        "The population policy the training rows came from: scoring and serving default to it."
+        return self.training["population"]
+
+    def check_features(self) -> None:
+        "Refuse (HsmlError naming the feature) when a feature's definition here differs from the one trained with."
+        from hsml.features import check_feature_definitions
+
+        hashed = [e for e in self.feature_spec if e.get("definition_hash")]  # demo/hand-made specs carry none
+        try:
+            check_feature_definitions(hashed)
+        except HsmlError as e:
+            raise HsmlError(f"model {self.name} (bundle {self.path}): {e.message}", hint=e.hint) from None
+
     def to_pandas(self, frame: Any) -> Any:
         "The pipeline's input: a pandas frame of the feature columns, in order, with the training dtypes."
         names = self.feature_names
@@ -985,13 +1097,20 @@ def load_bundle(
         pipeline = joblib.load(p / "model.joblib")
     except Exception as e:
         raise HsmlError(f"bundle {p}: model.joblib could not be loaded ({type(e).__name__}: {e})") from None
+    from hsml.features import read_feature_spec
+
+    try:
+        entries, timing = read_feature_spec(read("feature_spec.json"))
+    except HsmlError as e:
+        raise HsmlError(f"bundle {p}: {e.message}") from None
     b = Bundle(
         path=p,
         pipeline=pipeline,
-        feature_spec=read("feature_spec.json"),
+        feature_spec=entries,
         input_schema=schema,
         metrics=read("metrics.json"),
-        info=read("bundle.json"),
+        info=timing
+        | read("bundle.json"),  # bundles from before the timing fields: the spec's (or weekly, Monday)
         hashes=hashes,
         digest=bundle_digest(p),
     )
@@ -1005,54 +1124,63 @@ DEMO_SPEC = [
         "name": "actions_crm_contacts_28d",
         "dtype": "Float64",
         "description": "contact actions, 28 days before as_of",
+        "known_at": "as_of",
         "window": "28d",
     },
     {
         "name": "actions_crm_deals_28d",
         "dtype": "Float64",
         "description": "deal actions, 28 days before as_of",
+        "known_at": "as_of",
         "window": "28d",
     },
     {
         "name": "actions_email_28d",
         "dtype": "Float64",
         "description": "email actions, 28 days before as_of",
+        "known_at": "as_of",
         "window": "28d",
     },
     {
         "name": "users_crm_contacts_28d",
         "dtype": "Float64",
         "description": "distinct contact users, 28 days",
+        "known_at": "as_of",
         "window": "28d",
     },
     {
         "name": "active_weeks_90d",
         "dtype": "Int64",
         "description": "weeks with any activity, 90 days",
+        "known_at": "as_of",
         "window": "90d",
     },
     {
         "name": "days_since_last_activity",
         "dtype": "Float64",
         "description": "days from the last usage row to as_of",
+        "known_at": "as_of",
         "window": None,
     },
     {
         "name": "alexa_rank_log10",
         "dtype": "Float64",
         "description": "log10 of the Alexa rank (null if unknown)",
+        "known_at": "snapshot",
         "window": None,
     },
     {
         "name": "alexa_rank_unknown",
         "dtype": "Boolean",
         "description": "rank missing or sentinel",
+        "known_at": "snapshot",
         "window": None,
     },
     {
         "name": "employee_range_ordinal",
         "dtype": "Float64",
         "description": "employee range level 0..8 (null if blank)",
+        "known_at": "snapshot",
         "window": None,
     },
 ]

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .bundle import Bundle, load_bundle, polars_dtype
+from .score import off_anchor_warning
 from .core import HsmlError
 
 # %% auto #0
@@ -362,7 +363,11 @@ class CompanyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: Annotated[int, Field(strict=True, ge=0, description="company / portal id")]
-    as_of: dt.date | None = Field(None, description="score as of this date (YYYY-MM-DD); default today (UTC)")
+    as_of: dt.date | None = Field(
+        None,
+        description="score as of this date (YYYY-MM-DD); default the latest usage anchor day (e.g. Monday) on or "
+        "before today (UTC); another weekday is scored and flagged (as_of_off_anchor)",
+    )
     company: dict[str, RawValue] = Field(
         ..., description="raw prospect row as in noncustomers.csv: ALEXA_RANK, EMPLOYEE_RANGE, INDUSTRY"
     )
@@ -388,12 +393,18 @@ def company_features(
     req: CompanyRequest,  # the request
     feature_set: str | list[str],  # the bundle's feature set
     today: dt.date | None = None,  # default as_of
-) -> tuple[pl.DataFrame, dt.date, list[str]]:
-    "Validate the raw rows with the contracts and compute the features with the training code: (features, as_of, warnings)."
+    population: str | None = None,  # the bundle's training population: say whether the company is in it
+    horizon_days: int = 28,  # the bundle's horizon (for the population panel; labels are not used)
+    usage_period_days: int = 7,  # the bundle's usage period: a usage row counts once its period ended
+    usage_anchor_weekday: str = "Monday",  # the bundle's anchor weekday: the default as_of lands on it
+) -> tuple[pl.DataFrame, dt.date, list[str], str | None]:
+    "Validate the raw rows with the contracts, compute the features with the training code: (features, as_of, warnings, unscored_reason)."
     from hsml.contracts import validate_frames
     from hsml.features import compute_features
 
-    as_of = req.as_of or today or dt.datetime.now(dt.UTC).date()
+    from hsml.snapshots import snap_to_anchor
+
+    as_of = req.as_of or snap_to_anchor(today or dt.datetime.now(dt.UTC).date(), usage_anchor_weekday)
     unknown = sorted(set(req.company) - set(RAW_COMPANY_COLUMNS) - {"id"})
     if unknown:
         raise HsmlError(f"company: unknown field(s) {unknown}; expected {list(RAW_COMPANY_COLUMNS)}")
@@ -460,8 +471,16 @@ def company_features(
         raise HsmlError(f"company {req.id} did not pass the contracts")
     spine = pl.DataFrame({"id": [req.id], "as_of": [as_of]}, schema={"id": pl.Int64, "as_of": pl.Date})
     usage = tables.usage.filter(pl.col("id") == req.id)
-    feats = compute_features(companies, usage, spine, feature_set=feature_set)
-    return feats, as_of, warns
+    feats = compute_features(
+        companies, usage, spine, feature_set=feature_set, usage_period_days=usage_period_days
+    )
+    outside = None
+    if population:
+        from hsml.score import population_split
+
+        _, out = population_split(companies, usage, as_of, horizon_days, population, usage_period_days)
+        outside = out["unscored_reason"][0] if out.height else None
+    return feats, as_of, warns, outside
 
 # %% ../nbs/32_serve.ipynb #f8c51a3b
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -530,6 +549,9 @@ def create_app(
     name, version = b.name, b.version
     alias = (b.registry or {}).get("alias")
     feature_set = b.info.get("feature_set") or "default"
+    population, horizon = b.population, int(b.info.get("horizon_days") or 28)
+    period, anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
+    b.check_features()  # refuse to serve features computed by other code than the model was trained with
     state: dict[str, Any] = {"log": None}
     model_info = {
         "name": name,
@@ -737,7 +759,9 @@ def create_app(
         except ValidationError as e:
             return parse_errors(e)
         try:
-            feats, as_of, warns = await run_in_threadpool(company_features, req, feature_set)
+            feats, as_of, warns, unscored = await run_in_threadpool(
+                company_features, req, feature_set, None, population, horizon, period, anchor
+            )
         except HsmlError as e:
             return _problem(
                 422,
@@ -749,14 +773,25 @@ def create_app(
             return _problem(500, f"the feature set {feature_set!r} did not produce {missing}")
         X = feats.select([pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in schema["fields"]])
         rows = [tuple(r) for r in X.iter_rows()]
-        Xn, cs, scores = score_rows(rows)
-        log(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat())
-        extra: dict[str, Any] = {"id": req.id, "as_of": as_of.isoformat(), "warnings": warns}
+        off = off_anchor_warning(as_of, anchor, period)
+        extra: dict[str, Any] = {
+            "id": req.id,
+            "as_of": as_of.isoformat(),
+            "as_of_off_anchor": off is not None,
+            "population": population,
+            "warnings": ([off] if off else []) + warns,
+        }
         if req.return_features:
             extra["features"] = {
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in zip(b.feature_names, rows[0])
             }
+        if unscored is not None:  # outside the training population: no score, the reason, status 200
+            pred = {"score": None, "id": req.id, "unscored_reason": unscored}
+            body = {"model": name, "version": version, "request_id": rid, "predictions": [pred]} | extra
+            return Response(orjson.dumps(body), media_type="application/json", headers={"x-request-id": rid})
+        Xn, cs, scores = score_rows(rows)
+        log(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat())
         return answer(rid, [req.id], scores, extra)
 
     @app.get("/health", summary="Liveness")

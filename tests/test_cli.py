@@ -68,3 +68,98 @@ def test_unusable_input_is_one_clear_message(tmp_path):
 def test_bad_date_is_one_clear_message(tmp_path):
     r = run("data", "generate", "--out", str(tmp_path), "--start", "yesterday")
     assert r.returncode == 2 and "--start" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hsml score
+
+
+@pytest.fixture(scope="module")
+def industry_model(tmp_path_factory) -> dict:
+    "Generated data and a bundle whose reasons include the industry (a category) beside numeric features."
+    import datetime as dt
+
+    import numpy as np
+    import polars as pl
+
+    from hsml import synth
+    from hsml.bundle import save_bundle
+    from hsml.contracts import load_tables
+    from hsml.models import columns_from_spec, fit_model, make_model
+    from hsml.trainset import build_training_set
+
+    d = tmp_path_factory.mktemp("cli-score")
+    synth.generate(d / "data", companies=600, seed=4)
+    tables = load_tables(d / "data")
+    last = tables.usage["WHEN_TIMESTAMP"].max().date()
+    ts = build_training_set(tables, last - dt.timedelta(days=84), last - dt.timedelta(days=28), 28, 28)
+    f = ts.frame
+    top = f["industry"].drop_nulls().value_counts().sort("count", "industry", descending=True)["industry"][0]
+    busy = f["actions_total_sum_84d"].fill_null(0).to_numpy()
+    # converters: the busiest fifth, and most of one industry (so both kinds of reason rank high)
+    in_top = (f["industry"] == top).fill_null(False).to_numpy() & (
+        np.random.default_rng(0).random(f.height) < 0.7
+    )
+    f = f.with_columns(label=pl.Series(((busy > np.quantile(busy, 0.8)) | in_top).astype(np.int8)))
+    num, cat = columns_from_spec(ts.spec)
+    pipe = fit_model(make_model("lgbm", num, cat, seed=0, n_estimators=30, min_child_samples=5), f)
+    meta = {"name": "cat-reasons", "model": "lgbm", "feature_set": "default", "horizon_days": 28}
+    bundle = save_bundle(d / "model", pipe, ts.spec, {}, meta, train_frame=f)
+    return {"data": d / "data", "bundle": bundle, "industry": str(top), "tables": tables}
+
+
+def test_score_csv_with_a_category_among_the_reasons(industry_model, tmp_path):
+    "reason_*_value mixes numbers and industry names: the CSV keeps it text, and the command does not crash."
+    import polars as pl
+
+    out = tmp_path / "scores.csv"
+    m = industry_model
+    r = run(
+        "score",
+        "--model",
+        str(m["bundle"]),
+        "--data-dir",
+        str(m["data"]),
+        "--as-of",
+        "latest",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "scored" in r.stdout and "listed without a score" in r.stdout, r.stdout
+    df = pl.read_csv(out, infer_schema=False)
+    ranked = df.filter(pl.col("unscored_reason").is_null())
+    values = pl.concat([ranked[f"reason_{j}_value"] for j in (1, 2, 3)]).drop_nulls()
+    reasons = pl.concat([ranked[f"reason_{j}"] for j in (1, 2, 3)])
+    assert (reasons == "industry").sum() > 0 and m["industry"] in values.to_list()
+    assert values.str.contains(r"^-?[0-9.]+$").sum() > 0  # numbers beside the names, in the same columns
+
+
+def test_score_nobody_to_score_is_one_clear_message(industry_model, tmp_path):
+    "At the first usage date nobody has usage before as_of: nobody is in the training population."
+    first = industry_model["tables"].usage["WHEN_TIMESTAMP"].min().date()
+    m = industry_model
+    r = run("score", "--model", str(m["bundle"]), "--data-dir", str(m["data"]), "--as-of", str(first),
+            "--out", str(tmp_path / "s.csv"))  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"nobody to score: no company is in the population 'active_unconverted' at {first}" in r.stderr
+    assert "outside it (outside_population: no usage before as_of)" in r.stderr
+
+
+def test_score_off_anchor_as_of_is_scored_and_flagged(industry_model, tmp_path):
+    "A Thursday is accepted: the list says so in as_of_off_anchor, and the command warns, naming the anchor weekday."
+    import datetime as dt
+
+    import polars as pl
+
+    from hsml.snapshots import data_end
+
+    thursday = data_end(industry_model["tables"])["latest_as_of"] - dt.timedelta(days=4)
+    out = tmp_path / "s.parquet"
+    m = industry_model
+    r = run("score", "--model", str(m["bundle"]), "--data-dir", str(m["data"]), "--as-of", str(thursday),
+            "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"warning: as_of {thursday} is a Thursday, not a Monday (the usage anchor)" in r.stderr
+    df = pl.read_parquet(out)
+    assert (df["as_of"] == thursday).all() and df["as_of_off_anchor"].all()

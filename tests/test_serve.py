@@ -24,6 +24,7 @@ import pytest
 
 from hsml.bundle import load_bundle, save_bundle
 from hsml.contracts import load_tables
+from hsml.features import feature_spec_document
 from hsml.models import columns_from_spec, fit_model, make_model
 from hsml.registry import list_models as list_models_
 from hsml.registry import load_model, promote, publish
@@ -108,7 +109,7 @@ def world(tmp_path_factory):
     bdir = save_bundle(
         tmp / "run" / "model",
         pipe,
-        ts.spec,
+        feature_spec_document(ts.spec, ts.timing),
         {"test": {"roc_auc": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}},
         {
             "name": NAME,
@@ -417,37 +418,170 @@ def test_bad_requests_are_4xx_with_messages(world, server):
 # one feature path: the company endpoint computes the same feature vectors as the training set
 
 
+def _company_body(world, i: int, as_of) -> dict:
+    "The raw rows of company `i` as the files hold them, as a /predict/company body."
+    raw_n = pl.read_csv(world["paths"]["noncustomers"], infer_schema=False)
+    raw_u = pl.read_csv(world["paths"]["usage"], infer_schema=False)
+    crow = raw_n.filter(pl.col("id").str.strip_chars() == str(i)).head(1).drop("id").to_dicts()[0]
+    usage = raw_u.filter(pl.col("id").str.strip_chars() == str(i)).drop("id").to_dicts()
+    return {"id": i, "as_of": str(as_of), "company": crow, "usage": usage, "return_features": True}
+
+
+def _same_features(got: dict, want: dict, names: list[str], i) -> None:
+    assert list(got) == names
+    for k in names:
+        e, g = want[k], got[k]
+        if e is None or (isinstance(e, float) and np.isnan(e)):
+            assert g is None, (i, k, g)
+        else:
+            assert g == e, (i, k, g, e)
+
+
 def test_training_serving_feature_parity(world, server):
-    "Raw rows in, features out: identical to the training set's rows (prospects at every as_of, with and without usage)."
-    tables, ts_frame, paths = world["tables"], world["feats"], world["paths"]
+    """Raw rows in, features out: identical to the training set's rows, for prospects at every as-of date of the
+    training set; prospects outside the training population (no usage before as_of) come back without a score,
+    with the reason, and with the features the training code computes for them."""
+    from hsml.features import compute_features
+
+    tables, ts_frame = world["tables"], world["feats"]
     b = world["bundle"]
-    raw_n = pl.read_csv(paths["noncustomers"], infer_schema=False)
-    raw_u = pl.read_csv(paths["usage"], infer_schema=False)
+    assert b.population == "active_unconverted"
     prospects = tables.noncustomers["id"].to_list()
-    with_usage = set(tables.usage["id"].to_list())
-    rows = ts_frame.filter(pl.col("id").is_in(prospects))
-    active = rows.filter(pl.col("id").is_in(list(with_usage)) & (pl.col("active_periods_84d") > 0))
-    idle = rows.filter(~pl.col("id").is_in(list(with_usage)))
-    pick = pl.concat([active.head(10), idle.head(2)])
-    assert active.height >= 10 and pick["as_of"].n_unique() >= 1
+    dates = sorted(ts_frame["as_of"].unique().to_list())
+    assert len(dates) == 3
+    rows = ts_frame.filter(pl.col("id").is_in(prospects) & (pl.col("active_periods_84d") > 0))
+    pick = pl.concat([rows.filter(pl.col("as_of") == d).head(4) for d in dates])
+    assert pick.height == 12 and pick["as_of"].n_unique() == 3
     for row in pick.iter_rows(named=True):
         i = row["id"]
-        crow = raw_n.filter(pl.col("id").str.strip_chars() == str(i)).head(1).drop("id").to_dicts()[0]
-        usage = raw_u.filter(pl.col("id").str.strip_chars() == str(i)).drop("id").to_dicts()
-        body = {"id": i, "as_of": str(row["as_of"]), "company": crow, "usage": usage, "return_features": True}
-        r = httpx.post(server.url + "/predict/company", json=body, timeout=60)
+        r = httpx.post(
+            server.url + "/predict/company", json=_company_body(world, i, row["as_of"]), timeout=60
+        )
         assert r.status_code == 200, r.text
         got = r.json()
-        assert list(got["features"]) == b.feature_names
-        for k in b.feature_names:
-            e, g = row[k], got["features"][k]
-            if e is None or (isinstance(e, float) and np.isnan(e)):
-                assert g is None, (i, k, g)
-            else:
-                assert g == e, (i, k, g, e)
+        _same_features(got["features"], row, b.feature_names, i)
         train_row = ts_frame.filter((pl.col("id") == i) & (pl.col("as_of") == row["as_of"]))
         assert got["predictions"][0]["score"] == pytest.approx(b.predict_reference(train_row)[0], abs=1e-12)
-        assert got["id"] == i and got["as_of"] == str(row["as_of"])
+        assert (
+            got["id"] == i and got["as_of"] == str(row["as_of"]) and got["population"] == "active_unconverted"
+        )
+        assert got["as_of_off_anchor"] is False and got["warnings"] == []
+    # outside the population at each date: never used the product, or its first usage week had not ended by as_of
+    first = tables.usage.group_by("id").agg(pl.col("WHEN_TIMESTAMP").min().dt.date().alias("first"))
+    pros = tables.noncustomers.select("id").join(first, on="id", how="left")
+    outside = []
+    for d in dates:
+        never = pros.filter(pl.col("first").is_null()).head(1)
+        later = pros.filter(pl.col("first") + dt.timedelta(days=7) > d).sort("first").head(1)
+        assert never.height == 1 and later.height == 1, d
+        outside += [(i, d) for i in (never["id"][0], later["id"][0])]
+        assert not ts_frame.filter(
+            (pl.col("as_of") == d) & pl.col("id").is_in([i for i, _ in outside[-2:]])
+        ).height
+    spine = pl.DataFrame(outside, schema={"id": pl.Int64, "as_of": pl.Date}, orient="row")
+    want = compute_features(tables.companies(), tables.usage, spine, feature_set="default")
+    for i, d in outside:
+        r = httpx.post(server.url + "/predict/company", json=_company_body(world, i, d), timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["predictions"] == [
+            {"score": None, "id": i, "unscored_reason": "outside_population: no usage before as_of"}
+        ], got
+        w = want.filter((pl.col("id") == i) & (pl.col("as_of") == d)).row(0, named=True)
+        _same_features(got["features"], w, b.feature_names, i)
+
+
+def test_company_as_of_off_the_anchor_is_scored_and_flagged(world, server):
+    "A Thursday is scored with the weekly rule (only weeks ended by it count) and flagged; the default is a Monday."
+    from hsml.features import compute_features
+
+    tables, b = world["tables"], world["bundle"]
+    assert b.training["usage_period_days"] == 7 and b.training["usage_anchor_weekday"] == "Monday"
+    monday = max(world["feats"]["as_of"].to_list())
+    thursday = monday + dt.timedelta(days=3)
+    i = world["feats"].filter((pl.col("as_of") == monday) & (pl.col("active_periods_84d") > 0))["id"][0]
+    r = httpx.post(server.url + "/predict/company", json=_company_body(world, i, thursday), timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["as_of"] == str(thursday) and got["as_of_off_anchor"] is True
+    assert got["warnings"][0].startswith(f"as_of {thursday} is a Thursday, not a Monday (the usage anchor)")
+    spine = pl.DataFrame({"id": [i], "as_of": [thursday]}, schema={"id": pl.Int64, "as_of": pl.Date})
+    want = compute_features(tables.companies(), tables.usage, spine, "default", usage_period_days=7)
+    _same_features(got["features"], want.row(0, named=True), b.feature_names, i)
+    assert got["predictions"][0]["score"] == pytest.approx(b.predict_reference(want)[0], abs=1e-12)
+    # no as_of: the latest Monday on or before today (UTC)
+    body = _company_body(world, i, monday)
+    del body["as_of"]
+    got = httpx.post(server.url + "/predict/company", json=body, timeout=60).json()
+    today = dt.datetime.now(dt.UTC).date()
+    assert (
+        got["as_of"] == str(today - dt.timedelta(days=today.weekday())) and got["as_of_off_anchor"] is False
+    )
+
+
+def test_scoring_and_serving_use_the_bundle_usage_period(world, tmp_path):
+    "A model trained on 14-day usage periods is served and scored with 14-day periods, not the default 7."
+    from hsml.features import compute_features
+    from hsml.score import score_frame
+
+    b, tables = world["bundle"], world["tables"]
+    spec = feature_spec_document(b.feature_spec, {"usage_period_days": 14, "usage_anchor_weekday": "Monday"})
+    meta = {k: v for k, v in b.info.items() if not k.startswith("usage_")}
+    b14 = load_bundle(save_bundle(tmp_path / "m14", b.pipeline, spec, {}, meta, train_frame=world["feats"]))
+    assert b14.training["usage_period_days"] == 14
+    assert json.loads((b14.path / "feature_spec.json").read_text())["usage_period_days"] == 14
+    monday = max(world["feats"]["as_of"].to_list())
+    i = world["feats"].filter((pl.col("as_of") == monday) & (pl.col("active_periods_7d") > 0))["id"][0]
+    spine = pl.DataFrame({"id": [i], "as_of": [monday]}, schema={"id": pl.Int64, "as_of": pl.Date})
+    f14, f7 = (
+        compute_features(tables.companies(), tables.usage, spine, "default", usage_period_days=n)
+        for n in (14, 7)
+    )
+    assert f14.row(0) != f7.row(0)  # the period matters for this company
+    srv = Server(
+        str(b14.path), {"HSML_PREDICTION_LOG": str(tmp_path / "log.jsonl"), "HSML_API_TOKEN": ""}, tmp_path
+    )
+    try:
+        got = httpx.post(
+            srv.url + "/predict/company", json=_company_body(world, i, monday), timeout=60
+        ).json()
+    finally:
+        srv.stop()
+    _same_features(got["features"], f14.row(0, named=True), b.feature_names, i)
+    scored = score_frame(b14, tables, monday, reasons=False).filter(pl.col("id") == i)
+    assert scored["score"][0] == pytest.approx(b14.predict_reference(f14)[0], abs=1e-12)
+
+
+def test_a_changed_feature_definition_refuses_to_score(world, tmp_path):
+    "A feature re-registered under the same name with other code: scoring and serving refuse, naming it."
+    from hsml.core import HsmlError
+    from hsml.features import FEATURES, feature
+    from hsml.score import score_frame
+    from hsml.serve import create_app
+
+    b = world["bundle"]
+    assert all(e.get("definition_hash") for e in b.feature_spec)
+    orig = FEATURES["actions_total_sum_28d"]
+    try:
+        feature("actions_total_sum_28d", "all actions, 28 days")(lambda ctx: ctx.sum("ACTIONS_EMAIL", 28))
+        with pytest.raises(HsmlError, match="changed: actions_total_sum_28d"):
+            score_frame(b, world["tables"], "latest")
+        with pytest.raises(HsmlError, match="changed: actions_total_sum_28d"):
+            create_app(b, log_path=tmp_path / "log.jsonl")
+    finally:
+        FEATURES["actions_total_sum_28d"] = orig
+    b.check_features()  # the trained code again: accepted
+
+
+def test_company_rows_failing_the_contracts_are_a_422_that_says_so(world, server):
+    "The contracts' own message, behind the endpoint's: which field, which rule."
+    body = _company_body(world, world["tables"].noncustomers["id"][0], world["last"])
+    body["usage"] = [USAGE_ROW | {"WHEN_TIMESTAMP": "2020-02-30 00:00:00.000"}]
+    r = httpx.post(server.url + "/predict/company", json=body, timeout=60)
+    assert r.status_code == 422, r.text
+    msg = r.json()["message"]
+    assert msg.startswith("the company rows do not pass the data contracts: usage[0].WHEN_TIMESTAMP"), msg
+    assert r.json()["detail"][0]["type"] == "contract"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -522,6 +656,34 @@ def test_prediction_log(world, server):
 
 # ---------------------------------------------------------------------------------------------------------
 # tokens, tampering
+
+
+def test_failed_prediction_log_write_shows_in_ready(world, tmp_path):
+    "A log the server cannot write (here a directory stands where the file should be) turns /ready into a 503 that says why."
+    log = tmp_path / "predictions.jsonl"
+    log.mkdir()
+    s = Server(
+        f"{NAME}@production",
+        {"HSML_REGISTRY": str(world["registry"]), "HSML_PREDICTION_LOG": str(log), "HSML_API_TOKEN": ""},
+        tmp_path,
+    )
+    try:
+        assert httpx.get(s.url + "/ready").status_code == 200  # nothing to write yet
+        r = httpx.post(s.url + "/predict", json={"records": records(world, 2)})
+        assert r.status_code == 200, r.text  # the prediction is answered; the write fails in the background
+        deadline, ready = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            ready = httpx.get(s.url + "/ready")
+            if ready.status_code == 503:
+                break
+            time.sleep(0.1)
+        assert ready.status_code == 503, ready.text
+        body = ready.json()
+        assert body["ready"] is False
+        assert body["problem"].startswith("prediction log: IsADirectoryError"), body
+        assert str(log) in body["problem"]
+    finally:
+        s.stop()
 
 
 def test_token_auth(world, tmp_path):
@@ -629,18 +791,36 @@ def test_two_workers_share_the_prediction_log(world, tmp_path):
 
 
 def _check_scores(df: pl.DataFrame, world) -> None:
-    tables, last = world["tables"], world["last"]
-    as_of = last + dt.timedelta(days=1)
+    "The list ranks the training population only (active_unconverted), and lists the other prospects after it."
+    from hsml.snapshots import data_end
+
+    tables = world["tables"]
+    as_of = data_end(tables)["latest_as_of"]
+    assert (
+        (df["as_of"] == as_of).all() and as_of.strftime("%A") == "Monday" and not df["as_of_off_anchor"].any()
+    )
     comp = tables.companies()
     prospects = comp.filter(pl.col("CLOSEDATE").is_null() | (pl.col("CLOSEDATE") > as_of))
+    first = tables.usage.group_by("id").agg(pl.col("WHEN_TIMESTAMP").min().dt.date().alias("first"))
+    # the policy's rule: some usage week (7 days from its Monday stamp) ended by as_of
+    active = prospects.join(first, on="id", how="inner").filter(
+        pl.col("first") + dt.timedelta(days=7) <= as_of
+    )
     assert df.height == prospects.height
     assert sorted(df["id"].to_list()) == sorted(prospects["id"].to_list())
-    assert df["rank"].to_list() == list(range(1, df.height + 1))
-    assert df["score"].is_sorted(descending=True)
-    assert set(df["decile"].unique().to_list()) == set(range(1, 11))
+    ranked = df.filter(pl.col("unscored_reason").is_null())
+    assert sorted(ranked["id"].to_list()) == sorted(active["id"].to_list())  # nobody outside is ranked
+    unscored = df.filter(pl.col("unscored_reason").is_not_null())
+    assert unscored.height == prospects.height - active.height > 0
+    assert df["unscored_reason"].is_null().to_list() == [True] * ranked.height + [False] * unscored.height
+    assert (unscored["unscored_reason"] == "outside_population: no usage before as_of").all()
+    assert unscored["score"].is_null().all() and unscored["rank"].is_null().all()
+    assert ranked["rank"].to_list() == list(range(1, ranked.height + 1))
+    assert ranked["score"].is_sorted(descending=True)
+    assert set(ranked["decile"].unique().to_list()) == set(range(1, 11))
     assert (df["model"] == NAME).all() and (df["model_version"] == world["version"]).all()
-    assert set(df["reason_1"].unique().to_list()) <= set(world["bundle"].feature_names)
-    assert (df["reason_1_contribution"] >= df["reason_2_contribution"]).all()
+    assert set(ranked["reason_1"].unique().to_list()) <= set(world["bundle"].feature_names)
+    assert (ranked["reason_1_contribution"] >= ranked["reason_2_contribution"]).all()
 
 
 def test_score_command(world, tmp_path):
@@ -769,7 +949,9 @@ def test_walkthrough_train_register_promote_serve_score(tmp_path):
     )
     assert p.returncode == 0, p.stderr
     df = pl.read_parquet(out)
-    assert df.height > 1000 and (df["model_version"] == 1).all() and df["reason_1"].null_count() == 0
+    ranked = df.filter(pl.col("unscored_reason").is_null())
+    assert ranked.height > 1000 and (df["model_version"] == 1).all() and ranked["reason_1"].null_count() == 0
+    assert df.filter(pl.col("unscored_reason").is_not_null())["score"].is_null().all()
 
 
 def test_company_usage_rows_left_out_by_the_contracts_are_warnings(world, server):
