@@ -648,7 +648,7 @@ def _verdict(res: Mapping[str, Mapping[str, Any]], ci: float) -> str:
     if by["beats"]:
         parts.append(f"beats its best baseline on {', '.join(by['beats'])}")
     if by["no clear difference"]:
-        parts.append(f"cannot be told apart from it on {', '.join(by['no clear difference'])}")
+        parts.append(f"cannot be told apart from its best baseline on {', '.join(by['no clear difference'])}")
     if by["loses"]:
         lost = [f"{m}: {res[m]['best_baseline']} {res[m]['baseline']:.3g} vs model {res[m]['model']:.3g}, "
                 f"difference {format_interval(res[m]['difference'])}" for m in by["loses"]]  # fmt: skip
