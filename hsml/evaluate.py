@@ -9,7 +9,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,11 @@ from .core import HsmlError, atomic_path
 from .models import feature_columns, to_pandas
 
 # %% auto #0
-__all__ = ['ACTIVITY_FEATURE', 'BASELINES', 'time_split', 'rolling_origin_folds', 'metric_names', 'resample_counts',
-           'bootstrap_metrics', 'evaluate', 'activity_feature', 'baseline_scores', 'predict_scores', 'evaluate_model',
+__all__ = ['CALIBRATION_KEYS', 'LOWER_IS_BETTER', 'METRIC_NOTES', 'ACTIVITY_FEATURE', 'RECENCY_FEATURE', 'BASELINE_FEATURE_SET',
+           'BASELINES', 'time_split', 'rolling_origin_folds', 'Interval', 'interval', 'format_interval', 'metric_names',
+           'resample_counts', 'bootstrap_replicates', 'bootstrap_metrics', 'calibration_report', 'headline_metrics',
+           'versus_best_baseline', 'precision_by_date', 'evaluate', 'baseline_frame', 'activity_feature',
+           'baseline_scores', 'predict_scores', 'test_predictions', 'evaluate_predictions', 'evaluate_model',
            'metrics_table', 'plot_calibration', 'gains_curve', 'plot_gains', 'plot_precision_recall',
            'feature_importance', 'plot_feature_importance', 'report_plots', 'save_plots']
 
@@ -123,17 +126,40 @@ def rolling_origin_folds(
 _EPS = 1e-15
 
 
-def _ci(boot: np.ndarray, ci: float) -> tuple[float | None, float | None]:
-    b = boot[np.isfinite(boot)]
-    if not len(b):
-        return None, None
-    a = (1 - ci) / 2 * 100
-    lo, hi = np.percentile(b, [a, 100 - a])
-    return float(lo), float(hi)
+class Interval(TypedDict):
+    "A metric with its bootstrap interval, as metrics.json stores it (None where undefined)."
+
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
 
 
-def _json_num(x: float) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
+def interval(
+    value: float | None,  # the point estimate (None, NaN or inf: undefined)
+    boot: Any = None,  # its bootstrap replicates (non-finite ones are dropped); None: no interval
+    ci: float = 0.95,  # coverage of the percentile interval
+) -> Interval:
+    "The one value type of a metric: `{value, ci_low, ci_high}`, a percentile interval from `boot`."
+    v = float(value) if value is not None and np.isfinite(value) else None
+    lo = hi = None
+    b = None if boot is None or v is None else np.asarray(boot, dtype=float).ravel()
+    if b is not None and np.isfinite(b).any():
+        a = (1 - ci) / 2 * 100
+        lo, hi = (float(x) for x in np.percentile(b[np.isfinite(b)], [a, 100 - a]))
+    return {"value": v, "ci_low": lo, "ci_high": hi}
+
+
+def format_interval(
+    v: Mapping[str, Any] | None,  # an `interval` (or None)
+    digits: int = 3,  # decimals shown
+) -> str:
+    "`value [ci_low, ci_high]`, `value` without an interval, `—` when undefined."
+    if not v or v.get("value") is None:
+        return "—"
+    s = f"{v['value']:.{digits}f}"
+    if v.get("ci_low") is not None:
+        s += f" [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
+    return s
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]):
@@ -267,12 +293,15 @@ class _Prepared:
 def metric_names(
     capacities: Sequence[int],  # the capacities K
     with_mrr: bool = True,  # include mrr_captured_at_K
+    with_unique: bool = False,  # include unique_conversions_at_K (needs as-of dates)
 ) -> list[str]:
     "The metric keys `evaluate` reports, in report order."
     names = ["roc_auc", "pr_auc", "log_loss", "brier"]
     for k in capacities:
         names += [f"precision_at_{k}", f"recall_at_{k}"]
     names.append("lift_top_decile")
+    if with_unique:
+        names += [f"unique_conversions_at_{k}" for k in capacities]
     if with_mrr:
         names += [f"mrr_captured_at_{k}" for k in capacities]
     return names
@@ -293,19 +322,19 @@ def resample_counts(
     return out
 
 # %% ../nbs/21_evaluate.ipynb #c320ea1b
-def bootstrap_metrics(
+def bootstrap_replicates(
     y: Any,  # 0/1 labels of the test rows
     scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
     ids: Any,  # company id of each row: the bootstrap resamples these
     mrr: Any = None,  # conversion MRR of each row (NaN/None when unknown or not converted); None: no MRR metrics
     capacities: Sequence[int] = (100,),  # contact capacities K (per as-of date when `as_of` is given)
-    seed: int = 0,  # seeds the resampling
+    seed: int = 0,  # seeds the resampling (and the random order among tied scores when calling)
     n_boot: int = 1000,  # bootstrap resamples (0: point estimates only)
     as_of: Any = None,  # as-of date of each row: top-K lists are per date; None: one list
-    ci: float = 0.95,  # interval coverage
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
     chunk: int = 250,  # resamples computed at once
-) -> dict[str, dict[str, dict[str, float | None]]]:
-    "{name: {metric: {value, ci_low, ci_high}}} for several score vectors on the same (paired) resamples."
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    "(point, boot): `{name: {metric: value}}` and `{name: {metric: (n_boot,) replicates}}`, every name on the same resamples."
     y = np.asarray(y, dtype=float).ravel()
     n = len(y)
     if n == 0:
@@ -331,35 +360,323 @@ def bootstrap_metrics(
         if as_of is None
         else np.unique(np.asarray(as_of), return_inverse=True)[1].ravel()
     )
-    prepared = {}
+    days = None if as_of is None else _day_numbers(as_of)
+    prepared, plans = {}, {}
     for name, s in scores.items():
         s = np.asarray(s, dtype=float)
         if s.ndim and s.shape != (n,):
             raise HsmlError(f"score {name!r} has {len(s)} values for {n} labels")
         s = np.broadcast_to(s, (n,)).copy()
         if np.isnan(s).any():
-            raise HsmlError(f"score {name!r} has missing values")
+            raise HsmlError(f"score {name!r} has missing values in {int(np.isnan(s).sum())} of {n} rows")
         prepared[name] = _Prepared(y, s, codes, n_c, seg, m, capacities)
-    point = {k: p.metrics(np.ones((1, n_c))) for k, p in prepared.items()}
-    boots: dict[str, dict[str, list]] = {k: {} for k in prepared}
+        if days is not None:
+            plans[name] = _CallPlan(y, s, codes, n_c, days, recall_cooldown_days, seed)
+
+    def all_metrics(name: str, counts: np.ndarray) -> dict[str, np.ndarray]:
+        out = prepared[name].metrics(counts)
+        for k in capacities if name in plans else ():
+            out[f"unique_conversions_at_{k}"] = plans[name].conversions(counts, k)
+        return out
+
+    names = metric_names(capacities, with_mrr=m is not None, with_unique=days is not None)
+    point = {k: {mt: float(v[0]) for mt, v in all_metrics(k, np.ones((1, n_c))).items()} for k in prepared}
+    parts: dict[str, dict[str, list]] = {k: {mt: [] for mt in names} for k in prepared}
     for lo in range(0, int(n_boot), chunk):
         counts = resample_counts(n_c, lo, min(lo + chunk, int(n_boot)), seed)
-        for k, p in prepared.items():
-            for metric, v in p.metrics(counts).items():
-                boots[k].setdefault(metric, []).append(v)
-    out = {}
-    for k in prepared:
-        res = {}
-        for metric in metric_names(capacities, with_mrr=m is not None):
-            value = _json_num(point[k][metric][0])
-            lo_hi = (
-                _ci(np.concatenate(boots[k][metric]), ci) if n_boot and value is not None else (None, None)
+        for k in prepared:
+            for mt, v in all_metrics(k, counts).items():
+                parts[k][mt].append(v)
+    boot = {k: {mt: np.concatenate(v) if v else np.zeros(0) for mt, v in p.items()} for k, p in parts.items()}
+    return {k: {mt: point[k][mt] for mt in names} for k in point}, boot
+
+
+def bootstrap_metrics(
+    y: Any,  # 0/1 labels of the test rows
+    scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
+    ids: Any,  # company id of each row: the bootstrap resamples these
+    mrr: Any = None,  # conversion MRR of each row (NaN/None when unknown or not converted); None: no MRR metrics
+    capacities: Sequence[int] = (100,),  # contact capacities K (per as-of date when `as_of` is given)
+    seed: int = 0,  # seeds the resampling
+    n_boot: int = 1000,  # bootstrap resamples (0: point estimates only)
+    as_of: Any = None,  # as-of date of each row: top-K lists are per date; None: one list
+    ci: float = 0.95,  # interval coverage
+    chunk: int = 250,  # resamples computed at once
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
+) -> dict[str, dict[str, Interval]]:
+    "{name: {metric: {value, ci_low, ci_high}}} for several score vectors on the same (paired) resamples."
+    point, boot = bootstrap_replicates(
+        y, scores, ids, mrr, capacities, seed, n_boot, as_of, recall_cooldown_days, chunk
+    )
+    return {
+        k: {mt: interval(v, boot[k][mt] if n_boot else None, ci) for mt, v in p.items()}
+        for k, p in point.items()
+    }
+
+# %% ../nbs/21_evaluate.ipynb #2a6f4abb
+def _day_numbers(
+    as_of: Any,  # as-of dates (dates, datetimes, strings) or plain day numbers
+) -> np.ndarray:
+    "Each as-of as an integer day number (days since 1970-01-01; integers are taken as day numbers)."
+    a = np.asarray(as_of)
+    if np.issubdtype(a.dtype, np.number):
+        return a.astype(np.int64)
+    return pd.to_datetime(pd.Series(a)).to_numpy().astype("datetime64[D]").astype(np.int64)
+
+
+class _CallPlan:
+    "The sales team's calendar for one score vector: each date, call the top K not called in the last `cooldown` days."
+
+    def __init__(self, y, s, codes, n_c, days, cooldown_days, seed):
+        tie = np.random.default_rng([int(seed), 7]).random(n_c)  # a seeded random order among tied scores
+        self.n_c, self.cooldown = n_c, int(cooldown_days)
+        self.dates, self.rows = np.unique(days), []
+        for d in self.dates:
+            r = np.flatnonzero(days == d)
+            r = r[np.lexsort((tie[codes[r]], -s[r]))]  # best first
+            pos = np.zeros(n_c, dtype=bool)
+            pos[codes[r][y[r] == 1]] = (
+                True  # a company listed twice at a date is one call: its best row's place
             )
-            res[metric] = {"value": value, "ci_low": lo_hi[0], "ci_high": lo_hi[1]}
-        out[k] = res
-    return out
+            c = codes[r][np.sort(np.unique(codes[r], return_index=True)[1])]
+            self.rows.append((c, pos[c]))
+
+    def conversions(
+        self,
+        counts: np.ndarray,  # (resamples, companies) draw counts
+        k: int,  # calls per date
+    ) -> np.ndarray:
+        "Distinct converting companies reached over all dates, for each resample (a copy drawn twice counts twice)."
+        B = len(counts)
+        last = np.full((B, self.n_c), -np.inf)  # day each company was last called
+        reached = np.zeros((B, self.n_c), dtype=bool)
+        for d, (c, pos) in zip(self.dates, self.rows):
+            m = min(len(c), 4 * k + 50)  # the top of the list is enough unless the cooldown skips most of it
+            while True:
+                w = counts[:, c[:m]] * ((d - last[:, c[:m]]) >= self.cooldown)
+                cum = np.cumsum(w, axis=1)
+                if m == len(c) or (cum[:, -1] >= k).all():
+                    break
+                m = min(len(c), 2 * m)
+            called = (w > 0) & (cum - w < k)
+            cc = c[:m]
+            last[:, cc] = np.where(called, d, last[:, cc])
+            reached[:, cc[pos[:m]]] |= called[:, pos[:m]]
+        return (reached * counts).sum(axis=1)
+
+# %% ../nbs/21_evaluate.ipynb #1a9f7e3c
+CALIBRATION_KEYS = ("mean_predicted", "observed_rate", "observed_over_expected", "slope", "ece")
+
+
+def _logistic_fit(
+    x: np.ndarray,  # one covariate
+    y: np.ndarray,  # 0/1 outcomes
+    iters: int = 100,  # Newton steps at most
+) -> tuple[float, float] | None:
+    "Maximum-likelihood (intercept, slope) of `y ~ logistic(a + b x)`; None when it does not exist (one class only)."
+    if y.min() == y.max():
+        return None
+    theta = np.array([np.log(y.mean() / (1 - y.mean())), 0.0])
+    X = np.column_stack([np.ones_like(x), x])
+    for _ in range(iters):
+        mu = 1 / (1 + np.exp(-(X @ theta)))
+        step = np.linalg.solve((X * (mu * (1 - mu))[:, None]).T @ X + 1e-12 * np.eye(2), X.T @ (y - mu))
+        theta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+class _Calibration:
+    "Per-company sums for one (y, p) set; every statistic of a resample is `counts @ sums`."
+
+    def __init__(self, y, p, codes, n_c, edges):
+        x = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))  # logit of the prediction
+        self.fit = _logistic_fit(x, y)
+        a, b = self.fit or (0.0, 0.0)
+        mu = 1 / (1 + np.exp(-(a + b * x)))
+        nb = len(edges) + 1
+        bins = np.searchsorted(edges, p, side="right")  # fixed bins (the whole test period's quantiles)
+        cols = [
+            np.ones_like(y),
+            y,
+            p,
+            (y - mu),
+            (y - mu) * x,
+            mu * (1 - mu),
+            mu * (1 - mu) * x,
+            mu * (1 - mu) * x * x,
+        ]
+        rows = np.r_[np.tile(codes, len(cols)), codes, codes]
+        where = np.r_[np.repeat(np.arange(len(cols)), len(y)), len(cols) + bins, len(cols) + nb + bins]
+        vals = np.r_[np.concatenate(cols), y, p]
+        self.nb, self.sums = nb, _csr(rows, where, vals, (n_c, len(cols) + 2 * nb))
+
+    def stats(self, counts: np.ndarray) -> dict[str, np.ndarray]:
+        "The five calibration statistics for each row of `counts` (resamples x companies)."
+        T = (self.sums.T @ counts.T).T
+        N, Y, P, g0, g1, h0, h1, h2 = T[:, :8].T
+        Yb, Pb = T[:, 8 : 8 + self.nb], T[:, 8 + self.nb :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # slope: one Newton step from the full-sample fit (exact to first order; checked against refits below)
+            slope = (
+                (self.fit[1] + (h0 * g1 - h1 * g0) / (h0 * h2 - h1 * h1))
+                if self.fit
+                else np.full(len(T), np.nan)
+            )
+            return {
+                "mean_predicted": P / N,
+                "observed_rate": Y / N,
+                "observed_over_expected": Y / P,
+                "slope": slope,
+                "ece": np.abs(Yb - Pb).sum(axis=1) / N,
+            }
+
+
+def _date_key(d: Any) -> str:
+    return str(d) if isinstance(d, (int, np.integer)) else pd.Timestamp(d).date().isoformat()
+
+
+def calibration_report(
+    y: Any,  # 0/1 labels of the test rows
+    p: Any,  # predicted probabilities
+    dates: Any,  # as-of date of each row (None: no per-date report)
+    ids: Any,  # company id of each row: the bootstrap resamples companies
+    n_boot: int = 1000,  # bootstrap resamples (0: no intervals)
+    seed: int = 0,  # seeds the resampling (the same resamples as `bootstrap_metrics` with this seed)
+    ci: float = 0.95,  # interval coverage
+    n_bins: int = 10,  # quantile bins of the expected calibration error
+    chunk: int = 250,  # resamples computed at once
+) -> dict[str, Any]:
+    "`{'calibration': {mean_predicted, observed_rate, observed_over_expected, slope, ece}, 'calibration_by_date': {date: {...}}}`, each an `interval`."
+    y, p = np.asarray(y, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    if len(y) == 0:
+        raise HsmlError("cannot evaluate calibration on an empty test set")
+    if len(p) != len(y) or np.isnan(p).any() or p.min() < 0 or p.max() > 1:
+        raise HsmlError(
+            f"calibration needs one probability in [0, 1] per row ({len(p)} scores for {len(y)} labels)"
+        )
+    _, codes = np.unique(np.asarray(ids), return_inverse=True)
+    codes, n_c = codes.ravel(), int(codes.max()) + 1
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    groups = {"all": np.arange(len(y))}
+    if dates is not None:
+        d = np.asarray(dates)
+        for v in np.unique(d):
+            groups[_date_key(v)] = np.flatnonzero(d == v)
+    cal = {g: _Calibration(y[r], p[r], codes[r], n_c, edges) for g, r in groups.items()}
+    point = {g: c.stats(np.ones((1, n_c))) for g, c in cal.items()}
+    parts: dict[str, list] = {g: [] for g in cal}
+    for lo in range(0, int(n_boot), chunk):
+        counts = resample_counts(n_c, lo, min(lo + chunk, int(n_boot)), seed)
+        for g, c in cal.items():
+            parts[g].append(c.stats(counts))
+
+    def report(g: str) -> dict[str, Interval]:
+        boot = {k: np.concatenate([b[k] for b in parts[g]]) if parts[g] else None for k in CALIBRATION_KEYS}
+        return {k: interval(point[g][k][0], boot[k], ci) for k in CALIBRATION_KEYS}
+
+    by_date = {
+        g: {"n": int(len(groups[g])), "n_positive": int(y[groups[g]].sum()), **report(g)}
+        for g in groups
+        if g != "all"
+    }
+    return {"calibration": report("all"), "calibration_by_date": by_date}
 
 # %% ../nbs/21_evaluate.ipynb #b5d5b99c
+LOWER_IS_BETTER = ("log_loss", "brier")
+METRIC_NOTES = {
+    "precision_at_K": "top K of each as-of date (the weekly call list), pooled over dates",
+    "unique_conversions_at_K": "distinct companies that converted after being called, over the test period, "
+    "when each date's top K is called and a company called in the last recall_cooldown_days is skipped",
+    "mrr_captured_at_K": "descriptive only: heavy-tailed (a few large customers dominate) and counts a company "
+    "once per date it is in the top K",
+}
+
+
+def headline_metrics(
+    capacities: Sequence[int],  # the capacities K
+) -> list[str]:
+    "The metrics the model is compared with its best baseline on."
+    ks = [int(k) for k in capacities]
+    return ["roc_auc", "pr_auc", "log_loss", "brier", *(f"precision_at_{k}" for k in ks),
+            *(f"unique_conversions_at_{k}" for k in ks), "lift_top_decile"]  # fmt: skip
+
+
+def _outcome(d: Interval, lower: bool) -> str:
+    if d["ci_low"] is None:
+        return "no interval"
+    lo, hi = (-d["ci_high"], -d["ci_low"]) if lower else (d["ci_low"], d["ci_high"])
+    return "beats" if lo > 0 else "loses" if hi < 0 else "no clear difference"
+
+
+def versus_best_baseline(
+    point: Mapping[str, Mapping[str, float]],  # `{scorer: {metric: value}}` (from `bootstrap_replicates`)
+    boot: Mapping[str, Mapping[str, np.ndarray]]
+    | None,  # the replicates, on the same resamples; None: no intervals
+    metrics: Sequence[str],  # the metrics to compare on (missing ones are skipped)
+    model: str = "model",  # the model's scorer name; every other scorer is a baseline
+    ci: float = 0.95,  # interval coverage
+) -> dict[str, Any]:
+    "`{'metrics': {metric: {best_baseline, model, baseline, difference, better, outcome}}, 'verdict': str}`: model minus the best baseline, paired company bootstrap."
+    out = {}
+    for mt in metrics:
+        lower = mt in LOWER_IS_BETTER
+        base = {k: v[mt] for k, v in point.items() if k != model and mt in v and np.isfinite(v[mt])}
+        if not base or not np.isfinite(point[model].get(mt, np.nan)):
+            continue
+        best = (min if lower else max)(base, key=base.get)  # the best on the test period itself: a strict bar
+        diff = interval(
+            point[model][mt] - base[best], None if boot is None else boot[model][mt] - boot[best][mt], ci
+        )
+        out[mt] = {"best_baseline": best, "model": point[model][mt], "baseline": base[best], "difference": diff,
+                   "better": "lower" if lower else "higher", "outcome": _outcome(diff, lower)}  # fmt: skip
+    return {"metrics": out, "verdict": _verdict(out, ci)}
+
+
+def _verdict(res: Mapping[str, Mapping[str, Any]], ci: float) -> str:
+    "One sentence: where the model beats its best baseline, where it cannot be told apart, where it loses."
+    by = {
+        o: [m for m, r in res.items() if r["outcome"] == o]
+        for o in ("beats", "no clear difference", "loses", "no interval")
+    }
+    if not res:
+        return "No baseline to compare the model with."
+    if len(by["beats"]) == len(res):
+        return f"The model beats its best baseline on every headline metric ({', '.join(res)}; paired company bootstrap, {ci:.0%} intervals)."
+    parts = []
+    if by["beats"]:
+        parts.append(f"beats its best baseline on {', '.join(by['beats'])}")
+    if by["no clear difference"]:
+        parts.append(f"cannot be told apart from its best baseline on {', '.join(by['no clear difference'])}")
+    if by["loses"]:
+        lost = [f"{m}: {res[m]['best_baseline']} {res[m]['baseline']:.3g} vs model {res[m]['model']:.3g}, "
+                f"difference {format_interval(res[m]['difference'])}" for m in by["loses"]]  # fmt: skip
+        parts.append(f"LOSES to the best baseline on {', '.join(by['loses'])} ({'; '.join(lost)})")
+    if by["no interval"]:
+        parts.append(f"has no interval on {', '.join(by['no interval'])}")
+    return f"The model {'; '.join(parts)} (paired company bootstrap, {ci:.0%} intervals)."
+
+
+def precision_by_date(
+    y: Any,  # 0/1 labels
+    scores: Mapping[str, Any],  # scorer -> scores
+    ids: Any,  # company ids
+    as_of: Any,  # as-of date of each row
+    capacities: Sequence[int],  # calls per date K
+) -> list[dict[str, Any]]:
+    "Precision@K of each scorer on each as-of date's list (point values): `[{as_of, n, n_positive, precision_at_K: {scorer: value}}]`."
+    y, ids, d = np.asarray(y, dtype=float), np.asarray(ids), np.asarray(as_of)
+    out = []
+    for v in np.unique(d):
+        r = d == v
+        res = bootstrap_metrics(y[r], {k: np.broadcast_to(np.asarray(s, dtype=float), y.shape)[r] for k, s in scores.items()},
+                                ids[r], capacities=capacities, n_boot=0)  # fmt: skip
+        out.append({"as_of": _date_key(v), "n": int(r.sum()), "n_positive": int(y[r].sum()),
+                    **{f"precision_at_{k}": {n: res[n][f"precision_at_{k}"]["value"] for n in res} for k in capacities}})  # fmt: skip
+    return out
+
+
 def evaluate(
     y: Any,  # 0/1 labels of the test rows
     score: Any,  # the model's predicted probabilities
@@ -371,79 +688,147 @@ def evaluate(
     as_of: Any = None,  # as-of date of each row: top-K per date (recommended); None: one list
     baselines: Mapping[str, Any] | None = None,  # name -> baseline scores (e.g. from `baseline_scores`)
     ci: float = 0.95,  # interval coverage
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
 ) -> dict[str, Any]:
-    "Metrics with bootstrap intervals: {'test': {...}, 'baselines': {...}, 'n_test', 'n_test_positive', ...}."
-    yv = np.asarray(y, dtype=float).ravel()
-    scores = {"__model__": score, **dict(baselines or {})}
-    res = bootstrap_metrics(yv, scores, ids, mrr, capacities, seed, n_boot, as_of, ci)
-    return {
-        "test": res.pop("__model__"),
+    "Metrics with bootstrap intervals: test, baselines, calibration, versus_best_baseline, precision_by_date, counts."
+    yv, caps = np.asarray(y, dtype=float).ravel(), [int(k) for k in capacities]
+    scores = {"model": score, **dict(baselines or {})}
+    point, boot = bootstrap_replicates(yv, scores, ids, mrr, caps, seed, n_boot, as_of, recall_cooldown_days)
+    res = {
+        k: {mt: interval(v, boot[k][mt] if n_boot else None, ci) for mt, v in p.items()}
+        for k, p in point.items()
+    }
+    out = {
+        "test": res.pop("model"),
         "baselines": res,
         "n_test": int(len(yv)),
         "n_test_positive": int(yv.sum()),
         "n_test_companies": int(len(np.unique(np.asarray(ids)))),
+        "n_test_converters": int(len(np.unique(np.asarray(ids)[yv == 1]))),
         "n_test_dates": int(len(np.unique(np.asarray(as_of)))) if as_of is not None else 1,
-        "capacities": [int(k) for k in capacities],
+        "capacities": caps,
         "top_k_per": "as_of" if as_of is not None else "test set",
+        "recall_cooldown_days": int(recall_cooldown_days),
         "bootstrap": {"n_boot": int(n_boot), "ci": ci, "unit": "company", "seed": int(seed)},
+        "metric_notes": dict(METRIC_NOTES),
     }
+    s = np.asarray(score, dtype=float)
+    if s.min() >= 0 and s.max() <= 1:
+        out.update(calibration_report(yv, s, as_of, ids, n_boot, seed, ci))
+    if baselines:
+        out["versus_best_baseline"] = versus_best_baseline(
+            point, boot if n_boot else None, headline_metrics(caps), ci=ci
+        )
+    if as_of is not None:
+        out["precision_by_date"] = precision_by_date(yv, scores, ids, as_of, caps)
+    return out
 
 # %% ../nbs/21_evaluate.ipynb #a175c2ed
 ACTIVITY_FEATURE = "actions_total_sum_28d"
+RECENCY_FEATURE = "days_since_last_activity"
+BASELINE_FEATURE_SET = "minimal"
 BASELINES = {
     "base_rate": "constant score: the positive rate of the training period",
     "activity_heuristic": f"rank by recent activity ({ACTIVITY_FEATURE}: all actions in the last 28 days), "
     "mapped to a probability by a logistic fit of log1p(actions) on the training period",
+    "recency": f"rank by recency ({RECENCY_FEATURE}: fewer days since the last activity, more likely; no activity "
+    "ranks last), mapped to a probability by a logistic fit of log1p(days) on the training period",
+    "logreg_minimal": f"logistic regression on the `{BASELINE_FEATURE_SET}` feature set (log1p of the counts, "
+    "median-imputed with missing indicators, standardised), fitted on the training period",
 }
 
 
+def baseline_frame(
+    tables: Any,  # clean tables (`hsml.contracts.Tables`): `companies()` and `usage`
+    rows: Any,  # the rows to compute for: a frame with `id` and `as_of` (e.g. a training set's frame)
+) -> Any:  # a polars DataFrame
+    "`id, as_of` and the `minimal` feature set for `rows`, from the raw tables: the baselines' inputs, whatever the model's features."
+    import polars as pl
+
+    from hsml.features import compute_features
+
+    keys = (
+        pl.from_pandas(rows[["id", "as_of"]])
+        if isinstance(rows, pd.DataFrame)
+        else rows.select("id", "as_of")
+    )
+    return compute_features(tables.companies(), tables.usage, keys, feature_set=BASELINE_FEATURE_SET)
+
+
 def activity_feature(
-    frame: Any,  # a training-set frame (pandas or polars)
-    feature: str
-    | None = None,  # the column to use; default `actions_total_sum_28d` (or the sum of `actions_*_sum_28d`)
+    frame: Any,  # a frame with the baseline columns (pandas or polars)
+    feature: str | None = None,  # the column to use; default `actions_total_sum_28d`
 ) -> np.ndarray:
-    "The activity heuristic's raw score for each row."
+    "The activity heuristic's raw score for each row (missing activity counts as none)."
     df = to_pandas(frame)
-    if feature is not None:
-        if feature not in df.columns:
-            raise HsmlError(f"activity heuristic feature {feature!r} is not in the frame")
-        cols = [feature]
-    elif ACTIVITY_FEATURE in df.columns:
-        cols = [ACTIVITY_FEATURE]
-    else:
-        cols = [c for c in df.columns if re.fullmatch(r"actions_.*_sum_28d", c)]
-        if not cols:
-            raise HsmlError(
-                f"no activity column for the heuristic baseline ({ACTIVITY_FEATURE} or actions_*_sum_28d)",
-                hint="pass heuristic='<a numeric feature>'",
-            )
-    return np.nan_to_num(df[cols].astype(float).to_numpy().sum(axis=1), nan=0.0)
+    col = feature or ACTIVITY_FEATURE
+    if col not in df.columns:
+        raise HsmlError(f"no activity column {col!r} for the heuristic baseline",
+                        hint="pass baseline frames from `baseline_frame(tables, rows)`")  # fmt: skip
+    return np.nan_to_num(df[col].astype(float).to_numpy(), nan=0.0)
+
+
+def _monotone_probability(xtr, ytr, xte, prior, sign):
+    "A one-feature logistic map fitted on the training period; its ranking is `sign * x` whatever the fit says."
+    from sklearn.linear_model import LogisticRegression
+
+    if len(np.unique(ytr)) < 2:
+        return np.full(len(xte), prior)
+    lr = LogisticRegression(C=1e4, max_iter=1000).fit(xtr[:, None], ytr.astype(int))
+    h = lr.predict_proba(xte[:, None])[:, 1]
+    if np.sign(lr.coef_[0, 0]) == -sign:  # the fit points the other way: keep the heuristic's ranking
+        h = 1 - h
+        h = h * prior / max(h.mean(), _EPS)
+    return np.clip(h, 0.0, 1.0)
+
+
+def _logreg_minimal(train: pd.DataFrame, test: pd.DataFrame, ytr: np.ndarray, prior: float) -> np.ndarray:
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    from hsml.features import resolve_features
+
+    cols = [f.name for f in resolve_features(BASELINE_FEATURE_SET) if f.name in train.columns]
+    if not cols or len(np.unique(ytr)) < 2:
+        return np.full(len(test), prior)
+    signed_log = FunctionTransformer(lambda a: np.sign(a) * np.log1p(np.abs(a)))
+    pipe = make_pipeline(signed_log, SimpleImputer(strategy="median", add_indicator=True), StandardScaler(),
+                         LogisticRegression(C=1.0, max_iter=2000))  # fmt: skip
+    pipe.fit(train[cols].astype(float).to_numpy(), ytr.astype(int))
+    return pipe.predict_proba(test[cols].astype(float).to_numpy())[:, 1]
 
 
 def baseline_scores(
-    train: Any,  # the training rows (pandas or polars) with `label`
-    test: Any,  # the test rows
+    train: Any,  # the training rows (pandas or polars) with the baseline columns (see `baseline_frame`)
+    test: Any,  # the test rows, with the same columns
     heuristic: str | None = None,  # activity column (default `actions_total_sum_28d`)
-    label: str = "label",  # label column
+    label: str = "label",  # label column of `train`
+    y_train: Any = None,  # the training labels, when `train` has no label column
 ) -> dict[str, np.ndarray]:
-    "Scores of the baselines on `test`: {'base_rate': ..., 'activity_heuristic': ...}, fitted on `train` only."
-    from sklearn.linear_model import LogisticRegression
-
-    ytr = np.asarray(to_pandas(train)[label], dtype=float)
+    "Scores of the baselines on `test`, fitted on `train` only: base_rate, activity_heuristic, recency, logreg_minimal."
+    tr, te = to_pandas(train), to_pandas(test)
+    ytr = np.asarray(tr[label] if y_train is None else y_train, dtype=float)
     prior = float(ytr.mean())
-    xtr = np.log1p(np.clip(activity_feature(train, heuristic), 0, None))[:, None]
-    xte = np.log1p(np.clip(activity_feature(test, heuristic), 0, None))[:, None]
-    if len(np.unique(ytr)) == 2:
-        lr = LogisticRegression(C=1e4, max_iter=1000).fit(xtr, ytr.astype(int))
-        h = lr.predict_proba(xte)[:, 1]
-        if lr.coef_[0, 0] < 0:  # the heuristic is "more activity, more likely": keep its ranking regardless
-            h = 1 - h
-            h = h * prior / max(h.mean(), _EPS)
-    else:
-        h = np.full(len(xte), prior)
-    return {"base_rate": np.full(len(xte), prior), "activity_heuristic": np.clip(h, 0.0, 1.0)}
+    act_tr, act_te = (np.log1p(np.clip(activity_feature(f, heuristic), 0, None)) for f in (tr, te))
+    out = {
+        "base_rate": np.full(len(te), prior),
+        "activity_heuristic": _monotone_probability(act_tr, ytr, act_te, prior, +1),
+    }
+    if RECENCY_FEATURE in tr.columns and RECENCY_FEATURE in te.columns:
+        never = (
+            np.nanmax(np.r_[tr[RECENCY_FEATURE].astype(float), te[RECENCY_FEATURE].astype(float), 0.0]) + 1
+        )
+        rec = [
+            np.log1p(np.clip(np.nan_to_num(f[RECENCY_FEATURE].astype(float).to_numpy(), nan=never), 0, None))
+            for f in (tr, te)
+        ]
+        out["recency"] = _monotone_probability(rec[0], ytr, rec[1], prior, -1)
+    out["logreg_minimal"] = _logreg_minimal(tr, te, ytr, prior)
+    return out
 
-
+# %% ../nbs/21_evaluate.ipynb #d249e286
 def predict_scores(
     pipeline: Any,  # a fitted make_model pipeline
     frame: Any,  # rows to score (pandas or polars)
@@ -453,44 +838,81 @@ def predict_scores(
     return pipeline.predict_proba(df[feature_columns(pipeline)])[:, 1]
 
 
+def _keys(frame: Any) -> pd.DataFrame:
+    df = to_pandas(frame)
+    return pd.DataFrame(
+        {"id": df["id"].to_numpy(), "as_of": pd.to_datetime(df["as_of"]).dt.normalize().to_numpy()}
+    )
+
+
+def _align(base: Any, rows: Any, what: str) -> pd.DataFrame:
+    "The rows of `base` in the order of `rows`, matched on (id, as_of); every row must be there."
+    b = pd.concat([_keys(base), to_pandas(base).drop(columns=["id", "as_of"]).reset_index(drop=True)], axis=1)
+    if b.duplicated(["id", "as_of"]).any():
+        raise HsmlError(f"the {what} baseline frame has duplicate (id, as_of) rows")
+    m = _keys(rows).merge(b, on=["id", "as_of"], how="left", indicator=True, sort=False)
+    missing = int((m["_merge"] != "both").sum())
+    if missing:
+        raise HsmlError(f"the {what} baseline frame has no row for {missing} of the {len(m)} (id, as_of) rows",
+                        hint="build it with baseline_frame(tables, rows) from the same rows")  # fmt: skip
+    return m.drop(columns="_merge")
+
+
+def test_predictions(
+    pipeline: Any,  # a fitted make_model pipeline
+    train: Any,  # training rows (labels for the baselines' fits)
+    test: Any,  # test rows: id, as_of, label (conversion_mrr if known) and the model's features
+    baseline_train: Any = None,  # baseline inputs of the training rows (`baseline_frame`); None: read from `train`
+    baseline_test: Any = None,  # baseline inputs of the test rows; None: read from `test`
+    heuristic: str | None = None,  # activity column for the heuristic baseline
+    label: str = "label",  # label column
+) -> pd.DataFrame:
+    "`id, as_of, label, score, [conversion_mrr], baseline_<name>...`: the model's and the baselines' scores of every test row."
+    tr, te = to_pandas(train), to_pandas(test)
+    btr = tr if baseline_train is None else _align(baseline_train, tr, "training")
+    bte = te if baseline_test is None else _align(baseline_test, te, "test")
+    base = baseline_scores(btr, bte, heuristic, label, y_train=tr[label].to_numpy())
+    out = _keys(te).assign(label=te[label].to_numpy().astype(int), score=predict_scores(pipeline, te))
+    if "conversion_mrr" in te.columns:
+        out["conversion_mrr"] = pd.to_numeric(te["conversion_mrr"], errors="coerce").to_numpy()
+    return out.assign(**{f"baseline_{k}": v for k, v in base.items()})
+
+
+def evaluate_predictions(
+    pred: Any,  # output of `test_predictions` (or test_predictions.parquet)
+    capacities: Sequence[int] = (100,),  # contact capacities K per as-of date
+    seed: int = 0,  # bootstrap seed
+    n_boot: int = 1000,  # bootstrap resamples
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
+) -> dict[str, Any]:
+    "`evaluate` on a predictions frame: the model's `score` and every `baseline_<name>` column."
+    df = to_pandas(pred)
+    base = {c[len("baseline_") :]: df[c].to_numpy() for c in df.columns if c.startswith("baseline_")}
+    mrr = df["conversion_mrr"].to_numpy() if "conversion_mrr" in df.columns else None
+    out = evaluate(df["label"].to_numpy(), df["score"].to_numpy(), df["id"].to_numpy(), mrr, capacities, seed,
+                   n_boot, as_of=df["as_of"].to_numpy(), baselines=base, recall_cooldown_days=recall_cooldown_days)  # fmt: skip
+    out["baseline_definitions"] = {k: BASELINES.get(k, "") for k in base}
+    return out
+
+
 def evaluate_model(
     pipeline: Any,  # a fitted make_model pipeline
-    train: Any,  # training rows (for the baselines' priors)
+    train: Any,  # training rows (for the baselines' fits)
     test: Any,  # test rows: id, as_of, label, conversion_mrr and the features
     capacities: Sequence[int] = (100,),  # contact capacities K per as-of date
     seed: int = 0,  # bootstrap seed
     n_boot: int = 1000,  # bootstrap resamples
     heuristic: str | None = None,  # activity column for the heuristic baseline
     label: str = "label",  # label column
+    baseline_train: Any = None,  # baseline inputs of the training rows (`baseline_frame`); None: read from `train`
+    baseline_test: Any = None,  # baseline inputs of the test rows; None: read from `test`
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
 ) -> dict[str, Any]:
-    "`evaluate` on a test frame: scores the pipeline, builds the baselines from `train`, reads id/as_of/MRR."
-    df = to_pandas(test)
-    mrr = df["conversion_mrr"].to_numpy() if "conversion_mrr" in df.columns else None
-    as_of = df["as_of"].to_numpy() if "as_of" in df.columns else None
-    out = evaluate(
-        df[label].to_numpy(),
-        predict_scores(pipeline, df),
-        df["id"].to_numpy(),
-        mrr,
-        capacities,
-        seed,
-        n_boot,
-        as_of=as_of,
-        baselines=baseline_scores(train, df, heuristic, label),
-    )
-    out["baseline_definitions"] = dict(BASELINES)
-    return out
+    "`test_predictions` then `evaluate_predictions`: the metrics.json content of a fitted pipeline."
+    pred = test_predictions(pipeline, train, test, baseline_train, baseline_test, heuristic, label)
+    return evaluate_predictions(pred, capacities, seed, n_boot, recall_cooldown_days)
 
 # %% ../nbs/21_evaluate.ipynb #f92b2c20
-def _fmt(v: Mapping[str, Any] | None, digits: int) -> str:
-    if not v or v.get("value") is None:
-        return "—"
-    s = f"{v['value']:.{digits}f}"
-    if v.get("ci_low") is not None:
-        s += f" [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
-    return s
-
-
 def metrics_table(
     metrics: Mapping[str, Any],  # the dict returned by `evaluate` / read from metrics.json
     digits: int = 3,  # decimals shown
@@ -501,7 +923,8 @@ def metrics_table(
     rows = list(metrics["test"])
     if formatted:
         return pd.DataFrame(
-            {name: [_fmt(res.get(r), digits) for r in rows] for name, res in scorers.items()}, index=rows
+            {name: [format_interval(res.get(r), digits) for r in rows] for name, res in scorers.items()},
+            index=rows,
         ).rename_axis("metric")
     cols = {}
     for name, res in scorers.items():
@@ -522,11 +945,13 @@ def plot_calibration(
     score: Any,  # predicted probabilities
     baselines: Mapping[str, Any] | None = None,  # other probability vectors to draw beside the model
     n_bins: int = 10,  # quantile bins of the predicted probability
+    by_date: Mapping[str, Mapping[str, Any]]
+    | None = None,  # `calibration_by_date` (from `calibration_report`): a third panel
 ) -> Figure:
-    "Reliability diagram (observed vs predicted rate per quantile bin, log scales) and the distribution of predictions."
+    "Reliability diagram (observed vs predicted rate per quantile bin, log scales), the distribution of predictions and, with `by_date`, observed/expected per as-of date."
     y = np.asarray(y, dtype=float)
-    fig = Figure(figsize=(10, 4.2))
-    ax, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(15 if by_date else 10, 4.2))
+    ax, ax2, *ax3 = fig.subplots(1, 3 if by_date else 2)
     lo = max(min(y.mean() / 20, 1e-3), 1e-5)
     for i, (name, s) in enumerate(_scores(score, baselines).items()):
         if len(np.unique(s)) < 2:
@@ -567,8 +992,31 @@ def plot_calibration(
     ax.legend(fontsize=8)
     ax2.set(xscale="log", xlabel="predicted probability", ylabel="rows", title="Predictions")
     ax2.legend(fontsize=8)
+    if by_date:
+        _plot_ratio_by_date(ax3[0], by_date)
     fig.tight_layout()
     return fig
+
+
+def _plot_ratio_by_date(ax: Any, by_date: Mapping[str, Mapping[str, Any]]) -> None:
+    "Observed/expected per as-of date with its interval; 1 is calibrated."
+    d = [(pd.Timestamp(k), v["observed_over_expected"]) for k, v in sorted(by_date.items())]
+    d = [(t, r) for t, r in d if r["value"] is not None]
+    if not d:
+        return
+    t = [x for x, _ in d]
+    v = np.array([r["value"] for _, r in d])
+    lo = np.array([r["ci_low"] if r["ci_low"] is not None else r["value"] for _, r in d])
+    hi = np.array([r["ci_high"] if r["ci_high"] is not None else r["value"] for _, r in d])
+    ax.errorbar(t, v, yerr=[v - lo, hi - v], marker="o", ms=4, capsize=2, color="C0", label="model")
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="calibrated")
+    ax.set(
+        ylabel="observed / expected conversions",
+        title="Observed / expected per as-of date",
+        ylim=(0, max(2.0, hi.max() * 1.05)),
+    )
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.legend(fontsize=8)
 
 
 def gains_curve(
@@ -789,18 +1237,30 @@ def report_plots(
     heuristic: str | None = None,  # activity column for the heuristic baseline
     seed: int = 0,  # tie-break / permutation seed
     label: str = "label",  # label column
+    predictions: Any = None,  # `test_predictions` of `test` (None: computed here)
+    metrics: Mapping[str, Any]
+    | None = None,  # the metrics of those predictions: their `calibration_by_date` is drawn
+    baseline_train: Any = None,  # baseline inputs of the training rows (see `test_predictions`)
+    baseline_test: Any = None,  # baseline inputs of the test rows
 ) -> dict[str, Figure]:
     "The four report figures: calibration, cumulative_gains, precision_recall, feature_importance."
     df = to_pandas(test)
-    y = df[label].to_numpy()
-    s = predict_scores(pipeline, df)
-    base = baseline_scores(train, df, heuristic, label)
-    n_dates = int(df["as_of"].nunique()) if "as_of" in df.columns else 1
+    pred = to_pandas(predictions) if predictions is not None else test_predictions(
+        pipeline, train, df, baseline_train, baseline_test, heuristic, label)  # fmt: skip
+    y, s = pred["label"].to_numpy(), pred["score"].to_numpy()
+    base = {c[len("baseline_") :]: pred[c].to_numpy() for c in pred.columns if c.startswith("baseline_")}
+    by_date = (metrics or {}).get("calibration_by_date")
+    if by_date is None:
+        by_date = calibration_report(y, s, pred["as_of"].to_numpy(), pred["id"].to_numpy(), 200, seed)[
+            "calibration_by_date"
+        ]
+    n_dates = int(pred["as_of"].nunique())
+    cal_base = {k: base[k] for k in ("logreg_minimal",) if k in base}
     return {
-        "calibration": plot_calibration(y, s, {"activity_heuristic": base["activity_heuristic"]}),
+        "calibration": plot_calibration(y, s, cal_base, by_date=by_date),
         "cumulative_gains": plot_gains(y, s, base, capacities, n_dates, seed),
         "precision_recall": plot_precision_recall(y, s, base),
-        "feature_importance": plot_feature_importance(pipeline, df, y, seed=seed),
+        "feature_importance": plot_feature_importance(pipeline, df, df[label].to_numpy(), seed=seed),
     }
 
 

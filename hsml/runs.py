@@ -55,7 +55,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "feature_set": "default",  # registered feature set
     "test_from": "",  # first as-of date of the test period; empty -> the last 4 as-of dates
     "capacities": [50, 100, 200],  # sales capacities K for precision@K / recall@K
-    "n_boot": 200,  # bootstrap resamples for the 95% intervals
+    "eval_every_days": 7,  # test-period as-of grid for the metrics (the weekly call list)
+    "n_boot": 1000,  # bootstrap resamples for the 95% intervals
     "backtest_folds": 0,  # also run a rolling-origin backtest with this many folds (0: off)
     "seed": 0,  # seeds the model and the bootstrap
     "tracking": "offline",  # offline | online | disabled
