@@ -270,13 +270,17 @@ def _verdict(
         v = f"the model is better without the snapshot attributes: {span}"
     else:
         v = f"the snapshot attributes add no measurable skill: {span}"
-    lop = [
-        f"{a} {m['positives']:.0%} of converted vs {m['negatives']:.0%} of others"
-        for a, m in missing.items()
-        if _lopsided(m["positives"], m["negatives"])
-    ]
-    return v + (
-        f"; missing for {', '.join(lop)} (values filled in during the sale look like this)" if lop else ""
+    lop = {a: m for a, m in missing.items() if _lopsided(m["positives"], m["negatives"])}
+    if not lop:
+        return v
+    said = ", ".join(
+        f"{a} {m['positives']:.0%} of converted vs {m['negatives']:.0%} of others" for a, m in lop.items()
+    )
+    filled = any(m["positives"] < m["negatives"] for m in lop.values())
+    return f"{v}; missing for {said}" + (
+        " (fewer blanks among the converted: values filled in during the sale look like this)"
+        if filled
+        else ""
     )
 
 # %% ../nbs/14_attributes.ipynb #8d50a713

@@ -244,7 +244,7 @@ def holdout_mask(
 # %% ../nbs/20_models.ipynb #a1c0f002
 def calibration_folds(
     time: np.ndarray,  # time of each training row (as_of dates; or row positions when there is no time)
-    calib_fraction: float = 0.25,  # share of the latest rows whose out-of-time scores fit the calibrator
+    calib_fraction: float = 0.15,  # share of the latest rows whose out-of-time scores fit the calibrator
     n_folds: int = 1,  # cut those rows into at most this many blocks of consecutive whole dates
     gap_days: int = 0,  # a fold's model learns only from rows with time < (its block's first date - gap_days)
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -296,7 +296,7 @@ class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
         estimator: Any,  # unfitted sklearn-compatible binary classifier (fit accepts sample_weight)
         pos_weight: str | float | None = "sqrt",  # "sqrt", "balanced", "none" or a number
         calibration: str = "sigmoid",  # "sigmoid" (Platt on the logit), "isotonic", "prior" (only the log(w) correction) or "none"
-        calib_fraction: float = 0.25,  # share of the latest training rows whose out-of-time scores fit the calibrator
+        calib_fraction: float = 0.15,  # share of the latest training rows whose out-of-time scores fit the calibrator
         calib_folds: int = 1,  # cross-fitting: cut those rows into this many blocks of whole dates, one model per block
         min_calib_positives: int = 10,  # fewer pooled positives than this: fall back to the prior correction
         calib_gap_days: int
