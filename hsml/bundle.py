@@ -26,9 +26,9 @@ from .core import HsmlError, atomic_path, sha256_bytes, sha256_file
 
 # %% auto #0
 __all__ = ['BUNDLE_FILES', 'HASHES_FILE', 'SCHEMA_VERSION', 'DEFAULT_MAX_RECORDS', 'TRAINING_DEFAULTS', 'DEMO_SPEC',
-           'polars_dtype', 'make_input_schema', 'training_context', 'model_card', 'save_bundle', 'verify_bundle',
-           'bundle_digest', 'Compiled', 'compile_pipeline', 'path_contributions', 'probe_frame', 'Bundle',
-           'load_bundle', 'demo_frame', 'demo_pipeline', 'demo_bundle']
+           'polars_dtype', 'make_input_schema', 'training_context', 'card_windows_and_attributes', 'model_card',
+           'save_bundle', 'verify_bundle', 'bundle_digest', 'Compiled', 'compile_pipeline', 'path_contributions',
+           'probe_frame', 'Bundle', 'load_bundle', 'demo_frame', 'demo_pipeline', 'demo_bundle']
 
 # %% ../nbs/30_bundle.ipynb #d1036187
 BUNDLE_FILES = (
@@ -182,6 +182,39 @@ def training_context(
     out["horizon_days"] = int(h) if isinstance(h, int | float) and not isinstance(h, bool) else None
     return out
 
+# %% ../nbs/30_bundle.ipynb #b7a1c0b1
+def card_windows_and_attributes(
+    meta: dict,  # bundle.json content
+    metrics: dict,  # metrics.json content
+) -> list[str]:
+    "Model card lines: the evaluated and the bundled model's training windows, and the snapshot-attribute risk."
+    out = []
+    windows = [("evaluated model (the test metrics)", meta.get("evaluated_model_train_window")),
+               ("this bundle's model", meta.get("deployed_model_train_window"))]  # fmt: skip
+    if any(w for _, w in windows):
+        out += ["", "## Training windows", ""]
+        for label, w in windows:
+            if w:
+                cal = ", ".join(w.get("calibrated_on") or []) or "-"
+                out.append(f"- {label}: as_of {w.get('as_of_from')}..{w.get('as_of_to')}, {w.get('n_rows')} rows, "
+                           f"{w.get('n_positive')} positives; estimator fitted through {w.get('estimator_fit_until')}, "
+                           f"calibrated on {cal}")  # fmt: skip
+        if meta.get("test_metrics_estimate"):
+            out += ["", f"Note: {meta['test_metrics_estimate']}."]
+    ac = metrics.get("attribute_check") or {}
+    if ac:
+        attrs = ac.get("attributes") or {}
+        out += ["", "## Snapshot attributes", "",
+                f"{', '.join(attrs) or 'No feature'} {'are' if len(attrs) != 1 else 'is'} read at extraction time, which "
+                "for customers is after they converted; CRMs often fill such values in during the sale, so a model can "
+                "learn that a filled-in value means a customer, and the test metrics (from the same extract) would not "
+                f"show it. The training run's check: {ac.get('verdict')}.", ""]  # fmt: skip
+        rows = [(a, v.get("missing_rate")) for a, v in attrs.items() if v.get("missing_rate")]
+        if rows:
+            out += ["| attribute | missing, converted | missing, others |", "| --- | --- | --- |"]
+            out += [f"| {a} | {m['positives']:.1%} | {m['negatives']:.1%} |" for a, m in rows]
+    return out
+
 # %% ../nbs/30_bundle.ipynb #a36a9e5a
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -317,6 +350,7 @@ def model_card(
             lines += [f"| {k} | {v} |" for k, v in rows] + [""]
     else:
         lines.append("(no baselines recorded: compare against the base rate before trusting the model)")
+    lines += card_windows_and_attributes(meta, metrics)
     lines += [
         "",
         "## Caveats",

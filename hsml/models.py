@@ -26,9 +26,9 @@ from .core import HsmlError
 
 # %% auto #0
 __all__ = ['OTHER', 'PREPROCESS', 'WRAPPER_PARAMS', 'to_pandas', 'FrameCoercer', 'CategoryVocabulary', 'make_preprocessor',
-           'positive_weight', 'holdout_mask', 'WeightedCalibratedClassifier', 'ModelInfo', 'register_model',
-           'get_model', 'list_models', 'register_space', 'get_space', 'make_model', 'columns_from_spec',
-           'feature_columns', 'fit_model', 'synthetic_frame']
+           'positive_weight', 'holdout_mask', 'calibration_folds', 'WeightedCalibratedClassifier', 'ModelInfo',
+           'register_model', 'get_model', 'list_models', 'register_space', 'get_space', 'make_model',
+           'columns_from_spec', 'feature_columns', 'fit_model', 'synthetic_frame']
 
 # %% ../nbs/20_models.ipynb #b27cb4ee
 def to_pandas(
@@ -241,23 +241,70 @@ def holdout_mask(
     cut = uniq[::-1][j]
     return t >= cut
 
+# %% ../nbs/20_models.ipynb #a1c0f002
+def calibration_folds(
+    time: np.ndarray,  # time of each training row (as_of dates; or row positions when there is no time)
+    calib_fraction: float = 0.15,  # share of the latest rows whose out-of-time scores fit the calibrator
+    n_folds: int = 1,  # cut those rows into at most this many blocks of consecutive whole dates
+    gap_days: int = 0,  # a fold's model learns only from rows with time < (its block's first date - gap_days)
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    "Expanding time folds `[(fit_mask, calib_mask), ...]`, oldest block first; a fold with no row to fit on is dropped."
+    t = np.asarray(time)
+    if np.issubdtype(t.dtype, np.datetime64) or t.dtype == object:
+        t, gap = t.astype("datetime64[D]"), np.timedelta64(int(gap_days), "D")
+    elif gap_days:
+        raise HsmlError(
+            "a calibration gap in days needs the time of each row", hint="pass time=as_of (fit_model does)"
+        )
+    else:
+        gap = 0
+    dates = np.unique(t[holdout_mask(len(t), calib_fraction, t)])
+    folds = []
+    for b in np.array_split(dates, max(1, min(int(n_folds), len(dates)))):
+        fit = t < b[0] - gap if len(b) else np.zeros(len(t), dtype=bool)
+        if fit.any():
+            folds.append((fit, np.isin(t, b)))
+    return folds
+
 # %% ../nbs/20_models.ipynb #9911ec23
+def _fit_calibrator(method: str, z: np.ndarray, y: np.ndarray) -> tuple:
+    "A calibrator of logit scores `z`: ('sigmoid', slope, intercept) or ('isotonic', fitted IsotonicRegression)."
+    if method == "sigmoid":
+        cal = LogisticRegression(C=1e4, max_iter=1000).fit(z[:, None], y)
+        return ("sigmoid", float(cal.coef_[0, 0]), float(cal.intercept_[0]))
+    return ("isotonic", IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(z, y))
+
+
+def _fold_info(t: np.ndarray, y: np.ndarray, fit: np.ndarray, cal: np.ndarray) -> dict:
+    "What one calibration fold used: its fit rows' last time, its block's first and last time, counts."
+    day = (lambda v: str(np.datetime64(v, "D"))) if np.issubdtype(t.dtype, np.datetime64) else str
+    return {
+        "fit_until": day(t[fit].max()),
+        "calib_from": day(t[cal].min()),
+        "calib_to": day(t[cal].max()),
+        "n_fit": int(fit.sum()),
+        "n_calib": int(cal.sum()),
+        "n_calib_positive": int(y[cal].sum()),
+    }
+
+
 class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
-    "Fit `estimator` with up-weighted positives, then calibrate its scores on a later held-out slice (see above)."
+    "Fit `estimator` with up-weighted positives on expanding time folds; one calibrator on their pooled out-of-time scores."
 
     def __init__(
         self,
         estimator: Any,  # unfitted sklearn-compatible binary classifier (fit accepts sample_weight)
         pos_weight: str | float | None = "sqrt",  # "sqrt", "balanced", "none" or a number
         calibration: str = "sigmoid",  # "sigmoid" (Platt on the logit), "isotonic", "prior" (only the log(w) correction) or "none"
-        calib_fraction: float = 0.25,  # share of the latest training rows held out to fit the calibrator
-        min_calib_positives: int = 10,  # fewer held-out positives than this: fall back to the prior correction
-        refit: bool = True,  # refit the estimator on all rows after calibrating
-        calib_gap_days: int = 0,  # leave this many days out between the fit rows and the held-out slice (use the horizon)
+        calib_fraction: float = 0.15,  # share of the latest training rows whose out-of-time scores fit the calibrator
+        calib_folds: int = 1,  # cross-fitting: cut those rows into this many blocks of whole dates, one model per block
+        min_calib_positives: int = 10,  # fewer pooled positives than this: fall back to the prior correction
+        calib_gap_days: int
+        | None = None,  # days between a fold's last fit date and its block; None: the horizon given to fit
     ):
         self.estimator, self.pos_weight, self.calibration = estimator, pos_weight, calibration
-        self.calib_fraction, self.min_calib_positives, self.refit = calib_fraction, min_calib_positives, refit
-        self.calib_gap_days = calib_gap_days
+        self.calib_fraction, self.calib_folds = calib_fraction, calib_folds
+        self.min_calib_positives, self.calib_gap_days = min_calib_positives, calib_gap_days
 
     def _fit_one(self, X, y: np.ndarray, w: float):
         from sklearn.utils.validation import has_fit_parameter
@@ -282,7 +329,8 @@ class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
         self,
         X,  # preprocessed features
         y,  # 0/1 labels
-        time=None,  # time of each row (e.g. as_of) for the held-out slice; None: row order is time order
+        time=None,  # time of each row (e.g. as_of): the calibration blocks are the latest dates; None: row order
+        horizon_days: int | None = None,  # the label horizon: the default gap before each calibration block
     ):
         y = np.asarray(y).astype(int).ravel()
         if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
@@ -296,57 +344,64 @@ class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
             )
         self.classes_ = np.array([0, 1])
         self.weight_ = w = positive_weight(y, self.pos_weight)
-        self.calibrator_, info = None, {"method": self.calibration, "pos_weight": w}
+        self.calibrator_, self.estimators_ = None, []
+        info = {"method": self.calibration, "pos_weight": w}
         if self.calibration in ("sigmoid", "isotonic"):
-            hold = holdout_mask(len(y), self.calib_fraction, time)
-            fit_rows = ~hold
-            if self.calib_gap_days and time is not None and hold.any():
-                # a label gap: the first model does not see outcomes that the held-out rows' labels also cover
-                t = np.asarray(time).astype("datetime64[D]")
-                fit_rows &= t < t[hold].min() - np.timedelta64(int(self.calib_gap_days), "D")
-            n_hold_pos, n_fit_pos = int(y[hold].sum()), int(y[fit_rows].sum())
+            gap = self.calib_gap_days if self.calib_gap_days is not None else horizon_days
+            if gap is None:
+                if time is not None:
+                    warnings.warn(
+                        "no horizon given: the calibration folds have no label gap (pass horizon_days to fit_model)",
+                        stacklevel=2,
+                    )
+                gap = 0
+            t = np.arange(len(y)) if time is None else np.asarray(time)
+            folds = calibration_folds(t, self.calib_fraction, self.calib_folds, gap)
+            folds = [(f, c) for f, c in folds if 0 < y[f].sum() < f.sum()]  # both classes to fit on
+            n_pos = sum(int(y[c].sum()) for _, c in folds)
             info.update(
-                n_holdout=int(hold.sum()), n_holdout_positive=n_hold_pos, n_calib_fit=int(fit_rows.sum())
+                gap_days=int(gap), folds=[_fold_info(t, y, f, c) for f, c in folds], n_calib_positive=n_pos
             )
-            if n_hold_pos >= self.min_calib_positives and n_fit_pos > 0 and fit_rows.sum() > 0:
-                idx_fit, idx_hold = np.flatnonzero(fit_rows), np.flatnonzero(hold)
-                first = self._fit_one(self._rows(X, idx_fit), y[idx_fit], w)
-                z = _logit(first.predict_proba(self._rows(X, idx_hold))[:, 1])
-                if self.calibration == "sigmoid":
-                    cal = LogisticRegression(C=1e4, max_iter=1000).fit(z[:, None], y[idx_hold])
-                    self.calibrator_ = ("sigmoid", float(cal.coef_[0, 0]), float(cal.intercept_[0]))
-                else:
-                    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(z, y[idx_hold])
-                    self.calibrator_ = ("isotonic", iso)
-                self.estimator_ = self._fit_one(X, y, w) if self.refit else first
+            if folds and n_pos >= self.min_calib_positives:
+                z, yc = [], []
+                for fit, cal in folds:
+                    i_f, i_c = np.flatnonzero(fit), np.flatnonzero(cal)
+                    m = self._fit_one(self._rows(X, i_f), y[i_f], w)
+                    self.estimators_.append(m)
+                    z.append(_logit(m.predict_proba(self._rows(X, i_c))[:, 1]))
+                    yc.append(y[i_c])
+                self.calibrator_ = _fit_calibrator(self.calibration, np.concatenate(z), np.concatenate(yc))
             else:
                 info["fallback"] = (
-                    f"{n_hold_pos} positives in the held-out slice (need {self.min_calib_positives}) and "
-                    f"{n_fit_pos} before it: prior correction logit(p) - log(w) instead"
+                    f"{n_pos} positives in the calibration blocks (need {self.min_calib_positives}): "
+                    "prior correction logit(p) - log(w) on a model fitted on every row instead"
                 )
         if self.calibrator_ is None:
             if self.calibration != "none":
                 self.calibrator_ = ("prior", 1.0, -math.log(w))
-            self.estimator_ = self._fit_one(X, y, w)
+            self.estimators_ = [self._fit_one(X, y, w)]
+        if len(self.estimators_) == 1:
+            self.estimator_ = self.estimators_[0]
         self.calibration_info_ = info
-        if hasattr(self.estimator_, "n_features_in_"):
-            self.n_features_in_ = self.estimator_.n_features_in_
+        if hasattr(self.estimators_[0], "n_features_in_"):
+            self.n_features_in_ = self.estimators_[0].n_features_in_
         return self
 
-    def raw_score(self, X) -> np.ndarray:
-        "The fitted (weighted, uncalibrated) estimator's positive-class score."
-        return self.estimator_.predict_proba(X)[:, 1]
-
-    def predict_proba(self, X) -> np.ndarray:
-        s = self.raw_score(X)
+    def _calibrate(self, s: np.ndarray) -> np.ndarray:
         cal = self.calibrator_
         if cal is None:
-            p = s
-        elif cal[0] == "isotonic":
-            p = cal[1].predict(_logit(s))
-        else:
-            p = _sigmoid(cal[1] * _logit(s) + cal[2])
-        p = np.clip(p, 0.0, 1.0)
+            return s
+        if cal[0] == "isotonic":
+            return cal[1].predict(_logit(s).ravel()).reshape(s.shape)
+        return _sigmoid(cal[1] * _logit(s) + cal[2])
+
+    def raw_score(self, X) -> np.ndarray:
+        "The fitted (weighted, uncalibrated) estimators' positive-class scores: one column per model."
+        models = [self.estimator_] if hasattr(self, "estimator_") else self.estimators_
+        return np.column_stack([m.predict_proba(X)[:, 1] for m in models])
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = np.clip(self._calibrate(self.raw_score(X)).mean(axis=1), 0.0, 1.0)
         return np.column_stack([1.0 - p, p])
 
     def predict(self, X) -> np.ndarray:
@@ -354,7 +409,7 @@ class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
 
     @property
     def feature_importances_(self) -> np.ndarray:
-        return self.estimator_.feature_importances_
+        return np.mean([m.feature_importances_ for m in self.estimators_], axis=0)
 
 # %% ../nbs/20_models.ipynb #b113ce63
 @dataclass(frozen=True)
@@ -447,7 +502,7 @@ WRAPPER_PARAMS = (
     "calibration",
     "calib_fraction",
     "min_calib_positives",
-    "refit",
+    "calib_folds",
     "calib_gap_days",
 )
 
@@ -467,6 +522,11 @@ def make_model(
     dup = sorted({c for c in numeric + categorical if (numeric + categorical).count(c) > 1})
     if dup:
         raise HsmlError(f"feature column(s) {dup} listed more than once")
+    if "refit" in params:
+        raise HsmlError(
+            "refit is no longer a model parameter: the calibrator is applied to the model it was fitted on",
+            hint="drop refit; the deployed model of a registered run is refitted on every labelled date instead",
+        )
     wrap = {k: params.pop(k) for k in WRAPPER_PARAMS if k in params}
     try:
         est = info.fn(numeric=numeric, categorical=categorical, seed=int(seed), **params)
@@ -507,14 +567,18 @@ def fit_model(
     pipeline: Pipeline,  # a pipeline from make_model
     frame: Any,  # training rows (pandas or polars): the feature columns, the label and the time column
     label: str = "label",  # label column (0/1)
-    time: str | None = "as_of",  # time column used for the held-out calibration slice (None: row order)
+    time: str
+    | None = "as_of",  # time column: calibration uses the latest dates out of time (None: row order)
+    horizon_days: int | None = None,  # the label horizon: the gap before the calibration block (give it!)
 ) -> Pipeline:
-    "Fit `pipeline` on a training-set frame, passing the time column so calibration holds out the latest dates."
+    "Fit `pipeline` on a training-set frame; calibration holds out the latest dates, a horizon after the fit rows."
     df = to_pandas(frame)
     if label not in df.columns:
         raise HsmlError(f"the training frame has no label column {label!r}")
     t = df[time].to_numpy() if time is not None and time in df.columns else None
-    return pipeline.fit(df[feature_columns(pipeline)], df[label].to_numpy(), model__time=t)
+    return pipeline.fit(
+        df[feature_columns(pipeline)], df[label].to_numpy(), model__time=t, model__horizon_days=horizon_days
+    )
 
 # %% ../nbs/20_models.ipynb #646afb33
 @register_model(

@@ -642,6 +642,8 @@ def train_main(
     if output:
         shutil.copyfile(final / "train.ipynb", output)
     if not quiet:
+        if (final / "summary.txt").exists():  # the notebook's end-of-run summary, for the terminal
+            print((final / "summary.txt").read_text(), end="")
         print(f"run directory: {final}")
     return final
 

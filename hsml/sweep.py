@@ -198,7 +198,7 @@ def make_objective(
             if y[tr].sum() == 0 or y[va].sum() == 0:
                 continue
             pipe = make_model(model, numeric, categorical, seed=seed, **dict(params))
-            fit_model(pipe, pdf[tr])
+            fit_model(pipe, pdf[tr], horizon_days=horizon_days)
             values.append(score_metric(metric, y[va], pipe.predict_proba(pdf.loc[va, cols])[:, 1]))
             trial.report(float(np.mean(values)), i)
             if trial.should_prune():

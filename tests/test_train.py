@@ -285,6 +285,16 @@ def test_default_sample_data_and_tracking_disabled(tmp_path):
     bt = json.loads((d / "backtest.json").read_text())
     assert [f["fold"] for f in bt] == [1, 2]
     assert all(f["train_until"] < f["test_from"] <= f["test_to"] for f in bt)
+    # register=True bundles the model refitted on every labelled as-of date; both windows are recorded
+    meta = json.loads((d / "model" / "bundle.json").read_text())
+    ev_w, dep_w = meta["evaluated_model_train_window"], meta["deployed_model_train_window"]
+    ts = pl.read_parquet(d / "training_set.parquet")
+    assert dep_w["as_of_to"] == str(ts["as_of"].max()) and dep_w["n_rows"] == ts.height
+    assert ev_w["as_of_to"] < dep_w["as_of_to"] and ev_w["n_rows"] < dep_w["n_rows"]
+    assert meta["deployed_model"].startswith("refitted") and "estimate" in meta["test_metrics_estimate"]
+    assert meta["population"] == "active_unconverted" and meta["horizon_days"] == 56
+    card = (d / "model" / "model_card.md").read_text()
+    assert "## Training windows" in card and "## Snapshot attributes" in card
 
 
 # ---------------------------------------------------------------- crash atomicity
@@ -419,3 +429,39 @@ def test_plugins_bring_the_users_own_model_and_feature(tmp_path, sample_dir):
     assert "plugin_email_share_28d" in [f["name"] for f in spec]
     assert yaml.safe_load((run / "config.yaml").read_text())["plugins"] == [str(plugin)]
     assert json.loads((run / "model" / "bundle.json").read_text())["model"] == "plugin_trees"
+
+
+# ---------------------------------------------------------------- attribute check and the summary
+
+
+def test_attribute_check_in_metrics(run_a):
+    m = json.loads((run_a / "metrics.json").read_text())["attribute_check"]
+    assert set(m["attributes"]) == {"ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY"}
+    for a in m["attributes"].values():
+        assert set(a["missing_rate"]) == {"positives", "negatives"}
+    for metric in ("roc_auc", "precision_at_100"):
+        d = m["difference"][metric]
+        assert d["ci_low"] <= d["value"] <= d["ci_high"]
+        assert m["without_attributes"][metric]["value"] is not None
+    assert isinstance(m["verdict"], str) and "ROC AUC" in m["verdict"]
+    assert (run_a / "plots" / "attribute_distribution.png").exists()
+
+
+def test_run_prints_a_summary(run_b):
+    _, out = run_b
+    text = "\n".join(
+        o.get("text", "")
+        for c in nbformat.read(out, as_version=4).cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+    summary = text.split("== summary ==", 1)[1]
+    for needle in (
+        "ROC AUC",
+        "precision@100",
+        "baseline",
+        "observed / expected",
+        "attribute check:",
+        "run directory: ",
+    ):
+        assert needle in summary, needle
