@@ -224,7 +224,8 @@ def test_a_held_lock_is_reported(tmp_path):
             with registry_lock(d, timeout=0.5):
                 pass
         assert "remove the .lock file" in e.value.hint
-        assert (d / ".lock").read_text() == f"{p.pid}@{socket.gethostname()}"  # the holder's lock is untouched
+        # the holder's lock is untouched
+        assert (d / ".lock").read_text() == f"{p.pid}@{socket.gethostname()}"
     finally:
         p.kill()
         p.wait()
