@@ -1,7 +1,8 @@
 """A straightforward pandas implementation of the hsml snapshot panel and the default feature set.
 
-Used by `benchmarks/snapshots.py` (speed and value-for-value agreement) and `tests/test_trainset.py`
-(independent check). Deliberately plain: a loop over as-of dates and windows, boolean masks, groupby.
+Used by `benchmarks/snapshots.py` (speed and value-for-value agreement), whose agreement check runs on a small
+size in `tests/test_benchmarks.py`. (`tests/test_trainset.py` has its own plain-Python row-by-row reference.)
+Deliberately plain, not tuned for speed: a loop over as-of dates and windows, boolean masks, groupby.
 """
 
 from __future__ import annotations
