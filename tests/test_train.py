@@ -6,6 +6,7 @@ behind `hsml train`) and one through plain `papermill` on the command line with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -182,7 +183,15 @@ def test_run_dir_contract(run_a, params):
     assert keys <= set(man), keys - set(man)
     assert man["run_id"] == run_a.name
     assert set(man["data_fingerprints"]) == {"customers", "noncustomers", "usage"}
-    assert all(len(v) == 64 for v in man["data_fingerprints"].values())
+    # the recorded values are the ones computed here: file hashes, the checkout's commit
+    files = {"customers": "customers.csv", "noncustomers": "noncustomers.csv", "usage": "usage_actions.csv"}
+    sha = {
+        t: hashlib.sha256((Path(params["data_dir"]) / f).read_bytes()).hexdigest() for t, f in files.items()
+    }
+    assert man["data_fingerprints"] == sha
+    assert man["lock_sha256"] == hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert man["git_sha"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert "lightgbm" in man["packages"] and man["started_at"] <= man["finished_at"]
 
     m = json.loads((run_a / "metrics.json").read_text())
