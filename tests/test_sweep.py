@@ -128,7 +128,7 @@ def test_no_positive_validation_fold_is_reported():
             "postgresql://hsml:s3cret@127.0.0.1:1/sweeps",
             "...@127.0.0.1:1/sweeps",
         ),  # nothing listens on port 1
-        ("sqlite:////nonexistent-dir/optuna.db", "/nonexistent-dir/optuna.db"),
+        ("sqlite:////nonexistent-dir/optuna.db", "at sqlite:////nonexistent-dir/optuna.db:"),
     ],
 )
 def test_unreachable_storage_is_reported(storage, where):
