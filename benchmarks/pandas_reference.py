@@ -1,7 +1,8 @@
 """A straightforward pandas implementation of the hsml snapshot panel and the default feature set.
 
-Used by `benchmarks/snapshots.py` (speed and value-for-value agreement) and `tests/test_trainset.py`
-(independent check). Deliberately plain: a loop over as-of dates and windows, boolean masks, groupby.
+Used by `benchmarks/snapshots.py` (speed and value-for-value agreement), whose agreement check runs on a small
+size in `tests/test_benchmarks.py`. (`tests/test_trainset.py` has its own plain-Python row-by-row reference.)
+Deliberately plain, not tuned for speed: a loop over as-of dates and windows, boolean masks, groupby.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ ACTIONS = ["ACTIONS_CRM_CONTACTS", "ACTIONS_CRM_COMPANIES", "ACTIONS_CRM_DEALS",
 USERS = ["USERS_CRM_CONTACTS", "USERS_CRM_COMPANIES", "USERS_CRM_DEALS", "USERS_EMAIL"]
 EMPLOYEE_LEVELS = ["1", "2 to 5", "6 to 10", "11 to 25", "26 to 50", "51 to 200", "201 to 1000", "1001 to 10000",
                    "10,001 or more"]  # fmt: skip
+PERIOD = pd.Timedelta(days=7)  # usage rows are weekly
 
 
 def panel(
@@ -44,9 +46,10 @@ def features(companies: pd.DataFrame, usage: pd.DataFrame, pan: pd.DataFrame) ->
         ts_a = pd.Timestamp(a)
         f = grp[["id", "as_of"]].set_index("id")
         before = usage[usage["WHEN_TIMESTAMP"] < ts_a]
+        end = before["WHEN_TIMESTAMP"] + PERIOD  # a row stands for the week starting at its stamp
         sums = {}
-        for w in (7, 28, 56, 84):
-            win = before[before["WHEN_TIMESTAMP"] >= ts_a - pd.Timedelta(days=w)]
+        for w in (7, 28, 56, 84):  # rows whose whole week ended in (as_of - w, as_of]
+            win = before[(end > ts_a - pd.Timedelta(days=w)) & (end <= ts_a)]
             g = win.groupby("id")
             s = g[ACTIONS + USERS].sum().reindex(f.index, fill_value=0)
             s["__rows"] = g.size().reindex(f.index, fill_value=0)

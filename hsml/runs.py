@@ -331,7 +331,7 @@ def git_info(root: str | Path | None = None) -> dict[str, Any]:
             timeout=10,
         ).stdout
         return {"git_sha": sha, "git_dirty": bool(st.strip())}
-    except Exception:
+    except (subprocess.CalledProcessError, FileNotFoundError):  # not a git checkout / no git executable
         return {"git_sha": None, "git_dirty": None}
 
 

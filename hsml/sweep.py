@@ -114,7 +114,7 @@ def make_storage(
     import optuna
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    safe = url.split("@")[-1]
+    safe = "...@" + url.rsplit("@", 1)[-1] if "@" in url else url  # never the user and password
     for attempt in range(1, attempts + 1):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
@@ -122,10 +122,10 @@ def make_storage(
             # workers started together on an empty database race to create Optuna's tables and types
             # ("duplicate key ... pg_type_typname_nsp_index"): the loser waits and finds them made
             if attempt == attempts:
-                raise HsmlError(f"cannot open the Optuna storage at ...@{safe}: {e}") from e
+                raise HsmlError(f"cannot open the Optuna storage at {safe}: {e}") from e
             time.sleep(0.2 * attempt)
         except Exception as e:
-            raise HsmlError(f"cannot open the Optuna storage at ...@{safe}: {e}") from e
+            raise HsmlError(f"cannot open the Optuna storage at {safe}: {e}") from e
 
 # %% ../nbs/24_sweep.ipynb #b68fc73a
 def training_period(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from hsml.bundle import demo_bundle, load_bundle
 from hsml.core import HsmlError, sha256_file
-from hsml.registry import history, list_models, load_model, promote, publish, resolve, show
+from hsml.registry import history, list_models, load_model, promote, publish, registry_lock, resolve, show
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -61,6 +62,7 @@ def test_publish_promote_history_show_cli(bundles, tmp_path):
     assert (v1 / "run" / "manifest.json").exists() and (v1 / "run" / "config.yaml").exists()
     rec = json.loads((v1 / "version.json").read_text())
     assert rec["version"] == 1 and rec["run_id"] == "demo-logreg-0" and len(rec["digest"]) == 64
+    before = {v: sha256_file(reg / "leads" / "versions" / str(v) / "version.json") for v in (1, 2)}
 
     assert (
         cli(reg, "promote", "leads", "1", "--alias", "production", "--tracking", "disabled").returncode == 0
@@ -83,7 +85,7 @@ def test_publish_promote_history_show_cli(bundles, tmp_path):
     s = json.loads(cli(reg, "show", "leads@1", "--json").stdout)
     assert s["version"] == 1 and s["aliases"] == [] and s["verified"] is True
     # versions never change: promoting only moves aliases
-    assert sha256_file(v1 / "version.json") == sha256_file(v1 / "version.json")
+    assert {v: sha256_file(reg / "leads" / "versions" / str(v) / "version.json") for v in (1, 2)} == before
     assert [e["event"] for e in history("leads", reg)] == [
         "publish",
         "publish",
@@ -202,6 +204,31 @@ def test_crashed_publish_leaves_no_version(bundles, tmp_path):
     assert publish(bundles["b2"], "crash", root=reg, tracking="disabled") == 2
     assert load_model("crash@2", reg).registry["version"] == 2
     assert [e["version"] for e in history("crash", reg) if e["event"] == "publish"] == [1, 2]
+
+
+def test_a_held_lock_is_reported(tmp_path):
+    "A lock held by a live process is waited for, then refused with a message naming the lock file."
+    d = tmp_path / "registry" / "busy"
+    held = tmp_path / "held"
+    code = (
+        "import sys, time; from pathlib import Path; from hsml.registry import registry_lock\n"
+        "with registry_lock(Path(sys.argv[1])):\n    Path(sys.argv[2]).write_text('x'); time.sleep(600)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(d), str(held)], env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert p.poll() is None and time.monotonic() < deadline, "the holder did not take the lock"
+            time.sleep(0.05)
+        with pytest.raises(HsmlError, match=r"registry entry .*busy is locked \(.*\.lock\)") as e:
+            with registry_lock(d, timeout=0.5):
+                pass
+        assert "remove the .lock file" in e.value.hint
+        # the holder's lock is untouched
+        assert (d / ".lock").read_text() == f"{p.pid}@{socket.gethostname()}"
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_tampered_versions_are_refused(bundles, tmp_path):

@@ -13,8 +13,16 @@ import optuna
 import pytest
 import yaml
 
+from hsml.core import HsmlError
 from hsml.runs import validate_params
-from hsml.sweep import load_training_period, storage_url, sweep_main, validate_sweep_params
+from hsml.sweep import (
+    load_training_period,
+    make_objective,
+    make_storage,
+    storage_url,
+    sweep_main,
+    validate_sweep_params,
+)
 from hsml.tracking import find_wandb_run_files, wandb_run_contents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,14 +66,75 @@ def test_three_trial_sweep(sample_dir, tmp_path):
     assert any(k.startswith("trials") for row in c["history"] for k in row)
 
 
-def test_sweep_never_sees_the_test_period(sample_dir, tmp_path):
-    p = validate_sweep_params({"data_dir": str(sample_dir), "run_dir": str(tmp_path)})
-    frame, spec, dates = load_training_period(p, tmp_path / ".hsml")
-    cut = dt.date.fromisoformat(dates["test_from"]) - dt.timedelta(days=dates["horizon_days"])
-    assert frame["as_of"].max() < cut
-    assert frame["as_of"].max() + dt.timedelta(days=dates["horizon_days"]) < dt.date.fromisoformat(
-        dates["test_from"]
+def _last_event(data_dir: Path) -> dt.date:
+    "The data's last event, read straight from the CSVs: the latest usage stamp or close date."
+    import polars as pl
+
+    stamps = pl.read_csv(data_dir / "usage_actions.csv", infer_schema=False)["WHEN_TIMESTAMP"]
+    closes = pl.read_csv(data_dir / "customers.csv", infer_schema=False)["CLOSEDATE"].drop_nulls()
+    return max(dt.date.fromisoformat(max(stamps)[:10]), dt.date.fromisoformat(max(closes)[:10]))
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default-dates", "given-dates"])
+def test_sweep_never_sees_the_test_period(sample_dir, tmp_path, given):
+    "The sweep's rows are exactly the as-of dates before test_from - horizon_days, computed here from the parameters."
+    day = dt.timedelta(days=1)
+    if given:
+        start, end, every, horizon = dt.date(2019, 7, 1), dt.date(2020, 4, 27), 14, 42
+        test_from = dt.date(2020, 2, 10)
+        extra = {"as_of_start": str(start), "as_of_end": str(end), "every_days": every,
+                 "horizon_days": horizon, "test_from": str(test_from)}  # fmt: skip
+    else:  # the documented defaults: 13 as-of dates 28 days apart ending a horizon before the data ends,
+        every, horizon, extra = 28, 56, {}  # the last 4 of them are the test period
+        end = _last_event(sample_dir) - horizon * day
+        start = end - 12 * every * day
+        test_from = start + 9 * every * day
+    cut = test_from - horizon * day
+    want = [start + k * every * day for k in range(100) if start + k * every * day < cut]
+    assert len(want) >= 3  # the check means something
+    p = validate_sweep_params({"data_dir": str(sample_dir), "run_dir": str(tmp_path), **extra})
+    frame, _, _ = load_training_period(p, tmp_path / ".hsml")
+    assert frame["as_of"].unique().sort().to_list() == want
+    assert (
+        frame["as_of"].max() + horizon * day < test_from
+    )  # labels of the last sweep row end before the test
+
+
+def test_no_positive_validation_fold_is_reported():
+    "Positives only early in the training period: no fold can be scored, and the trial says so."
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(0)
+    dates = [dt.date(2020, 1, 6) + dt.timedelta(days=28 * k) for k in range(6)]
+    frame = pl.DataFrame(
+        {
+            "as_of": [d for d in dates for _ in range(50)],
+            "label": np.r_[np.tile(np.r_[np.ones(5), np.zeros(45)], 3), np.zeros(150)].astype(int),
+            "x": rng.normal(size=300),
+        }
     )
+    objective = make_objective(frame, [{"name": "x", "dtype": "Float64"}], "logreg", horizon_days=28)
+    with pytest.raises(
+        HsmlError, match="no validation fold has positive labels in both its training and validation"
+    ):
+        optuna.create_study(direction="maximize").optimize(objective, n_trials=1)
+
+
+@pytest.mark.parametrize(
+    "storage, where",
+    [
+        (
+            "postgresql://hsml:s3cret@127.0.0.1:1/sweeps",
+            "...@127.0.0.1:1/sweeps",
+        ),  # nothing listens on port 1
+        ("sqlite:////nonexistent-dir/optuna.db", "at sqlite:////nonexistent-dir/optuna.db:"),
+    ],
+)
+def test_unreachable_storage_is_reported(storage, where):
+    with pytest.raises(HsmlError, match="cannot open the Optuna storage at") as e:
+        make_storage(storage_url(storage, "."), attempts=1)
+    assert where in str(e.value) and "s3cret" not in str(e.value)  # where it looked, never the password
 
 
 WORKER = """

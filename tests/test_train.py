@@ -6,6 +6,7 @@ behind `hsml train`) and one through plain `papermill` on the command line with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -182,7 +184,15 @@ def test_run_dir_contract(run_a, params):
     assert keys <= set(man), keys - set(man)
     assert man["run_id"] == run_a.name
     assert set(man["data_fingerprints"]) == {"customers", "noncustomers", "usage"}
-    assert all(len(v) == 64 for v in man["data_fingerprints"].values())
+    # the recorded values are the ones computed here: file hashes, the checkout's commit
+    files = {"customers": "customers.csv", "noncustomers": "noncustomers.csv", "usage": "usage_actions.csv"}
+    sha = {
+        t: hashlib.sha256((Path(params["data_dir"]) / f).read_bytes()).hexdigest() for t, f in files.items()
+    }
+    assert man["data_fingerprints"] == sha
+    assert man["lock_sha256"] == hashlib.sha256((ROOT / "uv.lock").read_bytes()).hexdigest()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert man["git_sha"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert "lightgbm" in man["packages"] and man["started_at"] <= man["finished_at"]
 
     m = json.loads((run_a / "metrics.json").read_text())
@@ -210,6 +220,51 @@ def test_recovers_planted_signal(run_a):
     m = json.loads((run_a / "metrics.json").read_text())
     assert m["test"]["roc_auc"]["value"] > 0.6
     assert m["test"]["roc_auc"]["ci_low"] > 0.5
+
+
+def precision_at_k(as_of, y, score, k: int) -> float:
+    "Positives among the top k of each as-of date's list over the rows contacted (a tie at the cut is split evenly)."
+    tp = sel = 0.0
+    for d in np.unique(as_of):
+        s, t = score[as_of == d], y[as_of == d]
+        kk = min(k, len(s))
+        cut = np.sort(s)[::-1][kk - 1]
+        above, tie = s > cut, s == cut
+        tp += t[above].sum() + (kk - above.sum()) * t[tie].sum() / tie.sum()
+        sel += kk
+    return tp / sel
+
+
+def test_metrics_recomputed_from_saved_predictions(run_a):
+    "metrics.json against scikit-learn / numpy on test_predictions.parquet, whose scores are the bundle's."
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from hsml.bundle import load_bundle
+
+    m = json.loads((run_a / "metrics.json").read_text())
+    pred = pl.read_parquet(run_a / "test_predictions.parquet")
+    assert pred.columns == ["id", "as_of", "label", "score"]
+    # the rows are the test period of the training set: as_of >= test_from
+    cfg = yaml.safe_load((run_a / "config.yaml").read_text())
+    ts = pl.read_parquet(run_a / "training_set.parquet")
+    test = ts.filter(pl.col("as_of") >= pl.lit(cfg["test_from"]).str.to_date())
+    key = ["id", "as_of", "label"]
+    assert pred.select(key).sort(key).equals(test.select(key).sort(key))
+    assert (pred.height, int(pred["label"].sum())) == (m["n_test"], m["n_test_positive"])
+    # the scores are what the published bundle gives for those rows
+    rows = test.join(pred.select("id", "as_of", "score"), on=["id", "as_of"])
+    b = load_bundle(run_a / "model")
+    np.testing.assert_allclose(
+        b.pipeline.predict_proba(rows.to_pandas())[:, 1], rows["score"].to_numpy(), rtol=1e-9, atol=1e-12
+    )
+    y, s, as_of = pred["label"].to_numpy(), pred["score"].to_numpy(), pred["as_of"].to_numpy()
+    assert np.isclose(m["test"]["roc_auc"]["value"], roc_auc_score(y, s), rtol=1e-9)
+    assert np.isclose(m["test"]["pr_auc"]["value"], average_precision_score(y, s), rtol=1e-9)
+    assert m["capacities"] == [50, 100, 200]
+    for k in m["capacities"]:
+        want = precision_at_k(as_of, y, s, k)
+        assert np.isclose(m["test"][f"precision_at_{k}"]["value"], want, rtol=1e-9), (k, want)
+    assert len({round(m["test"][f"precision_at_{k}"]["value"], 9) for k in m["capacities"]}) > 1
 
 
 def test_same_params_same_results(run_a, run_b):

@@ -1,7 +1,8 @@
 """End-to-end checks of point-in-time training sets against an independent plain-Python implementation.
 
 The reference below shares no code with hsml: it reads the clean tables as Python rows and applies the rules of
-issue 3 literally (population, labels, windowed sums, recency, tenure), one company and one as-of date at a time.
+issue 3 literally (population, labels, windowed sums, trends, breadth, intensity, recency, tenure, firmographics:
+every feature of the `default` set), one company and one as-of date at a time.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ START, END, EVERY, HORIZON = "2019-06-03", "2020-05-25", 21, 56
 
 
 # ---------------------------------------------------------------- the independent reference (plain Python)
+EMPLOYEE_LEVELS = ["1", "2 to 5", "6 to 10", "11 to 25", "26 to 50", "51 to 200", "201 to 1000", "1001 to 10000",
+                   "10,001 or more"]  # fmt: skip  # DATA.md's buckets, smallest first
+NO_RANK = 16_000_001  # the extract's "no rank known" sentinel
+PERIOD = timedelta(days=7)  # a usage row stands for the week that starts at its stamp
+
+
 def reference(companies: list[dict], usage: list[dict], as_of_dates: list[date], horizon: int) -> dict:
-    "{(id, as_of): {label, conversion_mrr, <column>_sum_<w>d, active_periods_<w>d, recency, tenure}}"
+    "{(id, as_of): {label, conversion_mrr, every feature of the `default` set}}"
     by_id: dict[int, list[dict]] = defaultdict(list)
     for u in usage:
         by_id[u["id"]].append(u)
@@ -44,27 +51,38 @@ def reference(companies: list[dict], usage: list[dict], as_of_dates: list[date],
                 continue
             label = int(close is not None and a < close <= a + timedelta(days=horizon))
             row = {"label": label, "conversion_mrr": c["MRR"] if label else None}
+            rows = by_id[c["id"]]
+
+            def window(newest: int, oldest: int, rows=rows, cutoff=cutoff) -> list[dict]:
+                "Rows whose whole week ended in (as_of - oldest days, as_of - newest days]."
+                lo, hi = cutoff - timedelta(days=oldest), cutoff - timedelta(days=newest)
+                return [u for u in rows if lo < u["WHEN_TIMESTAMP"] + PERIOD <= hi]
+
             for w in (7, 28, 84):
-                start = cutoff - timedelta(days=w)
-                win = [u for u in past if u["WHEN_TIMESTAMP"] >= start]
+                win = window(0, w)
                 for col in ACTIONS + USERS:
                     row[f"{col.lower()}_sum_{w}d"] = sum(u[col] for u in win)
                 row[f"actions_total_sum_{w}d"] = sum(u[col] for u in win for col in ACTIONS)
                 row[f"active_periods_{w}d"] = len(win)
-            prev = [
-                u
-                for u in past
-                if cutoff - timedelta(days=56) <= u["WHEN_TIMESTAMP"] < cutoff - timedelta(days=28)
-            ]
-            recent = sum(
-                u[col] for u in past if u["WHEN_TIMESTAMP"] >= cutoff - timedelta(days=28) for col in ACTIONS
-            )
-            row["actions_total_trend_28d"] = math.log1p(recent) - math.log1p(
-                sum(u[c_] for u in prev for c_ in ACTIONS)
-            )
+            recent, prev = window(0, 28), window(28, 56)
+            for name, cols in [(col.lower(), [col]) for col in ACTIONS] + [("actions_total", ACTIONS)]:
+                r, b = (sum(u[col] for u in part for col in cols) for part in (recent, prev))
+                row[f"{name}_trend_28d"] = math.log1p(r) - math.log1p(b)
+            for w in (28, 84):
+                win = window(0, w)
+                row[f"objects_used_{w}d"] = sum(any(u[col] > 0 for u in win) for col in ACTIONS)
+                acts, users = (sum(u[col] for u in win for col in cols) for cols in (ACTIONS, USERS))
+                row[f"actions_per_user_{w}d"] = acts / users if users else 0.0
             # recency and tenure count from the end of the weekly period (stamp + 7 days), issue 8 item 1
             row["days_since_last_activity"] = (a - max(u["WHEN_TIMESTAMP"] for u in past).date()).days - 7
             row["days_since_first_activity"] = (a - min(u["WHEN_TIMESTAMP"] for u in past).date()).days - 7
+            size, rank = c["EMPLOYEE_RANGE"], c["ALEXA_RANK"]
+            row["employee_range_order"] = EMPLOYEE_LEVELS.index(size) if size is not None else None
+            row["employee_range_unknown"] = int(size is None)
+            known = rank is not None and rank != NO_RANK
+            row["log_alexa_rank"] = math.log(rank) if known else None
+            row["alexa_rank_unknown"] = int(not known)
+            row["industry"] = c["INDUSTRY"] or None
             out[(c["id"], a)] = row
     return out
 
@@ -92,6 +110,11 @@ def test_matches_independent_reference(sample, built):
     got = {(r["id"], r["as_of"]): r for r in built.frame.to_dicts()}
     assert set(got) == set(ref), "population differs"
     assert sum(r["label"] for r in ref.values()) > 10  # the check means something
+    assert set(built.feature_names) <= set(next(iter(ref.values()))), "a default feature has no reference"
+    # and the firmographics vary: known and unknown sizes, ranks and industries all occur
+    for col in ("employee_range_unknown", "alexa_rank_unknown"):
+        assert {r[col] for r in ref.values()} == {0, 1}, col
+    assert None in {r["industry"] for r in ref.values()} and len({r["industry"] for r in ref.values()}) > 5
     for k, want in ref.items():
         row = got[k]
         for col, v in want.items():
