@@ -170,13 +170,14 @@ def export_mlflow(
     ):
         code = Path(td) / "hsml"
         shutil.copytree(Path(hsml.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+        art = shutil.copytree(b.path, Path(td) / "bundle")  # MLflow names the artifact after its directory
         if out.exists():
             out.rmdir()
         with atomic_path(out, is_dir=True) as tmp:
             mlflow.pyfunc.save_model(
                 str(tmp),
                 python_model=BundleModel(),
-                artifacts={"bundle": str(b.path)},
+                artifacts={"bundle": str(art)},
                 code_paths=[str(code)],
                 signature=mlflow_signature(b.input_schema, b.predict(example)),
                 input_example=example,
