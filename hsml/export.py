@@ -114,7 +114,11 @@ def input_example(
 
     base = frame_for(bundle, pl.DataFrame([bundle.baseline()]))
     probe = probe_frame(bundle.input_schema, n=64).drop_nulls()
-    return pl.concat([base, probe.head(n - 1)]).to_pandas()
+    cats = [f["name"] for f in bundle.input_schema["fields"] if f["type"] == "category"]
+    rows = pl.concat([base, probe.head(n - 1)]).with_columns(pl.col(cats).cast(pl.String))
+    return (
+        rows.to_pandas()
+    )  # categories as plain strings: MLflow's `string` columns refuse pandas categoricals
 
 # %% ../nbs/34_export.ipynb #571ddc56
 @contextmanager
