@@ -301,3 +301,25 @@ def test_tutorial_curl_examples(served, tmp_path):
         assert a["model"] == "consume" and a["version"] == 1
         assert abs(a["predictions"][0]["score"] - expected) < 1e-12
     assert answers[1]["id"] == served["cid"] and answers[1]["as_of"] == served["as_of"]
+
+
+def test_cli_help_and_missing_extra(tmp_path):
+    "`hsml --help` lists `bundle`; without MLflow the export is one clear message naming the extra, exit 2."
+    hsml_cli = str(Path(sys.executable).parent / "hsml")
+    top = subprocess.run([hsml_cli, "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and "bundle" in top.stdout
+    sub = subprocess.run([hsml_cli, "bundle", "export", "--help"], capture_output=True, text=True)
+    assert sub.returncode == 0 and "Example" in sub.stdout and "--format" in sub.stdout
+    bdir = demo_bundle(tmp_path / "b", n=300)
+    code = (
+        "import sys; sys.modules['mlflow'] = None\n"  # as if the extra were not installed
+        "from hsml.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, "bundle", "export", str(bdir), str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "hsml[mlflow]" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
