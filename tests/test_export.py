@@ -98,7 +98,18 @@ def test_mlflow_models_serve_answers_the_same(exported):
     mlflow_cli = shutil.which("mlflow", path=env["PATH"])
     assert mlflow_cli, "the mlflow command is not installed"
     log = open(exported["tmp"] / "mlflow-serve.log", "w")
-    cmd = [mlflow_cli, "models", "serve", "-m", str(exported["out"]), "--env-manager", "local"]
+    # `timeout` ends the server by itself should this test process die before its `finally`
+    cmd = [
+        "timeout",
+        "300",
+        mlflow_cli,
+        "models",
+        "serve",
+        "-m",
+        str(exported["out"]),
+        "--env-manager",
+        "local",
+    ]
     proc = subprocess.Popen(
         [*cmd, "-h", "127.0.0.1", "-p", str(port)],
         env=env,
@@ -210,7 +221,16 @@ def served(tmp_path_factory):
     port = free_port()
     hsml_cli = str(Path(sys.executable).parent / "hsml")
     log = open(tmp / "server.log", "w")
-    cmd = [hsml_cli, "serve", "--model", "consume@production", "--registry", str(tmp / "registry")]
+    cmd = [
+        "timeout",
+        "600",
+        hsml_cli,
+        "serve",
+        "--model",
+        "consume@production",
+        "--registry",
+        str(tmp / "registry"),
+    ]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--log", str(tmp / "predictions.jsonl")],
         env={**os.environ, "HSML_API_TOKEN": "", "OMP_NUM_THREADS": "1"},
