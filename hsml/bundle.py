@@ -424,6 +424,7 @@ def save_bundle(
         if f["type"] == "category" and f.get("unknown_categories") == "reject":
             s.setdefault("categories", f["categories"])
     info = {
+        "format_version": 1,  # the bundle format (30_bundle_format.ipynb); bumped on an incompatible change
         "name": meta.get("name") or meta.get("model") or "model",
         "model": meta.get("model"),
         "created_at": meta.get("created_at") or dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -40,6 +40,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve a model over HTTP (FastAPI on uvicorn, loopback by default).",
     ),
     "score": ("hsml.score", "score_cmd", "Batch-score every prospect not converted by a date."),
+    "bundle": (
+        "hsml.export",
+        "bundle_app",
+        "Export a model bundle for other platforms (an MLflow pyfunc model).",
+    ),
 }
 
 
