@@ -40,7 +40,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve a model over HTTP (FastAPI on uvicorn, loopback by default).",
     ),
     "score": ("hsml.score", "score_cmd", "Batch-score every prospect not converted by a date."),
-    "impact": ("hsml.impact_cli", "impact_app", "Measure impact: design a holdout, validate the estimator, report."),
+    "impact": ("hsml.impact_cli", "impact_app", "Holdout experiments: design, simulate, report."),
 }
 
 
