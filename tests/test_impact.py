@@ -75,3 +75,25 @@ def test_design_warns_past_26_weeks_and_rejects_bad_input():
         "0",
     )
     assert r.returncode == 2 and "holdout share" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_simulate_recovers_the_planted_lift_and_catches_the_planted_faults():
+    r = run("impact", "simulate", "--runs", "200", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert list(s) == [
+        "runs",
+        "true_lift",
+        "coverage",
+        "mean_estimate",
+        "aa_false_positive_rate",
+        "srm_alarm_rate_clean",
+        "srm_detected_dropped_holdout",
+        "psi_detected_shifted_feature",
+        "miscalibration_detected",
+    ]
+    assert s["runs"] == 200 and s["true_lift"] == 0.02
+    assert 0.90 <= s["coverage"] <= 0.99 and abs(s["mean_estimate"] - 0.02) < 0.002
+    assert 0.01 <= s["aa_false_positive_rate"] <= 0.10 and s["srm_alarm_rate_clean"] <= 0.02
+    assert s["srm_detected_dropped_holdout"] >= 0.95
+    assert s["psi_detected_shifted_feature"] >= 0.99 and s["miscalibration_detected"] >= 0.99
