@@ -186,3 +186,43 @@ def test_report_errors_are_clear(tmp_path):
         "28",
     )
     assert r.returncode == 2 and "nope.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
+    "A real bundle (minimal features, logistic regression) gives the horizon, the feature set and the score drift."
+    import polars as pl
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from hsml.bundle import save_bundle
+    from hsml.contracts import load_tables
+    from hsml.trainset import build_training_set
+
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    ts = build_training_set(
+        load_tables(data), "2019-09-02", "2020-01-27", 7, 28, feature_set="minimal", audit=False
+    )
+    X = ts.frame.select(ts.feature_names).to_pandas()
+    pipe = Pipeline(
+        [("impute", SimpleImputer(keep_empty_features=True)), ("model", LogisticRegression(max_iter=500))]
+    )
+    pipe.fit(X, ts.frame["label"].to_numpy())
+    meta = {"name": "m", "model": "logreg", "feature_set": "minimal", "horizon_days": 28}
+    save_bundle(tmp_path / "bundle", pipe, ts.spec, {}, meta, train_frame=ts.frame)
+    ts.frame.write_parquet(tmp_path / "train.parquet")
+    lines = _log_lines(data)
+    (tmp_path / "log.jsonl").write_text("".join(lines))
+    treated = [json.loads(x)["id"] for x in lines if json.loads(x)["arm"] == "treatment"]
+    pl.DataFrame({"id": treated[::2], "reached": [1] * len(treated[::2])}).write_csv(tmp_path / "calls.csv")
+    args = ["--log", str(tmp_path / "log.jsonl"), "--data-dir", str(data), "--out", str(tmp_path / "o")]
+    args += ["--model", str(tmp_path / "bundle"), "--training-set", str(tmp_path / "train.parquet")]
+    r = run("impact", "report", *args, "--calls", str(tmp_path / "calls.csv"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "o" / "impact.json").read_text())
+    assert rep["outcomes"]["horizon_days"] == 28  # from the bundle
+    assert set(rep["drift"]["features"]) == set(ts.feature_names) and "psi" in rep["drift"]["score"]
+    assert rep["drift"]["week"] == "2020-04-20" and rep["drift"]["companies"] == 100
+    reach = rep["matured"]["effect_on_reached"]["reach_difference"]
+    assert 0.4 < reach < 0.6  # half the called companies were reached, no holdout company
