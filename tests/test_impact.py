@@ -169,7 +169,8 @@ def test_report_is_the_same_for_rotated_concatenated_retried_and_torn_logs(tmp_p
     assert a["srm"]["n_treatment"] + a["srm"]["n_holdout"] == n and not a["srm"]["alarm"]
     assert len(a["matured"]["by_week"]) == 8 and len(a["sequential"]["by_week"]) == 8
     assert "Waudby-Smith" in a["sequential"]["method"] and a["sequential"]["parameters"]["alpha"] == 0.05
-    assert (tmp_path / "a" / "sequential.png").exists()
+    assert (tmp_path / "a" / "sequential.png").exists() and (tmp_path / "a" / "calibration.png").exists()
+    assert len(a["calibration"]["bins"]) == 10 and a["calibration"]["arm"] == "holdout"
 
 
 def test_report_errors_are_clear(tmp_path):
