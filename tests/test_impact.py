@@ -1,0 +1,229 @@
+"""`hsml impact …` as a user runs it (real subprocesses), and the estimators checked against reference computations."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scipy.stats import norm
+
+HSML = [str(Path(sys.executable).parent / "hsml")]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*HSML, *args], capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_design_matches_a_hand_computation():
+    r = run(
+        "impact",
+        "design",
+        "--baseline-rate",
+        "0.05",
+        "--effect",
+        "0.02",
+        "--k",
+        "300",
+        "--holdout-share",
+        "0.2",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    # Fleiss' unequal-arm formula by hand: r = 4 treated per held-out company
+    p0, p1, k = 0.05, 0.07, 4
+    pbar = (p0 + k * p1) / (1 + k)
+    za, zb = norm.ppf(0.975), norm.ppf(0.8)
+    nh = math.ceil(
+        (za * math.sqrt(pbar * (1 - pbar) * (1 + 1 / k)) + zb * math.sqrt(p0 * (1 - p0) + p1 * (1 - p1) / k))
+        ** 2
+        / 0.02**2
+    )
+    assert d["companies_per_arm"] == {"treatment": 4 * nh, "holdout": nh}
+    assert d["weeks"] == math.ceil(5 * nh / 300) and d["weeks"] <= 26 and d["warning"] is None
+    assert r.stderr == ""
+
+
+def test_design_warns_past_26_weeks_and_rejects_bad_input():
+    r = run(
+        "impact",
+        "design",
+        "--baseline-rate",
+        "0.05",
+        "--effect",
+        "0.02",
+        "--k",
+        "100",
+        "--holdout-share",
+        "0.2",
+    )
+    assert r.returncode == 0 and "weeks needed at K=100 per week: 72" in r.stdout
+    assert "warning: 72 weeks is more than 26" in r.stderr
+    r = run(
+        "impact",
+        "design",
+        "--baseline-rate",
+        "0.05",
+        "--effect",
+        "0.02",
+        "--k",
+        "100",
+        "--holdout-share",
+        "0",
+    )
+    assert r.returncode == 2 and "holdout share" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_simulate_recovers_the_planted_lift_and_catches_the_planted_faults():
+    r = run("impact", "simulate", "--runs", "200", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert list(s) == [
+        "runs",
+        "true_lift",
+        "coverage",
+        "mean_estimate",
+        "aa_false_positive_rate",
+        "srm_alarm_rate_clean",
+        "srm_detected_dropped_holdout",
+        "psi_detected_shifted_feature",
+        "miscalibration_detected",
+    ]
+    assert s["runs"] == 200 and s["true_lift"] == 0.02
+    assert 0.90 <= s["coverage"] <= 0.99 and abs(s["mean_estimate"] - 0.02) < 0.002
+    assert 0.01 <= s["aa_false_positive_rate"] <= 0.10 and s["srm_alarm_rate_clean"] <= 0.02
+    assert s["srm_detected_dropped_holdout"] >= 0.95
+    assert s["psi_detected_shifted_feature"] >= 0.99 and s["miscalibration_detected"] >= 0.99
+
+
+KEYS = ["srm", "matured", "sequential", "immature", "drift", "calibration"]
+
+
+def _log_lines(data: Path) -> list[str]:
+    "Eight weekly top-100 lists of the generated extract's companies, arms by the sticky hash."
+    import datetime as dt
+
+    import numpy as np
+    import polars as pl
+
+    from hsml.impact_design import assign_arm
+
+    ids = pl.concat([pl.read_csv(data / f, columns=["id"]) for f in ("customers.csv", "noncustomers.csv")])[
+        "id"
+    ]
+    ids = ids.unique().sort().to_list()
+    rng = np.random.default_rng(0)
+    out = []
+    for w in range(8):
+        day = dt.date(2020, 3, 2) + dt.timedelta(weeks=w)
+        top = rng.choice(ids, 100, replace=False).tolist()
+        for r, (i, a) in enumerate(zip(top, assign_arm("t", top, 0.2)), 1):
+            rec = dict(
+                request_id=f"w{w}", model="m", version=1, id=i, score=0.05, timestamp=f"{day}T06:00:00"
+            )
+            out.append(
+                json.dumps(rec | dict(experiment="t", arm=a, rank=r, as_of=str(day), holdout_share=0.2))
+                + "\n"
+            )
+    return out
+
+
+def test_report_is_the_same_for_rotated_concatenated_retried_and_torn_logs(tmp_path):
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    lines = _log_lines(data)
+    w1, w2 = "".join(lines[::2]), "".join(lines[1::2])
+    (tmp_path / "w1.jsonl").write_text(w1 + lines[0] + lines[4][:35])  # a retried line, then a torn write
+    (tmp_path / "w2.jsonl").write_text(w2)
+    half = len(lines[1::2]) // 2  # worker 2's log rotated in two
+    (tmp_path / "w2.1.jsonl").write_text("".join(lines[1::2][:half]))
+    (tmp_path / "w2.2.jsonl").write_text("".join(lines[1::2][half:]))
+    (tmp_path / "all.jsonl").write_text((tmp_path / "w1.jsonl").read_text() + w2)
+
+    def report(name: str, *logs: str) -> dict:
+        args = [a for lg in logs for a in ("--log", str(tmp_path / lg))]
+        r = run(
+            "impact",
+            "report",
+            *args,
+            "--data-dir",
+            str(data),
+            "--out",
+            str(tmp_path / name),
+            "--horizon-days",
+            "28",
+        )
+        assert r.returncode == 0, r.stderr
+        assert "torn" in r.stderr and "Traceback" not in r.stderr
+        rep = json.loads((tmp_path / name / "impact.json").read_text())
+        assert list(rep)[:6] == KEYS
+        assert rep["log"]["duplicates"] == 1 and rep["log"]["torn_lines"] == 1
+        return {k: v for k, v in rep.items() if k != "log"}
+
+    a = report("a", "w1.jsonl", "w2.jsonl")
+    assert a == report("b", "w2.2.jsonl", "w1.jsonl", "w2.1.jsonl") == report("c", "all.jsonl")
+    n = len({json.loads(x)["id"] for x in lines})  # each company once, from its first appearance
+    assert a["srm"]["n_treatment"] + a["srm"]["n_holdout"] == n and not a["srm"]["alarm"]
+    assert len(a["matured"]["by_week"]) == 8 and len(a["sequential"]["by_week"]) == 8
+    assert "Waudby-Smith" in a["sequential"]["method"] and a["sequential"]["parameters"]["alpha"] == 0.05
+    assert (tmp_path / "a" / "sequential.png").exists() and (tmp_path / "a" / "calibration.png").exists()
+    assert len(a["calibration"]["bins"]) == 10 and a["calibration"]["arm"] == "holdout"
+
+
+def test_report_errors_are_clear(tmp_path):
+    r = run(
+        "impact",
+        "report",
+        "--log",
+        str(tmp_path / "nope.jsonl"),
+        "--data-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--horizon-days",
+        "28",
+    )
+    assert r.returncode == 2 and "nope.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
+    "A real bundle (minimal features, logistic regression) gives the horizon, the feature set and the score drift."
+    import polars as pl
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from hsml.bundle import save_bundle
+    from hsml.contracts import load_tables
+    from hsml.trainset import build_training_set
+
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    ts = build_training_set(
+        load_tables(data), "2019-09-02", "2020-01-27", 7, 28, feature_set="minimal", audit=False
+    )
+    X = ts.frame.select(ts.feature_names).to_pandas()
+    pipe = Pipeline(
+        [("impute", SimpleImputer(keep_empty_features=True)), ("model", LogisticRegression(max_iter=500))]
+    )
+    pipe.fit(X, ts.frame["label"].to_numpy())
+    meta = {"name": "m", "model": "logreg", "feature_set": "minimal", "horizon_days": 28}
+    save_bundle(tmp_path / "bundle", pipe, ts.spec, {}, meta, train_frame=ts.frame)
+    ts.frame.write_parquet(tmp_path / "train.parquet")
+    lines = _log_lines(data)
+    (tmp_path / "log.jsonl").write_text("".join(lines))
+    treated = [json.loads(x)["id"] for x in lines if json.loads(x)["arm"] == "treatment"]
+    pl.DataFrame({"id": treated[::2], "reached": [1] * len(treated[::2])}).write_csv(tmp_path / "calls.csv")
+    args = ["--log", str(tmp_path / "log.jsonl"), "--data-dir", str(data), "--out", str(tmp_path / "o")]
+    args += ["--model", str(tmp_path / "bundle"), "--training-set", str(tmp_path / "train.parquet")]
+    r = run("impact", "report", *args, "--calls", str(tmp_path / "calls.csv"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "o" / "impact.json").read_text())
+    assert rep["outcomes"]["horizon_days"] == 28  # from the bundle
+    assert set(rep["drift"]["features"]) == set(ts.feature_names) and "psi" in rep["drift"]["score"]
+    assert rep["drift"]["week"] == "2020-04-20" and rep["drift"]["companies"] == 100
+    reach = rep["matured"]["effect_on_reached"]["reach_difference"]
+    assert 0.4 < reach < 0.6  # half the called companies were reached, no holdout company
