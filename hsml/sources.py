@@ -353,6 +353,8 @@ class Catalog:
 
     sources: dict[str, Source]  # table name -> source
     origin: str = "<memory>"  # where this catalog came from (YAML path or directory)
+    outputs: dict[str, Any] = field(default_factory=dict)  # output name -> sink entry (`outputs:` in YAML)
+    base_dir: str | Path = "."  # relative output paths are resolved against this
 
     def __post_init__(self):
         missing = [t for t in TABLES if t not in self.sources]
@@ -379,6 +381,10 @@ class Catalog:
         "Build from a parsed catalog mapping (env vars interpolated, relative paths against `base_dir`)."
         if not isinstance(spec, Mapping):
             raise HsmlError(f"{origin}: a catalog is a mapping of table -> source, got {type(spec).__name__}")
+        spec = dict(spec)
+        outputs = spec.pop("outputs", None) or {}
+        if not isinstance(outputs, Mapping):
+            raise HsmlError(f"{origin}: `outputs` maps an output name to a sink entry, got {outputs!r}")
         unknown = [k for k in spec if k not in TABLES]
         if unknown:
             raise HsmlError(
@@ -386,9 +392,8 @@ class Catalog:
                 hint=f"tables are {', '.join(TABLES)}",
             )
         spec = interpolate_env(dict(spec), origin)
-        return cls(
-            {t: source_from_spec(s, base_dir, f"{origin}: {t}") for t, s in spec.items()}, origin=origin
-        )
+        sources = {t: source_from_spec(s, base_dir, f"{origin}: {t}") for t, s in spec.items()}
+        return cls(sources, origin=origin, outputs=dict(outputs), base_dir=base_dir)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Catalog:
@@ -413,6 +418,17 @@ class Catalog:
         if p.suffix in (".yaml", ".yml"):
             return cls.from_yaml(p)
         raise HsmlError(f"{p}: neither a directory of CSVs nor a catalog .yaml file")
+
+    def sink(self, name: str) -> Any:
+        "The sink (`hsml.sinks`) of the output called `name` in this catalog's `outputs:`."
+        from hsml.sinks import sink_from_spec
+
+        if name not in self.outputs:
+            known = ", ".join(sorted(self.outputs)) or "none"
+            raise HsmlError(
+                f"{self.origin}: no output named {name!r}", hint=f"outputs in this catalog: {known}"
+            )
+        return sink_from_spec(self.outputs[name], self.base_dir, f"{self.origin}: outputs.{name}")
 
     def __getitem__(self, table: str) -> Source:
         return self.sources[table]
