@@ -26,7 +26,15 @@ from typing import Any
 
 import yaml
 
-from .core import HsmlError, atomic_path, atomic_write_json, atomic_write_text, sha256_bytes, sha256_file
+from hsml.core import (
+    HsmlError,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temporaries,
+    sha256_bytes,
+    sha256_file,
+)
 from .tracking import TRACKING_MODES
 
 # %% auto #0
@@ -376,7 +384,10 @@ class Run:
             self.dir.mkdir(parents=True, exist_ok=True)
         else:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.run_id}.", suffix=".tmp", dir=self.root))
+            remove_stale_temporaries(self.root)  # what runs killed before us left behind
+            self.dir = Path(
+                tempfile.mkdtemp(prefix=f".{self.run_id}.{os.getpid()}.", suffix=".tmp", dir=self.root)
+            )
             atexit.register(self._cleanup)
         self.dir.chmod(0o755)  # mkdtemp makes it private; a run directory is meant to be read by others
         self.started_at = _now()
@@ -592,6 +603,7 @@ def train_main(
     run_id = make_run_id(p["model"])
     final = root / run_id
     failed = root / ".failed" / f"{run_id}.ipynb"
+    remove_stale_temporaries(root)  # half-made run directories of runs that were killed
     with atomic_path(final, overwrite=False, is_dir=True) as tmp:
         tmp.chmod(0o755)
         out_nb = tmp / "train.ipynb"
