@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['EMPLOYEE_LEVELS', 'RANK_SENTINEL', 'HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json', 'atomic_path',
-           'atomic_write_text', 'atomic_write_json']
+__all__ = ['EMPLOYEE_LEVELS', 'RANK_SENTINEL', 'TEMP_RE', 'HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json',
+           'atomic_path', 'atomic_write_text', 'atomic_write_json', 'remove_stale_temporaries']
 
 # %% ../nbs/00_core.ipynb #bb57c353
 class HsmlError(Exception):
@@ -71,7 +72,7 @@ def atomic_path(
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise HsmlError(f"{final} already exists", hint="choose another path or remove it first")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
     target = tmp if is_dir else tmp / final.name
     try:
         yield target
@@ -93,3 +94,28 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "Write `obj` as indented JSON to `path` atomically."
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+# %% ../nbs/00_core.ipynb #c0re0002
+TEMP_RE = re.compile(
+    r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$"
+)  # atomic_path's temporary names: .<name>.<pid>.<random>.tmp
+
+
+def remove_stale_temporaries(
+    directory: str | Path,  # where atomic writes happen (a run_dir, a registry entry, an output folder)
+) -> list[Path]:
+    "Delete the temporaries of `atomic_path` whose owner process is gone; return what was deleted."
+    removed = []
+    for p in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else []:
+        m = TEMP_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid():
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # its writer is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

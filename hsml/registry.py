@@ -24,12 +24,13 @@ from typing import Any
 import typer
 
 from .bundle import HASHES_FILE, Bundle, bundle_digest, load_bundle, verify_bundle
-from .core import HsmlError, atomic_write_json
+from .core import HsmlError, atomic_write_json, atomic_write_text
 
 # %% auto #0
 __all__ = ['NAME_RE', 'ALIAS_RE', 'RESERVED_ALIASES', 'DEFAULT_ALIAS', 'TRACKING_MODES', 'registry_app', 'registry_root',
-           'registry_lock', 'list_models', 'ModelRef', 'resolve', 'load_model', 'publish', 'promote', 'history',
-           'alias_history', 'show', 'list_cmd', 'show_cmd', 'promote_cmd', 'history_cmd', 'publish_cmd']
+           'registry_lock', 'list_models', 'reconcile', 'consistency_problems', 'ModelRef', 'resolve', 'load_model',
+           'publish', 'promote', 'history', 'alias_history', 'show', 'list_cmd', 'show_cmd', 'promote_cmd',
+           'history_cmd', 'publish_cmd']
 
 # %% ../nbs/31_registry.ipynb #978f3b61
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -115,8 +116,11 @@ def registry_lock(
 def _append_history(model_dir: Path, event: dict) -> None:
     "Append one event to history.jsonl (one write call, fsynced)."
     line = (json.dumps(event, default=str, sort_keys=False) + "\n").encode()
-    fd = os.open(model_dir / "history.jsonl", os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
+    fd = os.open(model_dir / "history.jsonl", os.O_CREAT | os.O_APPEND | os.O_RDWR, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a writer was killed mid-line: start a new one
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -154,6 +158,99 @@ def list_models(
         al = {a: v["version"] for a, v in _aliases(d).items()}
         out.append({"name": d.name, "versions": vs, "latest": vs[-1], "aliases": al})
     return out
+
+# %% ../nbs/31_registry.ipynb #c0a1f002
+def _read_history(
+    model_dir: Path,  # NAME/ directory
+    torn: list[int] | None = None,  # if given, the numbers of torn lines are appended to it (and not warned)
+) -> list[dict]:
+    "The events in history.jsonl; a torn line (its writer was killed mid-write) is skipped with a warning."
+    f, events = model_dir / "history.jsonl", []
+    for n, line in enumerate(f.read_bytes().splitlines() if f.exists() else [], 1):
+        try:
+            if line.strip():
+                events.append(json.loads(line))
+        except ValueError:
+            if torn is not None:
+                torn.append(n)
+                continue
+            warnings.warn(
+                f"{f}: line {n} is not complete JSON (a writer was killed mid-write): skipped", stacklevel=2
+            )
+    return events
+
+
+def _pid_gone(pid: int) -> bool:
+    "True when no process `pid` runs on this host."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+# %% ../nbs/31_registry.ipynb #c0a1f003
+def reconcile(
+    model_dir: Path,  # NAME/ directory; call while holding `registry_lock(model_dir)`
+) -> list[str]:
+    "Repair what killed publishes/promotes left behind; return what was repaired (see above)."
+    fixed: list[str] = []
+    for tmp in (model_dir / "versions").glob(".publish-*.tmp"):
+        m = re.match(r"\.publish-(\d+)-", tmp.name)
+        if m and _pid_gone(int(m.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            fixed.append(f"removed {tmp.name}")
+    torn: list[int] = []
+    events = _read_history(model_dir, torn)
+    if torn:  # rewrite the history without the torn lines (every append holds the lock)
+        atomic_write_text(
+            model_dir / "history.jsonl", "".join(json.dumps(e, default=str) + "\n" for e in events)
+        )
+        fixed.append(f"history: dropped torn line(s) {torn}")
+    published = {e["version"] for e in events if e.get("event") == "publish"}
+    for v in (v for v in _versions(model_dir) if v not in published):
+        rec = _version_record(model_dir, v)
+        keep = {k: rec[k] for k in ("digest", "source")}
+        _append_history(
+            model_dir,
+            {"ts": rec["published_at"], "event": "publish", "version": v, **keep, "recovered": True},
+        )
+        fixed.append(f"history: publish of version {v}")
+    held = {e["alias"]: e["version"] for e in events if e.get("event") == "promote"}
+    for alias, a in _aliases(model_dir).items():
+        if held.get(alias) != a["version"]:
+            ev = {"ts": a["since"], "event": "promote", "alias": alias, "version": a["version"]}
+            _append_history(model_dir, ev | {"previous": held.get(alias), "by": _user(), "recovered": True})
+            fixed.append(f"history: {alias} -> version {a['version']}")
+    return fixed
+
+# %% ../nbs/31_registry.ipynb #c0a1f004
+def consistency_problems(
+    name: str,  # registry name
+    root: str | Path | None = None,  # registry directory
+) -> list[str]:
+    "What is inconsistent in `name`'s registry entry (empty when all is well): versions, files, history, aliases."
+    d, bad = registry_root(root) / name, []
+    vs, events = _versions(d), _read_history(d)
+    if vs != list(range(1, len(vs) + 1)):
+        bad.append(f"versions are not 1..{len(vs)}: {vs}")
+    pubs = sorted(e["version"] for e in events if e.get("event") == "publish")
+    if pubs != vs:
+        bad.append(f"publish events {pubs} do not match the versions {vs}")
+    for v in vs:
+        try:
+            verify_bundle(d / "versions" / str(v) / "model")
+        except HsmlError as e:
+            bad.append(f"version {v}: {e.message}")
+    held = {e["alias"]: e["version"] for e in events if e.get("event") == "promote"}
+    for alias, a in _aliases(d).items():
+        if a["version"] not in vs or held.get(alias) != a["version"]:
+            bad.append(f"alias {alias} -> {a['version']} (history says {held.get(alias)}, versions {vs})")
+    leftovers = [
+        p.name for p in (d / "versions").glob(".publish-*.tmp") if _pid_gone(int(p.name.split("-")[1]))
+    ]
+    return bad + [f"left over: {p}" for p in leftovers]
 
 # %% ../nbs/31_registry.ipynb #a1a5e60f
 @dataclass
@@ -349,7 +446,7 @@ def publish(
     root_p = registry_root(root)
     d = root_p / name
     (d / "versions").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".publish-", suffix=".tmp", dir=d / "versions"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".publish-{os.getpid()}-", suffix=".tmp", dir=d / "versions"))
     try:
         shutil.copytree(bundle_dir, tmp / "model")
         hashes = verify_bundle(tmp / "model")  # the copy is what we promise
@@ -371,6 +468,7 @@ def publish(
             "files": sorted(hashes),
         }
         with registry_lock(d):
+            reconcile(d)
             version = (_versions(d) or [0])[-1] + 1
             rec = {"version": version, **rec, "published_at": _now()}
             (tmp / "version.json").write_text(json.dumps(rec, indent=2) + "\n")
@@ -397,7 +495,8 @@ def publish(
     if alias is not None:
         promote(name, version, alias, root=root, tracking=tracking, wandb_project=wandb_project)
     if run_file:
-        _append_history(d, {"ts": _now(), "event": "wandb", "version": version, "run_file": run_file})
+        with registry_lock(d):
+            _append_history(d, {"ts": _now(), "event": "wandb", "version": version, "run_file": run_file})
     return version
 
 # %% ../nbs/31_registry.ipynb #8afe398f
@@ -431,6 +530,7 @@ def promote(
     if bundle_digest(bdir) != _version_record(d, v)["digest"]:
         raise HsmlError(f"{name}@{v} does not match its published digest; refusing to promote it")
     with registry_lock(d):
+        reconcile(d)
         al = _aliases(d)
         prev = al.get(alias, {}).get("version")
         ts = _now()
@@ -448,9 +548,10 @@ def promote(
     run_file = _wandb_log(root_p, name, v, bdir, [alias, f"hsml-v{v}"], tracking, wandb_project, "promote")
     if run_file:
         event["wandb_run_file"] = run_file
-        _append_history(
-            d, {"ts": _now(), "event": "wandb", "version": v, "alias": alias, "run_file": run_file}
-        )
+        with registry_lock(d):
+            _append_history(
+                d, {"ts": _now(), "event": "wandb", "version": v, "alias": alias, "run_file": run_file}
+            )
     return event
 
 
@@ -463,7 +564,7 @@ def history(
     f = d / "history.jsonl"
     if not f.exists():
         raise HsmlError(f"no model named {name!r} in the registry {registry_root(root)}")
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return _read_history(d)
 
 
 def alias_history(
