@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['data_generate', 'data_check', 'train_cmd', 'main']
+__all__ = ['LAZY_COMMANDS', 'app', 'data_app', 'LazyGroup', 'data_generate', 'data_check', 'train_cmd', 'main']
 
 # %% ../nbs/90_cli.ipynb #e1dd6a38
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -40,15 +40,12 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "Serve a model over HTTP (FastAPI on uvicorn, loopback by default).",
     ),
     "score": ("hsml.score", "score_cmd", "Batch-score every prospect not converted by a date."),
-<<<<<<< local
     "bundle": (
         "hsml.export",
         "bundle_app",
         "Export a model bundle for other platforms (an MLflow pyfunc model).",
     ),
-=======
     "impact": ("hsml.impact_cli", "impact_app", "Holdout experiments: design, simulate, report."),
->>>>>>> remote
 }
 
 
