@@ -65,8 +65,10 @@ def features(companies: pd.DataFrame, usage: pd.DataFrame, pan: pd.DataFrame) ->
         f["actions_total_trend_28d"] = np.log1p(tot28) - np.log1p(tot56 - tot28)
         g = before.groupby("id")["WHEN_TIMESTAMP"]
         last, first = g.max().reindex(f.index), g.min().reindex(f.index)
-        f["days_since_last_activity"] = (ts_a - last.dt.normalize()).dt.days
-        f["days_since_first_activity"] = (ts_a - first.dt.normalize()).dt.days
+        f["days_since_last_activity"] = (
+            ts_a - last.dt.normalize()
+        ).dt.days - 7  # from the weekly period's end
+        f["days_since_first_activity"] = (ts_a - first.dt.normalize()).dt.days - 7
         for w in (28, 84):
             f[f"objects_used_{w}d"] = (sums[w][ACTIONS] > 0).sum(axis=1)
             act, usr = sums[w][ACTIONS].sum(axis=1), sums[w][USERS].sum(axis=1)
