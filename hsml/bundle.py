@@ -201,8 +201,8 @@ def card_windows_and_attributes(
                            f"calibrated on {cal}")  # fmt: skip
         if meta.get("test_metrics_estimate"):
             out += ["", f"Note: {meta['test_metrics_estimate']}."]
-    ac = metrics.get("attribute_check") or {}
-    if ac:
+    ac = metrics.get("attribute_check")
+    if isinstance(ac, dict) and ac:
         attrs = ac.get("attributes") or {}
         out += ["", "## Snapshot attributes", "",
                 f"{', '.join(attrs) or 'No feature'} {'are' if len(attrs) != 1 else 'is'} read at extraction time, which "
