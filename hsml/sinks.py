@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import polars as pl
 
 from .core import HsmlError, atomic_path
-from .sources import interpolate_env, mask_uri
+from .sources import interpolate_env, mask_uri, type_registrar
 
 # %% auto #0
 __all__ = ['SINK_TYPES', 'Sink', 'register_sink', 'check_keys', 'replace_rows', 'file_lock', 'FileSink', 'CsvSink', 'ParquetSink',
@@ -43,16 +43,10 @@ def register_sink(
     name: str,  # the `type:` value used in a catalog's `outputs:`, e.g. "postgres"
 ) -> Callable[[type], type]:
     "Class decorator: register a `Sink` implementation under `name` (re-registering replaces it)."
+    return _register_sink(name)
 
-    def deco(cls: type) -> type:
-        for meth in ("write", "read", "describe"):
-            if not callable(getattr(cls, meth, None)):
-                raise TypeError(f"sink type {name!r}: {cls.__name__} has no {meth}() method")
-        cls.type_name = name
-        SINK_TYPES[name] = cls
-        return cls
 
-    return deco
+_register_sink = type_registrar(SINK_TYPES, "sink", ("write", "read", "describe"))
 
 # %% ../nbs/04_sinks.ipynb #a51c5ac4
 def check_keys(

@@ -18,8 +18,8 @@ import yaml
 from .core import HsmlError, sha256_bytes, sha256_file
 
 # %% auto #0
-__all__ = ['SOURCE_TYPES', 'TABLES', 'DEFAULT_FILES', 'Source', 'register_source', 'CsvSource', 'ParquetSource', 'mask_uri',
-           'SqlSource', 'interpolate_env', 'source_from_spec', 'Catalog']
+__all__ = ['SOURCE_TYPES', 'TABLES', 'DEFAULT_FILES', 'Source', 'type_registrar', 'register_source', 'CsvSource', 'ParquetSource',
+           'mask_uri', 'SqlSource', 'interpolate_env', 'source_from_spec', 'Catalog']
 
 # %% ../nbs/01_sources.ipynb #5c694f92
 @runtime_checkable
@@ -36,20 +36,35 @@ class Source(Protocol):
 SOURCE_TYPES: dict[str, type] = {}
 
 
+def type_registrar(
+    types: dict[str, type],  # the registry to fill (SOURCE_TYPES, hsml.sinks.SINK_TYPES)
+    what: str,  # "source" or "sink", for messages
+    methods: tuple[str, ...],  # the methods the protocol requires
+) -> Callable[[str], Callable[[type], type]]:
+    "A class-decorator factory registering implementations of a protocol under a catalog `type:` name."
+
+    def register(name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            for meth in methods:
+                if not callable(getattr(cls, meth, None)):
+                    raise TypeError(f"{what} type {name!r}: {cls.__name__} has no {meth}() method")
+            cls.type_name = name
+            types[name] = cls
+            return cls
+
+        return deco
+
+    return register
+
+
+_register_source = type_registrar(SOURCE_TYPES, "source", ("load", "describe", "fingerprint"))
+
+
 def register_source(
     name: str,  # the `type:` value used in catalog YAML, e.g. "csv"
 ) -> Callable[[type], type]:
     "Class decorator: register a `Source` implementation under `name` (re-registering replaces it)."
-
-    def deco(cls: type) -> type:
-        for meth in ("load", "describe", "fingerprint"):
-            if not callable(getattr(cls, meth, None)):
-                raise TypeError(f"source type {name!r}: {cls.__name__} has no {meth}() method")
-        cls.type_name = name
-        SOURCE_TYPES[name] = cls
-        return cls
-
-    return deco
+    return _register_source(name)
 
 
 def _all_utf8(lf: pl.LazyFrame) -> pl.LazyFrame:
