@@ -18,9 +18,10 @@ def _append(spec: dict, worker: int) -> None:
         sink.write(pl.DataFrame({"request_id": f"w{worker}-{b}", "id": ids, "score": [0.5] * BATCH}))
 
 
-def _run_two(spec: dict) -> None:
+def _run_two(target, first_arg) -> None:
+    "Run `target(first_arg, worker)` in two spawned processes at once; both must succeed."
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_append, args=(spec, w)) for w in (1, 2)]
+    procs = [ctx.Process(target=target, args=(first_arg, w)) for w in (1, 2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -36,7 +37,7 @@ def _check_complete(frame: pl.DataFrame) -> None:
 
 def test_two_workers_append_to_one_jsonl_log(tmp_path):
     spec = {"type": "jsonl", "path": str(tmp_path / "predictions.jsonl")}
-    _run_two(spec)
+    _run_two(_append, spec)
     _check_complete(JsonlSink(spec["path"]).read())
 
 
@@ -49,7 +50,7 @@ def test_two_workers_append_to_one_postgres_table():
         PostgresSink(url, "predictions").write(
             pl.DataFrame({"request_id": ["seed"], "id": [0], "score": [0.0]})
         )
-        _run_two(spec)
+        _run_two(_append, spec)
         _check_complete(PostgresSink(url, "predictions").read().filter(pl.col("request_id") != "seed"))
 
 
@@ -66,13 +67,7 @@ def _rewrite(path: str, worker: int) -> None:
 def test_keyed_rewrites_from_two_processes_lose_nothing(tmp_path):
     path = str(tmp_path / "scores.csv")
     CsvSink(path).write(pl.DataFrame({"as_of": ["seed"], "version": [1], "id": [9], "attempt": [0]}))
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rewrite, args=(path, w)) for w in (1, 2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    _run_two(_rewrite, path)
     out = CsvSink(path).read()
     assert out.height == 1 + 2 * 15 * 3  # the seed week untouched, every week of both writers once
     assert out.filter(pl.col("as_of") != "seed")["attempt"].unique().to_list() == [2]
