@@ -490,7 +490,7 @@ def check_id_correlation(d: AuditData) -> list[Finding]:
                     f"(Spearman {rs[(d.key, c)]:.3f})") for c in num
             if rs[(d.key, c)] is not None and abs(rs[(d.key, c)]) >= d.limits.id_trend_threshold]  # fmt: skip
 
-# %% ../nbs/12_leakage.ipynb #3fc95a6e
+# %% ../nbs/12_leakage.ipynb #c1d240a3
 GUARDS: list[tuple[str, Callable[[AuditData], list[Finding]]]] = [
     ("population_unconverted", check_population),
     ("labels_point_in_time", check_labels),
@@ -504,7 +504,7 @@ GUARDS: list[tuple[str, Callable[[AuditData], list[Finding]]]] = [
     ("id_correlated", check_id_correlation),
 ]  # (guard name, check): the order of the report
 
-
+# %% ../nbs/12_leakage.ipynb #38d18520
 def audit_training_set(
     frame: pl.DataFrame,  # key, as_of, label, conversion_mrr, then the features
     feature_names: Sequence[str],  # the feature columns to audit
