@@ -51,7 +51,7 @@ def check_feature_name(name: str) -> str:
         )
     return name
 
-# %% ../nbs/11_features.ipynb #0dbd8451
+# %% ../nbs/11_features.ipynb #5a5cb04e
 KEY = "__key"  # the entity key inside the feature frame: features never see it under its real name
 LAST_EVENT, FIRST_EVENT = (
     "__last_event",
@@ -65,7 +65,7 @@ def _sum_col(column: str, days: int) -> str:
 
 ROWS = "__rows__"  # pseudo-column whose sum is the number of event rows
 
-
+# %% ../nbs/11_features.ipynb #191b020c
 class FeatureContext:
     "What a feature may look at. Records which windowed sums and entity columns the features need."
 
@@ -132,7 +132,7 @@ class FeatureContext:
         "The as-of date (Date)."
         return pl.col("as_of")
 
-# %% ../nbs/11_features.ipynb #f4ede6ad
+# %% ../nbs/11_features.ipynb #af101bf3
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object reprs carry memory addresses: not part of a definition
 _PLAIN = (str, bytes, int, float, bool, type(None), tuple, list, dict, set, frozenset)
 
@@ -187,14 +187,14 @@ def _definition_text(fn: Callable, seen: set[int]) -> str:
             parts.append(f"global {name}={_value_text(v, seen)}")
     return "\n".join(parts)
 
-
+# %% ../nbs/11_features.ipynb #154d4701
 def definition_hash(
     fn: Callable,  # a feature function (or any function)
 ) -> str:
     "sha256 of a function's definition: its source plus the values it is bound to."
     return hashlib.sha256(_definition_text(fn, set()).encode()).hexdigest()
 
-# %% ../nbs/11_features.ipynb #85c4e0d6
+# %% ../nbs/11_features.ipynb #41e437da
 @dataclass(frozen=True)
 class Feature:
     "A registered feature."
@@ -229,7 +229,7 @@ class Feature:
 
 KNOWN_AT = ("as_of", "snapshot")
 
-
+# %% ../nbs/11_features.ipynb #8652fec2
 FEATURES: dict[str, Feature] = {}
 FEATURE_SETS: dict[str, list[str]] = {}
 
@@ -270,7 +270,7 @@ def feature(
 
     return register
 
-
+# %% ../nbs/11_features.ipynb #baf23672
 def register_feature_set(
     name: str,  # set name, e.g. "default"
     features: Sequence[str],  # feature names, in column order
@@ -284,7 +284,7 @@ def register_feature_set(
     FEATURE_SETS[name] = list(features)
     return FEATURE_SETS[name]
 
-
+# %% ../nbs/11_features.ipynb #76bf167d
 def resolve_features(
     feature_set: str | Sequence[str],  # a registered set name, or a list of feature names
 ) -> list[Feature]:
@@ -302,7 +302,7 @@ def resolve_features(
         raise HsmlError(f"unknown feature(s) {unknown}", hint="register them with @feature first")
     return [FEATURES[n] for n in names]
 
-# %% ../nbs/11_features.ipynb #029089e4
+# %% ../nbs/11_features.ipynb #47d29d7e
 ACTION_COLUMNS = ["ACTIONS_CRM_CONTACTS", "ACTIONS_CRM_COMPANIES", "ACTIONS_CRM_DEALS", "ACTIONS_EMAIL"]
 USER_COLUMNS = ["USERS_CRM_CONTACTS", "USERS_CRM_COMPANIES", "USERS_CRM_DEALS", "USERS_EMAIL"]
 USAGE_COLUMNS = ACTION_COLUMNS + USER_COLUMNS
@@ -313,7 +313,7 @@ TREND_DAYS = 28
 def _window_text(days: int) -> str:
     return f"over usage rows whose period ended in (as_of - {days} days, as_of]"
 
-
+# %% ../nbs/11_features.ipynb #2b53a37a
 def _register_builtins() -> None:
     "Register the built-in features and the feature sets `default`, `usage`, `firmographics`, `minimal`."
     usage_names: list[str] = []
@@ -385,7 +385,7 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
-# %% ../nbs/11_features.ipynb #0848c54f
+# %% ../nbs/11_features.ipynb #cf3c30f3
 def _strictly_sorted(frame: pl.DataFrame, key: str) -> bool:
     "True when rows are strictly increasing in (as_of, key): sorted and free of duplicates."
     if frame.height < 2:
@@ -393,7 +393,7 @@ def _strictly_sorted(frame: pl.DataFrame, key: str) -> bool:
     d, k = pl.col("as_of").diff().dt.total_days(), pl.col(key).diff()
     return bool(frame.select(((d > 0) | ((d == 0) & (k > 0))).slice(1).all()).item())
 
-
+# %% ../nbs/11_features.ipynb #f48af6fa
 def _spine(
     companies: pl.LazyFrame, as_of_dates: Sequence[DateLike] | pl.DataFrame | pl.LazyFrame, key: str
 ) -> pl.DataFrame:
@@ -411,7 +411,7 @@ def _spine(
         raise HsmlError("as-of rows have a null id or as_of")
     return (s if _strictly_sorted(s, key) else s.sort("as_of", key)).rename({key: KEY})
 
-
+# %% ../nbs/11_features.ipynb #ec824c61
 def _dense_index(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     "Position of each value in the sorted `keys` (len(keys) when absent); one search per run of equal values."
     if not len(values):
@@ -423,7 +423,7 @@ def _dense_index(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     k = np.where(keys[pos] == values[heads], pos, len(keys)) if len(keys) else np.zeros(len(heads), np.int64)
     return np.repeat(k.astype(np.int64), np.diff(np.append(heads, len(values))))
 
-
+# %% ../nbs/11_features.ipynb #04cd0b1f
 def _usage_aggregates(
     usage: pl.LazyFrame,
     spine: pl.DataFrame,
@@ -511,7 +511,7 @@ def _usage_aggregates(
         )
     return res
 
-
+# %% ../nbs/11_features.ipynb #8e6fc5a6
 def compute_features(
     companies: pl.DataFrame | pl.LazyFrame,  # entity table (e.g. `Tables.companies()`), one row per id
     usage: pl.DataFrame | pl.LazyFrame,  # event table (e.g. `Tables.usage`); may be a lazy scan of a big file
@@ -558,7 +558,7 @@ def compute_features(
         entity_key, "as_of", *[f.name for f in feats]
     )  # sorted by as_of, id (the spine order)
 
-
+# %% ../nbs/11_features.ipynb #e80f258b
 def feature_spec(
     frame: pl.DataFrame,  # output of `compute_features`
     feature_set: str | Sequence[str],  # the set it was computed with
