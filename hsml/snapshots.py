@@ -20,7 +20,7 @@ __all__ = ['DateLike', 'WEEKDAYS', 'DAY_MS', 'OUTCOME_DATE', 'FIRST_EVENT_DATE',
            'period_end_day', 'PopulationPolicy', 'population_policy', 'get_population_policy', 'build_snapshots',
            'data_end']
 
-# %% ../nbs/10_snapshots.ipynb #cf599d6f
+# %% ../nbs/10_snapshots.ipynb #7fb27b941602401d91542211134fc71a
 DateLike = date | datetime | str
 
 
@@ -38,7 +38,7 @@ def to_date(
     except ValueError:
         raise HsmlError(f"{name}: {value!r} is not a date", hint="use YYYY-MM-DD") from None
 
-
+# %% ../nbs/10_snapshots.ipynb #8dd0d8092fe74a7c96281538738b07e2
 def as_of_grid(
     start: DateLike,  # first as-of date
     end: DateLike,  # last possible as-of date (inclusive)
@@ -52,7 +52,7 @@ def as_of_grid(
         raise HsmlError(f"as_of_end {e} is before as_of_start {s}")
     return [s + timedelta(days=k * every_days) for k in range((e - s).days // every_days + 1)]
 
-# %% ../nbs/10_snapshots.ipynb #93909b53
+# %% ../nbs/10_snapshots.ipynb #72eea5119410473aa328ad9291626812
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 
@@ -65,7 +65,7 @@ def weekday_index(
         raise HsmlError(f"{weekday!r} is not a weekday name", hint=f"use one of {', '.join(WEEKDAYS)}")
     return names.index(str(weekday).strip().lower())
 
-
+# %% ../nbs/10_snapshots.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def snap_to_anchor(
     d: DateLike,  # any date
     anchor_weekday: str,  # the weekday usage stamps fall on, e.g. "Monday"
@@ -82,7 +82,7 @@ def is_on_anchor(
     "True when `d` falls on `anchor_weekday`."
     return to_date(d, "as_of").weekday() == weekday_index(anchor_weekday)
 
-# %% ../nbs/10_snapshots.ipynb #b22ad838
+# %% ../nbs/10_snapshots.ipynb #8763a12b2bbd4a93a75aff182afb95dc
 DAY_MS = 86_400_000  # milliseconds in a day
 
 
@@ -109,7 +109,7 @@ def period_end(
         raise HsmlError(f"column {time!r} has type {dtype}, expected a date or a timestamp")
     return stamp + pl.duration(days=usage_period_days)
 
-
+# %% ../nbs/10_snapshots.ipynb #b118ea5561624da68c537baed56e602f
 def period_end_day(
     time: str,  # the stamp column
     dtype: pl.DataType,  # its type
@@ -119,7 +119,7 @@ def period_end_day(
     end = period_end(time, dtype, usage_period_days).dt.epoch("ms")
     return ((end - 1) // DAY_MS + 1).cast(pl.Int32).cast(pl.Date)
 
-# %% ../nbs/10_snapshots.ipynb #090bc733
+# %% ../nbs/10_snapshots.ipynb #938c804e27f84196a10c8828c723f798
 OUTCOME_DATE = "_outcome_date"  # column name the policies see: date of the entity's first outcome (or null)
 FIRST_EVENT_DATE = (
     "_first_event_date"  # column the policies see: first day by which an event period had ended
@@ -159,7 +159,7 @@ def get_population_policy(name: str) -> PopulationPolicy:
         )
     return POPULATION_POLICIES[name]
 
-
+# %% ../nbs/10_snapshots.ipynb #59bbdb311c014d738909a11f9e486628
 def _not_converted() -> pl.Expr:
     return pl.col(OUTCOME_DATE).is_null() | (pl.col(OUTCOME_DATE) > pl.col("as_of"))
 
@@ -179,7 +179,7 @@ def _unconverted() -> pl.Expr:
 
 DEFAULT_POPULATION = "active_unconverted"
 
-# %% ../nbs/10_snapshots.ipynb #362d3f8d
+# %% ../nbs/10_snapshots.ipynb #b43b363d81ae4b689946ece5c682cd59
 Frame = pl.DataFrame | pl.LazyFrame
 
 
@@ -193,7 +193,7 @@ def _as_date_expr(col: str, dtype: pl.DataType) -> pl.Expr:
         return pl.col(col).str.to_date()
     raise HsmlError(f"column {col!r} has type {dtype}, expected a date or a timestamp")
 
-
+# %% ../nbs/10_snapshots.ipynb #4dd4641cc4064e0191573fe9c69df29b
 def build_snapshots(
     entities: Frame,  # one row per entity (duplicates of the key are collapsed)
     events: Frame,  # timestamped events (e.g. usage rows); may be a LazyFrame scan
@@ -267,7 +267,7 @@ def build_snapshots(
         panel.collect().rechunk()
     )  # one chunk per column: later row selections do not copy the training set
 
-# %% ../nbs/10_snapshots.ipynb #c85cc648
+# %% ../nbs/10_snapshots.ipynb #db7b79bc585a40fcaf58bf750017e135
 def _gap_warning(what: str, s: pl.Series, limit_days: int) -> list[str]:
     "A warning when the latest day in `s` is more than `limit_days` after the one before it."
     top = s.drop_nulls().cast(pl.Date).unique().sort(descending=True).head(2).to_list()
@@ -276,7 +276,7 @@ def _gap_warning(what: str, s: pl.Series, limit_days: int) -> list[str]:
                 "if it is an outlier it moves the data's end"]  # fmt: skip
     return []
 
-
+# %% ../nbs/10_snapshots.ipynb #33b0902fd34d4ace834912fa1002cf8e
 def data_end(
     tables: Any,  # clean tables (`hsml.contracts.Tables`): `.usage` and `.companies()`
     usage_period_days: int | None = None,  # default: `tables.usage_period_days` (inferred), else 7
