@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from matplotlib.figure import Figure
 
 from .core import HsmlError, atomic_path
@@ -27,7 +28,7 @@ __all__ = ['CALIBRATION_KEYS', 'LOWER_IS_BETTER', 'METRIC_NOTES', 'ACTIVITY_FEAT
            'metrics_table', 'plot_calibration', 'gains_curve', 'plot_gains', 'plot_precision_recall',
            'feature_importance', 'plot_feature_importance', 'report_plots', 'save_plots']
 
-# %% ../nbs/21_evaluate.ipynb #40fca234
+# %% ../nbs/21_evaluate.ipynb #77ca05d5
 def _as_date(
     d: str | dt.date | dt.datetime | np.datetime64 | pd.Timestamp,  # a date in any common form
 ) -> np.datetime64:
@@ -69,7 +70,7 @@ def _check_side(side: Any, what: str, label: str, detail: str) -> None:
             hint="move test_from, widen the as-of range, or shorten the horizon",
         )
 
-
+# %% ../nbs/21_evaluate.ipynb #a005f095
 def time_split(
     frame: Any,  # training-set frame (pandas or polars) with `as_of` and `label`
     test_from: str | dt.date,  # first as-of date of the test period
@@ -122,7 +123,7 @@ def rolling_origin_folds(
         folds.append((train, test))
     return folds
 
-# %% ../nbs/21_evaluate.ipynb #6309fbcb
+# %% ../nbs/21_evaluate.ipynb #e3f9505d
 _EPS = 1e-15
 
 
@@ -161,7 +162,7 @@ def format_interval(
         s += f" [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
     return s
 
-
+# %% ../nbs/21_evaluate.ipynb #a53f7f49
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]):
     from scipy import sparse
 
@@ -203,93 +204,95 @@ class _Prepared:
         self.segtot = _csr(codes, seg, ones, (n_c, self.n_seg))
         self._build_top(factor=1.3)
 
-    def _build_top(self, factor: float) -> None:
-        "Sparse matrices for the top region of each date: enough rows for the largest K and the top decile."
-        seg, s = self.seg_codes, self.s
-        o = np.lexsort((-s, seg))
-        sg, ss = seg[o], s[o]
-        newgrp = np.r_[True, (sg[1:] != sg[:-1]) | (ss[1:] != ss[:-1])]
-        grp = np.cumsum(newgrp) - 1
-        seg_start = np.r_[0, np.flatnonzero(sg[1:] != sg[:-1]) + 1]
-        n_in_seg = np.diff(np.r_[seg_start, len(sg)])
-        rank_in_seg = np.arange(len(sg)) - np.repeat(seg_start, n_in_seg)
-        need = np.ceil(factor * np.maximum(max(self.capacities, default=1), 0.1 * n_in_seg)) + 50
-        limit = np.repeat(need, n_in_seg)
-        # extend to the end of the tie group that crosses the limit
-        first_rank_of_grp = rank_in_seg[np.r_[np.flatnonzero(newgrp)]]
-        in_top = first_rank_of_grp[grp] < limit
-        self.covers = np.logical_and.reduceat(in_top, seg_start)  # the top region is the whole date
-        g_top = np.unique(grp[in_top])
-        G = len(g_top)
-        gi = np.searchsorted(g_top, grp[in_top])
-        c, yy, mm = self.codes[o][in_top], self.y[o][in_top], self.mrr[o][in_top]
-        ones = np.ones(len(c))
-        self.top = _csr(
-            np.r_[c, c, c], np.r_[gi, G + gi, 2 * G + gi], np.r_[ones, yy, mm], (self.n_c, max(3 * G, 1))
-        )
-        self.G = G
-        self.g_seg = sg[in_top][np.r_[True, gi[1:] != gi[:-1]]] if G else np.zeros(0, dtype=int)
-        first = np.r_[True, self.g_seg[1:] != self.g_seg[:-1]] if G else np.zeros(0, dtype=bool)
-        self.g_first = (
-            np.maximum.accumulate(np.where(first, np.arange(G), 0)) if G else np.zeros(0, dtype=int)
-        )
-        self.g_last = (
-            np.flatnonzero(np.r_[self.g_seg[1:] != self.g_seg[:-1], True]) if G else np.zeros(0, dtype=int)
-        )
-        self.factor = factor
+# %% ../nbs/21_evaluate.ipynb #d0e09c96
+@patch
+def _build_top(self: _Prepared, factor: float) -> None:
+    "Sparse matrices for the top region of each date: enough rows for the largest K and the top decile."
+    seg, s = self.seg_codes, self.s
+    o = np.lexsort((-s, seg))
+    sg, ss = seg[o], s[o]
+    newgrp = np.r_[True, (sg[1:] != sg[:-1]) | (ss[1:] != ss[:-1])]
+    grp = np.cumsum(newgrp) - 1
+    seg_start = np.r_[0, np.flatnonzero(sg[1:] != sg[:-1]) + 1]
+    n_in_seg = np.diff(np.r_[seg_start, len(sg)])
+    rank_in_seg = np.arange(len(sg)) - np.repeat(seg_start, n_in_seg)
+    need = np.ceil(factor * np.maximum(max(self.capacities, default=1), 0.1 * n_in_seg)) + 50
+    limit = np.repeat(need, n_in_seg)
+    # extend to the end of the tie group that crosses the limit
+    first_rank_of_grp = rank_in_seg[np.r_[np.flatnonzero(newgrp)]]
+    in_top = first_rank_of_grp[grp] < limit
+    self.covers = np.logical_and.reduceat(in_top, seg_start)  # the top region is the whole date
+    g_top = np.unique(grp[in_top])
+    G = len(g_top)
+    gi = np.searchsorted(g_top, grp[in_top])
+    c, yy, mm = self.codes[o][in_top], self.y[o][in_top], self.mrr[o][in_top]
+    ones = np.ones(len(c))
+    self.top = _csr(
+        np.r_[c, c, c], np.r_[gi, G + gi, 2 * G + gi], np.r_[ones, yy, mm], (self.n_c, max(3 * G, 1))
+    )
+    self.G = G
+    self.g_seg = sg[in_top][np.r_[True, gi[1:] != gi[:-1]]] if G else np.zeros(0, dtype=int)
+    first = np.r_[True, self.g_seg[1:] != self.g_seg[:-1]] if G else np.zeros(0, dtype=bool)
+    self.g_first = np.maximum.accumulate(np.where(first, np.arange(G), 0)) if G else np.zeros(0, dtype=int)
+    self.g_last = (
+        np.flatnonzero(np.r_[self.g_seg[1:] != self.g_seg[:-1], True]) if G else np.zeros(0, dtype=int)
+    )
+    self.factor = factor
 
-    def metrics(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        "Every metric for each row of `counts` (resamples x companies)."
-        out: dict[str, np.ndarray] = {}
-        with np.errstate(divide="ignore", invalid="ignore"):
-            T = counts @ self.totals
-            tot, P, N = T[:, 0], T[:, 1], T[:, 2]
-            # ranking metrics
-            R = (self.rank.T @ counts.T).T if self.J else np.zeros((len(counts), 3))
-            J = self.J
-            Gp, Gt, Nb = R[:, :J], R[:, J : 2 * J], R[:, 2 * J : 3 * J]
-            cn = np.cumsum(Nb + Gt, axis=1)
-            cp = np.cumsum(Gp, axis=1)
-            out["roc_auc"] = (Gp * (N[:, None] - cn + 0.5 * Gt)).sum(1) / (P * N)
-            out["pr_auc"] = (Gp * np.where(cp + cn > 0, cp / (cp + cn), 0.0)).sum(1) / P
-            # probability metrics
-            nanv = np.full(len(counts), np.nan)
-            out["log_loss"] = T[:, 3] / tot if self.prob else nanv
-            out["brier"] = T[:, 4] / tot if self.prob else nanv
-            # top K of each date
-            segtot = (self.segtot.T @ counts.T).T  # (B, S)
-            while True:
-                Q = (self.top.T @ counts.T).T
-                G = self.G
-                Gw, Gy, Gm = Q[:, :G], Q[:, G : 2 * G], Q[:, 2 * G : 3 * G]
-                C = np.cumsum(Gw, axis=1)
-                # cumulative weight at the start of each group's date (within the top region)
-                start = (C - Gw)[:, self.g_first]  # weight before each group's date
-                before = C - Gw - start
-                need = np.maximum(max(self.capacities, default=1), 0.1 * segtot)  # (B, S)
-                reach = np.zeros_like(segtot)
-                reach[:, self.g_seg[self.g_last]] = (C - start)[:, self.g_last]
-                ok = (reach >= need) | self.covers[None, :]
-                if ok.all():
-                    break
-                self._build_top(self.factor * 2)  # a resample reached deeper than prepared: widen and redo
+# %% ../nbs/21_evaluate.ipynb #fa73893d
+@patch
+def metrics(self: _Prepared, counts: np.ndarray) -> dict[str, np.ndarray]:
+    "Every metric for each row of `counts` (resamples x companies)."
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        T = counts @ self.totals
+        tot, P, N = T[:, 0], T[:, 1], T[:, 2]
+        # ranking metrics
+        R = (self.rank.T @ counts.T).T if self.J else np.zeros((len(counts), 3))
+        J = self.J
+        Gp, Gt, Nb = R[:, :J], R[:, J : 2 * J], R[:, 2 * J : 3 * J]
+        cn = np.cumsum(Nb + Gt, axis=1)
+        cp = np.cumsum(Gp, axis=1)
+        out["roc_auc"] = (Gp * (N[:, None] - cn + 0.5 * Gt)).sum(1) / (P * N)
+        out["pr_auc"] = (Gp * np.where(cp + cn > 0, cp / (cp + cn), 0.0)).sum(1) / P
+        # probability metrics
+        nanv = np.full(len(counts), np.nan)
+        out["log_loss"] = T[:, 3] / tot if self.prob else nanv
+        out["brier"] = T[:, 4] / tot if self.prob else nanv
+        # top K of each date
+        segtot = (self.segtot.T @ counts.T).T  # (B, S)
+        while True:
+            Q = (self.top.T @ counts.T).T
+            G = self.G
+            Gw, Gy, Gm = Q[:, :G], Q[:, G : 2 * G], Q[:, 2 * G : 3 * G]
+            C = np.cumsum(Gw, axis=1)
+            # cumulative weight at the start of each group's date (within the top region)
+            start = (C - Gw)[:, self.g_first]  # weight before each group's date
+            before = C - Gw - start
+            need = np.maximum(max(self.capacities, default=1), 0.1 * segtot)  # (B, S)
+            reach = np.zeros_like(segtot)
+            reach[:, self.g_seg[self.g_last]] = (C - start)[:, self.g_last]
+            ok = (reach >= need) | self.covers[None, :]
+            if ok.all():
+                break
+            self._build_top(self.factor * 2)  # a resample reached deeper than prepared: widen and redo
 
-            def take(k):  # (B, G) fraction of each group that is contacted
-                return np.clip((k - before) / np.where(Gw > 0, Gw, np.inf), 0.0, 1.0)
+        def take(k):  # (B, G) fraction of each group that is contacted
+            return np.clip((k - before) / np.where(Gw > 0, Gw, np.inf), 0.0, 1.0)
 
-            mrr_tot = T[:, 5]
-            for k in self.capacities:
-                f = take(k)
-                sel, tp = (f * Gw).sum(1), (f * Gy).sum(1)
-                out[f"precision_at_{k}"] = tp / sel
-                out[f"recall_at_{k}"] = tp / P
-                if self.has_mrr:
-                    out[f"mrr_captured_at_{k}"] = (f * Gm).sum(1) / mrr_tot
-            f = take(0.1 * segtot[:, self.g_seg]) if G else np.zeros((len(counts), 0))
-            out["lift_top_decile"] = ((f * Gy).sum(1) / (f * Gw).sum(1)) / (P / tot)
-        return out
+        mrr_tot = T[:, 5]
+        for k in self.capacities:
+            f = take(k)
+            sel, tp = (f * Gw).sum(1), (f * Gy).sum(1)
+            out[f"precision_at_{k}"] = tp / sel
+            out[f"recall_at_{k}"] = tp / P
+            if self.has_mrr:
+                out[f"mrr_captured_at_{k}"] = (f * Gm).sum(1) / mrr_tot
+        f = take(0.1 * segtot[:, self.g_seg]) if G else np.zeros((len(counts), 0))
+        out["lift_top_decile"] = ((f * Gy).sum(1) / (f * Gw).sum(1)) / (P / tot)
+    return out
 
-
+# %% ../nbs/21_evaluate.ipynb #0de8f42b
 def metric_names(
     capacities: Sequence[int],  # the capacities K
     with_mrr: bool = True,  # include mrr_captured_at_K
@@ -306,7 +309,7 @@ def metric_names(
         names += [f"mrr_captured_at_{k}" for k in capacities]
     return names
 
-
+# %% ../nbs/21_evaluate.ipynb #79bd3141
 def resample_counts(
     n_companies: int,  # companies in the test set
     start: int,  # index of the first resample
@@ -321,7 +324,7 @@ def resample_counts(
         )
     return out
 
-# %% ../nbs/21_evaluate.ipynb #c320ea1b
+# %% ../nbs/21_evaluate.ipynb #d04023a2
 def bootstrap_replicates(
     y: Any,  # 0/1 labels of the test rows
     scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
@@ -390,7 +393,7 @@ def bootstrap_replicates(
     boot = {k: {mt: np.concatenate(v) if v else np.zeros(0) for mt, v in p.items()} for k, p in parts.items()}
     return {k: {mt: point[k][mt] for mt in names} for k in point}, boot
 
-
+# %% ../nbs/21_evaluate.ipynb #30f5c45a
 def bootstrap_metrics(
     y: Any,  # 0/1 labels of the test rows
     scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
@@ -413,7 +416,7 @@ def bootstrap_metrics(
         for k, p in point.items()
     }
 
-# %% ../nbs/21_evaluate.ipynb #2a6f4abb
+# %% ../nbs/21_evaluate.ipynb #81a5ad0c
 def _day_numbers(
     as_of: Any,  # as-of dates (dates, datetimes, strings) or plain day numbers
 ) -> np.ndarray:
@@ -423,7 +426,7 @@ def _day_numbers(
         return a.astype(np.int64)
     return pd.to_datetime(pd.Series(a)).to_numpy().astype("datetime64[D]").astype(np.int64)
 
-
+# %% ../nbs/21_evaluate.ipynb #22e44aec
 class _CallPlan:
     "The sales team's calendar for one score vector: each date, call the top K not called in the last `cooldown` days."
 
@@ -464,7 +467,7 @@ class _CallPlan:
             reached[:, cc[pos[:m]]] |= called[:, pos[:m]]
         return (reached * counts).sum(axis=1)
 
-# %% ../nbs/21_evaluate.ipynb #1a9f7e3c
+# %% ../nbs/21_evaluate.ipynb #34bdd03f
 CALIBRATION_KEYS = ("mean_predicted", "observed_rate", "observed_over_expected", "slope", "ece")
 
 
@@ -486,7 +489,7 @@ def _logistic_fit(
             break
     return float(theta[0]), float(theta[1])
 
-
+# %% ../nbs/21_evaluate.ipynb #48189889
 class _Calibration:
     "Per-company sums for one (y, p) set; every statistic of a resample is `counts @ sums`."
 
@@ -532,7 +535,7 @@ class _Calibration:
                 "ece": np.abs(Yb - Pb).sum(axis=1) / N,
             }
 
-
+# %% ../nbs/21_evaluate.ipynb #18c8adb9
 def _date_key(d: Any) -> str:
     return str(d) if isinstance(d, (int, np.integer)) else pd.Timestamp(d).date().isoformat()
 
@@ -583,7 +586,7 @@ def calibration_report(
     }
     return {"calibration": report("all"), "calibration_by_date": by_date}
 
-# %% ../nbs/21_evaluate.ipynb #b5d5b99c
+# %% ../nbs/21_evaluate.ipynb #3a39734f
 LOWER_IS_BETTER = ("log_loss", "brier")
 METRIC_NOTES = {
     "precision_at_K": "top K of each as-of date (the weekly call list), pooled over dates",
@@ -602,7 +605,7 @@ def headline_metrics(
     return ["roc_auc", "pr_auc", "log_loss", "brier", *(f"precision_at_{k}" for k in ks),
             *(f"unique_conversions_at_{k}" for k in ks), "lift_top_decile"]  # fmt: skip
 
-
+# %% ../nbs/21_evaluate.ipynb #16309002
 def _outcome(d: Interval, lower: bool) -> str:
     if d["ci_low"] is None:
         return "no interval"
@@ -657,7 +660,7 @@ def _verdict(res: Mapping[str, Mapping[str, Any]], ci: float) -> str:
         parts.append(f"has no interval on {', '.join(by['no interval'])}")
     return f"The model {'; '.join(parts)} (paired company bootstrap, {ci:.0%} intervals)."
 
-
+# %% ../nbs/21_evaluate.ipynb #9e67fd7f
 def precision_by_date(
     y: Any,  # 0/1 labels
     scores: Mapping[str, Any],  # scorer -> scores
@@ -676,7 +679,7 @@ def precision_by_date(
                     **{f"precision_at_{k}": {n: res[n][f"precision_at_{k}"]["value"] for n in res} for k in capacities}})  # fmt: skip
     return out
 
-
+# %% ../nbs/21_evaluate.ipynb #39237217
 def evaluate(
     y: Any,  # 0/1 labels of the test rows
     score: Any,  # the model's predicted probabilities
@@ -723,7 +726,7 @@ def evaluate(
         out["precision_by_date"] = precision_by_date(yv, scores, ids, as_of, caps)
     return out
 
-# %% ../nbs/21_evaluate.ipynb #a175c2ed
+# %% ../nbs/21_evaluate.ipynb #8396dcb7
 ACTIVITY_FEATURE = "actions_total_sum_28d"
 RECENCY_FEATURE = "days_since_last_activity"
 BASELINE_FEATURE_SET = "minimal"
@@ -767,7 +770,7 @@ def activity_feature(
                         hint="pass baseline frames from `baseline_frame(tables, rows)`")  # fmt: skip
     return np.nan_to_num(df[col].astype(float).to_numpy(), nan=0.0)
 
-
+# %% ../nbs/21_evaluate.ipynb #0f05f207
 def _monotone_probability(xtr, ytr, xte, prior, sign):
     "A one-feature logistic map fitted on the training period; its ranking is `sign * x` whatever the fit says."
     from sklearn.linear_model import LogisticRegression
@@ -799,7 +802,7 @@ def _logreg_minimal(train: pd.DataFrame, test: pd.DataFrame, ytr: np.ndarray, pr
     pipe.fit(train[cols].astype(float).to_numpy(), ytr.astype(int))
     return pipe.predict_proba(test[cols].astype(float).to_numpy())[:, 1]
 
-
+# %% ../nbs/21_evaluate.ipynb #42daf50b
 def baseline_scores(
     train: Any,  # the training rows (pandas or polars) with the baseline columns (see `baseline_frame`)
     test: Any,  # the test rows, with the same columns
@@ -828,7 +831,7 @@ def baseline_scores(
     out["logreg_minimal"] = _logreg_minimal(tr, te, ytr, prior)
     return out
 
-# %% ../nbs/21_evaluate.ipynb #d249e286
+# %% ../nbs/21_evaluate.ipynb #24e07caa
 def predict_scores(
     pipeline: Any,  # a fitted make_model pipeline
     frame: Any,  # rows to score (pandas or polars)
@@ -857,7 +860,7 @@ def _align(base: Any, rows: Any, what: str) -> pd.DataFrame:
                         hint="build it with baseline_frame(tables, rows) from the same rows")  # fmt: skip
     return m.drop(columns="_merge")
 
-
+# %% ../nbs/21_evaluate.ipynb #9a493ee2
 def test_predictions(
     pipeline: Any,  # a fitted make_model pipeline
     train: Any,  # training rows (labels for the baselines' fits)
@@ -877,7 +880,7 @@ def test_predictions(
         out["conversion_mrr"] = pd.to_numeric(te["conversion_mrr"], errors="coerce").to_numpy()
     return out.assign(**{f"baseline_{k}": v for k, v in base.items()})
 
-
+# %% ../nbs/21_evaluate.ipynb #8790323d
 def evaluate_predictions(
     pred: Any,  # output of `test_predictions` (or test_predictions.parquet)
     capacities: Sequence[int] = (100,),  # contact capacities K per as-of date
@@ -932,7 +935,7 @@ def metrics_table(
             cols[(name, part)] = [(res.get(r) or {}).get(part) for r in rows]
     return pd.DataFrame(cols, index=rows).rename_axis("metric").astype(float)
 
-# %% ../nbs/21_evaluate.ipynb #8ddf0af4
+# %% ../nbs/21_evaluate.ipynb #a5f49b0e
 def _scores(score: Any, baselines: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     out = {"model": np.asarray(score, dtype=float)}
     for k, v in (baselines or {}).items():
@@ -997,7 +1000,7 @@ def plot_calibration(
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/21_evaluate.ipynb #e778e348
 def _plot_ratio_by_date(ax: Any, by_date: Mapping[str, Mapping[str, Any]]) -> None:
     "Observed/expected per as-of date with its interval; 1 is calibrated."
     d = [(pd.Timestamp(k), v["observed_over_expected"]) for k, v in sorted(by_date.items())]
@@ -1018,7 +1021,7 @@ def _plot_ratio_by_date(ax: Any, by_date: Mapping[str, Mapping[str, Any]]) -> No
     ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     ax.legend(fontsize=8)
 
-
+# %% ../nbs/21_evaluate.ipynb #e340f39c
 def gains_curve(
     y: Any,  # 0/1 labels
     score: Any,  # any ranking score
@@ -1033,7 +1036,7 @@ def gains_curve(
     g = np.r_[0.0, np.cumsum(y[o])[ends]] / max(y.sum(), 1)
     return x, g
 
-
+# %% ../nbs/21_evaluate.ipynb #1a4bb952
 def plot_gains(
     y: Any,  # 0/1 labels
     score: Any,  # the model's scores
@@ -1082,7 +1085,7 @@ def plot_gains(
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/21_evaluate.ipynb #45c8bdf3
 def plot_precision_recall(
     y: Any,  # 0/1 labels
     score: Any,  # the model's scores
@@ -1109,7 +1112,7 @@ def plot_precision_recall(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/21_evaluate.ipynb #5c479172
+# %% ../nbs/21_evaluate.ipynb #03a63217
 def _input_of(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
     "Map encoded column names back to the input column they came from (longest matching prefix)."
     out = []
@@ -1150,7 +1153,7 @@ def _hist_gb_gain(est: Any, n: int) -> np.ndarray | None:
     except (AttributeError, KeyError, IndexError, ValueError, TypeError):
         return None
 
-
+# %% ../nbs/21_evaluate.ipynb #911369ae
 def feature_importance(
     pipeline: Any,  # a fitted make_model pipeline
     X: Any = None,  # rows for permutation importance (needed only when the estimator has no own measure)
@@ -1207,7 +1210,7 @@ def feature_importance(
         .reset_index(drop=True)
     )
 
-
+# %% ../nbs/21_evaluate.ipynb #b190f5b7
 def plot_feature_importance(
     importance: pd.DataFrame | Any,  # output of `feature_importance`, or a fitted pipeline
     X: Any = None,  # rows for permutation importance (when a pipeline is given)
@@ -1228,7 +1231,7 @@ def plot_feature_importance(
     fig.tight_layout()
     return fig
 
-
+# %% ../nbs/21_evaluate.ipynb #99bb511b
 def report_plots(
     pipeline: Any,  # a fitted make_model pipeline
     train: Any,  # training rows (for the baselines)
