@@ -19,7 +19,7 @@ from .features import FEATURES, FeatureContext
 __all__ = ['MISSING', 'OTHER_LEVEL', 'snapshot_features', 'snapshot_attributes', 'attribute_values', 'attribute_distribution',
            'missing_rates', 'plot_attribute_distribution', 'paired_draws', 'attribute_check']
 
-# %% ../nbs/14_attributes.ipynb #14b2fdd2
+# %% ../nbs/14_attributes.ipynb #9537622c
 def _entity_reads(
     name: str,  # a registered feature name
 ) -> list[str]:
@@ -34,7 +34,7 @@ def _entity_reads(
         return []
     return sorted(ctx.entities)
 
-
+# %% ../nbs/14_attributes.ipynb #c715f151
 def snapshot_features(
     spec: Sequence[dict],  # a feature spec (feature_spec.json entries)
 ) -> dict[str, list[str]]:
@@ -58,7 +58,7 @@ def snapshot_attributes(
             out.setdefault(c, []).append(f)
     return dict(sorted(out.items()))
 
-# %% ../nbs/14_attributes.ipynb #492f91ac
+# %% ../nbs/14_attributes.ipynb #2ec1f881
 MISSING, OTHER_LEVEL = "(missing)", "(other)"
 
 
@@ -82,7 +82,7 @@ def _level_labels(
         .alias(s.name)
     )
 
-
+# %% ../nbs/14_attributes.ipynb #9183f4f5
 def attribute_values(
     frame: Any,  # training-set rows (polars or pandas): `id`, the label, maybe the attribute columns
     attributes: Sequence[str],  # attribute (entity) columns
@@ -103,7 +103,7 @@ def attribute_values(
             raise HsmlError(f"attribute {a!r} is neither in the companies table nor in the training frame")
     return out
 
-
+# %% ../nbs/14_attributes.ipynb #8c5f7d31
 def attribute_distribution(
     values: pl.DataFrame,  # from `attribute_values`
     attributes: Sequence[str],  # attribute columns of `values`
@@ -170,7 +170,7 @@ def plot_attribute_distribution(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/14_attributes.ipynb #43b81a37
+# %% ../nbs/14_attributes.ipynb #1acdb124
 def _auc_draws(
     y: np.ndarray,  # 0/1 labels
     s: np.ndarray,  # scores
@@ -186,7 +186,7 @@ def _auc_draws(
     with np.errstate(invalid="ignore", divide="ignore"):
         return (Wp * (below + 0.5 * Wn)).sum(1) / (Wp.sum(1) * Wn.sum(1))
 
-
+# %% ../nbs/14_attributes.ipynb #02436a26
 def _precision_draws(
     y: np.ndarray,  # 0/1 labels
     s: np.ndarray,  # scores
@@ -206,7 +206,7 @@ def _precision_draws(
     with np.errstate(invalid="ignore", divide="ignore"):
         return tp / sel
 
-
+# %% ../nbs/14_attributes.ipynb #12e3762f
 def paired_draws(
     y: Any,  # 0/1 labels of the test rows
     scores: Mapping[str, Any],  # name -> scores of the same rows
@@ -245,7 +245,7 @@ def _summary(
     f = lambda x: float(x) if np.isfinite(x) else None  # noqa: E731
     return {"value": f(d[0]), "ci_low": f(lo), "ci_high": f(hi)}
 
-# %% ../nbs/14_attributes.ipynb #16aea93e
+# %% ../nbs/14_attributes.ipynb #0a09d5ee
 def _lopsided(
     p: float,  # missing rate among converted rows
     n: float,  # among the others
@@ -254,7 +254,7 @@ def _lopsided(
     gap = abs(p - n)
     return gap >= 0.10 or (gap >= 0.05 and max(p, n) >= 2 * min(p, n))
 
-
+# %% ../nbs/14_attributes.ipynb #fdcbf4e3
 def _verdict(
     full: dict,  # {metric: summary} of the full model
     without: dict,  # the same without the snapshot attributes
