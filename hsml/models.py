@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import patch
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
@@ -30,7 +31,7 @@ __all__ = ['OTHER', 'PREPROCESS', 'WRAPPER_PARAMS', 'to_pandas', 'FrameCoercer',
            'register_model', 'get_model', 'list_models', 'register_space', 'get_space', 'make_model',
            'columns_from_spec', 'feature_columns', 'fit_model', 'synthetic_frame']
 
-# %% ../nbs/20_models.ipynb #b27cb4ee
+# %% ../nbs/20_models.ipynb #42020d5a
 def to_pandas(
     X: Any,  # a pandas or polars DataFrame
 ) -> pd.DataFrame:
@@ -41,7 +42,7 @@ def to_pandas(
         return X.to_pandas()
     raise HsmlError(f"expected a pandas or polars DataFrame of features, got {type(X).__name__}")
 
-
+# %% ../nbs/20_models.ipynb #17d88957
 class FrameCoercer(TransformerMixin, BaseEstimator):
     "Select the feature columns in a fixed order: numeric ones as float64 (NaN for nulls), categorical ones as str objects (NaN for nulls)."
 
@@ -185,7 +186,7 @@ def make_preprocessor(
     ct = ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=kind == "onehot")
     return ct.set_output(transform="pandas")
 
-# %% ../nbs/20_models.ipynb #5ed07376
+# %% ../nbs/20_models.ipynb #7d7de88e
 def _logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
@@ -217,7 +218,7 @@ def positive_weight(
         raise HsmlError(f"pos_weight must be positive, got {w}")
     return w
 
-
+# %% ../nbs/20_models.ipynb #2849b489
 def holdout_mask(
     n: int,  # number of training rows
     calib_fraction: float,  # share of rows to hold out (the latest ones)
@@ -266,7 +267,7 @@ def calibration_folds(
             folds.append((fit, np.isin(t, b)))
     return folds
 
-# %% ../nbs/20_models.ipynb #9911ec23
+# %% ../nbs/20_models.ipynb #f1fe918b
 def _fit_calibrator(method: str, z: np.ndarray, y: np.ndarray) -> tuple:
     "A calibrator of logit scores `z`: ('sigmoid', slope, intercept) or ('isotonic', fitted IsotonicRegression)."
     if method == "sigmoid":
@@ -287,7 +288,7 @@ def _fold_info(t: np.ndarray, y: np.ndarray, fit: np.ndarray, cal: np.ndarray) -
         "n_calib_positive": int(y[cal].sum()),
     }
 
-
+# %% ../nbs/20_models.ipynb #b5c54dff
 class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
     "Fit `estimator` with up-weighted positives on expanding time folds; one calibrator on their pooled out-of-time scores."
 
@@ -325,93 +326,104 @@ class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
     def _rows(X, idx: np.ndarray):
         return X.iloc[idx] if hasattr(X, "iloc") else X[idx]
 
-    def fit(
-        self,
-        X,  # preprocessed features
-        y,  # 0/1 labels
-        time=None,  # time of each row (e.g. as_of): the calibration blocks are the latest dates; None: row order
-        horizon_days: int | None = None,  # the label horizon: the default gap before each calibration block
-    ):
-        y = np.asarray(y).astype(int).ravel()
-        if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
-            raise HsmlError(
-                f"training labels must contain both 0 and 1, got {sorted(np.unique(y).tolist())}",
-                hint="the training period has no positives: widen as_of_start/as_of_end",
-            )
-        if self.calibration not in ("sigmoid", "isotonic", "prior", "none"):
-            raise HsmlError(
-                f"calibration={self.calibration!r} unknown", hint="use sigmoid, isotonic, prior or none"
-            )
-        self.classes_ = np.array([0, 1])
-        self.weight_ = w = positive_weight(y, self.pos_weight)
-        self.calibrator_, self.estimators_ = None, []
-        info = {"method": self.calibration, "pos_weight": w}
-        if self.calibration in ("sigmoid", "isotonic"):
-            gap = self.calib_gap_days if self.calib_gap_days is not None else horizon_days
-            if gap is None:
-                if time is not None:
-                    warnings.warn(
-                        "no horizon given: the calibration folds have no label gap (pass horizon_days to fit_model)",
-                        stacklevel=2,
-                    )
-                gap = 0
-            t = np.arange(len(y)) if time is None else np.asarray(time)
-            folds = calibration_folds(t, self.calib_fraction, self.calib_folds, gap)
-            folds = [(f, c) for f, c in folds if 0 < y[f].sum() < f.sum()]  # both classes to fit on
-            n_pos = sum(int(y[c].sum()) for _, c in folds)
-            info.update(
-                gap_days=int(gap), folds=[_fold_info(t, y, f, c) for f, c in folds], n_calib_positive=n_pos
-            )
-            if folds and n_pos >= self.min_calib_positives:
-                z, yc = [], []
-                for fit, cal in folds:
-                    i_f, i_c = np.flatnonzero(fit), np.flatnonzero(cal)
-                    m = self._fit_one(self._rows(X, i_f), y[i_f], w)
-                    self.estimators_.append(m)
-                    z.append(_logit(m.predict_proba(self._rows(X, i_c))[:, 1]))
-                    yc.append(y[i_c])
-                self.calibrator_ = _fit_calibrator(self.calibration, np.concatenate(z), np.concatenate(yc))
-            else:
-                info["fallback"] = (
-                    f"{n_pos} positives in the calibration blocks (need {self.min_calib_positives}): "
-                    "prior correction logit(p) - log(w) on a model fitted on every row instead"
-                )
-        if self.calibrator_ is None:
-            if self.calibration != "none":
-                self.calibrator_ = ("prior", 1.0, -math.log(w))
-            self.estimators_ = [self._fit_one(X, y, w)]
-        if len(self.estimators_) == 1:
-            self.estimator_ = self.estimators_[0]
-        self.calibration_info_ = info
-        if hasattr(self.estimators_[0], "n_features_in_"):
-            self.n_features_in_ = self.estimators_[0].n_features_in_
-        return self
-
-    def _calibrate(self, s: np.ndarray) -> np.ndarray:
-        cal = self.calibrator_
-        if cal is None:
-            return s
-        if cal[0] == "isotonic":
-            return cal[1].predict(_logit(s).ravel()).reshape(s.shape)
-        return _sigmoid(cal[1] * _logit(s) + cal[2])
-
-    def raw_score(self, X) -> np.ndarray:
-        "The fitted (weighted, uncalibrated) estimators' positive-class scores: one column per model."
-        models = [self.estimator_] if hasattr(self, "estimator_") else self.estimators_
-        return np.column_stack([m.predict_proba(X)[:, 1] for m in models])
-
-    def predict_proba(self, X) -> np.ndarray:
-        p = np.clip(self._calibrate(self.raw_score(X)).mean(axis=1), 0.0, 1.0)
-        return np.column_stack([1.0 - p, p])
-
-    def predict(self, X) -> np.ndarray:
-        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
-
     @property
     def feature_importances_(self) -> np.ndarray:
         return np.mean([m.feature_importances_ for m in self.estimators_], axis=0)
 
-# %% ../nbs/20_models.ipynb #b113ce63
+# %% ../nbs/20_models.ipynb #1cbff463
+@patch
+def fit(
+    self: WeightedCalibratedClassifier,
+    X,  # preprocessed features
+    y,  # 0/1 labels
+    time=None,  # time of each row (e.g. as_of): the calibration blocks are the latest dates; None: row order
+    horizon_days: int | None = None,  # the label horizon: the default gap before each calibration block
+):
+    "Fit the weighted model(s) on expanding time folds and one calibrator on their pooled out-of-time scores."
+    y = np.asarray(y).astype(int).ravel()
+    if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
+        raise HsmlError(
+            f"training labels must contain both 0 and 1, got {sorted(np.unique(y).tolist())}",
+            hint="the training period has no positives: widen as_of_start/as_of_end",
+        )
+    if self.calibration not in ("sigmoid", "isotonic", "prior", "none"):
+        raise HsmlError(
+            f"calibration={self.calibration!r} unknown", hint="use sigmoid, isotonic, prior or none"
+        )
+    self.classes_ = np.array([0, 1])
+    self.weight_ = w = positive_weight(y, self.pos_weight)
+    self.calibrator_, self.estimators_ = None, []
+    info = {"method": self.calibration, "pos_weight": w}
+    if self.calibration in ("sigmoid", "isotonic"):
+        gap = self.calib_gap_days if self.calib_gap_days is not None else horizon_days
+        if gap is None:
+            if time is not None:
+                warnings.warn(
+                    "no horizon given: the calibration folds have no label gap (pass horizon_days to fit_model)",
+                    stacklevel=2,
+                )
+            gap = 0
+        t = np.arange(len(y)) if time is None else np.asarray(time)
+        folds = calibration_folds(t, self.calib_fraction, self.calib_folds, gap)
+        folds = [(f, c) for f, c in folds if 0 < y[f].sum() < f.sum()]  # both classes to fit on
+        n_pos = sum(int(y[c].sum()) for _, c in folds)
+        info.update(
+            gap_days=int(gap), folds=[_fold_info(t, y, f, c) for f, c in folds], n_calib_positive=n_pos
+        )
+        if folds and n_pos >= self.min_calib_positives:
+            z, yc = [], []
+            for fit, cal in folds:
+                i_f, i_c = np.flatnonzero(fit), np.flatnonzero(cal)
+                m = self._fit_one(self._rows(X, i_f), y[i_f], w)
+                self.estimators_.append(m)
+                z.append(_logit(m.predict_proba(self._rows(X, i_c))[:, 1]))
+                yc.append(y[i_c])
+            self.calibrator_ = _fit_calibrator(self.calibration, np.concatenate(z), np.concatenate(yc))
+        else:
+            info["fallback"] = (
+                f"{n_pos} positives in the calibration blocks (need {self.min_calib_positives}): "
+                "prior correction logit(p) - log(w) on a model fitted on every row instead"
+            )
+    if self.calibrator_ is None:
+        if self.calibration != "none":
+            self.calibrator_ = ("prior", 1.0, -math.log(w))
+        self.estimators_ = [self._fit_one(X, y, w)]
+    if len(self.estimators_) == 1:
+        self.estimator_ = self.estimators_[0]
+    self.calibration_info_ = info
+    if hasattr(self.estimators_[0], "n_features_in_"):
+        self.n_features_in_ = self.estimators_[0].n_features_in_
+    return self
+
+# %% ../nbs/20_models.ipynb #3d6989cd
+@patch
+def _calibrate(self: WeightedCalibratedClassifier, s: np.ndarray) -> np.ndarray:
+    cal = self.calibrator_
+    if cal is None:
+        return s
+    if cal[0] == "isotonic":
+        return cal[1].predict(_logit(s).ravel()).reshape(s.shape)
+    return _sigmoid(cal[1] * _logit(s) + cal[2])
+
+
+@patch
+def raw_score(self: WeightedCalibratedClassifier, X) -> np.ndarray:
+    "The fitted (weighted, uncalibrated) estimators' positive-class scores: one column per model."
+    models = [self.estimator_] if hasattr(self, "estimator_") else self.estimators_
+    return np.column_stack([m.predict_proba(X)[:, 1] for m in models])
+
+
+@patch
+def predict_proba(self: WeightedCalibratedClassifier, X) -> np.ndarray:
+    p = np.clip(self._calibrate(self.raw_score(X)).mean(axis=1), 0.0, 1.0)
+    return np.column_stack([1.0 - p, p])
+
+
+@patch
+def predict(self: WeightedCalibratedClassifier, X) -> np.ndarray:
+    return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+
+# %% ../nbs/20_models.ipynb #6aeb5bc5
 @dataclass(frozen=True)
 class ModelInfo:
     "A registered model: its builder function and how to preprocess for it."
@@ -447,7 +459,7 @@ def register_model(
 
     return deco
 
-
+# %% ../nbs/20_models.ipynb #0aac43e4
 def get_model(
     name: str,  # a registered model name
 ) -> ModelInfo:
@@ -472,7 +484,7 @@ def list_models() -> pd.DataFrame:
         columns=["model", "preprocess", "search_space", "description"],
     )
 
-
+# %% ../nbs/20_models.ipynb #d71b0a2c
 def register_space(
     name: str,  # the model whose Optuna search space this is
 ) -> Callable:
@@ -496,7 +508,7 @@ def get_space(
         )
     return _SPACES[name]
 
-# %% ../nbs/20_models.ipynb #c0d167e3
+# %% ../nbs/20_models.ipynb #f89b3d5b
 WRAPPER_PARAMS = (
     "pos_weight",
     "calibration",
@@ -542,7 +554,7 @@ def make_model(
         ]
     )
 
-
+# %% ../nbs/20_models.ipynb #68e0a844
 def columns_from_spec(
     spec: Sequence[dict],  # a feature spec: dicts with at least `name` and `dtype`
 ) -> tuple[list[str], list[str]]:
@@ -562,7 +574,7 @@ def feature_columns(
     c = pipeline.named_steps["coerce"]
     return [*c.numeric, *c.categorical]
 
-
+# %% ../nbs/20_models.ipynb #83dfde4c
 def fit_model(
     pipeline: Pipeline,  # a pipeline from make_model
     frame: Any,  # training rows (pandas or polars): the feature columns, the label and the time column
@@ -580,7 +592,7 @@ def fit_model(
         df[feature_columns(pipeline)], df[label].to_numpy(), model__time=t, model__horizon_days=horizon_days
     )
 
-# %% ../nbs/20_models.ipynb #646afb33
+# %% ../nbs/20_models.ipynb #b5a92e13
 @register_model(
     "logreg",
     description="L2 logistic regression on imputed, standardised, one-hot features",
@@ -589,7 +601,7 @@ def fit_model(
 def _logreg(numeric, categorical, seed, C: float = 0.3, max_iter: int = 2000) -> Any:
     return LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
 
-
+# %% ../nbs/20_models.ipynb #939b5eac
 @register_model("random_forest", description="random forest (sklearn), one-hot features", preprocess="onehot")
 def _random_forest(
     numeric,
@@ -609,7 +621,7 @@ def _random_forest(
         random_state=seed,
     )
 
-
+# %% ../nbs/20_models.ipynb #f2c348dc
 @register_model(
     "hist_gb",
     description="histogram gradient boosting (sklearn), native nulls and categories",
@@ -636,7 +648,7 @@ def _hist_gb(
         random_state=seed,
     )
 
-
+# %% ../nbs/20_models.ipynb #4e7102a6
 @register_model(
     "lgbm",
     description="LightGBM gradient boosting, native nulls and categories, deterministic",
