@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from fastcore.basics import patch
+
 from .core import HsmlError
 
 # %% auto #0
@@ -55,7 +57,7 @@ def wandb_env(
         Path(v).mkdir(parents=True, exist_ok=True)
     return env
 
-# %% ../nbs/22_tracking.ipynb #98e0fabb
+# %% ../nbs/22_tracking.ipynb #1c523f4f
 def flatten_metrics(
     metrics: Mapping[str, Any],  # nested metrics (as in `metrics.json`)
     prefix: str = "",  # key prefix
@@ -75,7 +77,7 @@ def flatten_metrics(
             out[key] = float(v)
     return out
 
-
+# %% ../nbs/22_tracking.ipynb #14f8f525
 def metrics_rows(
     metrics: Mapping[str, Any],  # nested metrics (as in `metrics.json`)
 ) -> list[list[Any]]:
@@ -92,7 +94,7 @@ def metrics_rows(
     walk(metrics, [])
     return rows
 
-# %% ../nbs/22_tracking.ipynb #356a70ef
+# %% ../nbs/22_tracking.ipynb #556f9a00
 @runtime_checkable
 class Tracker(Protocol):
     "What a training run or a sweep needs from an experiment tracker."
@@ -107,7 +109,7 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, name: str, type: str) -> None: ...  # a file or directory
     def finish(self) -> None: ...
 
-
+# %% ../nbs/22_tracking.ipynb #2edbafae
 class NullTracker:
     "Tracks nothing (`tracking=disabled`)."
 
@@ -136,7 +138,7 @@ class NullTracker:
     def finish(self) -> None:
         pass
 
-# %% ../nbs/22_tracking.ipynb #42618f12
+# %% ../nbs/22_tracking.ipynb #02324756
 def _to_pandas(frame: Any) -> Any:
     "A pandas DataFrame from a polars or pandas one (dates as ISO strings so W&B tables read well)."
     if hasattr(frame, "to_pandas"):
@@ -147,7 +149,7 @@ def _to_pandas(frame: Any) -> Any:
             frame[c] = frame[c].astype(str)
     return frame
 
-
+# %% ../nbs/22_tracking.ipynb #842347c1
 class WandbTracker:
     "A `Tracker` backed by one W&B run."
 
@@ -195,43 +197,63 @@ class WandbTracker:
         self.run_dir = Path(self.run.dir).parent  # .../wandb/offline-run-<time>-<id>
         self.run_file: Path = self.run_dir / f"run-{self.run_id}.wandb"
 
-    def log_config(self, config: Mapping[str, Any]) -> None:
-        self.run.config.update(dict(config), allow_val_change=True)
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        self.run.log(flatten_metrics(metrics), step=step)
-
-    def log_summary(self, metrics: Mapping[str, Any]) -> None:
-        for k, v in flatten_metrics(metrics).items():
-            self.run.summary[k] = v
-        rows = metrics_rows(metrics)
-        if rows:
-            cols = ["group", "metric", "value", "ci_low", "ci_high"]
-            self.run.log({"metrics": self._wandb.Table(columns=cols, data=rows)})
-
-    def log_figures(self, figures: Mapping[str, Any]) -> None:
-        images = {}
-        for name, fig in figures.items():
-            images[f"plots/{name}"] = self._wandb.Image(str(fig) if isinstance(fig, str | Path) else fig)
-        if images:
-            self.run.log(images)
-
-    def log_table(self, name: str, frame: Any) -> None:
-        self.run.log({name: self._wandb.Table(dataframe=_to_pandas(frame))})
-
-    def log_artifact(self, path: str | Path, name: str, type: str) -> None:
-        art = self._wandb.Artifact(name, type=type)
-        path = Path(path)
-        art.add_dir(str(path)) if path.is_dir() else art.add_file(str(path))
-        self.run.log_artifact(art)
-
-    def finish(self) -> None:
-        "Finish the W&B run and wait until its offline file is complete (W&B's service writes it asynchronously)."
-        self.run.finish()
-        if self.mode == "offline":
-            wait_for_run_file(self.run_file)
+# %% ../nbs/22_tracking.ipynb #3ebf60cd
+@patch
+def log_config(self: WandbTracker, config: Mapping[str, Any]) -> None:
+    "Add `config` to the run's config."
+    self.run.config.update(dict(config), allow_val_change=True)
 
 
+@patch
+def log_metrics(self: WandbTracker, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    "Log one history row: the metrics, flattened."
+    self.run.log(flatten_metrics(metrics), step=step)
+
+
+@patch
+def log_summary(self: WandbTracker, metrics: Mapping[str, Any]) -> None:
+    "Write the flattened metrics to the run summary, and all of them as a `metrics` table."
+    for k, v in flatten_metrics(metrics).items():
+        self.run.summary[k] = v
+    rows = metrics_rows(metrics)
+    if rows:
+        cols = ["group", "metric", "value", "ci_low", "ci_high"]
+        self.run.log({"metrics": self._wandb.Table(columns=cols, data=rows)})
+
+
+@patch
+def log_figures(self: WandbTracker, figures: Mapping[str, Any]) -> None:
+    "Log figures (or PNG paths) as images, under `plots/<name>`."
+    images = {}
+    for name, fig in figures.items():
+        images[f"plots/{name}"] = self._wandb.Image(str(fig) if isinstance(fig, str | Path) else fig)
+    if images:
+        self.run.log(images)
+
+
+@patch
+def log_table(self: WandbTracker, name: str, frame: Any) -> None:
+    "Log a polars or pandas DataFrame as a W&B table."
+    self.run.log({name: self._wandb.Table(dataframe=_to_pandas(frame))})
+
+
+@patch
+def log_artifact(self: WandbTracker, path: str | Path, name: str, type: str) -> None:
+    "Log a file or a directory as the artifact `name` of type `type`."
+    art = self._wandb.Artifact(name, type=type)
+    path = Path(path)
+    art.add_dir(str(path)) if path.is_dir() else art.add_file(str(path))
+    self.run.log_artifact(art)
+
+
+@patch
+def finish(self: WandbTracker) -> None:
+    "Finish the W&B run and wait until its offline file is complete (W&B's service writes it asynchronously)."
+    self.run.finish()
+    if self.mode == "offline":
+        wait_for_run_file(self.run_file)
+
+# %% ../nbs/22_tracking.ipynb #2d82cd29
 def start_tracker(
     mode: str,  # `offline`, `online` or `disabled`
     project: str = "hsml",  # W&B project
