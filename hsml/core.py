@@ -38,7 +38,7 @@ EMPLOYEE_LEVELS: list[str] = [
 ]  # fmt: skip  # EMPLOYEE_RANGE buckets, smallest first
 RANK_SENTINEL: int = 16_000_001  # the ALEXA_RANK real extracts carry for "no rank known", beside blank ranks
 
-# %% ../nbs/00_core.ipynb #cb3cfba8
+# %% ../nbs/00_core.ipynb #30207743
 def sha256_bytes(data: bytes) -> str:
     "Hex sha256 of `data`."
     return hashlib.sha256(data).hexdigest()
@@ -55,12 +55,12 @@ def sha256_file(
             h.update(b)
     return h.hexdigest()
 
-
+# %% ../nbs/00_core.ipynb #1a9ce170
 def sha256_json(obj: Any) -> str:
     "Hex sha256 of the canonical JSON of `obj` (sorted keys, no spaces): stable across runs."
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
-# %% ../nbs/00_core.ipynb #f04c1749
+# %% ../nbs/00_core.ipynb #22b9feb8
 @contextlib.contextmanager
 def atomic_path(
     final: str | Path,  # where the file or directory should end up
@@ -83,7 +83,7 @@ def atomic_path(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-
+# %% ../nbs/00_core.ipynb #ff88bf2c
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp:
