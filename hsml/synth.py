@@ -122,7 +122,7 @@ class SynthConfig:
     background: float = 0.01  # weekly chance of a stray visit of any portal after sign-up
     jump: tuple[float, float] = (3.0, 5.0)  # post-conversion multiplier of actions and users (uniform range)
 
-# %% ../nbs/03_synth.ipynb #e056785d
+# %% ../nbs/03_synth.ipynb #2f6189f3
 BLOCK: int = 20_000  # companies per block (fixed: the output depends on it)
 
 _EMP_P = np.array([0.12, 0.22, 0.16, 0.15, 0.10, 0.12, 0.07, 0.04, 0.02])
@@ -144,7 +144,7 @@ def _norm(cfg: SynthConfig) -> float:
         * (ranked * math.exp(_RANK_LIFT) + 1 - ranked)
     )
 
-
+# %% ../nbs/03_synth.ipynb #228d90cb
 def _companies(rng: np.random.Generator, n: int, n_weeks: int, span_days: int, cfg: SynthConfig) -> dict:
     "Latent and observed attributes of `n` companies."
     emp = rng.choice(9, size=n, p=_EMP_P)
@@ -186,7 +186,7 @@ def _companies(rng: np.random.Generator, n: int, n_weeks: int, span_days: int, c
         old=old,
     )
 
-
+# %% ../nbs/03_synth.ipynb #4d51a4ea
 def _activity(
     rng: np.random.Generator, c: dict, n_weeks: int, cfg: SynthConfig
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +274,7 @@ def _usage(
     cols["id"] = ids[ci]
     return pl.DataFrame(cols)
 
-# %% ../nbs/03_synth.ipynb #d346f5ba
+# %% ../nbs/03_synth.ipynb #1821543e
 def _k(rate: float, n: int) -> int:
     "How many of `n` rows get a kind of dirt: at least one whenever the rate is positive."
     return 0 if n == 0 or rate <= 0 else min(n, max(1, round(rate * n)))
@@ -288,7 +288,7 @@ def _blank(rng: np.random.Generator, values: np.ndarray, blank: np.ndarray, cfg:
     out[blank & ~quoted] = None
     return out.tolist()
 
-
+# %% ../nbs/03_synth.ipynb #63eacd37
 def _labels(
     rng: np.random.Generator, emp: np.ndarray, ind: np.ndarray, w0: np.ndarray, n_weeks: int, cfg: SynthConfig
 ) -> tuple[list, list]:
@@ -313,7 +313,7 @@ def _labels(
     ind_s = _blank(rng, lab, ind_blank, cfg)
     return emp_s, ind_s
 
-
+# %% ../nbs/03_synth.ipynb #57ab207d
 def _mrr_text(cents: np.ndarray) -> pl.Series:
     "Integer cents -> decimal text with two places (`-12.50`, `0.00`, `349.99`)."
     s = pl.Series(cents, dtype=pl.Int64)
@@ -321,7 +321,7 @@ def _mrr_text(cents: np.ndarray) -> pl.Series:
     sign = pl.Series(np.where(cents < 0, "-", ""))
     return sign + (a // 100).cast(pl.String) + "." + (a % 100).cast(pl.String).str.zfill(2)
 
-
+# %% ../nbs/03_synth.ipynb #c39fb55a
 def _firmo_frame(
     rng: np.random.Generator, c: dict, idx: np.ndarray, ids: np.ndarray, n_weeks: int, cfg: SynthConfig
 ) -> pl.DataFrame:
@@ -360,7 +360,7 @@ def _label_counts(df: pl.DataFrame) -> dict[str, int]:
             out[f"industry_{s_}"] = n_
     return {k: int(v) for k, v in out.items()}
 
-
+# %% ../nbs/03_synth.ipynb #df859410
 def _tables(
     rng: np.random.Generator, c: dict, ids: np.ndarray, start: date, end: date, n_weeks: int, cfg: SynthConfig
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
@@ -424,7 +424,7 @@ def _tables(
         counts |= {f"{name}_{k}": v for k, v in _label_counts(df).items()}
     return customers, noncustomers, counts
 
-# %% ../nbs/03_synth.ipynb #fdae08c6
+# %% ../nbs/03_synth.ipynb #23616082
 def _as_date(x: date | str | None, what: str) -> date | None:
     if x is None or (isinstance(x, date) and not hasattr(x, "hour")):
         return x
@@ -439,7 +439,7 @@ def _as_date(x: date | str | None, what: str) -> date | None:
 def _block_rng(seed: int, block: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(block,))))
 
-
+# %% ../nbs/03_synth.ipynb #2a511093
 def _ids(seed: int, companies: int) -> np.ndarray:
     "Random, unique, shuffled company ids (7-9 digits): they encode nothing."
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(2**32 - 1,))))
@@ -454,7 +454,7 @@ def _block(seed: int, b: int, n: int, n_weeks: int, span_days: int, cfg: SynthCo
     p, level = _activity(rng, c, n_weeks, cfg)
     return rng, c, p, level
 
-
+# %% ../nbs/03_synth.ipynb #a125c7fa
 def _solve_density(p: np.ndarray, target_per_company: float) -> float:
     "The density whose expected active weeks per company (over the sample `p`) is `target_per_company`."
     expected = lambda m: float(_densify(p, m).sum()) / p.shape[0]  # noqa: E731
@@ -466,7 +466,7 @@ def _solve_density(p: np.ndarray, target_per_company: float) -> float:
         lo, hi = (mid, hi) if expected(mid) < target_per_company else (lo, mid)
     return math.sqrt(lo * hi)
 
-
+# %% ../nbs/03_synth.ipynb #1dfeb871
 def generate(
     out_dir: str | Path,  # directory to write customers.csv, noncustomers.csv, usage_actions.csv into
     companies: int = 5200,  # total companies; about `customer_share` (4%) of them convert
