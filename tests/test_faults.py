@@ -163,6 +163,7 @@ def check_after_kill(run_dir: Path, reg: Path, name: str) -> dict:
         src = Path(json.loads((reg / name / "versions" / str(v) / "version.json").read_text())["source"])
         if not (src / "manifest.json").exists():
             orphans.append(v)
+    assert orphans == [], f"versions {orphans} registered from runs that never appeared"
     return {"runs": len(runs), "versions": len(versions), "orphans": orphans,
             "temporaries": len(list(run_dir.glob(".*.tmp")))}  # fmt: skip
 
