@@ -80,10 +80,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HSML = str(Path(sys.executable).parent / "hsml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 SLOW = os.environ.get("HSML_SLOW") == "1"
-slow = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not SLOW, reason="slow: set HSML_SLOW=1 (make test runs the short version)"),
-]
+slow_only = pytest.mark.skipif(
+    not SLOW, reason="slow: set HSML_SLOW=1 (the default run has the short version)"
+)
 
 
 def kill_tree(proc: subprocess.Popen) -> int:
@@ -102,9 +101,20 @@ def kill_tree(proc: subprocess.Popen) -> int:
     return len(procs)
 
 
+def _live_temporaries(run_dir: Path, inside: str) -> list[Path]:
+    "`inside` in the temporary run directories whose writer is alive (a killed run's are left for the next run)."
+    from hsml.core import TEMP_RE
+
+    return [
+        p / inside
+        for p in run_dir.glob(".*.tmp")
+        if psutil.pid_exists(int(TEMP_RE.match(p.name).group(1))) and (p / inside).exists()
+    ]
+
+
 def cells_started(run_dir: Path) -> int:
     "Code cells papermill has started in the run's temporary notebook (-1 before it exists)."
-    for nb in run_dir.glob(".*.tmp/train.ipynb"):
+    for nb in _live_temporaries(run_dir, "train.ipynb"):
         with contextlib.suppress(ValueError, OSError):  # papermill may be rewriting it
             cells = json.loads(nb.read_text())["cells"]
             return sum(
@@ -116,7 +126,7 @@ def cells_started(run_dir: Path) -> int:
 
 def finalized(run_dir: Path) -> bool:
     "The run wrote its manifest into its temporary directory and has not been renamed yet."
-    return any(run_dir.glob(".*.tmp/manifest.json"))
+    return bool(_live_temporaries(run_dir, "manifest.json"))
 
 
 def kill_when(cmd: list[str], ready, delay: float, timeout: float = 600) -> dict:
@@ -174,16 +184,24 @@ def train_cmd(run_dir: Path, reg: Path, data: Path) -> list[str]:
 
 
 def kill_points(n: int) -> list[tuple[str, int | None, float]]:
-    "`n` kill points spread over the run: before the kernel, at the start of code cells (plus a seeded delay), after finalize."
+    """`n` kill points spread over the run: before the kernel, at the start of code cells (plus a seeded delay),
+    after finalize (manifest written, not renamed) and, for n > 3, after the rename (bundle not registered yet)."""
     nb = json.loads((ROOT / "experiments" / "train.ipynb").read_text())
     n_code = sum(c["cell_type"] == "code" for c in nb["cells"]) + 1  # + papermill's injected parameters
     rng = random.Random(12)
-    cells = [min(n_code, 1 + round((i + 0.5) * n_code / (n - 2))) for i in range(n - 2)]
-    return [
-        ("launch", None, 0.5),
-        *[("cell", k, rng.uniform(0, 0.8)) for k in cells],
-        ("finalized", None, 0.0),
-    ]
+    tail = [("finalized", None, 0.0)] + ([("published", None, 0.0)] if n > 3 else [])
+    m = n - 1 - len(tail)
+    cells = [min(n_code, 1 + round((i + 0.5) * n_code / m)) for i in range(m)]
+    return [("launch", None, 0.5), *[("cell", k, rng.uniform(0, 0.8)) for k in cells], *tail]
+
+
+def published_unregistered(run_dir: Path) -> bool:
+    "A run directory was renamed into place and its bundle is not registered yet."
+    for m in run_dir.glob("[!.]*/manifest.json"):
+        with contextlib.suppress(ValueError, OSError):
+            if "registered" not in json.loads(m.read_text()):
+                return True
+    return False
 
 
 def run_train_kills(sample_dir: Path, tmp_path: Path, n: int) -> list[dict]:
@@ -195,6 +213,7 @@ def run_train_kills(sample_dir: Path, tmp_path: Path, n: int) -> list[dict]:
             "launch": lambda: True,
             "cell": lambda k=k: cells_started(run_dir) >= k,
             "finalized": lambda: finalized(run_dir),
+            "published": lambda: published_unregistered(run_dir),
         }[what]
         got = kill_when(cmd, ready, delay)
         found.append({"point": f"{what} {k or ''}".strip(), **got, **check_after_kill(run_dir, reg, name)})
@@ -211,3 +230,127 @@ def run_train_kills(sample_dir: Path, tmp_path: Path, n: int) -> list[dict]:
 def test_sigkill_train_short(sample_dir, tmp_path):
     found = run_train_kills(sample_dir, tmp_path, 3)
     assert sum(f["killed"] for f in found) >= 2
+
+
+@pytest.mark.slow
+@slow_only
+def test_sigkill_train_20_points(sample_dir, tmp_path):
+    n = 20
+    found = run_train_kills(sample_dir, tmp_path, n)
+    assert len(found) == n and sum(f["killed"] for f in found) >= n - 2
+
+
+# ---------------------------------------------------------------- killed `hsml score`
+
+
+@pytest.fixture(scope="module")
+def trained(sample_dir, tmp_path_factory) -> Path:
+    "A real run's bundle (logreg, the sample data) to score with."
+    from hsml.runs import train_main
+
+    params = {"model": "logreg", "data_dir": str(sample_dir), "n_boot": 20, "tracking": "disabled"}
+    return train_main({**params, "run_dir": str(tmp_path_factory.mktemp("runs"))}, quiet=True) / "model"
+
+
+def run_score_kills(bundle: Path, data: Path, tmp_path: Path, n: int) -> list[dict]:
+    """Kill `hsml score` when its atomic write's temporary appears (which times a run, T), then at n - 1 moments
+    spread over T: the list is absent or whole (equal to the next, unkilled run's)."""
+    import polars as pl
+
+    out = tmp_path / "lists" / "scores.csv"
+    cmd = [HSML, "score", "--model", str(bundle), "--data-dir", str(data), "--out", str(out)]
+    temporaries = lambda: list(out.parent.glob(".scores.csv.*.tmp"))  # noqa: E731
+    found, left = [], []
+    for i in range(n):
+        out.unlink(missing_ok=True)
+        if i == 0:
+            got = kill_when(cmd, lambda: bool(temporaries()), 0.0)
+            took = got["after"]
+        else:
+            got = kill_when(cmd, lambda: True, took * i / n)
+        if out.exists():
+            left.append(pl.read_csv(out))
+        found.append(
+            {**got, "list": "written" if out.exists() else "absent", "temporaries": len(temporaries())}
+        )
+        print(found[-1])
+    out.unlink(missing_ok=True)
+    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)  # the next run works
+    want = pl.read_csv(out)
+    assert all(f.equals(want) for f in left)  # what a killed run left where the list goes is the whole list
+    assert temporaries() == []  # ... and the next run removed what killed ones left
+    return found
+
+
+def test_sigkill_score_short(trained, sample_dir, tmp_path):
+    found = run_score_kills(trained, sample_dir, tmp_path, 3)
+    assert sum(f["killed"] for f in found) >= 2
+
+
+@pytest.mark.slow
+@slow_only
+def test_sigkill_score_20_points(trained, sample_dir, tmp_path):
+    found = run_score_kills(trained, sample_dir, tmp_path, 20)
+    assert sum(f["killed"] for f in found) >= 15
+
+
+# ---------------------------------------------------------------- killed `hsml registry publish/promote`
+
+PROMOTER = """
+import json, random, sys
+from hsml.registry import promote
+root, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+for _ in range(n):
+    e = promote("conc", rng.randint(1, 3), rng.choice(["prod", "staging", "canary"]), root=root, tracking="disabled")
+    print(json.dumps({k: e[k] for k in ("ts", "alias", "version")}), flush=True)
+"""
+
+
+def test_sigkill_registry_cli_and_promoters(
+    bundle, tmp_path, rounds=int(os.environ.get("HSML_KILL_ROUNDS", "4"))
+):
+    "`hsml registry publish` commands and promoter loops killed at random moments, six at a time: nothing confirmed is lost."
+    reg, rng, kills, confirmed, raw = tmp_path / "reg", random.Random(1), 0, [], []
+    for _ in range(3):
+        publish(bundle, "conc", root=reg, tracking="disabled")
+    d = reg / "conc"
+    for r in range(rounds):
+        procs = [
+            subprocess.Popen([HSML, "registry", "publish", str(bundle), "--name", "conc", "--registry", str(reg), "--tracking", "disabled"],
+                             cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ] + [
+            subprocess.Popen([sys.executable, "-c", PROMOTER, str(reg), str(10 * r + i), "40"],
+                             cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(4)
+        ]  # fmt: skip
+        time.sleep(rng.uniform(1.0, 4.0))
+        for p in procs:
+            if p.poll() is None and rng.random() < 0.8:
+                kills += kill_tree(p) > 0
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        confirmed += [json.loads(line) for o in outs[2:] for line in o.splitlines() if line.startswith("{")]
+        raw.append(consistency_problems("conc", reg))  # before any repair
+        assert all(
+            a["version"] in _versions_of(d)
+            for a in (
+                json.loads((d / "aliases.json").read_text()) if (d / "aliases.json").exists() else {}
+            ).values()
+        )
+    promote(
+        "conc", 1, "prod", root=reg, tracking="disabled"
+    )  # the next operation repairs what the kills left
+    assert consistency_problems("conc", reg) == []
+    assert [p.name for p in d.glob(".*")] == [] and [p.name for p in (d / "versions").glob(".*")] == []
+    events = {
+        (e["ts"], e.get("alias"), e["version"]) for e in history("conc", reg) if e["event"] == "promote"
+    }
+    lost = [c for c in confirmed if (c["ts"], c["alias"], c["version"]) not in events]
+    print(f"{kills} killed over {rounds} rounds; {len(confirmed)} promotes confirmed, {len(lost)} lost; "
+          f"problems seen before repair: {sum(map(len, raw))} {[p for ps in raw for p in ps][:3]}")  # fmt: skip
+    assert kills > 0 and confirmed and lost == []
+
+
+def _versions_of(d: Path) -> list[int]:
+    return list_models(d.parent)[0]["versions"]
