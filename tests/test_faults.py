@@ -354,3 +354,55 @@ def test_sigkill_registry_cli_and_promoters(
 
 def _versions_of(d: Path) -> list[int]:
     return list_models(d.parent)[0]["versions"]
+
+
+# ---------------------------------------------------------------- a sweep worker killed mid-trial
+
+SWEEPER = """
+import json, sys
+from hsml.sweep import run_sweep
+r = run_sweep(json.loads(sys.argv[1]), progress=False)
+print(json.dumps({"worker_trials": r.worker_trials, "n_trials": r.n_trials}))
+"""
+
+
+@pytest.mark.postgres
+def test_sweep_worker_killed_mid_trial(sample_dir, tmp_path):
+    "Two workers share a study on PostgreSQL; one is killed mid-trial: its trial is failed by heartbeat, retried once, and the other finishes the sweep."
+    import optuna
+    from optuna.trial import TrialState
+
+    from hsml.sweep import storage_url
+    from hsml.testing import local_postgres
+
+    n_trials = 12
+    with local_postgres() as url:
+        base = {"model": "logreg", "n_trials": n_trials, "study_name": "beat", "storage": url, "data_dir": str(sample_dir),
+                "run_dir": str(tmp_path), "tracking": "disabled", "heartbeat_interval": 1, "grace_period": 3}  # fmt: skip
+        procs = [
+            subprocess.Popen([sys.executable, "-c", SWEEPER, json.dumps({**base, "worker": w})], cwd=ROOT, env=ENV,
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for w in (0, 1)
+        ]  # fmt: skip
+        storage, running, deadline = storage_url(url, tmp_path), [], time.monotonic() + 600
+        while len(running) < 2 and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):  # the study does not exist yet
+                study = optuna.load_study(study_name="beat", storage=storage)
+                running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        assert len(running) == 2, "both workers are mid-trial"
+        kill_tree(procs[0])  # worker 0 dies holding one of the two running trials
+        out, err = procs[1].communicate(timeout=900)
+        assert procs[1].returncode == 0, err[-3000:]
+        trials = optuna.load_study(study_name="beat", storage=storage).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    retries = [t for t in trials if "failed_trial" in t.system_attrs]
+    print(f"killed mid-trial {running}; failed {[t.number for t in failed]}; retried as {[t.number for t in retries]}; "
+          f"{len(trials)} trials, {sorted(t.state.name for t in trials)}")  # fmt: skip
+    assert len(failed) == 1 and failed[0].number in running  # the dead worker's trial, and only it
+    assert [t.system_attrs["failed_trial"] for t in retries] == [failed[0].number]
+    assert (
+        retries[0].state.is_finished() and retries[0].params == failed[0].params
+    )  # retried once, same parameters
+    assert all(t.state.is_finished() for t in trials) and len(trials) >= n_trials  # nothing left running
+    assert (tmp_path / "beat" / "best_params.yaml").exists()  # the other worker finished the sweep
