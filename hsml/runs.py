@@ -42,8 +42,8 @@ from .tracking import TRACKING_MODES
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
            'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
            'repo_root', 'git_info', 'environment_info', 'make_run_id', 'Run', 'papermill_output_path',
-           'sample_data_dir', 'publish_bundle', 'register_run', 'train_notebook', 'train_main', 'load_params_file',
-           'parse_overrides']
+           'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'publish_bundle', 'register_run',
+           'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
 # %% ../nbs/23_runs.ipynb #34ac9573
 BUILTIN_MODELS = ("logreg", "random_forest", "hist_gb", "lgbm")
@@ -535,6 +535,37 @@ def _copy_executed_notebook_later(src_hint: Path, dst: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+# %% ../nbs/23_runs.ipynb #7b1b3e47
+def source_fingerprints(
+    source: Any,  # a data directory, a catalog YAML or a Catalog (as for `load_tables`)
+) -> dict[str, str]:
+    "`{table: sha256}` of the source's tables, read now."
+    from hsml.sources import Catalog
+
+    return Catalog.resolve(source).fingerprints()
+
+
+def check_fingerprints(
+    source: Any,  # a data directory, a catalog YAML or a Catalog
+    recorded: Mapping[str, str],  # `{table: sha256}` the run recorded
+    current: Mapping[str, str] | None = None,  # what to compare with; default: the source's fingerprints now
+    when: str = "since the run read it",  # for the message
+) -> None:
+    "Raise an `HsmlError` naming every file whose fingerprint differs from the one recorded."
+    from hsml.sources import Catalog
+
+    cat = Catalog.resolve(source)
+    current = dict(current) if current is not None else cat.fingerprints()
+    changed = [t for t in recorded if t in current and current[t] != recorded[t]]
+    if changed:
+        what = "; ".join(
+            f"{cat[t].describe()} (sha256 {recorded[t][:12]} -> {current[t][:12]})" for t in changed
+        )
+        raise HsmlError(
+            f"the data changed {when}: {what}",
+            hint="a file was rewritten while the run used it: run again once nothing writes to the data",
+        )
 
 # %% ../nbs/23_runs.ipynb #039aeb8d
 def sample_data_dir(

@@ -406,3 +406,33 @@ def test_sweep_worker_killed_mid_trial(sample_dir, tmp_path):
     )  # retried once, same parameters
     assert all(t.state.is_finished() for t in trials) and len(trials) >= n_trials  # nothing left running
     assert (tmp_path / "beat" / "best_params.yaml").exists()  # the other worker finished the sweep
+
+
+# ---------------------------------------------------------------- data changed under a run
+
+
+def test_data_changed_between_check_and_build_is_an_error(sample_dir, tmp_path):
+    "A file rewritten after the run checked the data and before it builds the training set stops the run, naming the file."
+    import shutil
+
+    import nbformat
+
+    from hsml.core import HsmlError
+    from hsml.runs import train_main
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    nb = nbformat.read(ROOT / "experiments" / "train.ipynb", as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if 'run.stage("data")' in c.source) + 1
+    nb.cells.insert(at, nbformat.v4.new_code_cell(
+        f"with open({str(data / 'usage_actions.csv')!r}, 'a') as f:\n"
+        "    f.write('2020-01-06 00:00:00.000,1,0,0,0,1,0,0,0,1\\n')  # an export lands in the data directory"
+    ))  # fmt: skip
+    nbformat.write(nb, tmp_path / "changing.ipynb")
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(
+        HsmlError, match=r"between the data check and the training-set build: .*usage_actions\.csv"
+    ):
+        train_main({"model": "logreg", "data_dir": str(data), "run_dir": str(runs_dir), "tracking": "disabled"},
+                   notebook=tmp_path / "changing.ipynb", quiet=True)  # fmt: skip
+    assert [p.name for p in runs_dir.iterdir() if not p.name.startswith(".")] == []
