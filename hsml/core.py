@@ -70,6 +70,7 @@ def atomic_path(
     "Yield a temporary sibling of `final`; rename it to `final` on success, delete it on any error."
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final.parent, final.name)  # what a killed writer of `final` left behind
     if final.exists() and not overwrite:
         raise HsmlError(f"{final} already exists", hint="choose another path or remove it first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
@@ -103,12 +104,13 @@ TEMP_RE = re.compile(
 
 def remove_stale_temporaries(
     directory: str | Path,  # where atomic writes happen (a run_dir, a registry entry, an output folder)
+    name: str | None = None,  # only the temporaries of this file or directory name (default: all)
 ) -> list[Path]:
     "Delete the temporaries of `atomic_path` whose owner process is gone; return what was deleted."
     removed = []
     for p in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else []:
         m = TEMP_RE.match(p.name)
-        if m and int(m.group(1)) != os.getpid():
+        if m and int(m.group(1)) != os.getpid() and (name is None or p.name.startswith(f".{name}.")):
             try:
                 os.kill(int(m.group(1)), 0)
                 continue  # its writer is alive

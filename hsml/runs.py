@@ -42,7 +42,8 @@ from .tracking import TRACKING_MODES
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
            'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
            'repo_root', 'git_info', 'environment_info', 'make_run_id', 'Run', 'papermill_output_path',
-           'sample_data_dir', 'publish_bundle', 'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
+           'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'publish_bundle', 'register_run',
+           'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
 # %% ../nbs/23_runs.ipynb #34ac9573
 BUILTIN_MODELS = ("logreg", "random_forest", "hist_gb", "lgbm")
@@ -468,6 +469,8 @@ class Run:
         if not self.managed:
             _copy_executed_notebook_later(self.dir / "train.ipynb", self.final / "train.ipynb")
             os.replace(self.dir, self.final)
+            if self.params.get("register"):  # only a published run is registered
+                self.extra["registered"] = register_run(self.final, self.params)
         self.finalized = True
         return self.final
 
@@ -533,6 +536,37 @@ def _copy_executed_notebook_later(src_hint: Path, dst: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
 
+# %% ../nbs/23_runs.ipynb #7b1b3e47
+def source_fingerprints(
+    source: Any,  # a data directory, a catalog YAML or a Catalog (as for `load_tables`)
+) -> dict[str, str]:
+    "`{table: sha256}` of the source's tables, read now."
+    from hsml.sources import Catalog
+
+    return Catalog.resolve(source).fingerprints()
+
+
+def check_fingerprints(
+    source: Any,  # a data directory, a catalog YAML or a Catalog
+    recorded: Mapping[str, str],  # `{table: sha256}` the run recorded
+    current: Mapping[str, str] | None = None,  # what to compare with; default: the source's fingerprints now
+    when: str = "since the run read it",  # for the message
+) -> None:
+    "Raise an `HsmlError` naming every file whose fingerprint differs from the one recorded."
+    from hsml.sources import Catalog
+
+    cat = Catalog.resolve(source)
+    current = dict(current) if current is not None else cat.fingerprints()
+    changed = [t for t in recorded if t in current and current[t] != recorded[t]]
+    if changed:
+        what = "; ".join(
+            f"{cat[t].describe()} (sha256 {recorded[t][:12]} -> {current[t][:12]})" for t in changed
+        )
+        raise HsmlError(
+            f"the data changed {when}: {what}",
+            hint="a file was rewritten while the run used it: run again once nothing writes to the data",
+        )
+
 # %% ../nbs/23_runs.ipynb #039aeb8d
 def sample_data_dir(
     area: str | Path,  # the run area (e.g. `<run_dir>/.hsml`)
@@ -582,6 +616,27 @@ def publish_bundle(
         wandb_project=params.get("wandb_project") or "hsml",
         origin=origin,
     )
+
+
+def register_run(
+    run_path: str | Path,  # a published run directory (model/, manifest.json)
+    params: Mapping[str, Any],  # resolved parameters (model, register_name, registry, tracking)
+) -> dict[str, Any]:
+    "Publish a published run's bundle; record `{name, version}` in its manifest and summary; return it."
+    run_path = Path(run_path)
+    name = params.get("register_name") or f"conversion-{params['model']}"
+    try:
+        reg = {"name": name, "version": publish_bundle(run_path / "model", params, origin=run_path)}
+    except HsmlError as e:
+        raise HsmlError(
+            f"the run {run_path} is complete but registering it failed: {e.message}",
+            hint=f"publish it later: hsml registry publish {run_path} --name {name}",
+        ) from None
+    man = json.loads((run_path / "manifest.json").read_text())
+    atomic_write_json(run_path / "manifest.json", {**man, "registered": reg})
+    if (summary := run_path / "summary.txt").exists():
+        atomic_write_text(summary, summary.read_text() + f"registered as {name} version {reg['version']}\n")
+    return reg
 
 # %% ../nbs/23_runs.ipynb #261d109d
 QUIET_KERNEL = ["--IPKernelApp.log_level=CRITICAL"]  # no kernel chatter (TCP warning, shutdown interrupt)
@@ -651,6 +706,8 @@ def train_main(
         timings = json.loads((tmp / "timings.json").read_text())
         timings["papermill_total"] = round(time.time() - launched, 3)  # kernel start to notebook saved
         atomic_write_json(tmp / "timings.json", timings)
+    if p["register"]:
+        register_run(final, p)
     if output:
         shutil.copyfile(final / "train.ipynb", output)
     if not quiet:

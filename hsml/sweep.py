@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "n_folds": 2,  # rolling-origin validation folds inside the training period
     "pruning": True,  # median pruning after each fold
     "worker": 0,  # this worker's number (seeds its sampler differently)
+    "heartbeat_interval": 30,  # seconds between a running trial's heartbeats in the storage (0: off)
+    "grace_period": 120,  # a running trial without a heartbeat for this long is failed (its worker died)
     **{k: runs.DEFAULT_PARAMS[k] for k in DATA_PARAMS},
     "tracking": "offline",  # offline | online | disabled
     "wandb_project": "hsml",  # W&B project
@@ -72,6 +75,13 @@ def validate_sweep_params(
     p["timeout_s"] = runs._int("timeout_s", p["timeout_s"], low=0)
     p["n_folds"] = runs._int("n_folds", p["n_folds"], low=1)
     p["worker"] = runs._int("worker", p["worker"], low=0)
+    p["heartbeat_interval"] = runs._int("heartbeat_interval", p["heartbeat_interval"], low=0)
+    p["grace_period"] = runs._int("grace_period", p["grace_period"], low=1)
+    if p["heartbeat_interval"] and p["grace_period"] <= p["heartbeat_interval"]:
+        raise HsmlError(
+            f"grace_period={p['grace_period']} must be longer than heartbeat_interval={p['heartbeat_interval']}",
+            hint="e.g. heartbeat_interval: 30, grace_period: 120",
+        )
     p["pruning"] = runs._bool("pruning", p["pruning"])
     if p["metric"] not in METRICS:
         raise HsmlError(
@@ -109,15 +119,28 @@ def storage_url(
 def make_storage(
     url: str,  # SQLAlchemy URL of the storage
     attempts: int = 5,  # tries when workers race to create the schema
+    heartbeat_interval: int = 0,  # seconds between running trials' heartbeats (0: no heartbeat)
+    grace_period: int | None = None,  # seconds without a heartbeat before a running trial is failed
 ) -> Any:
-    "An Optuna RDB storage for `url` (with connection health checks for long sweeps)."
+    "An Optuna RDB storage for `url` (connection health checks; heartbeats that fail a dead worker's trial)."
     import optuna
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     safe = "...@" + url.rsplit("@", 1)[-1] if "@" in url else url  # never the user and password
     for attempt in range(1, attempts + 1):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            beat = (
+                {
+                    "heartbeat_interval": heartbeat_interval,
+                    "grace_period": grace_period,
+                    "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                }
+                if heartbeat_interval
+                else {}
+            )
+            with warnings.catch_warnings():  # heartbeats are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beat)
         except (IntegrityError, ProgrammingError) as e:
             # workers started together on an empty database race to create Optuna's tables and types
             # ("duplicate key ... pg_type_typname_nsp_index"): the loser waits and finds them made
@@ -275,7 +298,9 @@ def optimize(
     )
     study = optuna.create_study(
         study_name=p["study_name"],
-        storage=make_storage(storage),
+        storage=make_storage(
+            storage, heartbeat_interval=p["heartbeat_interval"], grace_period=p["grace_period"]
+        ),
         direction=METRICS[p["metric"]],
         sampler=sampler,
         pruner=pruner,
