@@ -709,6 +709,7 @@ def create_app(
         "413": {"description": f"more than {max_records} records, or body too large"},
         "415": {"description": "not application/json"},
         "422": {"description": "field-level validation errors: detail[].loc/msg/type"},
+        "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
     }
 
     @app.post(
