@@ -98,7 +98,9 @@ def drain_on_sigterm(
             signal.signal(signal.SIGTERM, prev or signal.SIG_DFL)
             signal.raise_signal(sig)
         elif first and drain_seconds > 0:
-            threading.Timer(drain_seconds, prev, (sig, frame)).start()
+            t = threading.Timer(drain_seconds, prev, (sig, frame))
+            t.daemon = True  # a process stopped otherwise meanwhile does not wait for it
+            t.start()
         else:
             prev(sig, frame)
 
