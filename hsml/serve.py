@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .bundle import Bundle, load_bundle, polars_dtype
 from .score import off_anchor_warning
 from .core import HsmlError
+from .serve_guard import Guard, InFlightLimit, drain_on_sigterm, quiet_sigterm
 
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'record_model', 'request_model',
@@ -533,6 +534,8 @@ def create_app(
     flush_seconds: float = 0.5,  # prediction log write interval
     max_records: int | None = None,  # records per request; default the input schema's max_records
     registry: str | Path | None = None,  # registry directory for NAME@ALIAS references
+    max_in_flight: int = 32,  # requests served at once (per process); more are answered 503 + Retry-After
+    drain_seconds: float = 0.0,  # after SIGTERM: keep serving this long with /ready 503, then shut down
 ) -> FastAPI:
     "The FastAPI app serving one bundle."
     if not isinstance(bundle, Bundle):
@@ -553,6 +556,7 @@ def create_app(
     period, anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
     b.check_features()  # refuse to serve features computed by other code than the model was trained with
     state: dict[str, Any] = {"log": None}
+    guard = Guard(max_in_flight)  # in-flight limit and readiness (hsml.serve_guard)
     model_info = {
         "name": name,
         "version": version,
@@ -575,10 +579,13 @@ def create_app(
     async def lifespan(app: FastAPI):
         state["log"] = PredictionLog(log_path, flush_seconds=flush_seconds)
         app.state.prediction_log = state["log"]
+        guard.started, undo = True, drain_on_sigterm(guard, drain_seconds)
         try:
             yield
         finally:
-            state["log"].close()
+            guard.draining = True
+            undo()
+            state["log"].close()  # after the requests in flight: writes everything they logged
 
     app = FastAPI(
         title=f"hsml model service: {name}",
@@ -592,6 +599,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.bundle = b
+    app.state.guard = guard
+    app.add_middleware(InFlightLimit, guard=guard)
 
     def authorized(request: Request) -> bool:
         if not token:
@@ -700,6 +709,7 @@ def create_app(
         "413": {"description": f"more than {max_records} records, or body too large"},
         "415": {"description": "not application/json"},
         "422": {"description": "field-level validation errors: detail[].loc/msg/type"},
+        "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
     }
 
     @app.post(
@@ -801,10 +811,12 @@ def create_app(
     @app.get("/ready", summary="Readiness: model loaded, prediction log writing")
     async def ready() -> Response:
         lg = state["log"]
-        ok = lg is not None and lg.alive
+        ok = lg is not None and lg.alive and guard.ready
         body = {"ready": ok, "model": name, "version": version, "fast_path": b.fast}
         if lg is not None and lg.error:
             body["problem"] = f"prediction log: {lg.error}"
+        elif not guard.ready:
+            body["problem"] = guard.reason
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/model", summary="The served model: name, version, alias, schema, metrics, data fingerprints")
@@ -842,6 +854,8 @@ def app_from_env() -> FastAPI:
         os.environ["HSML_SERVE_MODEL"],
         registry=os.environ.get("HSML_SERVE_REGISTRY") or None,
         log_path=os.environ.get("HSML_SERVE_LOG") or None,
+        max_in_flight=int(os.environ.get("HSML_SERVE_MAX_IN_FLIGHT") or 32),
+        drain_seconds=float(os.environ.get("HSML_SERVE_DRAIN_SECONDS") or 0),
     )
 
 
@@ -856,13 +870,19 @@ def serve(
     | None = None,  # prediction log (default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl)
     workers: int = 1,  # server processes (each loads and verifies the bundle; they share the prediction log)
     log_level: str = "warning",  # uvicorn log level
+    max_in_flight: int = 32,  # requests served at once per process; more are answered 503 + Retry-After
+    drain_seconds: float = 0.0,  # after SIGTERM: keep serving this long with /ready 503, then shut down
 ) -> None:
     "Serve a model over HTTP with uvicorn, uvloop and httptools (blocks until stopped)."
     import uvicorn
 
     if workers < 1:
         raise HsmlError(f"workers must be >= 1, got {workers}")
-    app = create_app(model, token=token, log_path=log_path, registry=registry)  # verifies the bundle here
+    if max_in_flight < 1:
+        raise HsmlError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    limits = dict(max_in_flight=max_in_flight, drain_seconds=drain_seconds)
+    # verifies the bundle here
+    app = create_app(model, token=token, log_path=log_path, registry=registry, **limits)
     b = app.state.bundle
     print(
         f"hsml: serving {b.name}"
@@ -872,17 +892,24 @@ def serve(
         flush=True,
     )
     opts = dict(host=host, port=port, loop="uvloop", http="httptools", log_level=log_level, access_log=False)
+    # after SIGTERM, the requests in flight get this long; then the app's shutdown flushes the log
+    opts["timeout_graceful_shutdown"] = 30
     if workers == 1:
-        uvicorn.run(app, **opts)
+        with quiet_sigterm():  # a graceful stop on SIGTERM exits 0 (see hsml.serve_guard)
+            uvicorn.run(app, **opts)
         return
     # each worker process builds its own app from the same, already verified, reference
     ref = str(b.path) if b.version is None else f"{b.name}@{b.version}"
     os.environ.update(
         HSML_SERVE_MODEL=ref, HSML_SERVE_REGISTRY=str(registry or ""), HSML_SERVE_LOG=str(log_path or "")
     )
+    os.environ.update(
+        HSML_SERVE_MAX_IN_FLIGHT=str(max_in_flight), HSML_SERVE_DRAIN_SECONDS=str(drain_seconds)
+    )
     if token is not None:
         os.environ["HSML_API_TOKEN"] = token
-    uvicorn.run("hsml.serve:app_from_env", factory=True, workers=workers, **opts)
+    with quiet_sigterm():
+        uvicorn.run("hsml.serve:app_from_env", factory=True, workers=workers, **opts)
 
 
 def serve_cmd(
@@ -898,6 +925,12 @@ def serve_cmd(
         None, "--log", help="prediction log (default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl)"
     ),
     workers: int = typer.Option(1, help="server processes (use the machine's cores for batch throughput)"),
+    max_in_flight: int = typer.Option(
+        32, help="requests served at once per process; more are answered 503 with Retry-After"
+    ),
+    drain_seconds: float = typer.Option(
+        0.0, help="after SIGTERM, keep serving this long with /ready answering 503, then shut down"
+    ),
 ) -> None:
     """Serve a model over HTTP: POST /predict, POST /predict/company, GET /health /ready /model /docs.
 
@@ -911,7 +944,16 @@ def serve_cmd(
     $HSML_PREDICTION_LOG (default .hsml/predictions.jsonl).
     """
     try:
-        serve(model, host=host, port=port, registry=registry, log_path=log_path, workers=workers)
+        serve(
+            model,
+            host=host,
+            port=port,
+            registry=registry,
+            log_path=log_path,
+            workers=workers,
+            max_in_flight=max_in_flight,
+            drain_seconds=drain_seconds,
+        )
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
