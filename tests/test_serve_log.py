@@ -93,6 +93,14 @@ def _wait_health(url: str, check, timeout: float = 30) -> dict:
     raise AssertionError(f"/health never showed the expected log state: {h}")
 
 
+def _pg_types(url: str, table: str) -> dict[str, str]:
+    import psycopg
+
+    q = "select column_name, data_type from information_schema.columns where table_name = %s order by ordinal_position"
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute(q, (table,)).fetchall())
+
+
 @pytest.fixture(scope="module")
 def pg():
     from hsml.testing import local_postgres
@@ -126,7 +134,23 @@ def test_two_workers_log_to_one_postgres_table(world, tmp_path, pg, monkeypatch)
         s.stop()
     df = sink.read()  # after the shutdown flush: still exactly once
     _exactly_once(df, answered)
-    assert df.columns == list(LOG_FIELDS) and df.schema == pl.Schema(LOG_SCHEMA)
+    assert df.columns == list(LOG_FIELDS) and df.cast(LOG_SCHEMA).schema == pl.Schema(LOG_SCHEMA)
+    assert _pg_types(pg, "predictions") == {
+        "request_id": "text",
+        "model": "text",
+        "version": "bigint",
+        "digest": "text",
+        "endpoint": "text",
+        "id": "text",
+        "as_of": "date",
+        "score": "double precision",
+        "features_hash": "text",
+        "timestamp": "timestamp with time zone",
+        "experiment": "text",
+        "arm": "text",
+        "rank": "bigint",
+        "holdout_share": "double precision",
+    }
     assert (df["model"] == NAME).all() and df["timestamp"].is_not_null().all()
     company = df.filter(pl.col("endpoint") == "predict/company")
     assert company.height == 6 and (company["rank"] == 1).all() and company["as_of"].is_not_null().all()
