@@ -326,7 +326,10 @@ def _frame(batch: list[tuple]) -> pl.DataFrame:
         pl.col("as_of").str.to_date(), pl.col("timestamp").str.to_datetime(time_unit="ms", time_zone="UTC")
     )
 
-# %% ../nbs/32_serve.ipynb #b14e729d
+# %% ../nbs/32_serve.ipynb #a7875d8c
+from fastcore.basics import patch
+
+# %% ../nbs/32_serve.ipynb #ba386a5c
 class PredictionLog:
     "Buffered, append-only prediction log written by a background thread: a JSONL file, or any `Sink`."
 
@@ -393,76 +396,86 @@ class PredictionLog:
             if self._n >= self.max_buffer:
                 self._wake.set()
 
-    def _store(self) -> None:
-        "Write the pending rows (raises; what is not written stays pending)."
-        if self.sink is not None:
-            self.sink.write(self._pending, keys=LOG_KEYS)
-            return
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # type: ignore[arg-type]
+# %% ../nbs/32_serve.ipynb #2188ca75
+@patch
+def _store(self: PredictionLog) -> None:
+    "Write the pending rows (raises; what is not written stays pending)."
+    if self.sink is not None:
+        self.sink.write(self._pending, keys=LOG_KEYS)
+        return
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # type: ignore[arg-type]
+    try:
+        while self._pending:  # one write per flush; a short write leaves the rest pending
+            self._pending = self._pending[os.write(fd, self._pending) :]
+    finally:
+        os.close(fd)
+
+
+@patch
+def flush(self: PredictionLog) -> None:
+    "Write what an earlier failed write left, then everything queued (raises when the write fails: nothing is dropped)."
+    with self._flush_lock:
+        with self._lock:
+            batch, self._buf, self._n = self._buf, [], 0
+        if batch:
+            n = sum(len(b[4]) for b in batch)
+            try:
+                new = _jsonl(batch) if self.sink is None else _frame(batch)
+            except Exception:  # rows that cannot be rendered stay queued (and the error shows)
+                with self._lock:
+                    self._buf[:0], self._n = batch, self._n + n
+                raise
+            if self._pending is None:
+                self._pending = new
+            elif self.sink is None:
+                self._pending += new
+            else:
+                self._pending = pl.concat([self._pending, new])
+            self._pending_n += n
+        if self._pending is not None:
+            self._store()
+            self.written += self._pending_n
+            self._pending, self._pending_n, self.error = None, 0, None
+        with self._lock:
+            if not self._buf:
+                self._idle.set()
+
+# %% ../nbs/32_serve.ipynb #28bb9317
+@patch
+def _run(self: PredictionLog) -> None:
+    while not self._stop.is_set():
+        self._wake.wait(self.flush_seconds)
+        self._wake.clear()
         try:
-            while self._pending:  # one write per flush; a short write leaves the rest pending
-                self._pending = self._pending[os.write(fd, self._pending) :]
-        finally:
-            os.close(fd)
+            self.flush()
+        except Exception as e:  # a full disk or a database away: shown in /health and /ready, retried
+            self.error = f"{type(e).__name__}: {e}"
+            self._stop.wait(self.flush_seconds)
 
-    def flush(self) -> None:
-        "Write what an earlier failed write left, then everything queued (raises when the write fails: nothing is dropped)."
-        with self._flush_lock:
-            with self._lock:
-                batch, self._buf, self._n = self._buf, [], 0
-            if batch:
-                n = sum(len(b[4]) for b in batch)
-                try:
-                    new = _jsonl(batch) if self.sink is None else _frame(batch)
-                except Exception:  # rows that cannot be rendered stay queued (and the error shows)
-                    with self._lock:
-                        self._buf[:0], self._n = batch, self._n + n
-                    raise
-                if self._pending is None:
-                    self._pending = new
-                elif self.sink is None:
-                    self._pending += new
-                else:
-                    self._pending = pl.concat([self._pending, new])
-                self._pending_n += n
-            if self._pending is not None:
-                self._store()
-                self.written += self._pending_n
-                self._pending, self._pending_n, self.error = None, 0, None
-            with self._lock:
-                if not self._buf:
-                    self._idle.set()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.flush_seconds)
-            self._wake.clear()
-            try:
-                self.flush()
-            except Exception as e:  # a full disk or a database away: shown in /health and /ready, retried
-                self.error = f"{type(e).__name__}: {e}"
-                self._stop.wait(self.flush_seconds)
+@patch
+def wait_idle(self: PredictionLog, timeout: float = 10.0) -> bool:
+    "Wait until everything queued has been written."
+    self._wake.set()
+    return self._idle.wait(timeout)
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        "Wait until everything queued has been written."
-        self._wake.set()
-        return self._idle.wait(timeout)
 
-    def close(self, attempts: int = 3) -> None:
-        "Stop the writer and write what is left (`attempts` tries; then an HsmlError says how many were not written)."
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
-        for k in range(attempts):
-            try:
-                self.flush()
-                return
-            except Exception as e:
-                self.error = f"{type(e).__name__}: {e}"
-                time.sleep(min(2.0, 0.2 * 2**k))
-        raise HsmlError(
-            f"prediction log: {self.pending} predictions were not written to {self.where}: {self.error}"
-        )
+@patch
+def close(self: PredictionLog, attempts: int = 3) -> None:
+    "Stop the writer and write what is left (`attempts` tries; then an HsmlError says how many were not written)."
+    self._stop.set()
+    self._wake.set()
+    self._thread.join(timeout=30)
+    for k in range(attempts):
+        try:
+            self.flush()
+            return
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            time.sleep(min(2.0, 0.2 * 2**k))
+    raise HsmlError(
+        f"prediction log: {self.pending} predictions were not written to {self.where}: {self.error}"
+    )
 
 # %% ../nbs/32_serve.ipynb #4dc3bc39
 RAW_COMPANY_COLUMNS = ("ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY")
@@ -637,7 +650,7 @@ def service_description(
         "digests (checked at start) prove only that the files are the published ones.\n\n"
         "**What it refuses**: unknown fields, wrong JSON types, NaN or infinity, unknown levels of a closed "
         "category (422); malformed JSON (400); a body that is not JSON (415).\n\n"
-        f"**Limits**: at most {max_records} records per request and {max_body} body bytes (413); 50000 usage rows "
+        f"**Limits**: at most {max_records:,} records per request and {max_body:,} body bytes (413); 50,000 usage rows "
         "per company (422); past `--max-in-flight` concurrent requests, 503 with `Retry-After`."
     )
 
@@ -1029,7 +1042,7 @@ def log_sink_from_catalog(
 
     return Catalog.from_yaml(catalog).sink(name)
 
-
+# %% ../nbs/32_serve.ipynb #617f0659
 def app_from_env() -> FastAPI:
     "App factory for multi-process serving: the model and options come from HSML_SERVE_* variables."
     env = os.environ.get
@@ -1104,7 +1117,7 @@ def serve(
         os.environ["HSML_API_TOKEN"] = token
     uvicorn.run("hsml.serve:app_from_env", factory=True, workers=workers, **opts)
 
-
+# %% ../nbs/32_serve.ipynb #9505c43b
 def serve_cmd(
     model: str = typer.Option(
         ..., "--model", "-m", help="NAME@ALIAS, NAME@VERSION, NAME or a bundle/run directory"
