@@ -251,3 +251,34 @@ def test_experiment_arms_and_prediction_log_feed_the_impact_report(world, tmp_pa
     first_week = set(lists[0].filter(pl.col("rank") <= 60)["id"].to_list())
     later = set(lists[1].filter(pl.col("rank") <= 60)["id"].to_list()) - first_week
     assert rep["srm"]["n_treatment"] + rep["srm"]["n_holdout"] == len(first_week | later)  # each company once
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the same through papermill
+
+
+def test_score_notebook_writes_through_the_sink_with_an_experiment(world, tmp_path):
+    import papermill as pm
+
+    from hsml.impact_report import read_prediction_logs
+
+    nb = Path(__file__).resolve().parents[1] / "experiments" / "score.ipynb"
+    cat = write_catalog(
+        tmp_path / "c.yaml", world["data"], "  scores: {type: parquet, path: weekly.parquet}\n"
+    )
+    params = {"model": f"{NAME}@2", "registry": str(world["registry"]), "catalog": str(cat), "sink": "scores"}
+    params |= {"experiment": "q3-calls", "holdout_share": 0.2, "log": str(tmp_path / "p.jsonl"), "top_n": 5}
+    for k in (1, 2):  # the same week twice: its rows once in the sink, two runs in the log
+        pm.execute_notebook(str(nb), str(tmp_path / f"run{k}.ipynb"), parameters=params, progress_bar=False,
+                            kernel_name="python3")  # fmt: skip
+    stored = pl.read_parquet(tmp_path / "weekly.parquet")
+    assert stored["as_of"].unique().to_list() == [world["latest"]] and stored["id"].is_unique().all()
+    assert (stored["model_version"] == 2).all() and "arm" in stored.columns
+    scored = stored.filter(pl.col("unscored_reason").is_null())
+    assert set(scored["arm"].unique().to_list()) == {"treatment", "holdout"}
+    frame, info = read_prediction_logs(tmp_path / "p.jsonl")
+    assert info["records"] == 2 * scored.height and frame["request_id"].n_unique() == 2
+    # with a sink and no out: no default file
+    assert not list(Path.cwd().glob(f"experiments/runs/scores-{NAME}-*"))
+    text = (tmp_path / "run2.ipynb").read_text()
+    assert "experiment q3-calls:" in text and "weekly.parquet" in text
