@@ -165,6 +165,42 @@ def test_sink_failed_write_leaves_the_table_as_it_was(world, warehouse):
             con.execute(f"alter table {TABLE} drop constraint top_100")
 
 
+TUTORIAL = Path(__file__).resolve().parents[1] / "nbs" / "tutorials" / "deploy_and_consume.ipynb"
+
+
+@pytest.mark.postgres
+def test_tutorial_backend_query_reads_the_table_without_hsml(world, warehouse, tmp_path):
+    "The tutorial's back-end cell, run alone in a fresh interpreter (no hsml import), returns the top of the list."
+    nb = json.loads(TUTORIAL.read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    found = [c for c in cells if "# backend.py" in c]
+    assert len(found) == 1
+    code = found[0].replace("#| postgres\n", "").replace('"conversion-demo"', repr(NAME))
+    assert "import hsml" not in code and "from hsml" not in code  # plain psycopg and SQL
+    r = run(
+        world,
+        *score_args(world, 2, world["latest"], "--catalog", str(warehouse["catalog"]), "--sink", "scores"),
+    )
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "backend.py").write_text(code.replace('"version": 1', '"version": 2'))
+    env = {"PATH": os.environ["PATH"], "HSML_WAREHOUSE_URI": warehouse["url"]}
+    p = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "backend.py")], capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 0, p.stderr
+    rows = [x for x in p.stdout.splitlines() if x.startswith("(")]
+    expected = (
+        table(warehouse["url"])
+        .filter(
+            (pl.col("model_version") == 2)
+            & (pl.col("as_of") == world["latest"])
+            & pl.col("rank").is_not_null()
+        )
+        .sort("rank")
+    )
+    assert [int(x[1:].split(",")[0]) for x in rows] == expected["id"].head(5).to_list()
+
+
 def test_sink_errors_are_one_clear_message(world, tmp_path):
     cat = write_catalog(
         tmp_path / "c.yaml", world["data"], f"  scores: {{type: csv, path: {tmp_path / 's.csv'}}}\n"
