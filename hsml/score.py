@@ -22,14 +22,11 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path
 
 # %% auto #0
-__all__ = ['N_REASONS', 'OUTSIDE_REASONS', 'SCORE_KEYS', 'off_anchor_warning', 'top_reasons', 'outside_reason',
-           'population_split', 'score_frame', 'write_scores', 'sink_scores', 'scores_sink', 'add_arms',
+__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'SCORE_KEYS', 'off_anchor_warning', 'outside_reason', 'population_split',
+           'top_reasons', 'rank_scores', 'score_frame', 'write_scores', 'sink_scores', 'scores_sink', 'add_arms',
            'prediction_log', 'log_scores', 'prepare_delivery', 'deliver', 'score', 'score_cmd']
 
-# %% ../nbs/33_score.ipynb #5074a226
-N_REASONS = 3
-
-
+# %% ../nbs/33_score.ipynb #0c8a495f
 def _resolve_as_of(
     as_of: str | dt.date | None,  # a date, 'YYYY-MM-DD', or '' / None / 'latest'
     tables: Any,  # clean tables
@@ -52,7 +49,7 @@ def _resolve_as_of(
     except ValueError:
         raise HsmlError(f"as_of={as_of!r} is not a date", hint="use YYYY-MM-DD, or 'latest'") from None
 
-
+# %% ../nbs/33_score.ipynb #3e4f4b53
 def off_anchor_warning(
     day: dt.date,  # the scoring date
     anchor: str,  # the usage anchor weekday the model was trained with
@@ -68,22 +65,6 @@ def off_anchor_warning(
         f"by it count, so the last {(day - snap_to_anchor(day, anchor)).days} day(s) of activity are not seen yet; "
         f"the model was trained on {anchor}s (nearest earlier: {snap_to_anchor(day, anchor)})"
     )
-
-
-def top_reasons(
-    contrib: np.ndarray,  # n x features contributions
-    k: int = N_REASONS,  # reasons per row
-) -> tuple[np.ndarray, np.ndarray]:
-    "(indices, values) of the k largest contributions per row, largest first."
-    k = min(k, contrib.shape[1])
-    idx = (
-        np.argpartition(-contrib, k - 1, axis=1)[:, :k]
-        if contrib.shape[1] > k
-        else np.tile(np.arange(k), (len(contrib), 1))
-    )
-    vals = np.take_along_axis(contrib, idx, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 # %% ../nbs/33_score.ipynb #c4a1e002
 OUTSIDE_REASONS = {
@@ -117,7 +98,37 @@ def population_split(
     )
     return inside, outside.sort("id")
 
-# %% ../nbs/33_score.ipynb #7acf6be9
+# %% ../nbs/33_score.ipynb #50417c01
+N_REASONS = 3
+
+
+def top_reasons(
+    contrib: np.ndarray,  # n x features contributions
+    k: int = N_REASONS,  # reasons per row
+) -> tuple[np.ndarray, np.ndarray]:
+    "(indices, values) of the k largest contributions per row, largest first."
+    k = min(k, contrib.shape[1])
+    idx = (
+        np.argpartition(-contrib, k - 1, axis=1)[:, :k]
+        if contrib.shape[1] > k
+        else np.tile(np.arange(k), (len(contrib), 1))
+    )
+    vals = np.take_along_axis(contrib, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+# %% ../nbs/33_score.ipynb #66048792
+def rank_scores(
+    ids: np.ndarray,  # company ids (the tie-break)
+    scores: np.ndarray,  # one score per company
+) -> tuple[np.ndarray, np.ndarray]:
+    "(rank, decile) per company: rank 1 = highest score, ties by id; decile 1 = the top 10% of ranks ... 10."
+    n = len(scores)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.lexsort((ids, -scores))] = np.arange(1, n + 1)
+    return rank, np.minimum(10, (rank - 1) * 10 // max(n, 1) + 1).astype(np.int8)
+
+# %% ../nbs/33_score.ipynb #7eecf52b
 def _score_chunks(
     bundle: Bundle, X: pl.DataFrame, how: str | None, chunk_size: int, show: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
@@ -138,7 +149,60 @@ def _score_chunks(
             r_idx[s : s + part.height, :k], r_val[s : s + part.height, :k] = i, v
     return scores, r_idx, r_val, method
 
+# %% ../nbs/33_score.ipynb #f750ef21
+def _features(
+    bundle: Bundle, companies: pl.DataFrame, usage: pl.DataFrame, panel: pl.DataFrame, period: int
+) -> pl.DataFrame:
+    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`."
+    from hsml.bundle import polars_dtype
+    from hsml.features import compute_features
 
+    feature_set = bundle.info.get("feature_set") or "default"
+    ids = panel.select("id", "as_of")
+    feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
+    missing = [c for c in bundle.feature_names if c not in feats.columns]
+    if missing:
+        raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
+    fields = bundle.input_schema["fields"]
+    return feats.select(
+        "id", "as_of", *[pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in fields]
+    )
+
+
+def _reasons_how(bundle: Bundle, how: str, n: int) -> str:
+    "auto: TreeSHAP up to 20,000 rows and tree paths beyond for a LightGBM bundle, occlusion otherwise."
+    if how != "auto":
+        return how
+    c = bundle.compiled
+    tree = c is not None and c.booster is not None and c.z_inputs is not None
+    return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
+
+# %% ../nbs/33_score.ipynb #4fcc1bc2
+def _reason_columns(X: pl.DataFrame, names: list[str], r_idx: np.ndarray, r_val: np.ndarray) -> pl.DataFrame:
+    "reason_j, reason_j_value (the feature's value as text), reason_j_contribution for j = 1..3, in that order."
+    k = min(N_REASONS, len(names))
+    name_s = pl.Series(names, dtype=pl.String)
+    out = X.select(names).with_columns(
+        [name_s.gather(r_idx[:, j]).alias(f"reason_{j + 1}") for j in range(k)]
+    )
+    value = [
+        pl.coalesce([pl.when(pl.col(f"reason_{j + 1}") == c).then(pl.col(c).cast(pl.String)) for c in names])
+        for j in range(k)
+    ]
+    out = out.with_columns([v.alias(f"reason_{j + 1}_value") for j, v in enumerate(value)])
+    out = out.with_columns([pl.Series(f"reason_{j + 1}_contribution", r_val[:, j]) for j in range(k)])
+    return out.select([f"reason_{j + 1}{x}" for j in range(k) for x in ("", "_value", "_contribution")])
+
+
+def _model_columns(bundle: Bundle) -> dict:
+    "model, model_version, model_digest: which bundle scored the list."
+    return dict(
+        model=pl.lit(bundle.name),
+        model_version=pl.lit(bundle.version, dtype=pl.Int64),
+        model_digest=pl.lit(bundle.digest),
+    )
+
+# %% ../nbs/33_score.ipynb #a400be94
 def score_frame(
     bundle: Bundle,  # a loaded bundle (hsml.registry.load_model / hsml.bundle.load_bundle)
     tables: Any,  # clean tables (hsml.contracts.Tables)
@@ -152,11 +216,8 @@ def score_frame(
     threads: int | None = None,  # LightGBM threads for this batch; None = all cores
 ) -> pl.DataFrame:
     "Rank the prospects in the population at `as_of` (score, rank, decile, reasons, model version); list the others after them, unscored."
-    from hsml.features import compute_features
-
     bundle.check_features()  # the feature code here must be the code the model was trained with
-    t = bundle.training
-    period, anchor = t["usage_period_days"], t["usage_anchor_weekday"]
+    period, anchor = bundle.training["usage_period_days"], bundle.training["usage_anchor_weekday"]
     day = _resolve_as_of(as_of, tables, period, anchor)
     horizon = int(bundle.info.get("horizon_days") or 28)
     population = population or bundle.population
@@ -169,82 +230,26 @@ def score_frame(
             if outside.height
             else "no prospect at all: is as_of within the data?",
         )
-    feature_set = bundle.info.get("feature_set") or "default"
-    names = bundle.feature_names
-    feats = compute_features(
-        companies,
-        tables.usage,
-        panel.select("id", "as_of"),
-        feature_set=feature_set,
-        usage_period_days=period,
-    )
-    missing = [c for c in names if c not in feats.columns]
-    if missing:
-        raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
-    fields = bundle.input_schema["fields"]
-    from hsml.bundle import polars_dtype
-
-    X = feats.select("id", "as_of", *[pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in fields])
-    n = X.height
-    how = reasons_method
-    if how == "auto":
-        c = bundle.compiled
-        tree = c is not None and c.booster is not None and c.z_inputs is not None
-        how = ("shap" if n <= 20_000 else "path") if tree else "occlusion"
-    steps = range(0, n, chunk_size)
-    show = (len(steps) > 1) if progress is None else progress
+    X = _features(bundle, companies, tables.usage, panel, period)
+    how = _reasons_how(bundle, reasons_method, X.height) if reasons else None
+    show = X.height > chunk_size if progress is None else progress
     bundle.set_threads(threads)
     try:
-        scores, r_idx, r_val, method = _score_chunks(bundle, X, how if reasons else None, chunk_size, show)
+        scores, r_idx, r_val, method = _score_chunks(bundle, X, how, chunk_size, show)
     finally:
         bundle.set_threads(1)
-    order = np.lexsort((X["id"].to_numpy(), -scores))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
-    decile = np.minimum(10, (rank - 1) * 10 // n + 1)
-    out = X.select("id", "as_of").with_columns(
-        score=pl.Series(scores),
-        rank=pl.Series(rank),
-        decile=pl.Series(decile.astype(np.int8)),
-    )
+    rank, decile = rank_scores(X["id"].to_numpy(), scores)
+    out = X.select("id", "as_of", score=pl.Series(scores), rank=pl.Series(rank), decile=pl.Series(decile))
     if reasons:
-        name_s = pl.Series(names, dtype=pl.String)
-        cols = [
-            name_s.gather(r_idx[:, j]).alias(f"reason_{j + 1}") for j in range(min(N_REASONS, len(names)))
-        ]
-        out = out.with_columns(cols)
-        vals = []
-        for j in range(min(N_REASONS, len(names))):
-            rc = pl.col(f"reason_{j + 1}")
-            expr = pl.coalesce([pl.when(rc == c).then(pl.col(c).cast(pl.String)) for c in names]).alias(
-                f"reason_{j + 1}_value"
-            )
-            vals.append(expr)
-        out = pl.concat([out, X.select(names)], how="horizontal").with_columns(vals).drop(names)
-        out = out.with_columns(
-            [
-                pl.Series(f"reason_{j + 1}_contribution", r_val[:, j])
-                for j in range(min(N_REASONS, len(names)))
-            ]
-        )
-    if reasons:  # reason_1, its value, its contribution, then reason_2 ...
-        k = min(N_REASONS, len(names))
-        rcols = [f"reason_{j + 1}{x}" for j in range(k) for x in ("", "_value", "_contribution")]
-        out = out.select("id", "as_of", "score", "rank", "decile", *rcols)
-    out = out.with_columns(
-        model=pl.lit(bundle.name),
-        model_version=pl.lit(bundle.version, dtype=pl.Int64),
-        model_digest=pl.lit(bundle.digest),
-    ).sort("rank")
+        out = pl.concat([out, _reason_columns(X, bundle.feature_names, r_idx, r_val)], how="horizontal")
+    out = out.with_columns(**_model_columns(bundle)).sort("rank")
     out = out.with_columns(pl.lit(method).alias("reasons_method")) if reasons else out
     out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
+    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason")
     off = off_anchor_warning(day, anchor, period) is not None
-    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason").with_columns(
-        model=pl.lit(bundle.name),
-        model_version=pl.lit(bundle.version, dtype=pl.Int64),
-        model_digest=pl.lit(bundle.digest),
-    )
-    return pl.concat([out, unscored], how="diagonal_relaxed").with_columns(as_of_off_anchor=pl.lit(off))
+    return pl.concat(
+        [out, unscored.with_columns(**_model_columns(bundle))], how="diagonal_relaxed"
+    ).with_columns(as_of_off_anchor=pl.lit(off))
 
 # %% ../nbs/33_score.ipynb #0059e5b7
 def _check_out(out: str | Path) -> None:
@@ -379,7 +384,7 @@ def prepare_delivery(
         assign_arm(experiment, [], holdout_share)  # checks the name and the share
     return scores_sink(sink, catalog, data_dir) if sink else None
 
-
+# %% ../nbs/33_score.ipynb #54a77598
 def deliver(
     frame: pl.DataFrame,  # the scored list (with arms when in an experiment)
     out: str | Path | None = None,  # FILE.parquet or FILE.csv
@@ -425,7 +430,7 @@ def _score(
     t = b.training
     return fr, done, off_anchor_warning(fr["as_of"][0], t["usage_anchor_weekday"], t["usage_period_days"])
 
-
+# %% ../nbs/33_score.ipynb #1f0e7112
 def score(
     model: str | Path | Bundle,  # NAME@ALIAS | NAME@VERSION | NAME | PATH, or a loaded Bundle
     data_dir: str | Path | None = None,  # a directory of the three CSVs or a catalog YAML; None: `catalog`
