@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from scipy.stats import norm
 
 HSML = [str(Path(sys.executable).parent / "hsml")]
@@ -187,6 +188,14 @@ def test_report_errors_are_clear(tmp_path):
         "28",
     )
     assert r.returncode == 2 and "nope.jsonl does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run(
+        "impact", "report", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--horizon-days", "28"
+    )
+    assert r.returncode == 2 and "no prediction log" in r.stderr and "Traceback" not in r.stderr
+    r = run(
+        "impact", "report", "--log-sink", "predictions", "--data-dir", str(tmp_path), "--out", str(tmp_path)
+    )
+    assert r.returncode == 2 and "needs --catalog" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
@@ -227,3 +236,48 @@ def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
     assert rep["drift"]["week"] == "2020-04-20" and rep["drift"]["companies"] == 100
     reach = rep["matured"]["effect_on_reached"]["reach_difference"]
     assert 0.4 < reach < 0.6  # half the called companies were reached, no holdout company
+
+
+def test_impact_notebook_writes_what_the_command_writes(tmp_path):
+    "experiments/impact.ipynb under papermill: the same impact.json and plots as `hsml impact report`, SRM shown first."
+    import papermill as pm
+
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    lines = _log_lines(data)
+    (tmp_path / "w1.jsonl").write_text("".join(lines[::2]))
+    (tmp_path / "w2.jsonl").write_text("".join(lines[1::2]))
+    logs = [str(tmp_path / "w1.jsonl"), str(tmp_path / "w2.jsonl")]
+    args = ["--log", logs[0], "--log", logs[1], "--data-dir", str(data), "--horizon-days", "28", "--k", "80"]
+    r = run("impact", "report", *args, "--out", str(tmp_path / "cli"))
+    assert r.returncode == 0, r.stderr
+    nb = Path(__file__).resolve().parents[1] / "experiments" / "impact.ipynb"
+    params = dict(log=",".join(logs), data_dir=str(data), out=str(tmp_path / "nb"), horizon_days=28, k=80)
+    pm.execute_notebook(
+        str(nb), str(tmp_path / "run.ipynb"), parameters=params, progress_bar=False, kernel_name="python3"
+    )
+    cli, book = (json.loads((tmp_path / d / "impact.json").read_text()) for d in ("cli", "nb"))
+    assert book == cli and list(book)[:6] == KEYS
+    assert sorted(p.name for p in (tmp_path / "nb").iterdir()) == [
+        "calibration.png",
+        "impact.json",
+        "sequential.png",
+    ]
+    # the first thing the notebook shows after reading the log is the SRM verdict
+    cells = json.loads((tmp_path / "run.ipynb").read_text())["cells"]
+    shown = [
+        "".join(o.get("data", {}).get("text/markdown", ""))
+        for c in cells
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "display_data"
+    ]
+    assert shown[0].startswith("### SRM OK: arm counts match the design")
+    # neither or both log forms: a clear error before anything is read
+    with pytest.raises(pm.PapermillExecutionError, match="not both"):
+        pm.execute_notebook(
+            str(nb),
+            str(tmp_path / "bad.ipynb"),
+            parameters=params | {"log_sink": "predictions"},
+            progress_bar=False,
+            kernel_name="python3",
+        )
