@@ -281,3 +281,51 @@ def test_impact_notebook_writes_what_the_command_writes(tmp_path):
             progress_bar=False,
             kernel_name="python3",
         )
+
+
+@pytest.mark.postgres
+def test_report_from_a_postgres_log_table_equals_the_jsonl_report(tmp_path):
+    "The log as a PostgreSQL table (columns = the JSON lines' keys) gives the report the JSONL files give."
+    import polars as pl
+
+    from hsml.sinks import PostgresSink
+    from hsml.testing import local_postgres
+
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    lines = _log_lines(data)
+    lines = lines + lines[3:5]  # two retried requests: logged twice, counted once
+    (tmp_path / "log.jsonl").write_text("".join(lines))
+    frame = pl.DataFrame([json.loads(x) for x in lines])
+    typed = frame.with_columns(pl.col("as_of").str.to_date(), pl.col("timestamp").str.to_datetime())
+    common = ["--data-dir", str(data), "--horizon-days", "28"]
+
+    def report(name: str, *args: str) -> dict:
+        r = run("impact", "report", *args, *common, "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / name / "impact.json").read_text())
+
+    jsonl = report("jsonl", "--log", str(tmp_path / "log.jsonl"))
+    with local_postgres() as url:
+        PostgresSink(url, "predictions").write(frame)  # as the service writes it: the JSON keys as columns
+        PostgresSink(url, "predictions_typed").write(typed)  # as_of a date, timestamp a timestamp
+        (tmp_path / "catalog.yaml").write_text(
+            "".join(f"{t}:\n  type: csv\n  path: {data / f}\n" for t, f in _TABLES.items())
+            + f"outputs:\n  predictions: {{type: postgres, uri: '{url}', table: predictions}}\n"
+            + f"  typed: {{type: postgres, uri: '{url}', table: predictions_typed}}\n"
+        )
+        cat = ["--catalog", str(tmp_path / "catalog.yaml")]
+        pg = report("pg", "--log-sink", "predictions", *cat)
+        pg_typed = report("pg_typed", "--log-sink", "typed", *cat)
+        r = run("impact", "report", "--log-sink", "nope", *cat, *common, "--out", str(tmp_path / "x"))
+        assert r.returncode == 2 and "no output named 'nope'" in r.stderr and "Traceback" not in r.stderr
+    assert jsonl["log"]["duplicates"] == pg["log"]["duplicates"] == pg_typed["log"]["duplicates"] == 2
+    assert pg["log"]["sink"].startswith("postgres table predictions")
+    drop = lambda rep: {k: v for k, v in rep.items() if k != "log"}  # noqa: E731
+    assert drop(pg) == drop(jsonl) == drop(pg_typed)
+    assert jsonl["srm"]["n_treatment"] + jsonl["srm"]["n_holdout"] == len(
+        {json.loads(x)["id"] for x in lines}
+    )
+
+
+_TABLES = {"customers": "customers.csv", "noncustomers": "noncustomers.csv", "usage": "usage_actions.csv"}
