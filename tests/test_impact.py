@@ -198,9 +198,8 @@ def test_report_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "needs --catalog" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
-    "A real bundle (minimal features, logistic regression) gives the horizon, the feature set and the score drift."
-    import polars as pl
+def _bundle(tmp_path: Path, data: Path, start: str = "2019-09-02", end: str = "2020-01-27"):
+    "A real bundle in tmp_path/bundle: minimal features, logistic regression, trained on [start, end]; its training set."
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
@@ -209,18 +208,25 @@ def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
     from hsml.contracts import load_tables
     from hsml.trainset import build_training_set
 
-    data = tmp_path / "data"
-    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
-    ts = build_training_set(
-        load_tables(data), "2019-09-02", "2020-01-27", 7, 28, feature_set="minimal", audit=False
-    )
+    ts = build_training_set(load_tables(data), start, end, 7, 28, feature_set="minimal", audit=False)
     X = ts.frame.select(ts.feature_names).to_pandas()
     pipe = Pipeline(
         [("impute", SimpleImputer(keep_empty_features=True)), ("model", LogisticRegression(max_iter=500))]
     )
     pipe.fit(X, ts.frame["label"].to_numpy())
     meta = {"name": "m", "model": "logreg", "feature_set": "minimal", "horizon_days": 28}
+    meta["deployed_model_train_window"] = {"as_of_from": start, "as_of_to": end}
     save_bundle(tmp_path / "bundle", pipe, ts.spec, {}, meta, train_frame=ts.frame)
+    return ts
+
+
+def test_report_drift_from_a_bundle_and_effect_on_reached(tmp_path):
+    "A real bundle (minimal features, logistic regression) gives the horizon, the feature set and the score drift."
+    import polars as pl
+
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    ts = _bundle(tmp_path, data)
     ts.frame.write_parquet(tmp_path / "train.parquet")
     lines = _log_lines(data)
     (tmp_path / "log.jsonl").write_text("".join(lines))
@@ -329,3 +335,36 @@ def test_report_from_a_postgres_log_table_equals_the_jsonl_report(tmp_path):
 
 
 _TABLES = {"customers": "customers.csv", "noncustomers": "noncustomers.csv", "usage": "usage_actions.csv"}
+
+
+def test_backtest_replays_history_against_random_and_the_activity_heuristic(tmp_path):
+    "hsml impact backtest on a real bundle: per-week policies, block-bootstrap totals, and it says it is not causal."
+    data = tmp_path / "data"
+    assert run("data", "generate", "--out", str(data), "--companies", "1500", "--seed", "2").returncode == 0
+    _bundle(tmp_path, data, "2019-03-04", "2019-10-28")
+    args = ["impact", "backtest", "--model", str(tmp_path / "bundle"), "--data-dir", str(data), "--k", "30"]
+    r = run(*args, "--every-days", "7", "--n-boot", "400", "--json", "--out", str(tmp_path / "bt"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep == json.loads((tmp_path / "bt" / "backtest.json").read_text())
+    assert (tmp_path / "bt" / "backtest.png").exists()
+    assert rep["measures"].startswith("targeting accuracy, not causal impact")
+    weeks = rep["by_week"]
+    assert rep["weeks"] == [weeks[0]["week"], weeks[-1]["week"]] and rep["every_days"] == 7
+    assert rep["block_length_weeks"] == 4 and rep["in_sample_weeks"] == sum(
+        w["week"] <= "2019-10-28" for w in weeks
+    )
+    for w in weeks:  # a random K reaches K x the week's conversion rate, in expectation, exactly
+        assert abs(w["conversions_random"] - w["k"] * w["conversions_in_population"] / w["population"]) < 1e-9
+        assert w["conversions_model"] <= min(w["k"], w["conversions_in_population"]) + 1e-9
+    a = rep["all_weeks"]
+    assert a["weeks"] == len(weeks) and a["calls"] == sum(w["k"] for w in weeks)
+    assert a["conversions"]["model"]["value"] == sum(w["conversions_model"] for w in weeks)
+    diff = a["model_minus_activity_heuristic"]["conversions"]
+    assert diff["ci_low"] <= diff["value"] <= diff["ci_high"]
+    assert a["conversions"]["model"]["value"] > a["conversions"]["random"]["value"]  # a useful ranking
+    assert rep["out_of_sample"]["weeks"] == len(weeks) - rep["in_sample_weeks"]
+    text = run(*args, "--n-boot", "200")
+    assert text.returncode == 0 and "not causal impact" in text.stdout and "out of sample" in text.stdout
+    bad = run(*args, "--end", "2031-01-06")
+    assert bad.returncode == 2 and "past the data's end" in bad.stderr and "Traceback" not in bad.stderr
