@@ -459,14 +459,16 @@ def write_impact_report(
     rep["log"] = info
     out.mkdir(parents=True, exist_ok=True)
     (out / "impact.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    if rep["sequential"].get("by_week"):
-        import matplotlib
+    if rep["sequential"].get("by_week"):  # figures without pyplot: the caller's backend is left alone
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        ax = plot_sequential(rep["sequential"])
-        ax.figure.savefig(out / "sequential.png", dpi=100, bbox_inches="tight")
-        ax = plot_calibration(rep["calibration"])
-        ax.figure.savefig(out / "calibration.png", dpi=100, bbox_inches="tight")
+        for name, plot, size in (
+            ("sequential", plot_sequential, (6, 3.2)),
+            ("calibration", plot_calibration, (3.6, 3.2)),
+        ):
+            ax = Figure(figsize=size).subplots()
+            plot(rep[name], ax)
+            ax.figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
     return rep
 
 # %% ../nbs/43_impact_report.ipynb #0fddde82
