@@ -22,8 +22,9 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path
 
 # %% auto #0
-__all__ = ['N_REASONS', 'OUTSIDE_REASONS', 'off_anchor_warning', 'top_reasons', 'outside_reason', 'population_split',
-           'score_frame', 'write_scores', 'score', 'score_cmd']
+__all__ = ['N_REASONS', 'OUTSIDE_REASONS', 'SCORE_KEYS', 'off_anchor_warning', 'top_reasons', 'outside_reason',
+           'population_split', 'score_frame', 'write_scores', 'sink_scores', 'scores_sink', 'add_arms',
+           'prediction_log', 'log_scores', 'prepare_delivery', 'deliver', 'score', 'score_cmd']
 
 # %% ../nbs/33_score.ipynb #5074a226
 N_REASONS = 3
@@ -245,6 +246,14 @@ def score_frame(
     )
     return pl.concat([out, unscored], how="diagonal_relaxed").with_columns(as_of_off_anchor=pl.lit(off))
 
+# %% ../nbs/33_score.ipynb #0059e5b7
+def _check_out(out: str | Path) -> None:
+    ext = Path(out).suffix.lower()
+    if ext not in (".parquet", ".csv"):
+        raise HsmlError(
+            f"{out}: unknown output format {ext or '(none)'}", hint="use FILE.parquet or FILE.csv"
+        )
+
 
 def write_scores(
     frame: pl.DataFrame,  # score_frame output
@@ -252,59 +261,204 @@ def write_scores(
 ) -> Path:
     "Write the scored list atomically; the format follows the extension (.parquet or .csv)."
     out = Path(out)
-    ext = out.suffix.lower()
-    if ext not in (".parquet", ".csv"):
-        raise HsmlError(
-            f"{out}: unknown output format {ext or '(none)'}", hint="use FILE.parquet or FILE.csv"
-        )
+    _check_out(out)
     with atomic_path(out) as tmp:
-        frame.write_parquet(tmp) if ext == ".parquet" else frame.write_csv(tmp)
+        frame.write_parquet(tmp) if out.suffix.lower() == ".parquet" else frame.write_csv(tmp)
     return out
+
+# %% ../nbs/33_score.ipynb #45e29f55
+SCORE_KEYS = ["as_of", "model", "model_version"]  # one week of one model version: what a rewrite replaces
+
+
+def sink_scores(
+    frame: pl.DataFrame,  # score_frame output (one as_of, one model version)
+    sink: Any,  # a hsml.sinks.Sink, e.g. Catalog.sink("scores")
+) -> int:
+    "Write the list through `sink`, replacing its rows of the same week and model version; the rows written."
+    return sink.write(frame, keys=SCORE_KEYS)
+
+# %% ../nbs/33_score.ipynb #5c090a42
+def scores_sink(
+    name: str,  # an output of the catalog's `outputs:`
+    catalog: str | Path | None = None,  # the catalog YAML; None: `data_dir`, when that is a catalog YAML
+    data_dir: str | Path | None = None,  # the command's data argument
+) -> Any:
+    "The sink of `--sink NAME`: an output of `--catalog`, else of the catalog YAML given as `--data-dir`."
+    from hsml.sources import Catalog
+
+    src = catalog or data_dir
+    if not src or Path(src).is_dir():
+        raise HsmlError(
+            f"--sink {name}: a sink is an output of a catalog YAML, and no catalog was given",
+            hint="pass --catalog FILE.yaml whose `outputs:` names it (or a catalog YAML as --data-dir)",
+        )
+    return Catalog.resolve(src).sink(name)
+
+# %% ../nbs/33_score.ipynb #e0b32e11
+def add_arms(
+    frame: pl.DataFrame,  # score_frame output
+    experiment: str,  # the experiment's name: the salt of the assignment
+    holdout_share: float,  # share of the scored companies held out (listed, not called)
+) -> pl.DataFrame:
+    "`experiment` and `arm` columns after `decile`: each scored company's sticky arm; null for the unscored."
+    from hsml.impact_design import assign_arm
+
+    arm = pl.Series(assign_arm(experiment, frame["id"].to_list(), holdout_share), dtype=pl.String)
+    scored = pl.col("unscored_reason").is_null()
+    out = frame.with_columns(
+        experiment=pl.when(scored).then(pl.lit(experiment)), arm=pl.when(scored).then(arm)
+    )
+    cols = [c for c in frame.columns if c not in ("experiment", "arm")]
+    i = cols.index("decile") + 1
+    return out.select(*cols[:i], "experiment", "arm", *cols[i:])
+
+# %% ../nbs/33_score.ipynb #706fd1e8
+def prediction_log(
+    frame: pl.DataFrame,  # score_frame output, with add_arms' columns when in an experiment
+    holdout_share: float | None = None,  # the experiment's design share (logged with each line)
+    request_id: str | None = None,  # one id for the whole run; default a new uuid4 hex
+    timestamp: str | None = None,  # ISO 8601 UTC; default now
+) -> pl.DataFrame:
+    "One prediction-log row per scored company: the service log's fields and `experiment, arm, rank, holdout_share`."
+    import uuid
+
+    arms = "arm" in frame.columns
+    return frame.filter(pl.col("unscored_reason").is_null()).select(
+        request_id=pl.lit(request_id or uuid.uuid4().hex),
+        model="model",
+        version="model_version",
+        digest="model_digest",
+        endpoint=pl.lit("batch"),
+        id="id",
+        as_of=pl.col("as_of").cast(pl.String),
+        score="score",
+        timestamp=pl.lit(timestamp or dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")),
+        experiment=pl.col("experiment") if arms else pl.lit(None, pl.String),
+        arm=pl.col("arm") if arms else pl.lit(None, pl.String),
+        rank="rank",
+        holdout_share=pl.lit(holdout_share if arms else None, pl.Float64),
+    )
+
+
+def log_scores(
+    frame: pl.DataFrame,  # score_frame output (with arms when in an experiment)
+    path: str | Path,  # the JSONL log, appended to (created with its directory)
+    holdout_share: float | None = None,  # the experiment's design share
+) -> pl.DataFrame:
+    "Append the list's prediction-log lines to `path`; return them."
+    from hsml.sinks import JsonlSink
+
+    lines = prediction_log(frame, holdout_share)
+    JsonlSink(path).write(lines)
+    return lines
+
+# %% ../nbs/33_score.ipynb #fb803651
+def prepare_delivery(
+    out: str | Path | None = None,  # FILE.parquet or FILE.csv
+    sink: str | None = None,  # an output name of the catalog
+    catalog: str | Path | None = None,  # catalog YAML holding the outputs
+    data_dir: str | Path | None = None,  # the data argument (a catalog YAML there holds outputs too)
+    experiment: str | None = None,  # holdout experiment name
+    holdout_share: float | None = None,  # its holdout share
+) -> Any:
+    "Check what needs no data (a destination, the file format, the experiment); return the sink or None."
+    from hsml.impact_design import assign_arm
+
+    if out is None and sink is None:
+        raise HsmlError(
+            "nothing to write the list to", hint="pass --out FILE.parquet|FILE.csv and/or --sink NAME"
+        )
+    if out is not None:
+        _check_out(out)
+    if (experiment is None) != (holdout_share is None):
+        raise HsmlError(
+            "--experiment and --holdout-share go together",
+            hint="e.g. --experiment q3-calls --holdout-share 0.2",
+        )
+    if experiment is not None:
+        assign_arm(experiment, [], holdout_share)  # checks the name and the share
+    return scores_sink(sink, catalog, data_dir) if sink else None
+
+
+def deliver(
+    frame: pl.DataFrame,  # the scored list (with arms when in an experiment)
+    out: str | Path | None = None,  # FILE.parquet or FILE.csv
+    sink: Any = None,  # a hsml.sinks.Sink (prepare_delivery)
+    log: str | Path | None = None,  # the JSONL prediction log to append to
+    holdout_share: float | None = None,  # the experiment's share, for the log
+) -> list[str]:
+    "Write the list to `out`, then through `sink`, then append its log lines to `log`; one line per destination."
+    done = []
+    if out is not None:
+        done.append(str(write_scores(frame, out)))
+    if sink is not None:
+        week, name, ver = frame.select(SCORE_KEYS).row(0)
+        n = sink_scores(frame, sink)
+        done.append(f"{sink.describe()} ({n:,} rows; those of {week}, {name} v{ver} replaced)")
+    if log is not None:
+        lines = log_scores(frame, log, holdout_share)
+        done.append(f"prediction log {log} (+{lines.height:,} lines, request_id {lines['request_id'][0]})")
+    return done
+
+# %% ../nbs/33_score.ipynb #23f813ae
+def _score(
+    model, data_dir=None, as_of="latest", out=None, registry=None, population=None, chunk_size=100_000,
+    progress=None, sink=None, catalog=None, experiment=None, holdout_share=None, log=None,
+):  # fmt: skip
+    "(the scored list, where it went, an off-anchor warning): the command reports from these, never re-reads a file."
+    from hsml.contracts import load_tables
+    from hsml.registry import load_model
+
+    data = data_dir or catalog
+    if not data:
+        raise HsmlError(
+            "no data to score", hint="pass --data-dir DIR (or a catalog YAML), or --catalog FILE.yaml"
+        )
+    target = prepare_delivery(out, sink, catalog, data_dir, experiment, holdout_share)
+    b = model if isinstance(model, Bundle) else load_model(model, root=registry)
+    fr = score_frame(
+        b, load_tables(data), as_of, population=population, chunk_size=chunk_size, progress=progress
+    )
+    if experiment is not None:
+        fr = add_arms(fr, experiment, holdout_share)
+    done = deliver(fr, out, target, log, holdout_share)
+    t = b.training
+    return fr, done, off_anchor_warning(fr["as_of"][0], t["usage_anchor_weekday"], t["usage_period_days"])
 
 
 def score(
     model: str | Path | Bundle,  # NAME@ALIAS | NAME@VERSION | NAME | PATH, or a loaded Bundle
-    data_dir: str | Path,  # a directory of the three CSVs or a catalog YAML (hsml.contracts.load_tables)
-    as_of: str | dt.date | None,  # scoring date YYYY-MM-DD, or 'latest'
-    out: str | Path,  # FILE.parquet or FILE.csv
+    data_dir: str | Path | None = None,  # a directory of the three CSVs or a catalog YAML; None: `catalog`
+    as_of: str | dt.date | None = "latest",  # scoring date YYYY-MM-DD, or 'latest'
+    out: str | Path | None = None,  # FILE.parquet or FILE.csv
     registry: str | Path | None = None,  # registry directory (default $HSML_REGISTRY or ./registry)
     population: str | None = None,  # population policy; None: the bundle's training population
     chunk_size: int = 100_000,  # rows per step
     progress: bool | None = None,  # progress bar
-) -> Path:
-    "Load the model and the data, score the population at `as_of`, write `out`; return its path."
-    fr, path, warn = _score(model, data_dir, as_of, out, registry, population, chunk_size, progress)
+    sink: str | None = None,  # write through this output of the catalog (same week and version replaced)
+    catalog: str | Path | None = None,  # catalog YAML naming the outputs (and the data when data_dir is None)
+    experiment: str | None = None,  # holdout experiment: adds `experiment` and `arm`
+    holdout_share: float | None = None,  # its holdout share
+    log: str | Path | None = None,  # append the prediction-log lines to this JSONL file
+) -> pl.DataFrame:
+    "Load the model and the data, score the population at `as_of`, deliver the list where asked; return it."
+    fr, _, warn = _score(
+        model, data_dir, as_of, out, registry, population, chunk_size, progress, sink, catalog, experiment,
+        holdout_share, log,
+    )  # fmt: skip
     if warn:
         warnings.warn(warn, stacklevel=2)
-    return path
-
-
-def _score(model, data_dir, as_of, out, registry, population, chunk_size=100_000, progress=None):
-    "(the scored frame, the path written, an off-anchor warning): the command reports from the frame, never re-reads its file."
-    from hsml.contracts import load_tables
-    from hsml.registry import load_model
-
-    if Path(out).suffix.lower() not in (".parquet", ".csv"):
-        raise HsmlError(f"{out}: unknown output format", hint="use FILE.parquet or FILE.csv")
-    b = model if isinstance(model, Bundle) else load_model(model, root=registry)
-    tables = load_tables(data_dir)
-    fr = score_frame(b, tables, as_of, population=population, chunk_size=chunk_size, progress=progress)
-    t = b.training
-    return (
-        fr,
-        write_scores(fr, out),
-        off_anchor_warning(fr["as_of"][0], t["usage_anchor_weekday"], t["usage_period_days"]),
-    )
+    return fr
 
 # %% ../nbs/33_score.ipynb #6976eea3
 def score_cmd(
     model: str = typer.Option(
         ..., "--model", "-m", help="NAME@ALIAS, NAME@VERSION, NAME or a bundle/run directory"
     ),
-    data_dir: Path = typer.Option(
-        ...,
+    data_dir: Path | None = typer.Option(
+        None,
         "--data-dir",
-        help="directory of customers.csv, noncustomers.csv, usage_actions.csv (or a catalog YAML)",
+        help="directory of customers.csv, noncustomers.csv, usage_actions.csv, or a catalog YAML (default: --catalog)",
     ),
     as_of: str = typer.Option(
         "latest",
@@ -312,12 +466,33 @@ def score_cmd(
         help="scoring date YYYY-MM-DD, or 'latest' (the latest anchor day by which the last usage period ended); "
         "a date off the anchor weekday is scored and flagged",
     ),
-    out: Path = typer.Option(..., "--out", help="FILE.parquet or FILE.csv"),
+    out: Path | None = typer.Option(None, "--out", help="FILE.parquet or FILE.csv"),
     registry: Path | None = typer.Option(
         None, help="registry directory (default $HSML_REGISTRY or ./registry)"
     ),
     population: str | None = typer.Option(
         None, help="population policy (default: the model's training population, e.g. active_unconverted)"
+    ),
+    sink: str | None = typer.Option(
+        None,
+        "--sink",
+        help="write the list through this output of the catalog; the same week and model version is replaced",
+    ),
+    catalog: Path | None = typer.Option(
+        None,
+        "--catalog",
+        help="catalog YAML whose `outputs:` name the sinks (default: --data-dir when it is one)",
+    ),
+    experiment: str | None = typer.Option(
+        None,
+        "--experiment",
+        help="holdout experiment name: adds `experiment` and `arm` to every scored company",
+    ),
+    holdout_share: float | None = typer.Option(
+        None, "--holdout-share", help="share of scored companies held out (not called), with --experiment"
+    ),
+    log: Path | None = typer.Option(
+        None, "--log", help="append one prediction-log line per scored company to this JSONL file"
     ),
 ) -> None:
     """Rank the prospects in the model's training population at --as-of: score, rank, decile, top three reasons.
@@ -329,25 +504,43 @@ def score_cmd(
       hsml score --model conversion-lgbm@production --data-dir data/sample --as-of 2020-07-01 --out scores.parquet
 
       hsml score --model conversion-lgbm@3 --data-dir data/sample --as-of latest --out scores.csv
+
+      hsml score -m conversion-lgbm@production --catalog catalog.yaml --sink scores --experiment q3 --holdout-share 0.2 --log predictions.jsonl
     """
     t0 = time.perf_counter()
     try:
-        fr, p, warn = _score(model, data_dir, as_of, out, registry, population)
+        fr, done, warn = _score(
+            model, data_dir, as_of, out, registry, population, sink=sink, catalog=catalog,
+            experiment=experiment, holdout_share=holdout_share, log=log,
+        )  # fmt: skip
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     if warn:
         typer.echo(f"warning: {warn}", err=True)
+    _report(fr, done, time.perf_counter() - t0, holdout_share)
+
+# %% ../nbs/33_score.ipynb #e46ef14e
+def _report(fr: pl.DataFrame, done: list[str], seconds: float, holdout_share: float | None) -> None:
     ranked = fr.filter(pl.col("unscored_reason").is_null())
     ver = fr["model_version"][0]
     typer.echo(
         f"scored {ranked.height:,} prospects as of {fr['as_of'][0]} with {fr['model'][0]}"
         + (f" v{ver}" if ver is not None else "")
-        + f" in {time.perf_counter() - t0:.1f}s -> {p}"
+        + f" in {seconds:.1f}s -> {done[0]}"
     )
+    for d in done[1:]:
+        typer.echo(f"  -> {d}")
     for why, n in fr.group_by("unscored_reason").len().drop_nulls().sort("unscored_reason").iter_rows():
         typer.echo(f"listed without a score: {n:,} prospects ({why})")
-    with pl.Config(tbl_rows=10, tbl_cols=8, fmt_str_lengths=40):
+    arm = ["arm"] if "arm" in fr.columns else []
+    if arm:
+        n = dict(ranked.group_by("arm").len().iter_rows())
         typer.echo(
-            ranked.select("rank", "id", "score", "decile", "reason_1", "reason_2", "reason_3").head(10)
+            f"experiment {fr['experiment'].drop_nulls()[0]}: {n.get('treatment', 0):,} treatment, "
+            f"{n.get('holdout', 0):,} holdout (share {holdout_share}); call the treatment companies from rank 1"
+        )
+    with pl.Config(tbl_rows=10, tbl_cols=9, fmt_str_lengths=40):
+        typer.echo(
+            ranked.select("rank", "id", "score", "decile", *arm, "reason_1", "reason_2", "reason_3").head(10)
         )

@@ -37,8 +37,9 @@ from .score import off_anchor_warning
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['LOG_FIELDS', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'record_model', 'request_model',
-           'FastRecords', 'features_hash', 'PredictionLog', 'CompanyRequest', 'company_features', 'create_app',
+__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'record_model',
+           'request_model', 'FastRecords', 'features_hash', 'score_ranks', 'PredictionLog', 'CompanyRequest',
+           'company_features', 'experiment_arms', 'service_description', 'create_app', 'log_sink_from_catalog',
            'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #1d025708
@@ -211,7 +212,30 @@ LOG_FIELDS = (
     "score",
     "features_hash",
     "timestamp",
+    "experiment",
+    "arm",
+    "rank",
+    "holdout_share",
 )
+# one row per request and company: a rewritten batch replaces its rows, never duplicates them
+LOG_KEYS = ("request_id", "id")
+LOG_SCHEMA = {  # the log as a table (what a sink stores), LOG_FIELDS in order
+    "request_id": pl.String,
+    "model": pl.String,
+    "version": pl.Int64,
+    "digest": pl.String,
+    "endpoint": pl.String,
+    "id": pl.String,
+    "as_of": pl.Date,
+    "score": pl.Float64,
+    "features_hash": pl.String,
+    "timestamp": pl.Datetime("ms", "UTC"),
+    "experiment": pl.String,
+    "arm": pl.String,
+    "rank": pl.Int64,
+    "holdout_share": pl.Float64,
+}
+_ROW_FIELDS = ("id", "score", "features_hash", "arm", "rank")  # per company; the other fields are per request
 
 
 def features_hash(
@@ -228,22 +252,108 @@ def features_hash(
         h.update(b"\x1f" + (b"\x00" if c is None else str(c).encode()))
     return h.hexdigest()[:16]
 
+# %% ../nbs/32_serve.ipynb #77b0d79d
+def _cat_bytes(col: list) -> list[bytes]:
+    "0x1f + UTF-8 of each category value (0x00 for null), encoded once per level."
+    memo: dict = {None: b"\x1f\x00"}  # only str keys besides: no True == 1 == 1.0 mix-ups
+    out = []
+    for c in col:
+        e = memo.get(c) if type(c) is str or c is None else None
+        if e is None:
+            e = b"\x1f" + str(c).encode()
+            if type(c) is str:
+                memo[c] = e
+        out.append(e)
+    return out
 
+
+def _row_hashes(num: np.ndarray, cats: list[list], n: int) -> list[str]:
+    "`features_hash` of each of the n rows (the numeric block read from one contiguous buffer)."
+    num = np.ascontiguousarray(num, dtype="<f8")
+    w, nb = (num.shape[1] * 8 if num.ndim == 2 else 0), num.tobytes()
+    tails = list(map(b"".join, zip(*map(_cat_bytes, cats)))) if cats else [b""] * n
+    sha = hashlib.sha256
+    return [sha(nb[i * w : i * w + w] + tail).hexdigest()[:16] for i, tail in enumerate(tails)]
+
+
+def score_ranks(
+    scores: np.ndarray,  # one request's scores (NaN: not scored)
+) -> list[int | None]:
+    "Rank of each score within the request, 1 = highest (ties in request order); None where there is no score."
+    order = np.argsort(-scores, kind="stable")  # NaN sorts last
+    r = np.empty(len(scores), dtype=np.int64)
+    r[order] = np.arange(1, len(scores) + 1)
+    return [None if s != s else k for s, k in zip(scores.tolist(), r.tolist())]
+
+# %% ../nbs/32_serve.ipynb #17df65c7
+def _jsonl(batch: list[tuple]) -> bytes:
+    "The JSON lines of queued requests: request-level keys first, then id, score, features_hash, arm, rank."
+    out = []
+    for meta, ids, num, cats, scores, arms in batch:
+        head = json.dumps(
+            {k: meta.get(k) for k in LOG_FIELDS if k not in _ROW_FIELDS}, separators=(",", ":"), default=str
+        )[:-1]
+        n = len(scores)
+        rids = ["null" if r is None else (str(r) if type(r) is int else json.dumps(r)) for r in ids]
+        ss = ["null" if s != s else repr(s) for s in scores.tolist()]
+        ams = ["null" if a is None else f'"{a}"' for a in arms] if arms else ["null"] * n
+        rks = ["null" if k is None else str(k) for k in score_ranks(scores)]
+        out += [
+            f'{head},"id":{r},"score":{s},"features_hash":"{h}","arm":{a},"rank":{k}}}'
+            for r, s, h, a, k in zip(rids, ss, _row_hashes(num, cats, n), ams, rks)
+        ]
+    return ("\n".join(out) + "\n").encode() if out else b""
+
+
+def _frame(batch: list[tuple]) -> pl.DataFrame:
+    "The rows of queued requests as a frame of `LOG_SCHEMA` (what a sink stores)."
+    cols: dict[str, list] = {k: [] for k in LOG_FIELDS}
+    for meta, ids, num, cats, scores, arms in batch:
+        n = len(scores)
+        for k in LOG_FIELDS:
+            if k not in _ROW_FIELDS:
+                cols[k] += [meta.get(k)] * n
+        cols["id"] += [None if i is None else str(i) for i in ids]
+        cols["score"] += [None if s != s else s for s in scores.tolist()]
+        cols["features_hash"] += _row_hashes(num, cats, n)
+        cols["arm"] += arms or [None] * n
+        cols["rank"] += score_ranks(scores)
+    text = {"as_of", "timestamp"}  # ISO strings in, parsed below
+    df = pl.DataFrame(
+        {k: pl.Series(k, v, pl.String if k in text else LOG_SCHEMA[k]) for k, v in cols.items()}
+    )
+    return df.with_columns(
+        pl.col("as_of").str.to_date(), pl.col("timestamp").str.to_datetime(time_unit="ms", time_zone="UTC")
+    )
+
+# %% ../nbs/32_serve.ipynb #b14e729d
 class PredictionLog:
-    "Buffered, append-only JSONL prediction log written by a background thread."
+    "Buffered, append-only prediction log written by a background thread: a JSONL file, or any `Sink`."
 
     def __init__(
         self,
-        path: str | Path,  # the JSONL file (created with its parent directories)
+        path: str | Path | None = None,  # the JSONL file (created with its parent directories)
         flush_seconds: float = 0.5,  # write at least this often
         max_buffer: int = 20_000,  # write sooner when this many predictions are waiting
+        sink: Any = None,  # a `hsml.sinks` Sink instead of the file (a JsonlSink means its file)
     ):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from hsml.sinks import JsonlSink
+
+        if isinstance(sink, JsonlSink):  # same bytes as the default file: the fast appender below
+            path, sink = sink.path, None
+        if sink is None and path is None:
+            raise HsmlError("a prediction log needs a file path or a sink")
+        self.sink, self.path = sink, None if sink is not None else Path(path)  # type: ignore[arg-type]
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.where = sink.describe() if sink is not None else str(self.path)
         self.flush_seconds, self.max_buffer = flush_seconds, max_buffer
         self._buf: list[tuple] = []
         self._n = 0
+        self._pending: Any = None  # rendered rows an earlier write failed to store (bytes or a frame)
+        self._pending_n = 0
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -257,78 +367,71 @@ class PredictionLog:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def pending(self) -> int:
+        "Predictions queued or waiting for a retried write."
+        return self._n + self._pending_n
+
+    def status(self) -> dict:
+        "Where the log goes, predictions written and pending, and the last write error (None once a retry succeeds)."
+        return {"to": self.where, "written": self.written, "pending": self.pending, "error": self.error}
+
     def append(
         self,
-        meta: dict,  # request-level fields: request_id, model, version, digest, endpoint, as_of, timestamp
+        meta: dict,  # request-level fields: request_id, model, version, digest, endpoint, as_of, timestamp, experiment, holdout_share
         ids: list,  # company id per row (None when unknown)
         num: np.ndarray,  # n x numeric features, input-schema order (float64, NaN for null)
         cats: list[list],  # per category feature (input-schema order), its n values
-        scores: np.ndarray,  # score per row
+        scores: np.ndarray,  # score per row (NaN: not scored)
+        arms: list | None = None,  # experiment arm per row (None: no experiment)
     ) -> None:
         "Queue one request's predictions (cheap: no hashing or I/O here)."
         with self._lock:
-            self._buf.append((meta, ids, num, cats, scores))
+            self._buf.append((meta, ids, num, cats, scores, arms))
             self._n += len(scores)
             self._idle.clear()
             if self._n >= self.max_buffer:
                 self._wake.set()
 
-    @staticmethod
-    @staticmethod
-    def _cat_bytes(col: list) -> list[bytes]:
-        memo: dict = {None: b"\x1f\x00"}  # only str keys besides: no True == 1 == 1.0 mix-ups
-        out = []
-        for c in col:
-            e = memo.get(c) if type(c) is str or c is None else None
-            if e is None:
-                e = b"\x1f" + str(c).encode()
-                if type(c) is str:
-                    memo[c] = e
-            out.append(e)
-        return out
-
-    @staticmethod
-    def _lines(batch: list[tuple]) -> bytes:
-        out = []
-        sha = hashlib.sha256
-        for meta, ids, num, cats, scores in batch:
-            head = json.dumps(
-                {k: meta.get(k) for k in LOG_FIELDS if k not in ("id", "score", "features_hash")},
-                separators=(",", ":"),
-                default=str,
-            )[:-1]
-            num = np.ascontiguousarray(num, dtype="<f8")
-            n, w = len(scores), num.shape[1] * 8 if num.ndim == 2 else 0
-            nb = num.tobytes()
-            if cats:  # each category value's bytes: 0x1f + UTF-8 (0x00 for null), encoded once per level
-                tails = list(map(b"".join, zip(*map(PredictionLog._cat_bytes, cats))))
-            else:
-                tails = [b""] * n
-            hashes = [sha(nb[i * w : i * w + w] + tail).hexdigest()[:16] for i, tail in enumerate(tails)]
-            rids = ["null" if r is None else (str(r) if type(r) is int else json.dumps(r)) for r in ids]
-            out += [
-                f'{head},"id":{r},"score":{s!r},"features_hash":"{h}"}}'
-                for r, s, h in zip(rids, scores.tolist(), hashes)
-            ]
-        return ("\n".join(out) + "\n").encode() if out else b""
+    def _store(self) -> None:
+        "Write the pending rows (raises; what is not written stays pending)."
+        if self.sink is not None:
+            self.sink.write(self._pending, keys=LOG_KEYS)
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # type: ignore[arg-type]
+        try:
+            while self._pending:  # one write per flush; a short write leaves the rest pending
+                self._pending = self._pending[os.write(fd, self._pending) :]
+        finally:
+            os.close(fd)
 
     def flush(self) -> None:
-        "Write everything queued so far (called by the writer thread, and at shutdown)."
-        with self._lock:
-            batch, self._buf, self._n = self._buf, [], 0
-        if batch:
-            data = self._lines(batch)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            self.written += sum(len(b[4]) for b in batch)
-        with self._lock:
-            if not self._buf:
-                self._idle.set()
+        "Write what an earlier failed write left, then everything queued (raises when the write fails: nothing is dropped)."
+        with self._flush_lock:
+            with self._lock:
+                batch, self._buf, self._n = self._buf, [], 0
+            if batch:
+                n = sum(len(b[4]) for b in batch)
+                try:
+                    new = _jsonl(batch) if self.sink is None else _frame(batch)
+                except Exception:  # rows that cannot be rendered stay queued (and the error shows)
+                    with self._lock:
+                        self._buf[:0], self._n = batch, self._n + n
+                    raise
+                if self._pending is None:
+                    self._pending = new
+                elif self.sink is None:
+                    self._pending += new
+                else:
+                    self._pending = pl.concat([self._pending, new])
+                self._pending_n += n
+            if self._pending is not None:
+                self._store()
+                self.written += self._pending_n
+                self._pending, self._pending_n, self.error = None, 0, None
+            with self._lock:
+                if not self._buf:
+                    self._idle.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -336,21 +439,30 @@ class PredictionLog:
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as e:  # a full disk must show in /ready, not kill the server
+            except Exception as e:  # a full disk or a database away: shown in /health and /ready, retried
                 self.error = f"{type(e).__name__}: {e}"
-                time.sleep(self.flush_seconds)
+                self._stop.wait(self.flush_seconds)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         "Wait until everything queued has been written."
         self._wake.set()
         return self._idle.wait(timeout)
 
-    def close(self) -> None:
-        "Stop the writer and write what is left."
+    def close(self, attempts: int = 3) -> None:
+        "Stop the writer and write what is left (`attempts` tries; then an HsmlError says how many were not written)."
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
-        self.flush()
+        self._thread.join(timeout=30)
+        for k in range(attempts):
+            try:
+                self.flush()
+                return
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                time.sleep(min(2.0, 0.2 * 2**k))
+        raise HsmlError(
+            f"prediction log: {self.pending} predictions were not written to {self.where}: {self.error}"
+        )
 
 # %% ../nbs/32_serve.ipynb #4dc3bc39
 RAW_COMPANY_COLUMNS = ("ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY")
@@ -482,6 +594,53 @@ def company_features(
         outside = out["unscored_reason"][0] if out.height else None
     return feats, as_of, warns, outside
 
+# %% ../nbs/32_serve.ipynb #00109719
+def experiment_arms(
+    experiment: str | None,  # the experiment's name (its salt); None: no experiment
+    holdout_share: float | None,  # share of companies held out, strictly between 0 and 1
+) -> Callable[[list], list] | None:
+    "A function from company ids to their arms ('treatment'/'holdout', None for an unknown id), or None without an experiment."
+    from hsml.impact_design import assign_arm
+
+    if experiment is None and holdout_share is None:
+        return None
+    if not experiment or holdout_share is None:
+        raise HsmlError(
+            "an experiment needs both its name and its holdout share (--experiment NAME --holdout-share S)"
+        )
+    assign_arm(experiment, [], holdout_share)  # checks the name and the share now, not at the first request
+
+    def arms(ids: list) -> list:
+        known = iter(assign_arm(experiment, [i for i in ids if i is not None], holdout_share))
+        return [None if i is None else next(known) for i in ids]
+
+    return arms
+
+# %% ../nbs/32_serve.ipynb #26e6e103
+def service_description(
+    max_records: int,  # records per /predict request
+    max_body: int,  # request body bytes
+    token: bool,  # whether a bearer token is required
+) -> str:
+    "The `/docs` description: what the service does, who may call it, what it trusts and refuses, its limits."
+    who = (
+        "`/predict`, `/predict/company` and `/model` need `Authorization: Bearer <token>` (401 otherwise)"
+        if token
+        else "no token is configured: whoever reaches the port may call every endpoint (set HSML_API_TOKEN)"
+    )
+    return (
+        "Scores prospects' probability of converting. `POST /predict` takes computed features (schema below, "
+        "from the bundle's input_schema.json); `POST /predict/company` takes raw company and usage rows and "
+        "computes the features with the training code.\n\n"
+        f"**Who may call**: {who}; `/health`, `/ready` and these docs are open.\n\n"
+        "**What it trusts**: the registry directory: a bundle's model is a pickle, so loading one runs code; "
+        "digests (checked at start) prove only that the files are the published ones.\n\n"
+        "**What it refuses**: unknown fields, wrong JSON types, NaN or infinity, unknown levels of a closed "
+        "category (422); malformed JSON (400); a body that is not JSON (415).\n\n"
+        f"**Limits**: at most {max_records} records per request and {max_body} body bytes (413); 50000 usage rows "
+        "per company (422); past `--max-in-flight` concurrent requests, 503 with `Retry-After`."
+    )
+
 # %% ../nbs/32_serve.ipynb #f8c51a3b
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -533,6 +692,9 @@ def create_app(
     flush_seconds: float = 0.5,  # prediction log write interval
     max_records: int | None = None,  # records per request; default the input schema's max_records
     registry: str | Path | None = None,  # registry directory for NAME@ALIAS references
+    experiment: str | None = None,  # holdout experiment: answers and log carry each company's arm
+    holdout_share: float | None = None,  # the experiment's share of companies held out (not called)
+    log_sink: Any = None,  # a `hsml.sinks` Sink for the prediction log instead of the JSONL file
 ) -> FastAPI:
     "The FastAPI app serving one bundle."
     if not isinstance(bundle, Bundle):
@@ -552,6 +714,7 @@ def create_app(
     population, horizon = b.population, int(b.info.get("horizon_days") or 28)
     period, anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
     b.check_features()  # refuse to serve features computed by other code than the model was trained with
+    arms_of = experiment_arms(experiment, holdout_share)  # None without an experiment
     state: dict[str, Any] = {"log": None}
     model_info = {
         "name": name,
@@ -567,13 +730,14 @@ def create_app(
         "input_schema": schema,
         "metrics": b.metrics,
         "max_records": max_records,
+        "experiment": {"name": experiment, "holdout_share": holdout_share} if arms_of else None,
     }
 
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["log"] = PredictionLog(log_path, flush_seconds=flush_seconds)
+        state["log"] = PredictionLog(log_path, flush_seconds=flush_seconds, sink=log_sink)
         app.state.prediction_log = state["log"]
         try:
             yield
@@ -583,15 +747,11 @@ def create_app(
     app = FastAPI(
         title=f"hsml model service: {name}",
         version=str(version if version is not None else b.digest[:12]),
-        description=(
-            "Scores prospects' probability of converting. `POST /predict` takes computed features (schema below, "
-            "from the bundle's input_schema.json); `POST /predict/company` takes raw company and usage rows and "
-            "computes the features with the training code. Unknown fields are rejected (422); "
-            f"at most {max_records} records per request (413)."
-        ),
+        description=service_description(max_records, max_body, bool(token)),
         lifespan=lifespan,
     )
     app.state.bundle = b
+    app.state.log_to = log_sink.describe() if log_sink is not None else str(log_path)
 
     def authorized(request: Request) -> bool:
         if not token:
@@ -621,8 +781,13 @@ def create_app(
         rid = request.headers.get("x-request-id")
         return rid if rid and _RID.match(rid) else uuid.uuid4().hex
 
-    def answer(rid: str, ids: list, scores: np.ndarray, extra: dict | None = None) -> Response:
+    def answer(
+        rid: str, ids: list, scores: np.ndarray, extra: dict | None = None, arms: list | None = None
+    ) -> Response:
         preds = [{"score": s} if i is None else {"score": s, "id": i} for i, s in zip(ids, scores.tolist())]
+        if arms is not None:  # an experiment: each company's arm, and the experiment's name and share
+            preds = [p | {"arm": a} for p, a in zip(preds, arms)]
+            extra = (extra or {}) | {"experiment": experiment, "holdout_share": holdout_share}
         body = {"model": name, "version": version, "request_id": rid, "predictions": preds} | (extra or {})
         return Response(orjson.dumps(body), media_type="application/json", headers={"x-request-id": rid})
 
@@ -640,6 +805,7 @@ def create_app(
         cs: list[list],
         scores: np.ndarray,
         as_of: str | None = None,
+        arms: list | None = None,
     ) -> None:
         if state["log"] is not None:
             if not same_order:
@@ -652,8 +818,10 @@ def create_app(
                 "endpoint": endpoint,
                 "as_of": as_of,
                 "timestamp": _now_iso(),
+                "experiment": experiment if arms_of else None,
+                "holdout_share": holdout_share if arms_of else None,
             }
-            state["log"].append(meta, ids, Xn, cs, scores)
+            state["log"].append(meta, ids, Xn, cs, scores, arms)
 
     def score_records(recs: list[dict]) -> tuple[np.ndarray, list[list], np.ndarray]:
         Xn, cs = b.split_records(recs)
@@ -720,8 +888,9 @@ def create_app(
             got = await run_in_threadpool(score_fast, body) if len(body) > 65536 else score_fast(body)
             if got is not None:
                 ids, Xn, cs, scores = got
-                log(rid, "predict", ids, Xn, cs, scores)
-                return answer(rid, ids, scores)
+                arms = arms_of(ids) if arms_of else None
+                log(rid, "predict", ids, Xn, cs, scores, arms=arms)
+                return answer(rid, ids, scores, arms=arms)
         # the full validation: every error, with its field-level message
         try:
             req = Req.validate_json(body)
@@ -738,8 +907,9 @@ def create_app(
             Xn, cs, scores = score_records(recs)
         else:  # big batches leave the event loop free (LightGBM releases the GIL)
             Xn, cs, scores = await run_in_threadpool(score_records, recs)
-        log(rid, "predict", ids, Xn, cs, scores)
-        return answer(rid, ids, scores)
+        arms = arms_of(ids) if arms_of else None
+        log(rid, "predict", ids, Xn, cs, scores, arms=arms)
+        return answer(rid, ids, scores, arms=arms)
 
     @app.post(
         "/predict/company",
@@ -786,17 +956,25 @@ def create_app(
                 k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                 for k, v in zip(b.feature_names, rows[0])
             }
-        if unscored is not None:  # outside the training population: no score, the reason, status 200
-            pred = {"score": None, "id": req.id, "unscored_reason": unscored}
+        if unscored is not None:  # outside the training population: no score, no arm, the reason, status 200
+            pred = {"score": None, "id": req.id, "unscored_reason": unscored} | (
+                {"arm": None} if arms_of else {}
+            )
+            if arms_of:
+                extra |= {"experiment": experiment, "holdout_share": holdout_share}
+            Xn, cs = b.split_rows(rows)  # logged too (score, rank and arm null): every answer is in the log
+            log(rid, "predict/company", [req.id], Xn, cs, np.array([np.nan]), as_of.isoformat(), [None])
             body = {"model": name, "version": version, "request_id": rid, "predictions": [pred]} | extra
             return Response(orjson.dumps(body), media_type="application/json", headers={"x-request-id": rid})
         Xn, cs, scores = score_rows(rows)
-        log(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat())
-        return answer(rid, [req.id], scores, extra)
+        arms = arms_of([req.id]) if arms_of else None
+        log(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat(), arms)
+        return answer(rid, [req.id], scores, extra, arms)
 
     @app.get("/health", summary="Liveness")
     async def health() -> dict:
-        return {"status": "ok"}
+        lg = state["log"]  # the log's state too: a failing write is retried, and shown here until it succeeds
+        return {"status": "ok"} | ({"prediction_log": lg.status()} if lg is not None else {})
 
     @app.get("/ready", summary="Readiness: model loaded, prediction log writing")
     async def ready() -> Response:
@@ -836,12 +1014,33 @@ def create_app(
     return app
 
 # %% ../nbs/32_serve.ipynb #38ba29f1
+def log_sink_from_catalog(
+    name: str | None,  # an output of the catalog's `outputs:`; None: the JSONL file
+    catalog: str | Path | None,  # the catalog YAML
+) -> Any:
+    "The prediction log's sink (`hsml.sources.Catalog.sink`), or None for the default JSONL file."
+    if name is None:
+        if catalog is not None:
+            raise HsmlError("--catalog is only read for --log-sink NAME: name the output to log to")
+        return None
+    if catalog is None:
+        raise HsmlError(f"--log-sink {name} names an output of a catalog: give --catalog FILE too")
+    from hsml.sources import Catalog
+
+    return Catalog.from_yaml(catalog).sink(name)
+
+
 def app_from_env() -> FastAPI:
     "App factory for multi-process serving: the model and options come from HSML_SERVE_* variables."
+    env = os.environ.get
+    share = env("HSML_SERVE_HOLDOUT_SHARE")
     return create_app(
         os.environ["HSML_SERVE_MODEL"],
-        registry=os.environ.get("HSML_SERVE_REGISTRY") or None,
-        log_path=os.environ.get("HSML_SERVE_LOG") or None,
+        registry=env("HSML_SERVE_REGISTRY") or None,
+        log_path=env("HSML_SERVE_LOG") or None,
+        experiment=env("HSML_SERVE_EXPERIMENT") or None,
+        holdout_share=float(share) if share else None,
+        log_sink=log_sink_from_catalog(env("HSML_SERVE_LOG_SINK") or None, env("HSML_SERVE_CATALOG") or None),
     )
 
 
@@ -856,19 +1055,34 @@ def serve(
     | None = None,  # prediction log (default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl)
     workers: int = 1,  # server processes (each loads and verifies the bundle; they share the prediction log)
     log_level: str = "warning",  # uvicorn log level
+    experiment: str | None = None,  # holdout experiment's name: answers and log carry each company's arm
+    holdout_share: float | None = None,  # the experiment's holdout share
+    log_sink: str | None = None,  # log to this `outputs:` entry of `catalog` (e.g. a postgres table)
+    catalog: str | Path | None = None,  # the catalog YAML naming `log_sink` under `outputs:`
 ) -> None:
     "Serve a model over HTTP with uvicorn, uvloop and httptools (blocks until stopped)."
     import uvicorn
 
     if workers < 1:
         raise HsmlError(f"workers must be >= 1, got {workers}")
-    app = create_app(model, token=token, log_path=log_path, registry=registry)  # verifies the bundle here
+    sink = log_sink_from_catalog(log_sink, catalog)
+    app = create_app(
+        model,
+        token=token,
+        log_path=log_path,
+        registry=registry,
+        experiment=experiment,
+        holdout_share=holdout_share,
+        log_sink=sink,
+    )  # verifies the bundle (and the experiment's name and share) here
     b = app.state.bundle
     print(
         f"hsml: serving {b.name}"
         + (f" v{b.version}" if b.version is not None else "")
         + f" ({'fast path' if b.fast else 'reference path'}, {workers} worker{'s' if workers > 1 else ''})"
-        + f" on http://{host}:{port}  (docs: /docs)",
+        + f" on http://{host}:{port}  (docs: /docs)"
+        + (f"; experiment {experiment!r}, holdout share {holdout_share}" if experiment else "")
+        + f"; prediction log: {sink.describe() if sink is not None else app.state.log_to}",
         flush=True,
     )
     opts = dict(host=host, port=port, loop="uvloop", http="httptools", log_level=log_level, access_log=False)
@@ -879,6 +1093,12 @@ def serve(
     ref = str(b.path) if b.version is None else f"{b.name}@{b.version}"
     os.environ.update(
         HSML_SERVE_MODEL=ref, HSML_SERVE_REGISTRY=str(registry or ""), HSML_SERVE_LOG=str(log_path or "")
+    )
+    os.environ.update(
+        HSML_SERVE_EXPERIMENT=experiment or "",
+        HSML_SERVE_HOLDOUT_SHARE="" if holdout_share is None else repr(holdout_share),
+        HSML_SERVE_LOG_SINK=log_sink or "",
+        HSML_SERVE_CATALOG=str(catalog or ""),
     )
     if token is not None:
         os.environ["HSML_API_TOKEN"] = token
@@ -898,6 +1118,19 @@ def serve_cmd(
         None, "--log", help="prediction log (default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl)"
     ),
     workers: int = typer.Option(1, help="server processes (use the machine's cores for batch throughput)"),
+    experiment: str | None = typer.Option(
+        None,
+        help="holdout experiment's name: each company's arm (sticky hash of name and id) in answers and log",
+    ),
+    holdout_share: float | None = typer.Option(
+        None, "--holdout-share", help="share of companies held out of the experiment's calls, e.g. 0.2"
+    ),
+    log_sink: str | None = typer.Option(
+        None,
+        "--log-sink",
+        help="write the prediction log to this `outputs:` entry of --catalog (e.g. a postgres table)",
+    ),
+    catalog: Path | None = typer.Option(None, help="catalog YAML whose `outputs:` names --log-sink"),
 ) -> None:
     """Serve a model over HTTP: POST /predict, POST /predict/company, GET /health /ready /model /docs.
 
@@ -907,11 +1140,26 @@ def serve_cmd(
 
       hsml serve --model experiments/runs/RUN/model --port 8080 --workers 2
 
+      hsml serve --model conversion-lgbm@production --experiment q3-outreach --holdout-share 0.2
+
+      hsml serve --model conversion-lgbm@production --workers 2 --log-sink predictions --catalog catalog.yaml
+
     Set HSML_API_TOKEN to require `Authorization: Bearer <token>`; predictions are logged to
     $HSML_PREDICTION_LOG (default .hsml/predictions.jsonl).
     """
     try:
-        serve(model, host=host, port=port, registry=registry, log_path=log_path, workers=workers)
+        serve(
+            model,
+            host=host,
+            port=port,
+            registry=registry,
+            log_path=log_path,
+            workers=workers,
+            experiment=experiment,
+            holdout_share=holdout_share,
+            log_sink=log_sink,
+            catalog=catalog,
+        )
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -51,19 +51,25 @@ def free_port() -> int:
 class Server:
     "uvicorn running hsml.serve.serve in a subprocess on a free loopback port."
 
-    def __init__(self, model: str, env: dict[str, str], tmp: Path, workers: int = 1):
+    def __init__(
+        self, model: str, env: dict[str, str], tmp: Path, workers: int = 1, cli: list[str] | None = None
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         code = "import sys; from hsml.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]))"
+        args = [code, model, str(self.port), str(workers)]
+        if cli is not None:  # `hsml serve` itself, with these extra options
+            code = "import typer; from hsml.serve import serve_cmd; typer.run(serve_cmd)"
+            args = [code, "--model", model, "--port", str(self.port), "--workers", str(workers), *cli]
         self.out = open(tmp / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, model, str(self.port), str(workers)],
+            [sys.executable, "-c", *args],
             env={**os.environ, "OMP_NUM_THREADS": "1", **env},
             stdout=self.out,
             stderr=subprocess.STDOUT,
         )
         self.log = tmp / f"server-{self.port}.log"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # a busy machine: two workers took 70 s to start
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log.read_text()}")
@@ -170,10 +176,16 @@ def test_predict_scores_match_in_process_model(world, server):
     expected = world["bundle"].predict_reference(world["feats"].head(5))
     np.testing.assert_allclose([p["score"] for p in j["predictions"]], expected, rtol=0, atol=1e-12)
     assert [p["id"] for p in j["predictions"]] == world["feats"]["id"].head(5).to_list()
+    assert all(set(p) == {"score", "id"} for p in j["predictions"]) and "experiment" not in j  # no experiment
 
 
 def test_health_ready_model_openapi(world, server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["prediction_log"]["to"] == str(server.prediction_log)
+    assert (
+        set(h["prediction_log"]) == {"to", "written", "pending", "error"}
+        and h["prediction_log"]["error"] is None
+    )
     r = httpx.get(server.url + "/ready")
     assert r.status_code == 200 and r.json()["ready"] and r.json()["fast_path"]
     m = httpx.get(server.url + "/model").json()
@@ -638,7 +650,13 @@ def test_prediction_log(world, server):
             "score",
             "features_hash",
             "timestamp",
+            "experiment",
+            "arm",
+            "rank",
+            "holdout_share",
         }
+        assert line["experiment"] is line["arm"] is line["holdout_share"] is None  # no experiment
+        assert line["rank"] == 1 + sum(x > line["score"] for x in scores)
         assert (line["model"], line["version"], line["endpoint"]) == (NAME, world["version"], "predict")
         assert line["id"] == rec["id"] and line["score"] == s
         assert line["features_hash"] == features_hash_by_hand(b.input_schema, rec)
@@ -652,6 +670,89 @@ def test_prediction_log(world, server):
     httpx.post(server.url + "/predict", json={"records": [recs[0] | {"x": 1}]})
     time.sleep(1.2)
     assert len(_read_log(server.prediction_log, 1)) == n
+
+
+def test_experiment_arms_in_answers_and_log(world, tmp_path):
+    """`hsml serve --experiment NAME --holdout-share S`: every answered company carries its sticky arm
+    (hsml.impact_design.assign_arm), and the log holds experiment, arm, rank, as_of and holdout_share for each,
+    as the impact report reads them; a company outside the population is logged without score, rank or arm."""
+    from hsml.impact_design import assign_arm
+    from hsml.impact_report import experiment_cohort, read_prediction_logs
+
+    exp, share = "q3-outreach", 0.3
+    log = tmp_path / "exp.jsonl"
+    env = {"HSML_REGISTRY": str(world["registry"]), "HSML_PREDICTION_LOG": str(log), "HSML_API_TOKEN": ""}
+    cli = ["--experiment", exp, "--holdout-share", str(share)]
+    s = Server(f"{NAME}@production", env, tmp_path, cli=cli)
+    try:
+        # a weekly list scored in one batch: the arm of each id, the rank by score within the request
+        recs = records(world, 40, with_id=True) + records(world, 1)
+        r = httpx.post(s.url + "/predict", json={"records": recs}, headers={"x-request-id": "batch-1"})
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert (j["experiment"], j["holdout_share"]) == (exp, share)
+        ids = [x.get("id") for x in recs]
+        arms = assign_arm(exp, ids[:40], share) + [None]
+        assert [p["arm"] for p in j["predictions"]] == arms and {"treatment", "holdout"} <= set(arms)
+        # companies from raw rows: one answer each, with its arm; the one outside the population has none
+        feats, last = world["feats"], max(world["feats"]["as_of"].to_list())
+        inside = feats.filter(
+            (pl.col("as_of") == last)
+            & pl.col("id").is_in(world["tables"].noncustomers["id"].implode())
+            & (pl.col("active_periods_84d") > 0)
+        )["id"].head(4)
+        first = world["tables"].usage.group_by("id").agg(pl.col("WHEN_TIMESTAMP").min())
+        never = world["tables"].noncustomers.join(first, on="id", how="anti")["id"][0]
+        answers = {}
+        for i in [*inside.to_list(), never]:
+            body = _company_body(world, i, last)
+            r = httpx.post(
+                s.url + "/predict/company", json=body, headers={"x-request-id": f"c-{i}"}, timeout=60
+            )
+            assert r.status_code == 200, r.text
+            answers[i] = r.json()
+            assert (answers[i]["experiment"], answers[i]["holdout_share"]) == (exp, share)
+        for i in inside:
+            assert answers[i]["predictions"][0]["arm"] == assign_arm(exp, [i], share)[0]
+        assert answers[never]["predictions"][0] | {"unscored_reason": "-"} == {
+            "score": None,
+            "id": never,
+            "arm": None,
+            "unscored_reason": "-",
+        }
+        lines = _read_log(log, 41 + 5)
+    finally:
+        s.stop()
+    assert len(lines) == 46 and all(x["experiment"] == exp and x["holdout_share"] == share for x in lines)
+    batch = [x for x in lines if x["request_id"] == "batch-1"]
+    scores = np.array([p["score"] for p in j["predictions"]])
+    want_rank = (-scores).argsort(kind="stable").argsort() + 1
+    assert [x["rank"] for x in batch] == want_rank.tolist() and [x["arm"] for x in batch] == arms
+    assert all(x["as_of"] is None for x in batch)  # /predict does not know the as-of date of its features
+    comp = {x["id"]: x for x in lines if x["endpoint"] == "predict/company"}
+    assert all(comp[i]["rank"] == 1 and comp[i]["as_of"] == str(last) for i in inside)
+    assert comp[never]["score"] is comp[never]["rank"] is comp[never]["arm"] is None
+    # the impact report's reader: the company answers form the experiment's cohort, arms as assigned
+    df, info = read_prediction_logs(log)
+    assert info["predictions"] == 46 and info["torn_lines"] == 0
+    cohort, meta = experiment_cohort(df)
+    assert meta == {"experiment": exp, "arm_conflicts": 0}
+    assert sorted(cohort["id"].to_list()) == sorted(map(str, inside))
+    assert cohort["arm"].to_list() == assign_arm(exp, cohort["id"].to_list(), share)
+
+
+def test_serve_refuses_a_half_given_experiment(world, tmp_path):
+    "--holdout-share without --experiment (or a share outside (0, 1)) is exit 2 with a message, no traceback."
+    code = "import typer; from hsml.serve import serve_cmd; typer.run(serve_cmd)"
+    base = [sys.executable, "-c", code, "--model", f"{NAME}@production", "--port", str(free_port())]
+    env = {**os.environ, "HSML_REGISTRY": str(world["registry"]), "OMP_NUM_THREADS": "1"}
+    for extra, msg in [
+        (["--holdout-share", "0.2"], "needs both its name and its holdout share"),
+        (["--experiment", "q3", "--holdout-share", "1.5"], "strictly between 0 and 1"),
+        (["--log-sink", "predictions"], "give --catalog FILE too"),
+    ]:
+        p = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
