@@ -27,9 +27,9 @@ from hsml.impact_stats import (
 )
 
 # %% auto #0
-__all__ = ['read_log_file', 'read_prediction_logs', 'normalise_log_frame', 'read_log_sink', 'experiment_cohort',
-           'attach_outcomes', 'impact_report', 'current_features', 'plot_sequential', 'plot_calibration',
-           'write_impact_report', 'report_cmd']
+__all__ = ['LOOKUP_ENDPOINT', 'read_log_file', 'read_prediction_logs', 'normalise_log_frame', 'read_log_sink',
+           'experiment_cohort', 'attach_outcomes', 'impact_report', 'current_features', 'plot_sequential',
+           'plot_calibration', 'write_impact_report', 'report_cmd']
 
 # %% ../nbs/43_impact_report.ipynb #e1b3f381
 def _recover(raw: bytes) -> dict | None:
@@ -80,6 +80,7 @@ _LOG_COLUMNS = {
     "rank": pl.Int64,
     "as_of": pl.String,
     "holdout_share": pl.Float64,
+    "endpoint": pl.String,
 }
 
 
@@ -147,6 +148,9 @@ def read_log_sink(
     return out, info | {"duplicates": raw.height - out.height, "predictions": out.height}
 
 # %% ../nbs/43_impact_report.ipynb #d3e60aea
+LOOKUP_ENDPOINT = "predict/company"  # the service's one-company endpoint
+
+
 def experiment_cohort(
     log: pl.DataFrame,  # read_prediction_logs output
     experiment: str | None = None,  # the experiment to report (default: the only one in the log)
@@ -169,8 +173,8 @@ def experiment_cohort(
     bad = sorted(set(exp["arm"].unique().to_list()) - {"treatment", "holdout"})
     if bad:
         raise HsmlError(f"experiment {experiment!r}: arm values {bad} are neither 'treatment' nor 'holdout'")
-    if k is not None:
-        exp = exp.filter(pl.col("rank") <= k)
+    if k is not None:  # a one-company lookup's rank (1 in its request) is no place in a list
+        exp = exp.filter((pl.col("rank") <= k) & (pl.col("endpoint").fill_null("") != LOOKUP_ENDPOINT))
     conflicts = exp.group_by("id").agg(pl.col("arm").n_unique()).filter(pl.col("arm") > 1).height
     first = exp.group_by("id", maintain_order=True).first()
     day = first["as_of"].str.slice(0, 10).str.to_date(strict=False)
