@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from .impact_backtest import backtest_cmd
 from .impact_design import design_cmd
 from .impact_report import report_cmd
 from .impact_simulate import simulate_cmd
@@ -16,7 +17,7 @@ __all__ = ['impact_app']
 
 # %% ../nbs/49_impact_cli.ipynb #d36e7aae
 impact_app = typer.Typer(
-    help="Measure impact: plan a holdout experiment, validate the estimator, report results.\n\n"
+    help="Measure impact: plan a holdout experiment, validate the estimator, report results, replay history.\n\n"
     "Example: hsml impact design --baseline-rate 0.05 --effect 0.02 --k 300 --holdout-share 0.2",
     no_args_is_help=True,
     add_completion=False,
@@ -26,3 +27,4 @@ impact_app.callback()(lambda: None)  # a group whatever the number of commands
 impact_app.command("design")(design_cmd)
 impact_app.command("simulate")(simulate_cmd)
 impact_app.command("report")(report_cmd)
+impact_app.command("backtest")(backtest_cmd)

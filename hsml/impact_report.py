@@ -27,8 +27,9 @@ from hsml.impact_stats import (
 )
 
 # %% auto #0
-__all__ = ['read_log_file', 'read_prediction_logs', 'experiment_cohort', 'attach_outcomes', 'impact_report', 'current_features',
-           'plot_sequential', 'plot_calibration', 'write_impact_report', 'report_cmd']
+__all__ = ['LOOKUP_ENDPOINT', 'read_log_file', 'read_prediction_logs', 'normalise_log_frame', 'read_log_sink',
+           'experiment_cohort', 'attach_outcomes', 'impact_report', 'current_features', 'plot_sequential',
+           'plot_calibration', 'write_impact_report', 'report_cmd']
 
 # %% ../nbs/43_impact_report.ipynb #e1b3f381
 def _recover(raw: bytes) -> dict | None:
@@ -79,7 +80,18 @@ _LOG_COLUMNS = {
     "rank": pl.Int64,
     "as_of": pl.String,
     "holdout_share": pl.Float64,
+    "endpoint": pl.String,
 }
+
+
+def _canonical(
+    df: pl.DataFrame,  # log rows with the _LOG_COLUMNS columns and dtypes
+) -> pl.DataFrame:
+    "Rows in canonical order (as_of, timestamp, request_id, id), one per (request_id, id)."
+    df = df.sort(["as_of", "timestamp", "request_id", "id"], nulls_last=True)
+    # a line without request_id is keyed by its as_of and timestamp instead (never merged across weeks)
+    key = pl.coalesce("request_id", pl.concat_str("as_of", "timestamp", separator="|", ignore_nulls=True))
+    return df.with_columns(_key=key).unique(["_key", "id"], keep="first", maintain_order=True).drop("_key")
 
 
 def read_prediction_logs(
@@ -97,14 +109,48 @@ def read_prediction_logs(
         for c in _LOG_COLUMNS
     }
     df = pl.DataFrame({c: pl.Series(c, v, dtype=_LOG_COLUMNS[c], strict=False) for c, v in cols.items()})
-    df = df.sort(["as_of", "timestamp", "request_id", "id"], nulls_last=True)
-    # a line without request_id is keyed by its as_of and timestamp instead (never merged across weeks)
-    key = pl.coalesce("request_id", pl.concat_str("as_of", "timestamp", separator="|", ignore_nulls=True))
-    out = df.with_columns(_key=key).unique(["_key", "id"], keep="first", maintain_order=True).drop("_key")
+    out = _canonical(df)
     info = {"files": [str(p) for p in paths], "records": len(recs), "torn_lines": torn}
     return out, info | {"duplicates": len(recs) - out.height, "predictions": out.height}
 
+# %% ../nbs/43_impact_report.ipynb #1a83ce4f
+def normalise_log_frame(
+    frame: pl.DataFrame,  # rows of a log table: the JSON lines' keys as columns (others are ignored)
+) -> pl.DataFrame:
+    "The `_LOG_COLUMNS` columns and dtypes: dates as YYYY-MM-DD, timestamps as ISO text, absent columns null."
+    missing = [c for c in ("id", "score") if c not in frame.columns]
+    if missing:
+        raise HsmlError(f"the prediction log table has no column {missing}", hint=f"columns: {frame.columns}")
+    cols = []
+    for c, t in _LOG_COLUMNS.items():
+        dtype = frame.schema.get(c)
+        e = pl.col(c) if dtype is not None else pl.lit(None, t)
+        if dtype == pl.Date:
+            e = e.dt.to_string("%Y-%m-%d")
+        elif isinstance(dtype, pl.Datetime):
+            e = e.dt.to_string("%Y-%m-%dT%H:%M:%S%.f")
+        cols.append(e.cast(t, strict=False).alias(c))
+    return frame.select(cols)
+
+
+def read_log_sink(
+    sink: Any,  # an hsml.sinks sink (e.g. `Catalog.sink("predictions")`)
+) -> tuple[pl.DataFrame, dict]:
+    "Like `read_prediction_logs`, from a sink: one row per (request_id, id), canonical order; and what was read."
+    from hsml.sinks import JsonlSink
+
+    if isinstance(sink, JsonlSink):
+        frame, info = read_prediction_logs(sink.path)
+        return frame, info | {"sink": sink.describe()}
+    raw = sink.read()
+    out = _canonical(normalise_log_frame(raw))
+    info = {"sink": sink.describe(), "records": raw.height, "torn_lines": 0}
+    return out, info | {"duplicates": raw.height - out.height, "predictions": out.height}
+
 # %% ../nbs/43_impact_report.ipynb #d3e60aea
+LOOKUP_ENDPOINT = "predict/company"  # the service's one-company endpoint
+
+
 def experiment_cohort(
     log: pl.DataFrame,  # read_prediction_logs output
     experiment: str | None = None,  # the experiment to report (default: the only one in the log)
@@ -127,8 +173,8 @@ def experiment_cohort(
     bad = sorted(set(exp["arm"].unique().to_list()) - {"treatment", "holdout"})
     if bad:
         raise HsmlError(f"experiment {experiment!r}: arm values {bad} are neither 'treatment' nor 'holdout'")
-    if k is not None:
-        exp = exp.filter(pl.col("rank") <= k)
+    if k is not None:  # a one-company lookup's rank (1 in its request) is no place in a list
+        exp = exp.filter((pl.col("rank") <= k) & (pl.col("endpoint").fill_null("") != LOOKUP_ENDPOINT))
     conflicts = exp.group_by("id").agg(pl.col("arm").n_unique()).filter(pl.col("arm") > 1).height
     first = exp.group_by("id", maintain_order=True).first()
     day = first["as_of"].str.slice(0, 10).str.to_date(strict=False)
@@ -356,6 +402,23 @@ def _bundle_drift(bundle: Any, log: pl.DataFrame, tables: Any, training_set: Pat
     return rep | {"week": str(cur["as_of"].max()), "companies": cur.height, "reference": str(training_set)}
 
 # %% ../nbs/43_impact_report.ipynb #2e013508
+def _read_log(
+    log: list[Path] | None, log_sink: str | None, catalog: Path | None
+) -> tuple[pl.DataFrame, dict]:
+    "The log from JSONL files or from a catalog output, whichever was given (exactly one)."
+    if log and log_sink:
+        raise HsmlError("give the prediction log as --log files or as --log-sink, not both")
+    if log_sink:
+        if catalog is None:
+            raise HsmlError(f"--log-sink {log_sink} needs --catalog: the catalog YAML whose outputs name it")
+        from hsml.sources import Catalog
+
+        return read_log_sink(Catalog.from_yaml(catalog).sink(log_sink))
+    if not log:
+        raise HsmlError("no prediction log", hint="pass --log FILE.jsonl, or --log-sink NAME --catalog FILE")
+    return read_prediction_logs(log)
+
+
 def write_impact_report(
     log: list[Path],  # prediction logs (JSONL), any order
     data_dir: Path,  # the later extract (directory of the three CSVs or a catalog YAML)
@@ -369,11 +432,14 @@ def write_impact_report(
     training_set: Path | None = None,  # the bundle's training set (parquet/csv) for drift
     registry: Path | None = None,  # registry directory
     planned: int = 10_000,  # t* of the confidence sequence
+    log_sink: str
+    | None = None,  # instead of `log`: the catalog output holding the log (e.g. a PostgreSQL table)
+    catalog: Path | None = None,  # the catalog YAML whose `outputs:` names `log_sink`
 ) -> dict:
     "Read, join, estimate and write DIR/impact.json (+ sequential.png); return the report."
     from hsml.contracts import load_tables
 
-    frame, info = read_prediction_logs(log)
+    frame, info = _read_log(log, log_sink, catalog)
     bundle = None
     if model or horizon_days is None or training_set:
         from hsml.registry import load_model
@@ -397,23 +463,27 @@ def write_impact_report(
     rep["log"] = info
     out.mkdir(parents=True, exist_ok=True)
     (out / "impact.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    if rep["sequential"].get("by_week"):
-        import matplotlib
+    if rep["sequential"].get("by_week"):  # figures without pyplot: the caller's backend is left alone
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        ax = plot_sequential(rep["sequential"])
-        ax.figure.savefig(out / "sequential.png", dpi=100, bbox_inches="tight")
-        ax = plot_calibration(rep["calibration"])
-        ax.figure.savefig(out / "calibration.png", dpi=100, bbox_inches="tight")
+        for name, plot, size in (
+            ("sequential", plot_sequential, (6, 3.2)),
+            ("calibration", plot_calibration, (3.6, 3.2)),
+        ):
+            ax = Figure(figsize=size).subplots()
+            plot(rep[name], ax)
+            ax.figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
     return rep
 
 # %% ../nbs/43_impact_report.ipynb #0fddde82
 def report_cmd(
-    log: Annotated[list[Path], typer.Option("--log", help="prediction log JSONL (repeat for several files)")],
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="a LATER extract: conversions observed after scoring")
     ],
     out: Annotated[Path, typer.Option(help="directory for impact.json and plots")],
+    log: Annotated[
+        list[Path] | None, typer.Option("--log", help="prediction log JSONL (repeat for several files)")
+    ] = None,
     calls: Annotated[Path | None, typer.Option(help="call log CSV: id[, reached]")] = None,
     experiment: Annotated[
         str | None, typer.Option(help="experiment name (default: the only one in the log)")
@@ -433,6 +503,10 @@ def report_cmd(
     planned_companies: Annotated[
         int, typer.Option("--planned-companies", help="t* of the confidence sequence")
     ] = 10_000,
+    log_sink: Annotated[
+        str | None, typer.Option("--log-sink", help="read the log from this catalog output instead of --log")
+    ] = None,
+    catalog: Annotated[Path | None, typer.Option(help="catalog YAML whose outputs: holds --log-sink")] = None,
 ) -> None:
     """Join prediction logs with later conversions and write DIR/impact.json (SRM first).
 
@@ -440,7 +514,7 @@ def report_cmd(
     """
     try:
         rep = write_impact_report(
-            log,
+            log or [],
             data_dir,
             out,
             calls,
@@ -452,6 +526,8 @@ def report_cmd(
             training_set,
             registry,
             planned_companies,
+            log_sink,
+            catalog,
         )
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
