@@ -319,6 +319,12 @@ def score_cmd(
     population: str | None = typer.Option(
         None, help="population policy (default: the model's training population, e.g. active_unconverted)"
     ),
+    engine: str = typer.Option(
+        "local", help="local, or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"
+    ),
+    partitions: int | None = typer.Option(
+        None, help="with --engine ray: number of partitions (default: the cluster's CPUs)"
+    ),
 ) -> None:
     """Rank the prospects in the model's training population at --as-of: score, rank, decile, top three reasons.
 
@@ -332,7 +338,13 @@ def score_cmd(
     """
     t0 = time.perf_counter()
     try:
-        fr, p, warn = _score(model, data_dir, as_of, out, registry, population)
+        if engine != "local":  # hsml.scale: Ray is imported only here
+            from hsml.scale import check_engine, score_ray
+
+            check_engine(engine)
+            fr, p, warn = score_ray(model, data_dir, as_of, out, registry, population, partitions)
+        else:
+            fr, p, warn = _score(model, data_dir, as_of, out, registry, population)
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
