@@ -16,10 +16,10 @@ pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray2():
-    "A local Ray with 2 CPUs for this module (RAY_ADDRESS is ignored: the test wants this machine)."
+    "A local Ray with 2 CPUs for this module, shut down after it (or the cluster at $RAY_ADDRESS when it is set)."
     from hsml.scale import ray_session
 
-    with ray_session(num_cpus=2, address="local") as ray:
+    with ray_session(num_cpus=2) as ray:
         yield ray
 
 
