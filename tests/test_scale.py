@@ -107,7 +107,9 @@ def bundle(data, ray2):
     busy = f["actions_total_sum_84d"].fill_null(0).to_numpy()
     f = f.with_columns(label=pl.Series((busy > np.quantile(busy, 0.7)).astype(np.int8)))
     num, cat = columns_from_spec(ts.spec)
-    pipe = fit_model(make_model("lgbm", num, cat, seed=0, n_estimators=20, min_child_samples=5), f)
+    pipe = fit_model(
+        make_model("lgbm", num, cat, seed=0, n_estimators=20, min_child_samples=5), f, horizon_days=28
+    )
     meta = {"name": "scale-test", "model": "lgbm", "feature_set": "default", "horizon_days": 28}
     path = save_bundle(data["dir"] / "model", pipe, ts.spec, {}, meta, train_frame=f)
     return path, load_bundle(path)
