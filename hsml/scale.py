@@ -23,8 +23,8 @@ from .core import HsmlError
 
 # %% auto #0
 __all__ = ['ENGINES', 'PART', 'splitmix64', 'partition_of', 'PartitionTables', 'Partitioned', 'write_partitions', 'remote',
-           'ray_session', 'ship_features', 'install_features', 'partitioned_past_only', 'build_training_set_ray',
-           'score_frame_ray', 'score_ray', 'check_engine']
+           'ray_session', 'ship_features', 'install_features', 'gather', 'partitioned_past_only',
+           'build_training_set_ray', 'score_frame_ray', 'score_ray', 'check_engine']
 
 # %% ../nbs/50_scale.ipynb #bd4432f6
 ENGINES = ("local", "ray")  # what --engine accepts
@@ -216,6 +216,23 @@ def _children() -> set[int]:
     return kids
 
 
+def gather(
+    refs: list,  # Ray object refs of tasks
+) -> list:
+    "`ray.get(refs)`; a task's `HsmlError` is raised as itself, a missing partition file as an `HsmlError` with the fix."
+    ray = _ray()
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, HsmlError):
+            raise cause from None
+        if isinstance(cause, FileNotFoundError) or "No such file" in str(cause):
+            raise HsmlError(f"a Ray task could not read its partition: {cause}",
+                            hint="on a cluster, set HSML_SCALE_DIR to storage every worker mounts") from None  # fmt: skip
+        raise
+
+
 def _peak_mib() -> float:
     "Peak resident memory of this process so far, MiB."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -250,12 +267,11 @@ def partitioned_past_only(
     shipped: tuple,  # the features to recompute (`ship_features`)
 ) -> Callable[[pl.DataFrame], pl.DataFrame]:
     "The audit's probe over partitions: each probed row is recomputed by a task on its own partition."
-    ray = _ray()
 
     def recompute(rows: pl.DataFrame) -> pl.DataFrame:
         by = rows.with_columns(partition_of("id", data.n).alias(PART)).partition_by(PART, as_dict=True)
         refs = [remote(_probe_part).remote(data, int(p), g.drop(PART), shipped) for (p,), g in by.items()]
-        return pl.concat(ray.get(refs), how="vertical")
+        return pl.concat(gather(refs), how="vertical")
 
     return recompute
 
@@ -296,7 +312,7 @@ def build_training_set_ray(
         refs = [
             remote(_trainset_part).remote(data, p, dates, horizon_days, shipped, population) for p in range(n)
         ]
-        parts, peaks = zip(*ray.get(refs))
+        parts, peaks = zip(*gather(refs))
         frame = pl.concat([f for f in parts if f.height] or parts[:1]).sort("as_of", "id").rechunk()
         if frame.height == 0:
             raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
@@ -391,9 +407,7 @@ def score_frame_ray(
     with ray_session() as ray, _workdir(workdir) as root:
         n = partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
         data = write_partitions(tables, root, n, timing)
-        sizes = ray.get(
-            [remote(_population_part).remote(data, p, day, horizon, population) for p in range(n)]
-        )
+        sizes = gather([remote(_population_part).remote(data, p, day, horizon, population) for p in range(n)])
         if sum(sizes) == 0:
             raise HsmlError(f"nobody to score: no company is in the population {population!r} at {day}",
                             hint=outside_reason(population))  # fmt: skip
@@ -403,7 +417,7 @@ def score_frame_ray(
             tree = c is not None and c.booster is not None and c.z_inputs is not None
             how = ("shap" if sum(sizes) <= 20_000 else "path") if tree else "occlusion"
         b, shipped = ray.put(bundle), ship_features(bundle.info.get("feature_set") or "default")
-        parts, peaks = zip(*ray.get([remote(_score_part).remote(data, p, b, shipped, day, population, how, s > 0)
+        parts, peaks = zip(*gather([remote(_score_part).remote(data, p, b, shipped, day, population, how, s > 0)
                                      for p, s in enumerate(sizes)]))  # fmt: skip
     if stats is not None:
         stats.update(partitions=n, rows=list(sizes), worker_peak_mib=[round(m) for m in peaks])

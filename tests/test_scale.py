@@ -178,3 +178,23 @@ def test_duckdb_reference_agrees_with_hsml(tmp_path):
                        .otherwise(pl.col("active_periods_84d")).alias("active_periods_84d"))  # fmt: skip
     q.write_parquet(d / "changed.parquet")
     assert not bench.agree(d / "hsml.parquet", d / "changed.parquet")
+
+
+def test_a_task_error_is_one_clear_message(data, ray2):
+    "An HsmlError raised inside a Ray task reaches the caller as itself (the CLI's exit 2), not a RayTaskError."
+    from hsml.core import HsmlError
+    from hsml.features import FEATURE_SETS, FEATURES, feature, register_feature_set
+    from hsml.scale import build_training_set_ray
+
+    @feature(name="refuses", kind="frame", description="a feature that refuses its input")
+    def refuses(events, spine):
+        raise HsmlError("refuses: the usage has no column ACTIONS_FAX")
+
+    register_feature_set("refusing", ["actions_total_sum_28d", "refuses"])
+    try:
+        with pytest.raises(HsmlError, match="no column ACTIONS_FAX") as e:
+            build_training_set_ray(*data["args"], feature_set="refusing", partitions=2)
+        assert type(e.value) is HsmlError
+    finally:
+        FEATURES.pop("refuses", None)
+        FEATURE_SETS.pop("refusing", None)
