@@ -5,18 +5,23 @@ companies and usage as Parquet, then builds the same training set (12 weekly as-
 `default` feature set) twice, each in its own subprocess so that peak memory (ru_maxrss) is per run:
 
 - hsml: `build_training_set` over a lazy Parquet scan of the usage (leakage audit included);
-- pandas: `benchmarks/pandas_reference.py` (a loop over as-of dates and windows, masks and groupby).
+- pandas: `benchmarks/pandas_reference.py` (a loop over as-of dates and windows, masks and groupby);
+- duckdb: `benchmarks/duckdb_reference.py` (the same panel as idiomatic DuckDB SQL: a range join aggregated with
+  FILTER clauses per window, an ASOF join for the last activity), the tool a data scientist would reach for.
 
 The pandas reference is a plain implementation, written to be obviously right rather than fast: `ratio` says
 how much hsml gains over straightforward pandas code, not over a tuned engine. Every line says so
 (`pandas_reference`).
 
-On the smallest size the two results are checked to agree value for value (`tests/test_benchmarks.py` runs that
+On the smallest size the three results are checked to agree value for value (`tests/test_benchmarks.py` runs that
 check with `--smoke` in `make test`). One JSON line per size:
 
     {"usage_rows": ..., "companies": ..., "train_rows": ..., "hsml_s": ..., "pandas_s": ..., "ratio": ...,
-     "hsml_cpu_s": ..., "pandas_cpu_s": ..., "load_avg": ..., "hsml_peak_mib": ..., "pandas_peak_mib": ...,
-     "agree": true|null, "pandas_reference": "plain ..."}
+     "duckdb_s": ..., "ratio_duckdb": ..., "hsml_cpu_s": ..., "pandas_cpu_s": ..., "duckdb_cpu_s": ...,
+     "load_avg": ..., "hsml_peak_mib": ..., "pandas_peak_mib": ..., "duckdb_peak_mib": ...,
+     "agree": true|null, "agree_duckdb": true|null, "pandas_reference": "plain ..."}
+
+`ratio` is pandas_s / hsml_s and `ratio_duckdb` is duckdb_s / hsml_s: above 1, hsml is faster.
 
 Seconds are wall-clock (hsml's include its leakage audit and content hash); CPU seconds and the 1-minute load
 average are printed too because the build machine is shared.
@@ -131,8 +136,27 @@ def run_pandas(d: Path, out: Path | None) -> dict:
     return {"seconds": secs, "cpu_seconds": cpus, "train_rows": len(frame)}
 
 
+def run_duckdb(d: Path, out: Path | None) -> dict:
+    from datetime import date, timedelta
+
+    sys.path.insert(0, str(HERE))
+    from duckdb_reference import training_set
+
+    start, end = date.fromisoformat(AS_OF_START), date.fromisoformat(AS_OF_END)
+    dates = [start + timedelta(days=k * EVERY) for k in range((end - start).days // EVERY + 1)]
+    t0, c0 = time.perf_counter(), cpu()
+    frame = training_set(d / "companies.parquet", d / "usage.parquet", dates, HORIZON)
+    secs, cpus = time.perf_counter() - t0, cpu() - c0
+    if out:
+        frame.write_parquet(out)
+    return {"seconds": secs, "cpu_seconds": cpus, "train_rows": frame.height}
+
+
+RUNS = {"hsml": run_hsml, "pandas": run_pandas, "duckdb": run_duckdb}
+
+
 def child(which: str, d: Path, out: str) -> None:
-    res = (run_hsml if which == "hsml" else run_pandas)(d, Path(out) if out else None)
+    res = RUNS[which](d, Path(out) if out else None)
     res["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(res))
 
@@ -177,7 +201,7 @@ def main() -> None:
     ap.add_argument("--data-root", default="/tmp/hsml_bench", help="where generated data is cached")
     ap.add_argument("--pandas-max", default="5M", help="skip the pandas reference above this many rows")
     ap.add_argument("--smoke", action="store_true", help="tiny run (20k rows) for CI")
-    ap.add_argument("--child", choices=["hsml", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -199,6 +223,7 @@ def main() -> None:
             if n <= parse_size(a.pandas_max)
             else None
         )
+        q = spawn("duckdb", d, d / "duckdb.parquet" if check else None)
         line = {
             "usage_rows": usage_rows,
             "companies": companies,
@@ -207,12 +232,17 @@ def main() -> None:
             "hsml_s": round(h["seconds"], 3),
             "pandas_s": round(p["seconds"], 3) if p else None,
             "ratio": round(p["seconds"] / h["seconds"], 2) if p else None,
+            "duckdb_s": round(q["seconds"], 3),
+            "ratio_duckdb": round(q["seconds"] / h["seconds"], 2),
             "hsml_cpu_s": round(h["cpu_seconds"], 3),
             "pandas_cpu_s": round(p["cpu_seconds"], 3) if p else None,
+            "duckdb_cpu_s": round(q["cpu_seconds"], 3),
             "load_avg": round(os.getloadavg()[0], 2),
             "hsml_peak_mib": round(h["peak_mib"]),
             "pandas_peak_mib": round(p["peak_mib"]) if p else None,
+            "duckdb_peak_mib": round(q["peak_mib"]),
             "agree": agree(d / "hsml.parquet", d / "pandas.parquet") if (check and p) else None,
+            "agree_duckdb": agree(d / "hsml.parquet", d / "duckdb.parquet") if check else None,
             "pandas_reference": PANDAS_REFERENCE,
         }
         print(json.dumps(line), flush=True)

@@ -499,6 +499,12 @@ def score_cmd(
     log: Path | None = typer.Option(
         None, "--log", help="append one prediction-log line per scored company to this JSONL file"
     ),
+    engine: str = typer.Option(
+        "local", help="local, or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"
+    ),
+    partitions: int | None = typer.Option(
+        None, help="with --engine ray: number of partitions (default: the cluster's CPUs)"
+    ),
 ) -> None:
     """Rank the prospects in the model's training population at --as-of: score, rank, decile, top three reasons.
 
@@ -514,10 +520,19 @@ def score_cmd(
     """
     t0 = time.perf_counter()
     try:
-        fr, done, warn = _score(
-            model, data_dir, as_of, out, registry, population, sink=sink, catalog=catalog,
-            experiment=experiment, holdout_share=holdout_share, log=log,
-        )  # fmt: skip
+        if engine != "local":  # hsml.scale: Ray is imported only here
+            from hsml.scale import check_engine, score_ray
+
+            check_engine(engine)
+            if sink or experiment or log:
+                raise HsmlError("--engine ray writes --out only: run --sink, --experiment and --log locally")
+            fr, p, warn = score_ray(model, data_dir, as_of, out, registry, population, partitions)
+            done = [str(p)] if p else []
+        else:
+            fr, done, warn = _score(
+                model, data_dir, as_of, out, registry, population, sink=sink, catalog=catalog,
+                experiment=experiment, holdout_share=holdout_share, log=log,
+            )  # fmt: skip
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -335,6 +335,15 @@ def features_build(
     catalog: Annotated[Path | None, typer.Option(help="a catalog YAML instead of --data-dir")] = None,
     feature_set: Annotated[str, typer.Option(help="registered feature set name")] = "default",
     population: Annotated[str, typer.Option(help="population policy name")] = DEFAULT_POPULATION,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (one process), or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"
+        ),
+    ] = "local",
+    partitions: Annotated[
+        int | None, typer.Option(help="with --engine ray: number of partitions (default: the cluster's CPUs)")
+    ] = None,
 ) -> None:
     """Build a training set: population and labels per as-of date, features, leakage audit; write it.
 
@@ -352,6 +361,8 @@ def features_build(
     source = data_dir if data_dir is not None else catalog
     if not Path(source).exists():
         raise HsmlError(f"{source} does not exist")
+    if engine not in ("local", "ray"):
+        raise HsmlError(f"unknown engine {engine!r}", hint="use local or ray")
     tables = load_tables(source)
     end = data_end(tables)
     typer.echo(f"data: last usage stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}, "
@@ -359,8 +370,20 @@ def features_build(
                f"{end['usage_anchor_weekday']}s")  # fmt: skip
     for w in end["warnings"]:
         typer.echo(f"! {w}")
-    ts = build_training_set(tables, to_date(as_of_start, "--as-of-start"), to_date(as_of_end, "--as-of-end"),
-                            every_days, horizon_days, feature_set=feature_set, population=population)  # fmt: skip
+    dates = (
+        to_date(as_of_start, "--as-of-start"),
+        to_date(as_of_end, "--as-of-end"),
+        every_days,
+        horizon_days,
+    )
+    if engine == "ray":  # hsml.scale: Ray is imported only here
+        from hsml.scale import build_training_set_ray
+
+        ts = build_training_set_ray(
+            tables, *dates, feature_set=feature_set, population=population, partitions=partitions
+        )
+    else:
+        ts = build_training_set(tables, *dates, feature_set=feature_set, population=population)
     typer.echo(f"{'as_of':<12}{'population':>12}{'positives':>11}")
     for r in ts.summary.iter_rows(named=True):
         typer.echo(f"{r['as_of']!s:<12}{r['population']:>12}{r['positives']:>11}")

@@ -1,0 +1,137 @@
+"""Benchmark: the training set built locally vs as Ray tasks over id-hash partitions, on this machine's CPUs.
+
+For each size (usage rows) it reuses the generated data of `benchmarks/snapshots.py` (cached under --data-root),
+then builds the same training set (12 weekly as-of dates, 56-day horizon, the `default` feature set, leakage audit
+included) twice, each in its own subprocess so that peak memory is per run:
+
+- local: `hsml.trainset.build_training_set` over a lazy Parquet scan of the usage (one process);
+- ray: `hsml.scale.build_training_set_ray` on a local Ray with --cpus CPUs (or the cluster at $RAY_ADDRESS), one
+  task per partition; the driver writes the partitioned Parquet, concatenates the slices and runs the audit.
+
+One JSON line per size:
+
+    {"usage_rows": ..., "companies": ..., "train_rows": ..., "partitions": ..., "cpus": ...,
+     "local_s": ..., "ray_s": ..., "ray_start_s": ..., "local_peak_mib": ..., "ray_driver_peak_mib": ...,
+     "ray_worker_peak_mib": ..., "hashes_agree": true|false, "load_avg": ...}
+
+`ray_s` is the build's wall time on a running Ray (partitioned write included); starting the local Ray is
+`ray_start_s`, apart. `ray_worker_peak_mib` is the largest peak resident memory of any worker process. The
+machine is shared: the 1-minute load average is printed beside the times.
+
+Usage: python benchmarks/scale.py [--sizes 5M] [--big] [--partitions 4] [--cpus 2] [--data-root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def snapshots_bench():
+    "benchmarks/snapshots.py as a module: its data preparation and as-of grid are reused."
+    spec = importlib.util.spec_from_file_location("bench_snapshots", HERE / "snapshots.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tables(d: Path):
+    import polars as pl
+
+    class T:
+        usage = pl.scan_parquet(d / "usage.parquet")
+        fingerprints: dict = {}
+
+        def companies(self):
+            return pl.read_parquet(d / "companies.parquet")
+
+    return T()
+
+
+def run(which: str, d: Path, partitions: int, cpus: int) -> dict:
+    b = snapshots_bench()
+    args = (tables(d), b.AS_OF_START, b.AS_OF_END, b.EVERY, b.HORIZON)
+    if which == "local":
+        from hsml.trainset import build_training_set
+
+        t0 = time.perf_counter()
+        ts = build_training_set(*args)
+        res = {"seconds": time.perf_counter() - t0}
+    else:
+        from hsml.scale import build_training_set_ray, ray_session
+
+        t0 = time.perf_counter()
+        with ray_session(num_cpus=cpus):
+            started = time.perf_counter()
+            stats: dict = {}
+            ts = build_training_set_ray(*args, partitions=partitions, stats=stats)
+            res = {"seconds": time.perf_counter() - started, "start_s": started - t0, **stats}
+    res.update(hash=ts.content_hash, train_rows=ts.frame.height,
+               peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    return res
+
+
+def spawn(which: str, d: Path, partitions: int, cpus: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, __file__, "--child", which, "--dir", str(d), "--partitions", str(partitions),
+           "--cpus", str(cpus)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{which} run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="5M", help="usage-row counts, e.g. 1M,5M")
+    ap.add_argument("--big", action="store_true", help="add 50M usage rows (generating them takes a while)")
+    ap.add_argument("--partitions", type=int, default=4, help="partitions of the Ray build")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    ap.add_argument("--data-root", default="/tmp/hsml_bench", help="where generated data is cached")
+    ap.add_argument("--child", choices=["local", "ray"], help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(run(a.child, Path(a.dir), a.partitions, a.cpus)))
+        return
+    b = snapshots_bench()
+    sizes = sorted({b.parse_size(s) for s in a.sizes.split(",")} | ({50_000_000} if a.big else set()))
+    root = Path(a.data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in sizes:
+        d = b.prepare(n, root)
+        import polars as pl
+
+        usage_rows = pl.scan_parquet(d / "usage.parquet").select(pl.len()).collect().item()
+        companies = pl.scan_parquet(d / "companies.parquet").select(pl.len()).collect().item()
+        loc = spawn("local", d, a.partitions, a.cpus)
+        ray = spawn("ray", d, a.partitions, a.cpus)
+        line = {
+            "usage_rows": usage_rows,
+            "companies": companies,
+            "train_rows": loc["train_rows"],
+            "partitions": ray["partitions"],
+            "cpus": a.cpus,
+            "local_s": round(loc["seconds"], 2),
+            "ray_s": round(ray["seconds"], 2),
+            "ray_start_s": round(ray["start_s"], 2),
+            "local_peak_mib": round(loc["peak_mib"]),
+            "ray_driver_peak_mib": round(ray["peak_mib"]),
+            "ray_worker_peak_mib": max(ray["worker_peak_mib"]),
+            "hashes_agree": loc["hash"] == ray["hash"],
+            "load_avg": round(os.getloadavg()[0], 2),
+        }
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
