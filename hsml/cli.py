@@ -45,7 +45,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "bundle_app",
         "Export a model bundle for other platforms (an MLflow pyfunc model).",
     ),
-    "impact": ("hsml.impact_cli", "impact_app", "Holdout experiments: design, simulate, report."),
+    "impact": ("hsml.impact_cli", "impact_app", "Holdout experiments: design, simulate, report, backtest."),
 }
 
 
