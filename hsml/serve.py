@@ -1054,7 +1054,6 @@ def log_sink_from_catalog(
 
     return Catalog.from_yaml(catalog).sink(name)
 
-
 # %% ../nbs/32_serve.ipynb #617f0659
 def app_from_env() -> FastAPI:
     "App factory for multi-process serving: the model and options come from HSML_SERVE_* variables."
