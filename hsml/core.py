@@ -18,7 +18,7 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['EMPLOYEE_LEVELS', 'RANK_SENTINEL', 'TEMP_RE', 'HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json',
-           'atomic_path', 'atomic_write_text', 'atomic_write_json', 'remove_stale_temporaries']
+           'remove_stale_temporaries', 'atomic_path', 'atomic_write_text', 'atomic_write_json']
 
 # %% ../nbs/00_core.ipynb #bb57c353
 class HsmlError(Exception):
@@ -60,6 +60,32 @@ def sha256_json(obj: Any) -> str:
     "Hex sha256 of the canonical JSON of `obj` (sorted keys, no spaces): stable across runs."
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
+# %% ../nbs/00_core.ipynb #c0re0002
+TEMP_RE = re.compile(
+    r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$"
+)  # atomic_path's temporary names: .<name>.<pid>.<random>.tmp
+
+
+def remove_stale_temporaries(
+    directory: str | Path,  # where atomic writes happen (a run_dir, a registry entry, an output folder)
+    name: str | None = None,  # only the temporaries of this file or directory name (default: all)
+) -> list[Path]:
+    "Delete the temporaries of `atomic_path` whose owner process is gone; return what was deleted."
+    removed = []
+    for p in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else []:
+        m = TEMP_RE.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and (name is None or p.name.startswith(f".{name}.")):
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # its writer is alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
 # %% ../nbs/00_core.ipynb #22b9feb8
 @contextlib.contextmanager
 def atomic_path(
@@ -95,29 +121,3 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "Write `obj` as indented JSON to `path` atomically."
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-# %% ../nbs/00_core.ipynb #c0re0002
-TEMP_RE = re.compile(
-    r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$"
-)  # atomic_path's temporary names: .<name>.<pid>.<random>.tmp
-
-
-def remove_stale_temporaries(
-    directory: str | Path,  # where atomic writes happen (a run_dir, a registry entry, an output folder)
-    name: str | None = None,  # only the temporaries of this file or directory name (default: all)
-) -> list[Path]:
-    "Delete the temporaries of `atomic_path` whose owner process is gone; return what was deleted."
-    removed = []
-    for p in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else []:
-        m = TEMP_RE.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and (name is None or p.name.startswith(f".{name}.")):
-            try:
-                os.kill(int(m.group(1)), 0)
-                continue  # its writer is alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
