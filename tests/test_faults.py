@@ -375,7 +375,7 @@ def test_sweep_worker_killed_mid_trial(sample_dir, tmp_path):
     from hsml.sweep import storage_url
     from hsml.testing import local_postgres
 
-    n_trials = 12
+    n_trials = 60  # the survivor must outlast the grace period: stale trials are failed when a trial starts
     with local_postgres() as url:
         base = {"model": "logreg", "n_trials": n_trials, "study_name": "beat", "storage": url, "data_dir": str(sample_dir),
                 "run_dir": str(tmp_path), "tracking": "disabled", "heartbeat_interval": 1, "grace_period": 3}  # fmt: skip
