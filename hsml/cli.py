@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from .core import HsmlError
+from .core import HsmlError, to_date
 
 # %% auto #0
 __all__ = ['LAZY_COMMANDS', 'app', 'data_app', 'LazyGroup', 'data_generate', 'data_check', 'train_cmd', 'main']
@@ -114,22 +114,12 @@ def data_generate(
 
     Example: hsml data generate --out data/sample --companies 5200 --seed 0
     """
-    kw = {k: _parse_date(v, k) for k, v in (("start", start), ("end", end)) if v is not None}
+    kw = {k: to_date(v, f"--{k}") for k, v in (("start", start), ("end", end)) if v is not None}
     from hsml.synth import generate
 
     paths = generate(out, companies=companies, seed=seed, usage_rows=usage_rows, **kw)
     for p in paths.values():
         typer.echo(f"wrote {p}")
-
-
-def _parse_date(value: str, name: str) -> date:
-    "Parse a YYYY-MM-DD command-line value, or stop with a clear message."
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise HsmlError(
-            f"--{name.replace('_', '-')}: {value!r} is not a date", hint="use YYYY-MM-DD"
-        ) from None
 
 # %% ../nbs/90_cli.ipynb #3c625b41
 @data_app.command("check")

@@ -16,7 +16,7 @@ import pandas as pd
 from fastcore.basics import patch
 from matplotlib.figure import Figure
 
-from .core import HsmlError, atomic_path
+from .core import HsmlError, Metric, atomic_path, to_date
 from .models import feature_columns, to_pandas
 
 # %% auto #0
@@ -29,15 +29,6 @@ __all__ = ['CALIBRATION_KEYS', 'LOWER_IS_BETTER', 'METRIC_NOTES', 'ACTIVITY_FEAT
            'feature_importance', 'plot_feature_importance', 'report_plots', 'save_plots']
 
 # %% ../nbs/21_evaluate.ipynb #77ca05d5
-def _as_date(
-    d: str | dt.date | dt.datetime | np.datetime64 | pd.Timestamp,  # a date in any common form
-) -> np.datetime64:
-    try:
-        return np.datetime64(pd.Timestamp(d).date(), "D")
-    except (ValueError, TypeError) as e:
-        raise HsmlError(f"{d!r} is not a date", hint="use YYYY-MM-DD") from e
-
-
 def _dates(frame: Any, time: str) -> np.ndarray:
     "The `time` column of a pandas or polars frame as datetime64[D]."
     if time not in frame.columns:
@@ -81,7 +72,7 @@ def time_split(
     "(train, test): train on `time < test_from - horizon_days`, test on `time >= test_from`."
     if int(horizon_days) < 0:
         raise HsmlError(f"horizon_days must be >= 0, got {horizon_days}")
-    t0 = _as_date(test_from)
+    t0 = np.datetime64(to_date(test_from, "test_from"), "D")
     cut = t0 - np.timedelta64(int(horizon_days), "D")
     d = _dates(frame, time)
     span = f"the as_of dates run {d.min()}..{d.max()}" if len(d) else "the frame is empty"
@@ -147,7 +138,7 @@ def interval(
     if b is not None and np.isfinite(b).any():
         a = (1 - ci) / 2 * 100
         lo, hi = (float(x) for x in np.percentile(b[np.isfinite(b)], [a, 100 - a]))
-    return {"value": v, "ci_low": lo, "ci_high": hi}
+    return Metric(v, lo, hi).as_dict()
 
 
 def format_interval(
@@ -155,12 +146,7 @@ def format_interval(
     digits: int = 3,  # decimals shown
 ) -> str:
     "`value [ci_low, ci_high]`, `value` without an interval, `—` when undefined."
-    if not v or v.get("value") is None:
-        return "—"
-    s = f"{v['value']:.{digits}f}"
-    if v.get("ci_low") is not None:
-        s += f" [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
-    return s
+    return format(Metric.of(v), f".{digits}f")
 
 # %% ../nbs/21_evaluate.ipynb #a53f7f49
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]):

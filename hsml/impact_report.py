@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import typer
 
-from .core import HsmlError
+from .core import HsmlError, Metric
 from hsml.impact_stats import (
     calibration,
     confidence_sequence,
@@ -537,11 +537,9 @@ def report_cmd(
     m = rep["matured"]
     if "lift" in m:
         lf = m["lift"]
-        typer.echo(f"lift {lf['value']:+.4f} [{lf['ci_low']:+.4f}, {lf['ci_high']:+.4f}] on {m['companies']}")
+        typer.echo(f"lift {Metric.of(lf):+.4f} on {m['companies']}")
         oe = rep["calibration"]["observed_over_expected"]
-        typer.echo(
-            f"calibration (holdout): observed/expected {oe['value']:.2f} [{oe['ci_low']:.2f}, {oe['ci_high']:.2f}]"
-        )
+        typer.echo(f"calibration (holdout): observed/expected {Metric.of(oe):.2f}")
     else:
         typer.echo(m["note"])
     if rep["drift"].get("alarms"):

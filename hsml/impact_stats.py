@@ -12,7 +12,7 @@ import polars as pl
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import chi2, chisquare, norm
 
-from .core import HsmlError
+from .core import HsmlError, Metric
 
 # %% auto #0
 __all__ = ['SRM_ALARM', 'SRM_WARNING', 'PSI_WARN', 'PSI_ALARM', 'JS_WARN', 'JS_ALARM', 'srm_test', 'wilson', 'newcombe_diff',
@@ -24,7 +24,7 @@ SRM_ALARM, SRM_WARNING = 1e-3, 1e-2
 
 
 def _ci(value: float, lo: float, hi: float, **kw) -> dict:
-    return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi)} | kw
+    return Metric(float(value), float(lo), float(hi)).as_dict() | kw
 
 
 def srm_test(
