@@ -103,7 +103,7 @@ def attribute_values(
             raise HsmlError(f"attribute {a!r} is neither in the companies table nor in the training frame")
     return out
 
-# %% ../nbs/14_attributes.ipynb #8c5f7d31
+# %% ../nbs/14_attributes.ipynb #7a385624
 def attribute_distribution(
     values: pl.DataFrame,  # from `attribute_values`
     attributes: Sequence[str],  # attribute columns of `values`
@@ -134,7 +134,7 @@ def attribute_distribution(
         else pl.DataFrame(schema=dict.fromkeys(cols, pl.String))
     )
 
-
+# %% ../nbs/14_attributes.ipynb #2f04b5a9
 def missing_rates(
     dist: pl.DataFrame,  # from `attribute_distribution`
 ) -> dict[str, dict[str, float]]:
@@ -283,7 +283,7 @@ def _verdict(
         else ""
     )
 
-# %% ../nbs/14_attributes.ipynb #8d50a713
+# %% ../nbs/14_attributes.ipynb #7284d785
 def attribute_check(
     train: Any,  # training rows (polars/pandas): the features, label, id, as_of
     test: Any,  # test rows
@@ -350,6 +350,6 @@ def attribute_check(
     out["verdict"] = _verdict(full, wo, diff, missing)
     return out
 
-
+# %% ../nbs/14_attributes.ipynb #2ca80af2
 def _pl(frame: Any) -> pl.DataFrame:
     return frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)

@@ -248,7 +248,7 @@ def run_backtest(
         ax.figure.savefig(out / "backtest.png", dpi=100, bbox_inches="tight")
     return rep
 
-# %% ../nbs/44_impact_backtest.ipynb #ab9dd864
+# %% ../nbs/44_impact_backtest.ipynb #c88038da
 def _line(name: str, t: dict) -> str:
     c, d = t["conversions"], t["model_minus_random"]["conversions"]
     e = t["model_minus_activity_heuristic"]["conversions"]
@@ -259,7 +259,7 @@ def _line(name: str, t: dict) -> str:
         f"model - heuristic {f(e)}"
     )
 
-
+# %% ../nbs/44_impact_backtest.ipynb #b51b716a
 def backtest_cmd(
     model: Annotated[str, typer.Option(help="NAME@ALIAS | NAME@VERSION | PATH of a bundle")],
     data_dir: Annotated[

@@ -303,7 +303,7 @@ def drift_report(
     out["alarms"] = [c for c, r in out["features"].items() if r["status"] == "alarm"]
     return out
 
-# %% ../nbs/41_impact_stats.ipynb #a6e4cfd1
+# %% ../nbs/41_impact_stats.ipynb #c7a1fe53
 def _logit_slope(y: np.ndarray, x: np.ndarray, iters: int = 50) -> tuple[float, float]:
     "Slope and its standard error of a logistic regression y ~ a + b x (Newton-Raphson); NaN when undefined."
     if np.ptp(x) == 0:  # one score for everybody: no slope to fit
@@ -323,7 +323,7 @@ def _logit_slope(y: np.ndarray, x: np.ndarray, iters: int = 50) -> tuple[float, 
         return np.nan, np.nan
     return (float(w[1]), float(math.sqrt(var))) if np.isfinite(w).all() and var > 0 else (np.nan, np.nan)
 
-
+# %% ../nbs/41_impact_stats.ipynb #76978cbf
 def calibration(
     converted: np.ndarray,  # 0/1 outcome within the horizon
     score: np.ndarray,  # the calibrated probability the model gave
