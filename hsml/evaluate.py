@@ -310,20 +310,13 @@ def resample_counts(
         )
     return out
 
-# %% ../nbs/21_evaluate.ipynb #d04023a2
-def bootstrap_replicates(
-    y: Any,  # 0/1 labels of the test rows
-    scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
-    ids: Any,  # company id of each row: the bootstrap resamples these
-    mrr: Any = None,  # conversion MRR of each row (NaN/None when unknown or not converted); None: no MRR metrics
-    capacities: Sequence[int] = (100,),  # contact capacities K (per as-of date when `as_of` is given)
-    seed: int = 0,  # seeds the resampling (and the random order among tied scores when calling)
-    n_boot: int = 1000,  # bootstrap resamples (0: point estimates only)
-    as_of: Any = None,  # as-of date of each row: top-K lists are per date; None: one list
-    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
-    chunk: int = 250,  # resamples computed at once
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
-    "(point, boot): `{name: {metric: value}}` and `{name: {metric: (n_boot,) replicates}}`, every name on the same resamples."
+# %% ../nbs/21_evaluate.ipynb #b15035ef
+def _check_labels(
+    y: Any,  # 0/1 labels
+    ids: Any,  # company id of each row
+    capacities: Sequence[int],  # contact capacities K
+) -> tuple[np.ndarray, list[int], np.ndarray, int]:
+    "Checked inputs: (labels as floats, capacities as ints, company code of each row, number of companies)."
     y = np.asarray(y, dtype=float).ravel()
     n = len(y)
     if n == 0:
@@ -339,17 +332,23 @@ def bootstrap_replicates(
     _, codes = np.unique(ids, return_inverse=True)
     codes = codes.ravel()
     n_c = int(codes.max()) + 1
-    m = (
-        None
-        if mrr is None
-        else np.asarray(pd.to_numeric(pd.Series(np.asarray(mrr)), errors="coerce"), dtype=float)
-    )
-    seg = (
-        np.zeros(n, dtype=np.int64)
-        if as_of is None
-        else np.unique(np.asarray(as_of), return_inverse=True)[1].ravel()
-    )
-    days = None if as_of is None else _day_numbers(as_of)
+    return y, capacities, codes, n_c
+
+# %% ../nbs/21_evaluate.ipynb #e589fdcd
+def _prepare_scores(
+    scores: Mapping[str, Any],  # name -> score vector
+    y: np.ndarray,  # 0/1 labels
+    codes: np.ndarray,  # company code of each row
+    n_c: int,  # number of companies
+    seg: np.ndarray,  # as-of segment of each row
+    m: np.ndarray | None,  # conversion MRR of each row
+    capacities: list[int],  # contact capacities K
+    days: np.ndarray | None,  # day number of each row (None: no call plan)
+    recall_cooldown_days: int,  # days a called company is skipped
+    seed: int,  # order among tied scores when calling
+) -> tuple[dict[str, _Prepared], dict[str, _CallPlan]]:
+    "Each score vector checked and prepared for the weighted metrics (and the call plan when there are dates)."
+    n = len(y)
     prepared, plans = {}, {}
     for name, s in scores.items():
         s = np.asarray(s, dtype=float)
@@ -361,6 +360,38 @@ def bootstrap_replicates(
         prepared[name] = _Prepared(y, s, codes, n_c, seg, m, capacities)
         if days is not None:
             plans[name] = _CallPlan(y, s, codes, n_c, days, recall_cooldown_days, seed)
+    return prepared, plans
+
+# %% ../nbs/21_evaluate.ipynb #f8c3006d
+def bootstrap_replicates(
+    y: Any,  # 0/1 labels of the test rows
+    scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
+    ids: Any,  # company id of each row: the bootstrap resamples these
+    mrr: Any = None,  # conversion MRR of each row (NaN/None when unknown or not converted); None: no MRR metrics
+    capacities: Sequence[int] = (100,),  # contact capacities K (per as-of date when `as_of` is given)
+    seed: int = 0,  # seeds the resampling (and the random order among tied scores when calling)
+    n_boot: int = 1000,  # bootstrap resamples (0: point estimates only)
+    as_of: Any = None,  # as-of date of each row: top-K lists are per date; None: one list
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
+    chunk: int = 250,  # resamples computed at once
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    "(point, boot): `{name: {metric: value}}` and `{name: {metric: (n_boot,) replicates}}`, every name on the same resamples."
+    y, capacities, codes, n_c = _check_labels(y, ids, capacities)
+    n = len(y)
+    m = (
+        None
+        if mrr is None
+        else np.asarray(pd.to_numeric(pd.Series(np.asarray(mrr)), errors="coerce"), dtype=float)
+    )
+    seg = (
+        np.zeros(n, dtype=np.int64)
+        if as_of is None
+        else np.unique(np.asarray(as_of), return_inverse=True)[1].ravel()
+    )
+    days = None if as_of is None else _day_numbers(as_of)
+    prepared, plans = _prepare_scores(
+        scores, y, codes, n_c, seg, m, capacities, days, recall_cooldown_days, seed
+    )
 
     def all_metrics(name: str, counts: np.ndarray) -> dict[str, np.ndarray]:
         out = prepared[name].metrics(counts)
