@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 from scipy import sparse
 
-from .core import HsmlError
+from .core import HsmlError, Metric
 from .features import FEATURES, FeatureContext
 
 # %% auto #0
@@ -103,7 +103,7 @@ def attribute_values(
             raise HsmlError(f"attribute {a!r} is neither in the companies table nor in the training frame")
     return out
 
-# %% ../nbs/14_attributes.ipynb #8c5f7d31
+# %% ../nbs/14_attributes.ipynb #7a385624
 def attribute_distribution(
     values: pl.DataFrame,  # from `attribute_values`
     attributes: Sequence[str],  # attribute columns of `values`
@@ -134,7 +134,7 @@ def attribute_distribution(
         else pl.DataFrame(schema=dict.fromkeys(cols, pl.String))
     )
 
-
+# %% ../nbs/14_attributes.ipynb #2f04b5a9
 def missing_rates(
     dist: pl.DataFrame,  # from `attribute_distribution`
 ) -> dict[str, dict[str, float]]:
@@ -243,7 +243,7 @@ def _summary(
     b = d[1:][np.isfinite(d[1:])]
     lo, hi = np.percentile(b, [50 * (1 - ci), 50 * (1 + ci)]) if len(b) else (np.nan, np.nan)
     f = lambda x: float(x) if np.isfinite(x) else None  # noqa: E731
-    return {"value": f(d[0]), "ci_low": f(lo), "ci_high": f(hi)}
+    return Metric(f(d[0]), f(lo), f(hi)).as_dict()
 
 # %% ../nbs/14_attributes.ipynb #0a09d5ee
 def _lopsided(
@@ -263,7 +263,7 @@ def _verdict(
 ) -> str:
     "One line: do the snapshot attributes carry measurable skill, and is their missingness lopsided?"
     d = diff["roc_auc"]
-    span = f"ROC AUC {full['roc_auc']['value']:.3f} with them, {without['roc_auc']['value']:.3f} without (difference {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}])"
+    span = f"ROC AUC {full['roc_auc']['value']:.3f} with them, {without['roc_auc']['value']:.3f} without (difference {Metric.of(d):+.3f})"
     if d["ci_low"] is not None and d["ci_low"] > 0:
         v = f"the snapshot attributes carry part of the model's skill: {span}; they are read at extraction, after customers converted, so quote the model without them until their values are known to predate conversion"
     elif d["ci_high"] is not None and d["ci_high"] < 0:
@@ -283,7 +283,7 @@ def _verdict(
         else ""
     )
 
-# %% ../nbs/14_attributes.ipynb #8d50a713
+# %% ../nbs/14_attributes.ipynb #7284d785
 def attribute_check(
     train: Any,  # training rows (polars/pandas): the features, label, id, as_of
     test: Any,  # test rows
@@ -350,6 +350,6 @@ def attribute_check(
     out["verdict"] = _verdict(full, wo, diff, missing)
     return out
 
-
+# %% ../nbs/14_attributes.ipynb #2ca80af2
 def _pl(frame: Any) -> pl.DataFrame:
     return frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)

@@ -15,12 +15,12 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from .core import HsmlError
+from .core import HsmlError, to_date
 
 # %% auto #0
 __all__ = ['LAZY_COMMANDS', 'app', 'data_app', 'LazyGroup', 'data_generate', 'data_check', 'train_cmd', 'main']
 
-# %% ../nbs/90_cli.ipynb #e1dd6a38
+# %% ../nbs/90_cli.ipynb #0af78d11
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (module, attribute, one-line help) -- imported only when the command runs or shows its own help
     "features": (
@@ -48,7 +48,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "impact": ("hsml.impact_cli", "impact_app", "Holdout experiments: design, simulate, report, backtest."),
 }
 
-
+# %% ../nbs/90_cli.ipynb #b37bee36
 class LazyGroup(TyperGroup):
     "A command group that imports heavy subcommands (LightGBM, FastAPI, W&B) only when they are used."
 
@@ -75,7 +75,7 @@ class LazyGroup(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl(eager + [(n, h) for n, (_, _, h) in LAZY_COMMANDS.items()])
 
-
+# %% ../nbs/90_cli.ipynb #2f45501f
 app = typer.Typer(
     name="hsml",
     cls=LazyGroup,
@@ -114,22 +114,12 @@ def data_generate(
 
     Example: hsml data generate --out data/sample --companies 5200 --seed 0
     """
-    kw = {k: _parse_date(v, k) for k, v in (("start", start), ("end", end)) if v is not None}
+    kw = {k: to_date(v, f"--{k}") for k, v in (("start", start), ("end", end)) if v is not None}
     from hsml.synth import generate
 
     paths = generate(out, companies=companies, seed=seed, usage_rows=usage_rows, **kw)
     for p in paths.values():
         typer.echo(f"wrote {p}")
-
-
-def _parse_date(value: str, name: str) -> date:
-    "Parse a YYYY-MM-DD command-line value, or stop with a clear message."
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise HsmlError(
-            f"--{name.replace('_', '-')}: {value!r} is not a date", hint="use YYYY-MM-DD"
-        ) from None
 
 # %% ../nbs/90_cli.ipynb #3c625b41
 @data_app.command("check")
@@ -154,7 +144,7 @@ def data_check(
     if not report.usable:
         raise typer.Exit(2)
 
-# %% ../nbs/90_cli.ipynb #e6ed4144
+# %% ../nbs/90_cli.ipynb #6dec700f
 def _parse_param(item: str) -> tuple[str, Any]:
     "`key=value` from the command line; the value is read as YAML (numbers, booleans, lists)."
     import yaml
@@ -169,7 +159,7 @@ def _parse_param(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         return key.strip(), value
 
-
+# %% ../nbs/90_cli.ipynb #6560bcdf
 def train_cmd(
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="registered model name, e.g. lgbm")

@@ -12,13 +12,17 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from fastcore.basics import patch
+
 # %% auto #0
-__all__ = ['EMPLOYEE_LEVELS', 'RANK_SENTINEL', 'TEMP_RE', 'HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json',
-           'remove_stale_temporaries', 'atomic_path', 'atomic_write_text', 'atomic_write_json']
+__all__ = ['EMPLOYEE_LEVELS', 'RANK_SENTINEL', 'TEMP_RE', 'DateLike', 'HsmlError', 'sha256_bytes', 'sha256_file', 'sha256_json',
+           'remove_stale_temporaries', 'atomic_path', 'atomic_write_text', 'atomic_write_json', 'to_date', 'Metric']
 
 # %% ../nbs/00_core.ipynb #bb57c353
 class HsmlError(Exception):
@@ -121,3 +125,61 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     "Write `obj` as indented JSON to `path` atomically."
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+# %% ../nbs/00_core.ipynb #13012d33
+DateLike = date | datetime | str  # what `to_date` accepts (also pandas Timestamp and numpy datetime64)
+
+
+def to_date(
+    value: DateLike,  # a date, a datetime (its date is used), a datetime64 or a `YYYY-MM-DD` string
+    name: str = "date",  # what the value is (a parameter or a flag), for the error message
+) -> date:
+    "Coerce `value` to a `datetime.date`, or raise `HsmlError` naming `name`."
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if hasattr(value, "astype") and not isinstance(value, str):  # numpy datetime64
+        value = str(value.astype("datetime64[D]"))
+    s = str(value).strip()
+    try:
+        return date.fromisoformat(s) if len(s) <= 10 else datetime.fromisoformat(s).date()
+    except ValueError:
+        raise HsmlError(f"{name}: {value!r} is not a date", hint="use YYYY-MM-DD") from None
+
+# %% ../nbs/00_core.ipynb #eebe00a7
+@dataclass(frozen=True)
+class Metric:
+    "A metric with its interval; prints as `0.412 [0.380, 0.447]`, `—` when undefined."
+
+    value: float | None  # the point estimate (None: undefined)
+    ci_low: float | None = None  # lower end of its interval (None: no interval)
+    ci_high: float | None = None  # upper end
+
+    @classmethod
+    def of(cls, d: Mapping[str, Any] | Metric | None) -> Metric:
+        "From the stored `{value, ci_low, ci_high}` form (or a `Metric`, or None)."
+        if isinstance(d, Metric):
+            return d
+        d = d or {}
+        return cls(d.get("value"), d.get("ci_low"), d.get("ci_high"))
+
+    def as_dict(self) -> dict[str, float | None]:
+        "The stored form: `{value, ci_low, ci_high}`, the keys every JSON file and the HTTP API use."
+        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+# %% ../nbs/00_core.ipynb #1a83598f
+@patch
+def __format__(self: Metric, spec: str) -> str:
+    spec = spec or ".3f"
+    num = lambda x: format(x, spec) if isinstance(x, int | float) else str(x)  # noqa: E731
+    if self.value is None:
+        return "—"
+    if self.ci_low is None or self.ci_high is None:
+        return num(self.value)
+    return f"{num(self.value)} [{num(self.ci_low)}, {num(self.ci_high)}]"
+
+
+@patch
+def __str__(self: Metric) -> str:
+    return format(self, "")

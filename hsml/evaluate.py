@@ -16,7 +16,7 @@ import pandas as pd
 from fastcore.basics import patch
 from matplotlib.figure import Figure
 
-from .core import HsmlError, atomic_path
+from .core import HsmlError, Metric, atomic_path, to_date
 from .models import feature_columns, to_pandas
 
 # %% auto #0
@@ -29,15 +29,6 @@ __all__ = ['CALIBRATION_KEYS', 'LOWER_IS_BETTER', 'METRIC_NOTES', 'ACTIVITY_FEAT
            'feature_importance', 'plot_feature_importance', 'report_plots', 'save_plots']
 
 # %% ../nbs/21_evaluate.ipynb #77ca05d5
-def _as_date(
-    d: str | dt.date | dt.datetime | np.datetime64 | pd.Timestamp,  # a date in any common form
-) -> np.datetime64:
-    try:
-        return np.datetime64(pd.Timestamp(d).date(), "D")
-    except (ValueError, TypeError) as e:
-        raise HsmlError(f"{d!r} is not a date", hint="use YYYY-MM-DD") from e
-
-
 def _dates(frame: Any, time: str) -> np.ndarray:
     "The `time` column of a pandas or polars frame as datetime64[D]."
     if time not in frame.columns:
@@ -81,7 +72,7 @@ def time_split(
     "(train, test): train on `time < test_from - horizon_days`, test on `time >= test_from`."
     if int(horizon_days) < 0:
         raise HsmlError(f"horizon_days must be >= 0, got {horizon_days}")
-    t0 = _as_date(test_from)
+    t0 = np.datetime64(to_date(test_from, "test_from"), "D")
     cut = t0 - np.timedelta64(int(horizon_days), "D")
     d = _dates(frame, time)
     span = f"the as_of dates run {d.min()}..{d.max()}" if len(d) else "the frame is empty"
@@ -147,7 +138,7 @@ def interval(
     if b is not None and np.isfinite(b).any():
         a = (1 - ci) / 2 * 100
         lo, hi = (float(x) for x in np.percentile(b[np.isfinite(b)], [a, 100 - a]))
-    return {"value": v, "ci_low": lo, "ci_high": hi}
+    return Metric(v, lo, hi).as_dict()
 
 
 def format_interval(
@@ -155,12 +146,7 @@ def format_interval(
     digits: int = 3,  # decimals shown
 ) -> str:
     "`value [ci_low, ci_high]`, `value` without an interval, `—` when undefined."
-    if not v or v.get("value") is None:
-        return "—"
-    s = f"{v['value']:.{digits}f}"
-    if v.get("ci_low") is not None:
-        s += f" [{v['ci_low']:.{digits}f}, {v['ci_high']:.{digits}f}]"
-    return s
+    return format(Metric.of(v), f".{digits}f")
 
 # %% ../nbs/21_evaluate.ipynb #a53f7f49
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]):
@@ -324,20 +310,13 @@ def resample_counts(
         )
     return out
 
-# %% ../nbs/21_evaluate.ipynb #d04023a2
-def bootstrap_replicates(
-    y: Any,  # 0/1 labels of the test rows
-    scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
-    ids: Any,  # company id of each row: the bootstrap resamples these
-    mrr: Any = None,  # conversion MRR of each row (NaN/None when unknown or not converted); None: no MRR metrics
-    capacities: Sequence[int] = (100,),  # contact capacities K (per as-of date when `as_of` is given)
-    seed: int = 0,  # seeds the resampling (and the random order among tied scores when calling)
-    n_boot: int = 1000,  # bootstrap resamples (0: point estimates only)
-    as_of: Any = None,  # as-of date of each row: top-K lists are per date; None: one list
-    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
-    chunk: int = 250,  # resamples computed at once
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
-    "(point, boot): `{name: {metric: value}}` and `{name: {metric: (n_boot,) replicates}}`, every name on the same resamples."
+# %% ../nbs/21_evaluate.ipynb #b15035ef
+def _check_labels(
+    y: Any,  # 0/1 labels
+    ids: Any,  # company id of each row
+    capacities: Sequence[int],  # contact capacities K
+) -> tuple[np.ndarray, list[int], np.ndarray, int]:
+    "Checked inputs: (labels as floats, capacities as ints, company code of each row, number of companies)."
     y = np.asarray(y, dtype=float).ravel()
     n = len(y)
     if n == 0:
@@ -353,17 +332,23 @@ def bootstrap_replicates(
     _, codes = np.unique(ids, return_inverse=True)
     codes = codes.ravel()
     n_c = int(codes.max()) + 1
-    m = (
-        None
-        if mrr is None
-        else np.asarray(pd.to_numeric(pd.Series(np.asarray(mrr)), errors="coerce"), dtype=float)
-    )
-    seg = (
-        np.zeros(n, dtype=np.int64)
-        if as_of is None
-        else np.unique(np.asarray(as_of), return_inverse=True)[1].ravel()
-    )
-    days = None if as_of is None else _day_numbers(as_of)
+    return y, capacities, codes, n_c
+
+# %% ../nbs/21_evaluate.ipynb #e589fdcd
+def _prepare_scores(
+    scores: Mapping[str, Any],  # name -> score vector
+    y: np.ndarray,  # 0/1 labels
+    codes: np.ndarray,  # company code of each row
+    n_c: int,  # number of companies
+    seg: np.ndarray,  # as-of segment of each row
+    m: np.ndarray | None,  # conversion MRR of each row
+    capacities: list[int],  # contact capacities K
+    days: np.ndarray | None,  # day number of each row (None: no call plan)
+    recall_cooldown_days: int,  # days a called company is skipped
+    seed: int,  # order among tied scores when calling
+) -> tuple[dict[str, _Prepared], dict[str, _CallPlan]]:
+    "Each score vector checked and prepared for the weighted metrics (and the call plan when there are dates)."
+    n = len(y)
     prepared, plans = {}, {}
     for name, s in scores.items():
         s = np.asarray(s, dtype=float)
@@ -375,6 +360,38 @@ def bootstrap_replicates(
         prepared[name] = _Prepared(y, s, codes, n_c, seg, m, capacities)
         if days is not None:
             plans[name] = _CallPlan(y, s, codes, n_c, days, recall_cooldown_days, seed)
+    return prepared, plans
+
+# %% ../nbs/21_evaluate.ipynb #f8c3006d
+def bootstrap_replicates(
+    y: Any,  # 0/1 labels of the test rows
+    scores: Mapping[str, Any],  # name -> score vector (probabilities, or any ranking score)
+    ids: Any,  # company id of each row: the bootstrap resamples these
+    mrr: Any = None,  # conversion MRR of each row (NaN/None when unknown or not converted); None: no MRR metrics
+    capacities: Sequence[int] = (100,),  # contact capacities K (per as-of date when `as_of` is given)
+    seed: int = 0,  # seeds the resampling (and the random order among tied scores when calling)
+    n_boot: int = 1000,  # bootstrap resamples (0: point estimates only)
+    as_of: Any = None,  # as-of date of each row: top-K lists are per date; None: one list
+    recall_cooldown_days: int = 28,  # unique_conversions_at_K: a company called this recently is skipped
+    chunk: int = 250,  # resamples computed at once
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    "(point, boot): `{name: {metric: value}}` and `{name: {metric: (n_boot,) replicates}}`, every name on the same resamples."
+    y, capacities, codes, n_c = _check_labels(y, ids, capacities)
+    n = len(y)
+    m = (
+        None
+        if mrr is None
+        else np.asarray(pd.to_numeric(pd.Series(np.asarray(mrr)), errors="coerce"), dtype=float)
+    )
+    seg = (
+        np.zeros(n, dtype=np.int64)
+        if as_of is None
+        else np.unique(np.asarray(as_of), return_inverse=True)[1].ravel()
+    )
+    days = None if as_of is None else _day_numbers(as_of)
+    prepared, plans = _prepare_scores(
+        scores, y, codes, n_c, seg, m, capacities, days, recall_cooldown_days, seed
+    )
 
     def all_metrics(name: str, counts: np.ndarray) -> dict[str, np.ndarray]:
         out = prepared[name].metrics(counts)

@@ -190,7 +190,7 @@ def export_mlflow(
             )
     return out
 
-# %% ../nbs/34_export.ipynb #32d400ac
+# %% ../nbs/34_export.ipynb #6b23c5da
 FORMATS = ("mlflow",)
 
 bundle_app = typer.Typer(
@@ -201,12 +201,12 @@ bundle_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-
+# %% ../nbs/34_export.ipynb #0440471d
 @bundle_app.callback()
 def bundle_group() -> None:
     "Export a model bundle for other platforms (a group, so that more commands can join `export`)."
 
-
+# %% ../nbs/34_export.ipynb #dff5bd27
 @bundle_app.command("export")
 def export_cmd(
     source: Annotated[

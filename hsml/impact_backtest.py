@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import typer
 
-from .core import HsmlError
+from .core import HsmlError, Metric, to_date
 from .evaluate import activity_feature, baseline_frame, interval
 
 # %% auto #0
@@ -78,8 +78,8 @@ def backtest_weeks(
     if first is None:
         raise HsmlError("the extract has no usage rows: no week to replay")
     last = data_end(tables, t["usage_period_days"], anchor)["data_end"] - dt.timedelta(days=h)
-    s = dt.date.fromisoformat(str(start)) if start else first.date() + dt.timedelta(days=28)
-    e = dt.date.fromisoformat(str(end)) if end else last
+    s = to_date(start, "--start") if start else first.date() + dt.timedelta(days=28)
+    e = to_date(end, "--end") if end else last
     if e > last:
         raise HsmlError(f"end {e} + horizon {h} days goes past the data's end", hint=f"use an end <= {last}")
     s = snap_to_anchor(s, anchor)
@@ -230,7 +230,9 @@ def run_backtest(
     weeks = backtest_weeks(bundle, tables, every_days, start, end)
     win = (bundle.info.get("deployed_model_train_window") or {}).get("as_of_to")
     byw = backtest_by_week(
-        backtest_panel(bundle, tables, weeks), k, dt.date.fromisoformat(win) if win else None
+        backtest_panel(bundle, tables, weeks),
+        k,
+        to_date(win, "deployed_model_train_window.as_of_to") if win else None,
     )
     ref = f"{bundle.name}@{bundle.version}" if bundle.version is not None else str(model)
     head = {"measures": NOT_CAUSAL, "model": ref, "k": k, "every_days": every_days, "horizon_days": h}
@@ -246,18 +248,18 @@ def run_backtest(
         ax.figure.savefig(out / "backtest.png", dpi=100, bbox_inches="tight")
     return rep
 
-# %% ../nbs/44_impact_backtest.ipynb #ab9dd864
+# %% ../nbs/44_impact_backtest.ipynb #c88038da
 def _line(name: str, t: dict) -> str:
     c, d = t["conversions"], t["model_minus_random"]["conversions"]
     e = t["model_minus_activity_heuristic"]["conversions"]
-    f = "{value:.1f} [{ci_low:.1f}, {ci_high:.1f}]".format
+    f = lambda m: format(Metric.of(m), ".1f")  # noqa: E731
     return (
-        f"{name} ({t['weeks']} weeks, {t['calls']} calls): conversions reached: model {f(**c['model'])}, random "
-        f"{f(**c['random'])}, activity heuristic {f(**c['activity_heuristic'])}; model - random {f(**d)}, "
-        f"model - heuristic {f(**e)}"
+        f"{name} ({t['weeks']} weeks, {t['calls']} calls): conversions reached: model {f(c['model'])}, random "
+        f"{f(c['random'])}, activity heuristic {f(c['activity_heuristic'])}; model - random {f(d)}, "
+        f"model - heuristic {f(e)}"
     )
 
-
+# %% ../nbs/44_impact_backtest.ipynb #b51b716a
 def backtest_cmd(
     model: Annotated[str, typer.Option(help="NAME@ALIAS | NAME@VERSION | PATH of a bundle")],
     data_dir: Annotated[

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import typer
 
-from .core import HsmlError
+from .core import HsmlError, Metric
 from hsml.impact_stats import (
     calibration,
     confidence_sequence,
@@ -401,7 +401,7 @@ def _bundle_drift(bundle: Any, log: pl.DataFrame, tables: Any, training_set: Pat
     )
     return rep | {"week": str(cur["as_of"].max()), "companies": cur.height, "reference": str(training_set)}
 
-# %% ../nbs/43_impact_report.ipynb #2e013508
+# %% ../nbs/43_impact_report.ipynb #84e098fc
 def _read_log(
     log: list[Path] | None, log_sink: str | None, catalog: Path | None
 ) -> tuple[pl.DataFrame, dict]:
@@ -418,7 +418,41 @@ def _read_log(
         raise HsmlError("no prediction log", hint="pass --log FILE.jsonl, or --log-sink NAME --catalog FILE")
     return read_prediction_logs(log)
 
+# %% ../nbs/43_impact_report.ipynb #8655b9af
+def _logged_bundle(
+    frame: pl.DataFrame,  # the prediction log
+    model: str | None,  # NAME@VERSION | NAME@ALIAS | PATH; None: the one model the log names
+    registry: Path | None,  # registry directory
+) -> Any:
+    "The bundle that wrote the log (or `model`), loaded from the registry."
+    from hsml.registry import load_model
 
+    ref = model
+    if ref is None:
+        mv = frame.select("model", "version").drop_nulls().unique().rows()
+        if len(mv) != 1:
+            raise HsmlError(f"the log names models {mv}: choose one with --model (or give --horizon-days)")
+        ref = f"{mv[0][0]}@{mv[0][1]}"
+    return load_model(ref, registry)
+
+# %% ../nbs/43_impact_report.ipynb #ca0fec46
+def _save_figures(
+    rep: dict,  # the impact report
+    out: Path,  # its directory
+) -> None:
+    "sequential.png and calibration.png, drawn without pyplot: the caller's backend is left alone."
+    if rep["sequential"].get("by_week"):
+        from matplotlib.figure import Figure
+
+        for name, plot, size in (
+            ("sequential", plot_sequential, (6, 3.2)),
+            ("calibration", plot_calibration, (3.6, 3.2)),
+        ):
+            ax = Figure(figsize=size).subplots()
+            plot(rep[name], ax)
+            ax.figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+
+# %% ../nbs/43_impact_report.ipynb #cc1d4950
 def write_impact_report(
     log: list[Path],  # prediction logs (JSONL), any order
     data_dir: Path,  # the later extract (directory of the three CSVs or a catalog YAML)
@@ -440,19 +474,7 @@ def write_impact_report(
     from hsml.contracts import load_tables
 
     frame, info = _read_log(log, log_sink, catalog)
-    bundle = None
-    if model or horizon_days is None or training_set:
-        from hsml.registry import load_model
-
-        ref = model
-        if ref is None:
-            mv = frame.select("model", "version").drop_nulls().unique().rows()
-            if len(mv) != 1:
-                raise HsmlError(
-                    f"the log names models {mv}: choose one with --model (or give --horizon-days)"
-                )
-            ref = f"{mv[0][0]}@{mv[0][1]}"
-        bundle = load_model(ref, registry)
+    bundle = _logged_bundle(frame, model, registry) if model or horizon_days is None or training_set else None
     horizon = horizon_days or int(bundle.info.get("horizon_days") or 0)
     if not horizon:
         raise HsmlError("no horizon: the bundle records none", hint="pass --horizon-days")
@@ -463,19 +485,30 @@ def write_impact_report(
     rep["log"] = info
     out.mkdir(parents=True, exist_ok=True)
     (out / "impact.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    if rep["sequential"].get("by_week"):  # figures without pyplot: the caller's backend is left alone
-        from matplotlib.figure import Figure
-
-        for name, plot, size in (
-            ("sequential", plot_sequential, (6, 3.2)),
-            ("calibration", plot_calibration, (3.6, 3.2)),
-        ):
-            ax = Figure(figsize=size).subplots()
-            plot(rep[name], ax)
-            ax.figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+    _save_figures(rep, out)
     return rep
 
-# %% ../nbs/43_impact_report.ipynb #0fddde82
+# %% ../nbs/43_impact_report.ipynb #c740397e
+def _echo_report(
+    rep: dict,  # the impact report
+    out: Path,  # where impact.json was written
+) -> None:
+    "SRM, the matured lift and calibration (or why there is none yet), drift alarms, where it wrote."
+    s = rep["srm"]
+    typer.echo(f"SRM: p = {s['p_value']:.3g}  {s['message']}", err=s["alarm"])
+    m = rep["matured"]
+    if "lift" in m:
+        lf = m["lift"]
+        typer.echo(f"lift {Metric.of(lf):+.4f} on {m['companies']}")
+        oe = rep["calibration"]["observed_over_expected"]
+        typer.echo(f"calibration (holdout): observed/expected {Metric.of(oe):.2f}")
+    else:
+        typer.echo(m["note"])
+    if rep["drift"].get("alarms"):
+        typer.echo(f"drift alarms: {', '.join(rep['drift']['alarms'])}")
+    typer.echo(f"wrote {out / 'impact.json'}")
+
+# %% ../nbs/43_impact_report.ipynb #0a5487a6
 def report_cmd(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="a LATER extract: conversions observed after scoring")
@@ -537,11 +570,9 @@ def report_cmd(
     m = rep["matured"]
     if "lift" in m:
         lf = m["lift"]
-        typer.echo(f"lift {lf['value']:+.4f} [{lf['ci_low']:+.4f}, {lf['ci_high']:+.4f}] on {m['companies']}")
+        typer.echo(f"lift {Metric.of(lf):+.4f} on {m['companies']}")
         oe = rep["calibration"]["observed_over_expected"]
-        typer.echo(
-            f"calibration (holdout): observed/expected {oe['value']:.2f} [{oe['ci_low']:.2f}, {oe['ci_high']:.2f}]"
-        )
+        typer.echo(f"calibration (holdout): observed/expected {Metric.of(oe):.2f}")
     else:
         typer.echo(m["note"])
     if rep["drift"].get("alarms"):

@@ -12,7 +12,7 @@ import polars as pl
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import chi2, chisquare, norm
 
-from .core import HsmlError
+from .core import HsmlError, Metric
 
 # %% auto #0
 __all__ = ['SRM_ALARM', 'SRM_WARNING', 'PSI_WARN', 'PSI_ALARM', 'JS_WARN', 'JS_ALARM', 'srm_test', 'wilson', 'newcombe_diff',
@@ -24,7 +24,7 @@ SRM_ALARM, SRM_WARNING = 1e-3, 1e-2
 
 
 def _ci(value: float, lo: float, hi: float, **kw) -> dict:
-    return {"value": float(value), "ci_low": float(lo), "ci_high": float(hi)} | kw
+    return Metric(float(value), float(lo), float(hi)).as_dict() | kw
 
 
 def srm_test(
@@ -303,7 +303,7 @@ def drift_report(
     out["alarms"] = [c for c, r in out["features"].items() if r["status"] == "alarm"]
     return out
 
-# %% ../nbs/41_impact_stats.ipynb #a6e4cfd1
+# %% ../nbs/41_impact_stats.ipynb #c7a1fe53
 def _logit_slope(y: np.ndarray, x: np.ndarray, iters: int = 50) -> tuple[float, float]:
     "Slope and its standard error of a logistic regression y ~ a + b x (Newton-Raphson); NaN when undefined."
     if np.ptp(x) == 0:  # one score for everybody: no slope to fit
@@ -323,7 +323,7 @@ def _logit_slope(y: np.ndarray, x: np.ndarray, iters: int = 50) -> tuple[float, 
         return np.nan, np.nan
     return (float(w[1]), float(math.sqrt(var))) if np.isfinite(w).all() and var > 0 else (np.nan, np.nan)
 
-
+# %% ../nbs/41_impact_stats.ipynb #76978cbf
 def calibration(
     converted: np.ndarray,  # 0/1 outcome within the horizon
     score: np.ndarray,  # the calibrated probability the model gave

@@ -128,7 +128,7 @@ def single_feature_auc(
     auc = (r - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return float(max(auc, 1 - auc))
 
-# %% ../nbs/12_leakage.ipynb #f8fb9c12
+# %% ../nbs/12_leakage.ipynb #3b280df1
 def feature_aucs(
     frame: pl.DataFrame,  # has `label` and the feature columns
     columns: Sequence[str],  # features to score
@@ -151,14 +151,14 @@ def feature_aucs(
     row = frame.select(exprs).row(0, named=True)
     return {c: float(max(row[c], 1 - row[c])) for c in columns if row[f"{c}\0n"] > 1}
 
-
+# %% ../nbs/12_leakage.ipynb #64d78931
 def _spearman(a: pl.Series, b: pl.Series) -> float | None:
     df = pl.DataFrame({"a": a.cast(pl.Float64), "b": b.cast(pl.Float64)}).drop_nulls().drop_nans()
     if df.height < 3 or df["a"].n_unique() < 2 or df["b"].n_unique() < 2:
         return None
     return df.select(pl.corr("a", "b", method="spearman")).item()
 
-
+# %% ../nbs/12_leakage.ipynb #dfe2d950
 def _spearmans(
     df: pl.DataFrame,  # holds every column named in `pairs`
     pairs: list[tuple[str, str]],  # (a, b) column pairs

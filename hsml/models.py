@@ -28,7 +28,7 @@ from .core import HsmlError
 # %% auto #0
 __all__ = ['OTHER', 'PREPROCESS', 'WRAPPER_PARAMS', 'to_pandas', 'FrameCoercer', 'CategoryVocabulary', 'make_preprocessor',
            'positive_weight', 'holdout_mask', 'calibration_folds', 'WeightedCalibratedClassifier', 'ModelInfo',
-           'register_model', 'get_model', 'list_models', 'register_space', 'get_space', 'make_model',
+           'register_model', 'get_model', 'model_types', 'register_space', 'get_space', 'make_model',
            'columns_from_spec', 'feature_columns', 'fit_model', 'synthetic_frame']
 
 # %% ../nbs/20_models.ipynb #42020d5a
@@ -440,7 +440,7 @@ _SPACES: dict[str, Callable[[Any], dict[str, Any]]] = {}
 
 def register_model(
     name: str,  # the name used in configs (`model: lgbm`)
-    description: str = "",  # one line shown by `list_models()`
+    description: str = "",  # one line shown by `model_types()`
     preprocess: str = "onehot",  # "onehot" (impute + scale + one-hot) or "native" (nulls and categories kept)
     overwrite: bool = True,  # re-registering a name replaces it (handy while iterating in a notebook)
 ) -> Callable:
@@ -469,8 +469,8 @@ def get_model(
     return _MODELS[name]
 
 
-def list_models() -> pd.DataFrame:
-    "A table of the registered models: name, preprocessing, description, whether a search space exists."
+def model_types() -> pd.DataFrame:
+    "The model types one can train: name, preprocessing, description, whether a search space exists (published versions: `hsml.registry.list_models`)."
     return pd.DataFrame(
         [
             {

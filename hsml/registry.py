@@ -24,15 +24,15 @@ from typing import Any
 import typer
 
 from .bundle import HASHES_FILE, Bundle, bundle_digest, load_bundle, verify_bundle
-from .core import HsmlError, atomic_write_json, atomic_write_text
+from .core import HsmlError, Metric, atomic_write_json, atomic_write_text
 
 # %% auto #0
 __all__ = ['NAME_RE', 'ALIAS_RE', 'RESERVED_ALIASES', 'DEFAULT_ALIAS', 'TRACKING_MODES', 'registry_app', 'registry_root',
-           'registry_lock', 'list_models', 'reconcile', 'consistency_problems', 'ModelRef', 'resolve', 'load_model',
-           'publish', 'promote', 'history', 'alias_history', 'show', 'list_cmd', 'show_cmd', 'promote_cmd',
+           'registry_lock', 'list_models', 'reconcile', 'consistency_problems', 'publish', 'promote', 'history',
+           'alias_history', 'ModelRef', 'resolve', 'load_model', 'show', 'list_cmd', 'show_cmd', 'promote_cmd',
            'history_cmd', 'publish_cmd']
 
-# %% ../nbs/31_registry.ipynb #978f3b61
+# %% ../nbs/31_registry.ipynb #236cd83d
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,49}$")
 RESERVED_ALIASES = {"latest"}
@@ -45,7 +45,7 @@ def registry_root(
     "The registry directory."
     return Path(root or os.environ.get("HSML_REGISTRY") or "registry")
 
-
+# %% ../nbs/31_registry.ipynb #1b222a34
 def _user() -> str | None:
     try:
         return getpass.getuser()
@@ -74,7 +74,7 @@ def _check_alias(alias: str) -> str:
         )
     return alias
 
-# %% ../nbs/31_registry.ipynb #eeb3295b
+# %% ../nbs/31_registry.ipynb #91d4ad8e
 @contextlib.contextmanager
 def registry_lock(
     model_dir: Path,  # NAME/ directory
@@ -112,7 +112,7 @@ def registry_lock(
     finally:
         lock.unlink(missing_ok=True)
 
-
+# %% ../nbs/31_registry.ipynb #c0eba097
 def _append_history(model_dir: Path, event: dict) -> None:
     "Append one event to history.jsonl (one write call, fsynced)."
     line = (json.dumps(event, default=str, sort_keys=False) + "\n").encode()
@@ -126,7 +126,7 @@ def _append_history(model_dir: Path, event: dict) -> None:
     finally:
         os.close(fd)
 
-# %% ../nbs/31_registry.ipynb #f1161ea8
+# %% ../nbs/31_registry.ipynb #e3a8e074
 def _versions(model_dir: Path) -> list[int]:
     vd = model_dir / "versions"
     if not vd.exists():
@@ -142,7 +142,7 @@ def _aliases(model_dir: Path) -> dict[str, dict]:
 def _version_record(model_dir: Path, version: int) -> dict:
     return json.loads((model_dir / "versions" / str(version) / "version.json").read_text())
 
-
+# %% ../nbs/31_registry.ipynb #c65b5f47
 def list_models(
     root: str | Path | None = None,  # registry directory
 ) -> list[dict]:
@@ -159,7 +159,7 @@ def list_models(
         out.append({"name": d.name, "versions": vs, "latest": vs[-1], "aliases": al})
     return out
 
-# %% ../nbs/31_registry.ipynb #c0a1f002
+# %% ../nbs/31_registry.ipynb #9ee3f315
 def _read_history(
     model_dir: Path,  # NAME/ directory
     torn: list[int] | None = None,  # if given, the numbers of torn lines are appended to it (and not warned)
@@ -190,7 +190,7 @@ def _pid_gone(pid: int) -> bool:
         return False
     return False
 
-# %% ../nbs/31_registry.ipynb #c0a1f003
+# %% ../nbs/31_registry.ipynb #683a672e
 def reconcile(
     model_dir: Path,  # NAME/ directory; call while holding `registry_lock(model_dir)`
 ) -> list[str]:
@@ -225,7 +225,7 @@ def reconcile(
             fixed.append(f"history: {alias} -> version {a['version']}")
     return fixed
 
-# %% ../nbs/31_registry.ipynb #c0a1f004
+# %% ../nbs/31_registry.ipynb #e64ce994
 def consistency_problems(
     name: str,  # registry name
     root: str | Path | None = None,  # registry directory
@@ -252,7 +252,303 @@ def consistency_problems(
     ]
     return bad + [f"left over: {p}" for p in leftovers]
 
-# %% ../nbs/31_registry.ipynb #a1a5e60f
+# %% ../nbs/31_registry.ipynb #7a0794c5
+TRACKING_MODES = ("offline", "online", "disabled")
+
+
+def _check_tracking(tracking: str) -> str:
+    if tracking not in TRACKING_MODES:
+        raise HsmlError(
+            f"tracking={tracking!r} is not a tracking mode", hint=f"use one of {', '.join(TRACKING_MODES)}"
+        )
+    return tracking
+
+# %% ../nbs/31_registry.ipynb #e6208fde
+@contextlib.contextmanager
+def _wandb_env(
+    area: Path,  # the directory W&B writes into (runs, cache, data, config)
+    tracking: str,  # offline | online
+) -> Iterator[None]:
+    "W&B's directories and mode under `area` for the block; the environment is restored after it."
+    env = {
+        "WANDB_DIR": str(area),
+        "WANDB_CACHE_DIR": str(area / "cache"),
+        "WANDB_DATA_DIR": str(area / "data"),
+        "WANDB_CONFIG_DIR": str(area / "config"),
+        "WANDB_MODE": tracking,
+        "WANDB_SILENT": "true",
+    }
+    for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        Path(env[k]).mkdir(parents=True, exist_ok=True)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+# %% ../nbs/31_registry.ipynb #d8393d53
+def _wandb_log(
+    root: Path,  # registry directory
+    name: str,  # registry name = artifact name
+    version: int,  # registry version
+    bundle_dir: Path,  # the bundle to log
+    aliases: list[str],  # artifact aliases
+    tracking: str,  # offline | online | disabled
+    project: str,  # W&B project
+    event: str,  # publish | promote
+) -> str | None:
+    "Log the bundle as a W&B model artifact with aliases; return the offline run file path (or None)."
+    if tracking == "disabled":
+        return None
+    area = (root / ".wandb").absolute()
+    with _wandb_env(area, tracking):
+        try:
+            import wandb
+
+            run = wandb.init(
+                project=project,
+                name=f"{name}-v{version}-{event}",
+                job_type=f"registry-{event}",
+                mode=tracking,
+                dir=str(area),
+                reinit="create_new",
+                config={"registry_name": name, "registry_version": version, "event": event},
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
+            )
+            info = json.loads((bundle_dir / "bundle.json").read_text())
+            art = wandb.Artifact(
+                name,
+                type="model",
+                metadata={
+                    "registry_version": version,
+                    "run_id": info.get("run_id"),
+                    "model": info.get("model"),
+                },
+            )
+            art.add_dir(str(bundle_dir))
+            run.log_artifact(art, aliases=aliases)
+            run_file = Path(run.dir).parent / f"run-{run.id}.wandb"
+            run.finish()
+            return str(run_file)
+        except Exception as e:  # pragma: no cover - depends on W&B
+            warnings.warn(f"W&B logging of {name}@{version} failed: {e}", stacklevel=2)
+            return None
+
+# %% ../nbs/31_registry.ipynb #d47156c9
+def _source_bundle(source: Path) -> tuple[Path, Path | None]:
+    "(bundle dir, run dir or None) of a publish source."
+    if (source / "model" / HASHES_FILE).exists():
+        return source / "model", source
+    if (source / HASHES_FILE).exists():
+        # a run's model/ directory: keep the run's manifest and config beside the version too
+        run = source.parent if source.name == "model" and (source.parent / "manifest.json").exists() else None
+        return source, run
+    raise HsmlError(
+        f"{source} is neither a run directory (with model/) nor a bundle directory (with hashes.json)"
+    )
+
+# %% ../nbs/31_registry.ipynb #3afb9e5c
+def _stage(
+    bundle_dir: Path,  # the verified source bundle
+    run_dir: Path | None,  # its run directory (its manifest.json and config.yaml are kept), if any
+    tmp: Path,  # the temporary version directory to fill
+    name: str,  # registry name
+    src: Path,  # where the source lives (recorded in the version record)
+) -> dict:
+    "Copy the bundle (and its run's manifest and config) into `tmp` and verify the copy; the version record without its number."
+    shutil.copytree(bundle_dir, tmp / "model")
+    hashes = verify_bundle(tmp / "model")  # the copy is what we promise
+    if run_dir is not None:
+        for f in ("manifest.json", "config.yaml"):
+            if (run_dir / f).exists():
+                (tmp / "run").mkdir(exist_ok=True)
+                shutil.copy2(run_dir / f, tmp / "run" / f)
+    info = json.loads((tmp / "model" / "bundle.json").read_text())
+    return {
+        "name": name,
+        "digest": bundle_digest(tmp / "model"),
+        "published_at": None,
+        "published_by": _user(),
+        "source": str(Path(src).absolute()),
+        "run_id": info.get("run_id"),
+        "model": info.get("model"),
+        "training_set_hash": info.get("training_set_hash"),
+        "files": sorted(hashes),
+    }
+
+# %% ../nbs/31_registry.ipynb #1df655b6
+def _commit(
+    d: Path,  # NAME/ directory
+    tmp: Path,  # the staged version directory
+    rec: dict,  # its record, without version number and time
+) -> int:
+    "Under the lock: take the next version number, write version.json, rename `tmp` into place, record the event."
+    with registry_lock(d):
+        reconcile(d)
+        version = (_versions(d) or [0])[-1] + 1
+        rec = {"version": version, **rec, "published_at": _now()}
+        (tmp / "version.json").write_text(json.dumps(rec, indent=2) + "\n")
+        final = d / "versions" / str(version)
+        if final.exists():  # a leftover without version.json from a crash in an older hsml
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _append_history(
+            d,
+            {
+                "ts": rec["published_at"],
+                "event": "publish",
+                "version": version,
+                "digest": rec["digest"],
+                "source": rec["source"],
+            },
+        )
+    return version
+
+# %% ../nbs/31_registry.ipynb #da0182ce
+def publish(
+    source: str | Path,  # a run directory (holding model/) or a bundle directory
+    name: str,  # registry name, e.g. conversion-lgbm
+    root: str | Path | None = None,  # registry directory; default $HSML_REGISTRY or ./registry
+    tracking: str = "offline",  # W&B: offline | online | disabled
+    wandb_project: str = "hsml-registry",  # W&B project for the artifact
+    alias: str | None = None,  # also promote the new version to this alias
+    origin: str | Path | None = None,  # where the source will live, when it is published after this call
+) -> int:
+    "Publish a bundle as the next version of `name` (atomic, concurrent-safe); return the version number."
+    _check_name(name)
+    _check_tracking(tracking)
+    if alias is not None:
+        _check_alias(alias)
+    src = Path(source)
+    if not src.is_dir():
+        raise HsmlError(f"{src} does not exist or is not a directory")
+    bundle_dir, run_dir = _source_bundle(src)
+    verify_bundle(bundle_dir)  # refuse to publish a tampered or incomplete bundle
+    root_p = registry_root(root)
+    d = root_p / name
+    (d / "versions").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".publish-{os.getpid()}-", suffix=".tmp", dir=d / "versions"))
+    try:
+        version = _commit(d, tmp, _stage(bundle_dir, run_dir, tmp, name, Path(origin or src)))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    run_file = _wandb_log(
+        root_p,
+        name,
+        version,
+        d / "versions" / str(version) / "model",
+        [f"hsml-v{version}"],
+        tracking,
+        wandb_project,
+        "publish",
+    )
+    if alias is not None:
+        promote(name, version, alias, root=root, tracking=tracking, wandb_project=wandb_project)
+    if run_file:
+        with registry_lock(d):
+            _append_history(d, {"ts": _now(), "event": "wandb", "version": version, "run_file": run_file})
+    return version
+
+# %% ../nbs/31_registry.ipynb #7f91d9b2
+def _published_version(
+    d: Path,  # NAME/ directory
+    name: str,  # registry name
+    version: int | str,  # 3 or "v3"
+) -> int:
+    "The version number `version` names, checked to exist and to match its published digest."
+    if not re.fullmatch(r"v?\d+", str(version)):
+        raise HsmlError(f"version {version!r} is not a version number", hint="e.g. 3")
+    v = int(str(version).lstrip("v"))
+    vs = _versions(d)
+    if not vs:
+        raise HsmlError(f"no model named {name!r} in the registry {d.parent}")
+    if v not in vs:
+        raise HsmlError(f"{name} has no version {v}", hint=f"versions: {vs}")
+    bdir = d / "versions" / str(v) / "model"
+    verify_bundle(bdir)
+    if bundle_digest(bdir) != _version_record(d, v)["digest"]:
+        raise HsmlError(f"{name}@{v} does not match its published digest; refusing to promote it")
+    return v
+
+# %% ../nbs/31_registry.ipynb #904df3f7
+def promote(
+    name: str,  # registry name
+    version: int | str,  # version to point the alias at (3 or "v3")
+    alias: str = DEFAULT_ALIAS,  # alias to move, e.g. production, staging
+    root: str | Path | None = None,  # registry directory
+    tracking: str = "offline",  # W&B: offline | online | disabled
+    wandb_project: str = "hsml-registry",  # W&B project
+) -> dict:
+    "Point `alias` at `version` (the version is verified first); return the promote event."
+    _check_name(name)
+    _check_alias(alias)
+    _check_tracking(tracking)
+    root_p = registry_root(root)
+    d = root_p / name
+    v = _published_version(d, name, version)
+    bdir = d / "versions" / str(v) / "model"
+    with registry_lock(d):
+        reconcile(d)
+        al = _aliases(d)
+        prev = al.get(alias, {}).get("version")
+        ts = _now()
+        al[alias] = {"version": v, "since": ts}
+        atomic_write_json(d / "aliases.json", al)
+        event = {
+            "ts": ts,
+            "event": "promote",
+            "alias": alias,
+            "version": v,
+            "previous": prev,
+            "by": _user(),
+        }
+        _append_history(d, event)
+    run_file = _wandb_log(root_p, name, v, bdir, [alias, f"hsml-v{v}"], tracking, wandb_project, "promote")
+    if run_file:
+        event["wandb_run_file"] = run_file
+        with registry_lock(d):
+            _append_history(
+                d, {"ts": _now(), "event": "wandb", "version": v, "alias": alias, "run_file": run_file}
+            )
+    return event
+
+# %% ../nbs/31_registry.ipynb #89679a78
+def history(
+    name: str,  # registry name
+    root: str | Path | None = None,  # registry directory
+) -> list[dict]:
+    "Every event of `name` in order (publish, promote, wandb), from the append-only history.jsonl."
+    d = registry_root(root) / _check_name(name)
+    f = d / "history.jsonl"
+    if not f.exists():
+        raise HsmlError(f"no model named {name!r} in the registry {registry_root(root)}")
+    return _read_history(d)
+
+# %% ../nbs/31_registry.ipynb #082fef05
+def alias_history(
+    name: str,  # registry name
+    root: str | Path | None = None,  # registry directory
+) -> list[dict]:
+    "Which version held which alias, and when: rows {alias, version, from, until} (until None = still holds)."
+    rows: list[dict] = []
+    current: dict[str, dict] = {}
+    for e in history(name, root):
+        if e["event"] != "promote":
+            continue
+        if e["alias"] in current:
+            current[e["alias"]]["until"] = e["ts"]
+        row = {"alias": e["alias"], "version": e["version"], "from": e["ts"], "until": None}
+        rows.append(row)
+        current[e["alias"]] = row
+    return rows
+
+# %% ../nbs/31_registry.ipynb #1083be41
 @dataclass
 class ModelRef:
     "A resolved model reference."
@@ -272,7 +568,7 @@ class ModelRef:
             "digest": self.digest,
         }
 
-
+# %% ../nbs/31_registry.ipynb #d9fd8822
 def resolve(
     ref: str | Path,  # NAME@ALIAS | NAME@VERSION | NAME | PATH (a bundle or run directory)
     root: str | Path | None = None,  # registry directory
@@ -323,7 +619,7 @@ def resolve(
         digest=rec["digest"],
     )
 
-
+# %% ../nbs/31_registry.ipynb #9589bb2c
 def load_model(
     ref: str | Path,  # NAME@ALIAS | NAME@VERSION | NAME | PATH
     root: str | Path | None = None,  # registry directory
@@ -343,248 +639,7 @@ def load_model(
         b.registry["aliases"] = sorted(aliases)
     return b
 
-# %% ../nbs/31_registry.ipynb #5eb2232f
-TRACKING_MODES = ("offline", "online", "disabled")
-
-
-def _wandb_log(
-    root: Path,  # registry directory
-    name: str,  # registry name = artifact name
-    version: int,  # registry version
-    bundle_dir: Path,  # the bundle to log
-    aliases: list[str],  # artifact aliases
-    tracking: str,  # offline | online | disabled
-    project: str,  # W&B project
-    event: str,  # publish | promote
-) -> str | None:
-    "Log the bundle as a W&B model artifact with aliases; return the offline run file path (or None)."
-    if tracking == "disabled":
-        return None
-    area = (root / ".wandb").absolute()
-    env = {
-        "WANDB_DIR": str(area),
-        "WANDB_CACHE_DIR": str(area / "cache"),
-        "WANDB_DATA_DIR": str(area / "data"),
-        "WANDB_CONFIG_DIR": str(area / "config"),
-        "WANDB_MODE": tracking,
-        "WANDB_SILENT": "true",
-    }
-    for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        Path(env[k]).mkdir(parents=True, exist_ok=True)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import wandb
-
-        run = wandb.init(
-            project=project,
-            name=f"{name}-v{version}-{event}",
-            job_type=f"registry-{event}",
-            mode=tracking,
-            dir=str(area),
-            reinit="create_new",
-            config={"registry_name": name, "registry_version": version, "event": event},
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
-        )
-        info = json.loads((bundle_dir / "bundle.json").read_text())
-        art = wandb.Artifact(
-            name,
-            type="model",
-            metadata={"registry_version": version, "run_id": info.get("run_id"), "model": info.get("model")},
-        )
-        art.add_dir(str(bundle_dir))
-        run.log_artifact(art, aliases=aliases)
-        run_file = Path(run.dir).parent / f"run-{run.id}.wandb"
-        run.finish()
-        return str(run_file)
-    except Exception as e:  # pragma: no cover - depends on W&B
-        warnings.warn(f"W&B logging of {name}@{version} failed: {e}", stacklevel=2)
-        return None
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-# %% ../nbs/31_registry.ipynb #07b9d67a
-def _source_bundle(source: Path) -> tuple[Path, Path | None]:
-    "(bundle dir, run dir or None) of a publish source."
-    if (source / "model" / HASHES_FILE).exists():
-        return source / "model", source
-    if (source / HASHES_FILE).exists():
-        # a run's model/ directory: keep the run's manifest and config beside the version too
-        run = source.parent if source.name == "model" and (source.parent / "manifest.json").exists() else None
-        return source, run
-    raise HsmlError(
-        f"{source} is neither a run directory (with model/) nor a bundle directory (with hashes.json)"
-    )
-
-
-def publish(
-    source: str | Path,  # a run directory (holding model/) or a bundle directory
-    name: str,  # registry name, e.g. conversion-lgbm
-    root: str | Path | None = None,  # registry directory; default $HSML_REGISTRY or ./registry
-    tracking: str = "offline",  # W&B: offline | online | disabled
-    wandb_project: str = "hsml-registry",  # W&B project for the artifact
-    alias: str | None = None,  # also promote the new version to this alias
-    origin: str | Path | None = None,  # where the source will live, when it is published after this call
-) -> int:
-    "Publish a bundle as the next version of `name` (atomic, concurrent-safe); return the version number."
-    _check_name(name)
-    if tracking not in TRACKING_MODES:
-        raise HsmlError(
-            f"tracking={tracking!r} is not a tracking mode", hint=f"use one of {', '.join(TRACKING_MODES)}"
-        )
-    if alias is not None:
-        _check_alias(alias)
-    src = Path(source)
-    if not src.is_dir():
-        raise HsmlError(f"{src} does not exist or is not a directory")
-    bundle_dir, run_dir = _source_bundle(src)
-    verify_bundle(bundle_dir)  # refuse to publish a tampered or incomplete bundle
-    root_p = registry_root(root)
-    d = root_p / name
-    (d / "versions").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".publish-{os.getpid()}-", suffix=".tmp", dir=d / "versions"))
-    try:
-        shutil.copytree(bundle_dir, tmp / "model")
-        hashes = verify_bundle(tmp / "model")  # the copy is what we promise
-        if run_dir is not None:
-            for f in ("manifest.json", "config.yaml"):
-                if (run_dir / f).exists():
-                    (tmp / "run").mkdir(exist_ok=True)
-                    shutil.copy2(run_dir / f, tmp / "run" / f)
-        info = json.loads((tmp / "model" / "bundle.json").read_text())
-        rec = {
-            "name": name,
-            "digest": bundle_digest(tmp / "model"),
-            "published_at": None,
-            "published_by": _user(),
-            "source": str(Path(origin or src).absolute()),
-            "run_id": info.get("run_id"),
-            "model": info.get("model"),
-            "training_set_hash": info.get("training_set_hash"),
-            "files": sorted(hashes),
-        }
-        with registry_lock(d):
-            reconcile(d)
-            version = (_versions(d) or [0])[-1] + 1
-            rec = {"version": version, **rec, "published_at": _now()}
-            (tmp / "version.json").write_text(json.dumps(rec, indent=2) + "\n")
-            final = d / "versions" / str(version)
-            if final.exists():  # a leftover without version.json from a crash in an older hsml
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _append_history(
-                d,
-                {
-                    "ts": rec["published_at"],
-                    "event": "publish",
-                    "version": version,
-                    "digest": rec["digest"],
-                    "source": rec["source"],
-                },
-            )
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    run_file = _wandb_log(
-        root_p, name, version, final / "model", [f"hsml-v{version}"], tracking, wandb_project, "publish"
-    )
-    if alias is not None:
-        promote(name, version, alias, root=root, tracking=tracking, wandb_project=wandb_project)
-    if run_file:
-        with registry_lock(d):
-            _append_history(d, {"ts": _now(), "event": "wandb", "version": version, "run_file": run_file})
-    return version
-
-# %% ../nbs/31_registry.ipynb #8afe398f
-def promote(
-    name: str,  # registry name
-    version: int | str,  # version to point the alias at (3 or "v3")
-    alias: str = DEFAULT_ALIAS,  # alias to move, e.g. production, staging
-    root: str | Path | None = None,  # registry directory
-    tracking: str = "offline",  # W&B: offline | online | disabled
-    wandb_project: str = "hsml-registry",  # W&B project
-) -> dict:
-    "Point `alias` at `version` (the version is verified first); return the promote event."
-    _check_name(name)
-    _check_alias(alias)
-    if tracking not in TRACKING_MODES:
-        raise HsmlError(
-            f"tracking={tracking!r} is not a tracking mode", hint=f"use one of {', '.join(TRACKING_MODES)}"
-        )
-    if not re.fullmatch(r"v?\d+", str(version)):
-        raise HsmlError(f"version {version!r} is not a version number", hint="e.g. 3")
-    v = int(str(version).lstrip("v"))
-    root_p = registry_root(root)
-    d = root_p / name
-    vs = _versions(d)
-    if not vs:
-        raise HsmlError(f"no model named {name!r} in the registry {root_p}")
-    if v not in vs:
-        raise HsmlError(f"{name} has no version {v}", hint=f"versions: {vs}")
-    bdir = d / "versions" / str(v) / "model"
-    verify_bundle(bdir)
-    if bundle_digest(bdir) != _version_record(d, v)["digest"]:
-        raise HsmlError(f"{name}@{v} does not match its published digest; refusing to promote it")
-    with registry_lock(d):
-        reconcile(d)
-        al = _aliases(d)
-        prev = al.get(alias, {}).get("version")
-        ts = _now()
-        al[alias] = {"version": v, "since": ts}
-        atomic_write_json(d / "aliases.json", al)
-        event = {
-            "ts": ts,
-            "event": "promote",
-            "alias": alias,
-            "version": v,
-            "previous": prev,
-            "by": _user(),
-        }
-        _append_history(d, event)
-    run_file = _wandb_log(root_p, name, v, bdir, [alias, f"hsml-v{v}"], tracking, wandb_project, "promote")
-    if run_file:
-        event["wandb_run_file"] = run_file
-        with registry_lock(d):
-            _append_history(
-                d, {"ts": _now(), "event": "wandb", "version": v, "alias": alias, "run_file": run_file}
-            )
-    return event
-
-
-def history(
-    name: str,  # registry name
-    root: str | Path | None = None,  # registry directory
-) -> list[dict]:
-    "Every event of `name` in order (publish, promote, wandb), from the append-only history.jsonl."
-    d = registry_root(root) / _check_name(name)
-    f = d / "history.jsonl"
-    if not f.exists():
-        raise HsmlError(f"no model named {name!r} in the registry {registry_root(root)}")
-    return _read_history(d)
-
-
-def alias_history(
-    name: str,  # registry name
-    root: str | Path | None = None,  # registry directory
-) -> list[dict]:
-    "Which version held which alias, and when: rows {alias, version, from, until} (until None = still holds)."
-    rows: list[dict] = []
-    current: dict[str, dict] = {}
-    for e in history(name, root):
-        if e["event"] != "promote":
-            continue
-        if e["alias"] in current:
-            current[e["alias"]]["until"] = e["ts"]
-        row = {"alias": e["alias"], "version": e["version"], "from": e["ts"], "until": None}
-        rows.append(row)
-        current[e["alias"]] = row
-    return rows
-
-
+# %% ../nbs/31_registry.ipynb #cfe0dc3e
 def show(
     ref: str,  # NAME, NAME@VERSION or NAME@ALIAS
     root: str | Path | None = None,  # registry directory
@@ -616,7 +671,7 @@ def show(
         else None,
     }
 
-# %% ../nbs/31_registry.ipynb #0eb7e46e
+# %% ../nbs/31_registry.ipynb #0ff853f2
 registry_app = typer.Typer(
     help="Model registry: publish bundles as versions, move aliases, read the history.\n\n"
     "The registry is a directory: $HSML_REGISTRY (default ./registry) or --registry.\n\n"
@@ -635,7 +690,7 @@ def _fail(e: HsmlError) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(2)
 
-
+# %% ../nbs/31_registry.ipynb #8d780f8f
 @registry_app.command("list")
 def list_cmd(
     root: Path | None = _root_opt(), as_json: bool = typer.Option(False, "--json", help="print JSON")
@@ -656,7 +711,7 @@ def list_cmd(
         al = ", ".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) or "-"
         typer.echo(f"{r['name']:<30} {'v' + str(r['latest']):>6}  {len(r['versions']):>8}  {al}")
 
-
+# %% ../nbs/31_registry.ipynb #d5d36b20
 @registry_app.command("show")
 def show_cmd(
     ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME@ALIAS"),
@@ -682,12 +737,9 @@ def show_cmd(
     typer.echo(f"  path       {s['path']}")
     for k, v in ((s.get("metrics") or {}).get("test") or {}).items():
         if isinstance(v, dict) and "value" in v:
-            ci = [v.get("ci_low"), v.get("ci_high")]
-            ci_s = f" [{ci[0]:.4g}, {ci[1]:.4g}]" if all(isinstance(x, int | float) for x in ci) else ""
-            val = f"{v['value']:.4g}" if isinstance(v["value"], int | float) else str(v["value"])
-            typer.echo(f"  {k:<18} {val}{ci_s}")
+            typer.echo(f"  {k:<18} {Metric.of(v):.4g}")
 
-
+# %% ../nbs/31_registry.ipynb #93f1e085
 @registry_app.command("promote")
 def promote_cmd(
     name: str = typer.Argument(..., help="model name"),
@@ -707,7 +759,7 @@ def promote_cmd(
     prev = f" (was v{e['previous']})" if e["previous"] is not None else ""
     typer.echo(f"{name}@{alias} -> v{e['version']}{prev}")
 
-
+# %% ../nbs/31_registry.ipynb #0a00d91b
 @registry_app.command("history")
 def history_cmd(
     name: str = typer.Argument(..., help="model name"),
@@ -736,7 +788,7 @@ def history_cmd(
         if ev["event"] == "publish":
             typer.echo(f"published v{ev['version']} at {ev['ts']} from {ev['source']}")
 
-
+# %% ../nbs/31_registry.ipynb #cc7db38c
 @registry_app.command("publish")
 def publish_cmd(
     source: Path = typer.Argument(..., help="a run directory (with model/) or a bundle directory"),

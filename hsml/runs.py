@@ -34,6 +34,7 @@ from hsml.core import (
     remove_stale_temporaries,
     sha256_bytes,
     sha256_file,
+    to_date,
 )
 from .snapshots import snap_to_anchor
 from .tracking import TRACKING_MODES
@@ -119,25 +120,9 @@ def known_models() -> list[str]:
     try:
         from hsml import models
 
-        return sorted(models.list_models()["model"])
+        return sorted(models.model_types()["model"])
     except Exception:
         return list(BUILTIN_MODELS)
-
-
-def _date(name: str, v: Any) -> str:
-    "'' or an ISO date string (YAML dates accepted)."
-    if v is None or v == "":
-        return ""
-    if isinstance(v, dt.datetime):
-        v = v.date()
-    if isinstance(v, dt.date):
-        return v.isoformat()
-    try:
-        return dt.date.fromisoformat(str(v).strip()).isoformat()
-    except ValueError:
-        raise HsmlError(
-            f"{name}={v!r} is not a date", hint="write dates as YYYY-MM-DD, e.g. 2024-03-04"
-        ) from None
 
 
 def _int(name: str, v: Any, low: int = 0) -> int:
@@ -238,7 +223,7 @@ def validate_params(
     for k in ("sample_seed", "seed", "n_boot", "backtest_folds"):
         p[k] = _int(k, p[k], low=0)
     for k in ("as_of_start", "as_of_end", "test_from"):
-        p[k] = _date(k, p[k])
+        p[k] = "" if p[k] in (None, "") else to_date(p[k], k).isoformat()  # YAML dates accepted
     p["capacities"] = _capacities(p["capacities"])
     if p["tracking"] not in TRACKING_MODES:
         raise HsmlError(

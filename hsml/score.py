@@ -19,7 +19,7 @@ import typer
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
-from .core import HsmlError, atomic_path
+from .core import HsmlError, atomic_path, to_date
 
 # %% auto #0
 __all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'SCORE_KEYS', 'off_anchor_warning', 'outside_reason', 'population_split',
@@ -44,10 +44,7 @@ def _resolve_as_of(
         if tables.usage.is_empty():
             raise HsmlError("as_of='latest' needs usage data, and the usage table is empty")
         return data_end(tables, usage_period_days=period, usage_anchor_weekday=anchor)["latest_as_of"]
-    try:
-        return dt.date.fromisoformat(str(as_of))
-    except ValueError:
-        raise HsmlError(f"as_of={as_of!r} is not a date", hint="use YYYY-MM-DD, or 'latest'") from None
+    return to_date(as_of, "as_of (a date or 'latest')")
 
 # %% ../nbs/33_score.ipynb #3e4f4b53
 def off_anchor_warning(

@@ -12,31 +12,12 @@ from typing import Any
 
 import polars as pl
 
-from .core import HsmlError
+from .core import DateLike, HsmlError, to_date
 
 # %% auto #0
-__all__ = ['DateLike', 'WEEKDAYS', 'DAY_MS', 'OUTCOME_DATE', 'FIRST_EVENT_DATE', 'POPULATION_POLICIES', 'DEFAULT_POPULATION',
-           'Frame', 'to_date', 'as_of_grid', 'weekday_index', 'snap_to_anchor', 'is_on_anchor', 'period_end',
-           'period_end_day', 'PopulationPolicy', 'population_policy', 'get_population_policy', 'build_snapshots',
-           'data_end']
-
-# %% ../nbs/10_snapshots.ipynb #7fb27b941602401d91542211134fc71a
-DateLike = date | datetime | str
-
-
-def to_date(
-    value: DateLike,  # a date, a datetime (its date is used) or a `YYYY-MM-DD` string
-    name: str = "date",  # what the value is, for the error message
-) -> date:
-    "Coerce `value` to a `datetime.date`, or raise `HsmlError` naming the parameter."
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    try:
-        return date.fromisoformat(str(value))
-    except ValueError:
-        raise HsmlError(f"{name}: {value!r} is not a date", hint="use YYYY-MM-DD") from None
+__all__ = ['WEEKDAYS', 'DAY_MS', 'OUTCOME_DATE', 'FIRST_EVENT_DATE', 'POPULATION_POLICIES', 'DEFAULT_POPULATION', 'Frame',
+           'as_of_grid', 'weekday_index', 'snap_to_anchor', 'is_on_anchor', 'period_end', 'period_end_day',
+           'PopulationPolicy', 'population_policy', 'get_population_policy', 'build_snapshots', 'data_end']
 
 # %% ../nbs/10_snapshots.ipynb #8dd0d8092fe74a7c96281538738b07e2
 def as_of_grid(

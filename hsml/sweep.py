@@ -20,7 +20,7 @@ import polars as pl
 import yaml
 
 from . import runs
-from .core import HsmlError, atomic_path, atomic_write_text
+from .core import HsmlError, atomic_path, atomic_write_text, to_date
 from .tracking import NullTracker, Tracker, start_tracker
 
 # %% auto #0
@@ -157,7 +157,7 @@ def training_period(
     horizon_days: int,  # label horizon
 ) -> pl.DataFrame:
     "The rows a sweep may use: as_of < test_from - horizon_days."
-    cut = dt.date.fromisoformat(str(test_from)) - dt.timedelta(days=horizon_days)
+    cut = to_date(test_from, "test_from") - dt.timedelta(days=horizon_days)
     return frame.filter(pl.col("as_of") < cut)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, atomic_path, atomic_write_json
+from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, atomic_path, atomic_write_json, to_date
 
 # %% auto #0
 __all__ = ['EMPLOYEE_RANGES', 'CUSTOMERS_COLUMNS', 'NONCUSTOMERS_COLUMNS', 'USAGE_OBJECTS', 'USAGE_COLUMNS', 'FILES',
@@ -425,17 +425,6 @@ def _tables(
     return customers, noncustomers, counts
 
 # %% ../nbs/03_synth.ipynb #23616082
-def _as_date(x: date | str | None, what: str) -> date | None:
-    if x is None or (isinstance(x, date) and not hasattr(x, "hour")):
-        return x
-    if hasattr(x, "date"):  # a datetime (typer parses dates as datetimes)
-        return x.date()
-    try:
-        return date.fromisoformat(str(x))
-    except ValueError:
-        raise HsmlError(f"--{what}: {x!r} is not a date", hint="use YYYY-MM-DD") from None
-
-
 def _block_rng(seed: int, block: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(block,))))
 
@@ -480,8 +469,8 @@ def generate(
 ) -> dict[str, Path]:
     "Write the three CSV extracts of `DATA.md` (dirty, with a planted truth) to `out_dir`; return their paths by table."
     cfg = config or SynthConfig()
-    start = _as_date(start, "start")
-    end = _as_date(end, "end") or start + timedelta(weeks=DEFAULT_WEEKS)
+    start = to_date(start, "--start")  # typer hands over datetimes
+    end = to_date(end, "--end") if end is not None else start + timedelta(weeks=DEFAULT_WEEKS)
     if not isinstance(companies, int) or companies < 1:
         raise HsmlError(f"--companies must be a positive integer, got {companies!r}")
     span_days = (end - start).days

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Protocol
 import numpy as np
 import polars as pl
 import typer
+from fastcore.basics import patch
 
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
 from hsml.features import (
@@ -43,7 +44,7 @@ from hsml.snapshots import (
 __all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'usage_timing',
            'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame', 'features_build']
 
-# %% ../nbs/13_trainset.ipynb #5d257d4d
+# %% ../nbs/13_trainset.ipynb #c071aed1
 LEAD_COLUMNS = ["id", "as_of", "label", "conversion_mrr"]
 
 
@@ -71,7 +72,7 @@ def _column_digest(
         h.update(np.ascontiguousarray(v.to_numpy(), dtype=dtype).data)
     return h.digest()
 
-
+# %% ../nbs/13_trainset.ipynb #7dbbd1bc
 def content_hash(
     frame: pl.DataFrame,  # the training-set frame
     spec: list[dict],  # its feature spec entries
@@ -88,7 +89,7 @@ def content_hash(
         digests = list(pool.map(_column_digest, canon.get_columns()))
     return hashlib.sha256(head.encode() + b"".join(digests)).hexdigest()
 
-
+# %% ../nbs/13_trainset.ipynb #98463413
 @dataclass
 class TrainingSet:
     "A point-in-time training set: the frame, its feature spec, content hash, per-date summary and config."
@@ -110,61 +111,7 @@ class TrainingSet:
         "Feature columns, in order."
         return [s["name"] for s in self.spec]
 
-    def save(
-        self,
-        path: str
-        | Path,  # the .parquet file to write; feature_spec.json and <name>.manifest.json go beside it
-    ) -> Path:
-        "Write the Parquet file, `feature_spec.json` and the manifest (with the content hash) atomically."
-        path = Path(path)
-        if path.suffix != ".parquet":
-            raise HsmlError(f"{path}: a training set is written as a .parquet file")
-        with atomic_path(path) as tmp:
-            self.frame.write_parquet(tmp, statistics=True)
-        atomic_write_json(path.parent / "feature_spec.json", feature_spec_document(self.spec, self.timing))
-        atomic_write_json(manifest_path(path), self.manifest())
-        return path
-
-    def manifest(self) -> dict:
-        "The manifest written beside the Parquet file."
-        return {
-            "content_hash": self.content_hash,
-            "rows": self.frame.height,
-            "positives": int(self.frame["label"].sum()),
-            "features": len(self.spec),
-            "timing": self.timing,
-            "config": self.config,
-            "summary": [{**r, "as_of": str(r["as_of"])} for r in self.summary.to_dicts()],
-            "audit": self.audit,
-        }
-
-    @classmethod
-    def load(
-        cls,
-        path: str | Path,  # a .parquet written by `save`
-        verify: bool = True,  # recompute the content hash and refuse a modified file
-    ) -> TrainingSet:
-        "Read a saved training set back; the content hash is checked against the manifest."
-        path = Path(path)
-        spec_p, man_p = path.parent / "feature_spec.json", manifest_path(path)
-        for p in (path, spec_p, man_p):
-            if not p.exists():
-                raise HsmlError(
-                    f"{p} is missing", hint="write training sets with TrainingSet.save / hsml features build"
-                )
-        frame = pl.read_parquet(path)
-        raw, man = json.loads(spec_p.read_text()), json.loads(man_p.read_text())
-        spec, timing = read_feature_spec(raw)
-        h = content_hash(
-            frame, spec, None if isinstance(raw, list) else timing
-        )  # an old list: hashed without
-        if verify and h != man["content_hash"]:
-            raise HsmlError(f"{path}: content hash {h[:12]} does not match its manifest ({man['content_hash'][:12]})",
-                            hint="the file or its feature_spec.json was modified after it was written")  # fmt: skip
-        summary = _summary(frame)
-        return cls(frame, spec, h, summary, man.get("config", {}), man.get("audit"), timing)
-
-
+# %% ../nbs/13_trainset.ipynb #02de8096
 def manifest_path(path: str | Path) -> Path:
     "Where the manifest of the training set at `path` lives: `<name>.manifest.json` beside it."
     path = Path(path)
@@ -177,6 +124,62 @@ def _summary(frame: pl.DataFrame) -> pl.DataFrame:
         .agg(pl.len().alias("population"), pl.col("label").cast(pl.Int64).sum().alias("positives"))
         .sort("as_of")
     )
+
+# %% ../nbs/13_trainset.ipynb #c0edf97b
+@patch
+def save(
+    self: TrainingSet,
+    path: str | Path,  # the .parquet file to write; feature_spec.json and <name>.manifest.json go beside it
+) -> Path:
+    "Write the Parquet file, `feature_spec.json` and the manifest (with the content hash) atomically."
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise HsmlError(f"{path}: a training set is written as a .parquet file")
+    with atomic_path(path) as tmp:
+        self.frame.write_parquet(tmp, statistics=True)
+    atomic_write_json(path.parent / "feature_spec.json", feature_spec_document(self.spec, self.timing))
+    atomic_write_json(manifest_path(path), self.manifest())
+    return path
+
+# %% ../nbs/13_trainset.ipynb #e3006ad4
+@patch
+def manifest(self: TrainingSet) -> dict:
+    "The manifest written beside the Parquet file."
+    return {
+        "content_hash": self.content_hash,
+        "rows": self.frame.height,
+        "positives": int(self.frame["label"].sum()),
+        "features": len(self.spec),
+        "timing": self.timing,
+        "config": self.config,
+        "summary": [{**r, "as_of": str(r["as_of"])} for r in self.summary.to_dicts()],
+        "audit": self.audit,
+    }
+
+# %% ../nbs/13_trainset.ipynb #dd216683
+@patch(cls_method=True)
+def load(
+    cls: TrainingSet,
+    path: str | Path,  # a .parquet written by `save`
+    verify: bool = True,  # recompute the content hash and refuse a modified file
+) -> TrainingSet:
+    "Read a saved training set back; the content hash is checked against the manifest."
+    path = Path(path)
+    spec_p, man_p = path.parent / "feature_spec.json", manifest_path(path)
+    for p in (path, spec_p, man_p):
+        if not p.exists():
+            raise HsmlError(
+                f"{p} is missing", hint="write training sets with TrainingSet.save / hsml features build"
+            )
+    frame = pl.read_parquet(path)
+    raw, man = json.loads(spec_p.read_text()), json.loads(man_p.read_text())
+    spec, timing = read_feature_spec(raw)
+    h = content_hash(frame, spec, None if isinstance(raw, list) else timing)  # an old list: hashed without
+    if verify and h != man["content_hash"]:
+        raise HsmlError(f"{path}: content hash {h[:12]} does not match its manifest ({man['content_hash'][:12]})",
+                        hint="the file or its feature_spec.json was modified after it was written")  # fmt: skip
+    summary = _summary(frame)
+    return cls(frame, spec, h, summary, man.get("config", {}), man.get("audit"), timing)
 
 # %% ../nbs/13_trainset.ipynb #ee6c7fb9
 def usage_timing(
@@ -222,7 +225,34 @@ class TablesLike(Protocol):
 
     def companies(self) -> pl.DataFrame: ...
 
+# %% ../nbs/13_trainset.ipynb #8e9e5fbc
+def _build_config(
+    tables: Any,  # the tables (their data fingerprints are recorded)
+    dates: list,  # the as-of grid
+    as_of_end: DateLike,  # the requested last as-of date
+    every_days: int,  # days between as-of dates
+    horizon_days: int,  # label window
+    feature_set: str | list[str],  # feature set name or feature names
+    names: list[str],  # the resolved feature names
+    population: str,  # population policy
+    timing: dict,  # usage period and anchor
+) -> dict:
+    "How a training set was built: the `config` of its manifest."
+    return {
+        "as_of_start": str(dates[0]),
+        "as_of_end": str(to_date(as_of_end, "as_of_end")),
+        "every_days": every_days,
+        "horizon_days": horizon_days,
+        "as_of_dates": [str(d) for d in dates],
+        "feature_set": feature_set if isinstance(feature_set, str) else None,
+        "features": names,
+        "population": population,
+        **timing,
+        "off_anchor_as_of": [str(d) for d in dates if not is_on_anchor(d, timing["usage_anchor_weekday"])],
+        "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
+    }
 
+# %% ../nbs/13_trainset.ipynb #2b994cf6
 def build_training_set(
     tables: TablesLike,  # clean tables (hsml.contracts.Tables)
     as_of_start: DateLike,  # first as-of date
@@ -264,19 +294,9 @@ def build_training_set(
         if audit:
             report = audit_training_set(frame, names, outcomes=companies, horizon_days=horizon_days,
                                         recompute=past_only(companies, usage, names, period), auc_threshold=auc_threshold, allow=allow)  # fmt: skip
-    config = {
-        "as_of_start": str(dates[0]),
-        "as_of_end": str(to_date(as_of_end, "as_of_end")),
-        "every_days": every_days,
-        "horizon_days": horizon_days,
-        "as_of_dates": [str(d) for d in dates],
-        "feature_set": feature_set if isinstance(feature_set, str) else None,
-        "features": names,
-        "population": population,
-        **timing,
-        "off_anchor_as_of": [str(d) for d in dates if not is_on_anchor(d, timing["usage_anchor_weekday"])],
-        "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
-    }
+    config = _build_config(
+        tables, dates, as_of_end, every_days, horizon_days, feature_set, names, population, timing
+    )
     return TrainingSet(frame, spec, hashed.result(), _summary(frame), config,
                        report.to_dict() if report else None, timing)  # fmt: skip
 
@@ -304,7 +324,7 @@ def scoring_frame(
     )
     return compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
 
-# %% ../nbs/13_trainset.ipynb #a63ed4c0
+# %% ../nbs/13_trainset.ipynb #c4e9c1c1
 features_app = typer.Typer(
     help="Build point-in-time training sets.\n\n"
     "Example: hsml features build --data-dir data/sample --as-of-start 2019-07-01 --as-of-end 2020-03-30 "
@@ -319,7 +339,40 @@ features_app = typer.Typer(
 def _features() -> None:
     "Build point-in-time training sets (population, labels, features, leakage audit)."
 
+# %% ../nbs/13_trainset.ipynb #51a1ae7e
+def _cli_tables(
+    data_dir: Path | None,  # --data-dir
+    catalog: Path | None,  # --catalog
+    engine: str,  # --engine
+) -> Any:
+    "Check the source options, load the tables and print where the data ends."
+    from hsml.contracts import load_tables
 
+    if (data_dir is None) == (catalog is None):
+        raise HsmlError("give exactly one of --data-dir and --catalog")
+    source = data_dir if data_dir is not None else catalog
+    if not Path(source).exists():
+        raise HsmlError(f"{source} does not exist")
+    if engine not in ("local", "ray"):
+        raise HsmlError(f"unknown engine {engine!r}", hint="use local or ray")
+    tables = load_tables(source)
+    end = data_end(tables)
+    typer.echo(f"data: last usage stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}, "
+               f"data ends {end['data_end']}; usage every {end['usage_period_days']} days on "
+               f"{end['usage_anchor_weekday']}s")  # fmt: skip
+    for w in end["warnings"]:
+        typer.echo(f"! {w}")
+    return tables
+
+
+def _echo_summary(ts: TrainingSet) -> None:
+    "The population and positives per as-of date, then the total."
+    typer.echo(f"{'as_of':<12}{'population':>12}{'positives':>11}")
+    for r in ts.summary.iter_rows(named=True):
+        typer.echo(f"{r['as_of']!s:<12}{r['population']:>12}{r['positives']:>11}")
+    typer.echo(f"{'total':<12}{ts.frame.height:>12}{int(ts.frame['label'].sum()):>11}")
+
+# %% ../nbs/13_trainset.ipynb #4efb4b9c
 @features_app.command("build")
 def features_build(
     out: Annotated[
@@ -354,22 +407,7 @@ def features_build(
     \b
         hsml features build --data-dir data/sample --as-of-start 2019-07-01 --as-of-end 2020-03-30 --every-days 7 --horizon-days 56 --out data/train.parquet
     """
-    from hsml.contracts import load_tables
-
-    if (data_dir is None) == (catalog is None):
-        raise HsmlError("give exactly one of --data-dir and --catalog")
-    source = data_dir if data_dir is not None else catalog
-    if not Path(source).exists():
-        raise HsmlError(f"{source} does not exist")
-    if engine not in ("local", "ray"):
-        raise HsmlError(f"unknown engine {engine!r}", hint="use local or ray")
-    tables = load_tables(source)
-    end = data_end(tables)
-    typer.echo(f"data: last usage stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}, "
-               f"data ends {end['data_end']}; usage every {end['usage_period_days']} days on "
-               f"{end['usage_anchor_weekday']}s")  # fmt: skip
-    for w in end["warnings"]:
-        typer.echo(f"! {w}")
+    tables = _cli_tables(data_dir, catalog, engine)
     dates = (
         to_date(as_of_start, "--as-of-start"),
         to_date(as_of_end, "--as-of-end"),
@@ -384,10 +422,7 @@ def features_build(
         )
     else:
         ts = build_training_set(tables, *dates, feature_set=feature_set, population=population)
-    typer.echo(f"{'as_of':<12}{'population':>12}{'positives':>11}")
-    for r in ts.summary.iter_rows(named=True):
-        typer.echo(f"{r['as_of']!s:<12}{r['population']:>12}{r['positives']:>11}")
-    typer.echo(f"{'total':<12}{ts.frame.height:>12}{int(ts.frame['label'].sum()):>11}")
+    _echo_summary(ts)
     path = ts.save(out)
     typer.echo(
         f"leakage audit: OK (strongest single-feature AUC {ts.audit['max_single_feature_auc'] or 0:.3f})"
