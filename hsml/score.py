@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import typer
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns 'IProgress not found' without ipywidgets
 
 from .bundle import Bundle
 from .core import HsmlError, atomic_path

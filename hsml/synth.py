@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns 'IProgress not found' without ipywidgets
 
 from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, atomic_path, atomic_write_json
 
