@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import typer
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns 'IProgress not found' without ipywidgets
 
 from .bundle import Bundle
 from .core import HsmlError, atomic_path, to_date
@@ -314,7 +314,7 @@ def add_arms(
     i = cols.index("decile") + 1
     return out.select(*cols[:i], "experiment", "arm", *cols[i:])
 
-# %% ../nbs/33_score.ipynb #706fd1e8
+# %% ../nbs/33_score.ipynb #504fb2a444614c0babb325280ed9130a
 def prediction_log(
     frame: pl.DataFrame,  # score_frame output, with add_arms' columns when in an experiment
     holdout_share: float | None = None,  # the experiment's design share (logged with each line)
@@ -341,7 +341,7 @@ def prediction_log(
         holdout_share=pl.lit(holdout_share if arms else None, pl.Float64),
     )
 
-
+# %% ../nbs/33_score.ipynb #8a65eabff63a45729fe45fb5ade58bdc
 def log_scores(
     frame: pl.DataFrame,  # score_frame output (with arms when in an experiment)
     path: str | Path,  # the JSONL log, appended to (created with its directory)

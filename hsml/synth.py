@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns 'IProgress not found' without ipywidgets
 
 from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, atomic_path, atomic_write_json, to_date
 
 # %% auto #0
 __all__ = ['EMPLOYEE_RANGES', 'CUSTOMERS_COLUMNS', 'NONCUSTOMERS_COLUMNS', 'USAGE_OBJECTS', 'USAGE_COLUMNS', 'FILES',
            'DEFAULT_START', 'DEFAULT_WEEKS', 'INDUSTRIES', 'JUNK_INDUSTRY_LABELS', 'INDUSTRY_STYLES', 'INDUSTRY_LABELS',
-           'BLOCK', 'SynthConfig', 'generate']
+           'BLOCK', 'CSV_FORMAT', 'SynthConfig', 'generate']
 
 # %% ../nbs/03_synth.ipynb #e1b0f3a0
 EMPLOYEE_RANGES: list[str] = EMPLOYEE_LEVELS  # ordered size buckets, as in DATA.md (hsml.core)
@@ -360,13 +360,12 @@ def _label_counts(df: pl.DataFrame) -> dict[str, int]:
             out[f"industry_{s_}"] = n_
     return {k: int(v) for k, v in out.items()}
 
-# %% ../nbs/03_synth.ipynb #df859410
-def _tables(
+# %% ../nbs/03_synth.ipynb #cb1e1581032b452c9409d6c6813c49d1
+def _customers(
     rng: np.random.Generator, c: dict, ids: np.ndarray, start: date, end: date, n_weeks: int, cfg: SynthConfig
-) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    "customers and noncustomers rows of one block, dirt included, rows shuffled."
+) -> tuple[pl.DataFrame, dict]:
+    "customers rows of one block: CLOSEDATE, MRR (a few zero or negative), a later second deal for some; shuffled."
     cust = np.flatnonzero(c["is_cust"])
-    pros = np.flatnonzero(~c["is_cust"])
     nc = len(cust)
     # customers: CLOSEDATE, MRR; a few non-positive
     cents = np.rint(np.exp(rng.normal(np.log(250) + 0.25 * c["emp"][cust], 0.8)) * 100).astype(np.int64)
@@ -395,7 +394,18 @@ def _tables(
         ]
     )
     customers = customers[rng.permutation(customers.height)].select(CUSTOMERS_COLUMNS)
-    # noncustomers: prospects, some listed twice, plus stale rows of some customers
+    counts = {"customers_rows": customers.height, "customers_unique": nc, "dup_within_customers": kd,
+              "mrr_zero": k0, "mrr_negative": kneg}  # fmt: skip
+    return customers, counts
+
+# %% ../nbs/03_synth.ipynb #db7b79bc585a40fcaf58bf750017e135
+def _noncustomers(
+    rng: np.random.Generator, c: dict, ids: np.ndarray, n_weeks: int, cfg: SynthConfig
+) -> tuple[pl.DataFrame, dict]:
+    "noncustomers rows of one block: prospects, some listed twice (half exact copies), stale rows of some customers; shuffled."
+    cust = np.flatnonzero(c["is_cust"])
+    pros = np.flatnonzero(~c["is_cust"])
+    nc = len(cust)
     npros = len(pros)
     kp = _k(cfg.dup_noncustomers, npros)
     dp = rng.choice(npros, size=kp, replace=False) if kp else np.zeros(0, np.int64)
@@ -408,18 +418,18 @@ def _tables(
     copies = g1[np.sort(dp[exact])] if exact.any() else g1.clear()
     noncustomers = pl.concat([g1, copies, g2, g3])
     noncustomers = noncustomers[rng.permutation(noncustomers.height)].select(NONCUSTOMERS_COLUMNS)
-    counts = {
-        "customers_rows": customers.height,
-        "customers_unique": nc,
-        "dup_within_customers": kd,
-        "mrr_zero": k0,
-        "mrr_negative": kneg,
-        "noncustomers_rows": noncustomers.height,
-        "noncustomers_unique": npros,
-        "dup_within_noncustomers": kp,
-        "dup_within_noncustomers_exact": int(exact.sum()),
-        "dup_across": ka,
-    }
+    counts = {"noncustomers_rows": noncustomers.height, "noncustomers_unique": npros,
+              "dup_within_noncustomers": kp, "dup_within_noncustomers_exact": int(exact.sum()), "dup_across": ka}  # fmt: skip
+    return noncustomers, counts
+
+# %% ../nbs/03_synth.ipynb #f6fa52606d8c4a75a9b52967216f8f3f
+def _tables(
+    rng: np.random.Generator, c: dict, ids: np.ndarray, start: date, end: date, n_weeks: int, cfg: SynthConfig
+) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    "customers and noncustomers rows of one block, dirt included, rows shuffled; the counts of each kind of dirt."
+    customers, counts = _customers(rng, c, ids, start, end, n_weeks, cfg)
+    noncustomers, more = _noncustomers(rng, c, ids, n_weeks, cfg)
+    counts |= more
     for name, df in (("customers", customers), ("noncustomers", noncustomers)):
         counts |= {f"{name}_{k}": v for k, v in _label_counts(df).items()}
     return customers, noncustomers, counts
@@ -455,20 +465,17 @@ def _solve_density(p: np.ndarray, target_per_company: float) -> float:
         lo, hi = (mid, hi) if expected(mid) < target_per_company else (lo, mid)
     return math.sqrt(lo * hi)
 
-# %% ../nbs/03_synth.ipynb #1dfeb871
-def generate(
-    out_dir: str | Path,  # directory to write customers.csv, noncustomers.csv, usage_actions.csv into
-    companies: int = 5200,  # total companies; about `customer_share` (4%) of them convert
-    seed: int = 0,  # same seed (and arguments) -> byte-identical files
-    start: date | str = DEFAULT_START,  # first usage week (a Monday is best)
-    end: date | str | None = None,  # last day of data; default `start` + 80 weeks
-    usage_rows: int | None = None,  # about how many usage rows to write (default: real sparsity, ~5/company)
-    density: float | None = None,  # or the activity density itself (1 = default; `usage_rows` wins)
-    config: SynthConfig | None = None,  # rates and shares of the dirt and the behaviours
-    progress: bool | None = None,  # tqdm progress bar; default: on for >= 100k companies on a terminal
-) -> dict[str, Path]:
-    "Write the three CSV extracts of `DATA.md` (dirty, with a planted truth) to `out_dir`; return their paths by table."
-    cfg = config or SynthConfig()
+# %% ../nbs/03_synth.ipynb #acae54e37e7d407bbb7b55eff062a284
+def _plan(
+    companies: int,  # total companies
+    seed: int,  # the run's seed
+    start: date | str,  # first usage week
+    end: date | str | None,  # last day of data; None: `start` + DEFAULT_WEEKS
+    usage_rows: int | None,  # about how many usage rows to write (solves the density)
+    density: float | None,  # or the activity density itself
+    cfg: SynthConfig,  # rates and shares
+) -> tuple[date, date, int, list[int], float]:
+    "(start, end, weeks, companies per block, density) of a run, its arguments checked."
     start = to_date(start, "--start")  # typer hands over datetimes
     end = to_date(end, "--end") if end is not None else start + timedelta(weeks=DEFAULT_WEEKS)
     if not isinstance(companies, int) or companies < 1:
@@ -495,6 +502,56 @@ def generate(
     density = 1.0 if density is None else float(density)
     if density <= 0:
         raise HsmlError(f"density must be positive, got {density}")
+    return start, end, n_weeks, sizes, density
+
+# %% ../nbs/03_synth.ipynb #72eea5119410473aa328ad9291626812
+CSV_FORMAT = dict(date_format="%Y-%m-%d", datetime_format="%Y-%m-%d %H:%M:%S%.3f", null_value="")  # DATA.md
+
+
+def _write_block(
+    fh: dict,  # open binary files by table (customers, noncustomers, usage)
+    seed: int,  # the run's seed
+    b: int,  # block number (its random stream)
+    bids: np.ndarray,  # the block's company ids
+    start: date,  # first usage week
+    end: date,  # last day of data
+    n_weeks: int,  # weeks in the span
+    density: float,  # activity density
+    cfg: SynthConfig,  # rates and shares
+) -> dict[str, int]:
+    "Make block `b` and append its rows to `fh` (header with block 0); its counts of rows and dirt."
+    n = len(bids)
+    rng, c, p, level = _block(seed, b, n, n_weeks, (end - start).days, cfg)
+    active = rng.random(p.shape) < _densify(p, density)
+    del p
+    usage = _usage(rng, c, active, level, bids, start)
+    customers, noncustomers, counts = _tables(rng, c, bids, start, end, n_weeks, cfg)
+    post = active & (np.arange(n_weeks)[None, :] * 7 >= c["conv_day"][:, None]) & c["is_cust"][:, None]
+    counts |= {
+        "usage_rows": usage.height,
+        "usage_rows_customers_pre": int((active & c["is_cust"][:, None]).sum()) - int(post.sum()),
+        "usage_rows_customers_post": int(post.sum()),
+        "companies_without_usage": int((~active.any(axis=1)).sum()),
+    }
+    for t, df in (("customers", customers), ("noncustomers", noncustomers), ("usage", usage)):
+        df.write_csv(fh[t], include_header=b == 0, **CSV_FORMAT)
+    return counts
+
+# %% ../nbs/03_synth.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+def generate(
+    out_dir: str | Path,  # directory to write customers.csv, noncustomers.csv, usage_actions.csv into
+    companies: int = 5200,  # total companies; about `customer_share` (4%) of them convert
+    seed: int = 0,  # same seed (and arguments) -> byte-identical files
+    start: date | str = DEFAULT_START,  # first usage week (a Monday is best)
+    end: date | str | None = None,  # last day of data; default `start` + 80 weeks
+    usage_rows: int | None = None,  # about how many usage rows to write (default: real sparsity, ~5/company)
+    density: float | None = None,  # or the activity density itself (1 = default; `usage_rows` wins)
+    config: SynthConfig | None = None,  # rates and shares of the dirt and the behaviours
+    progress: bool | None = None,  # tqdm progress bar; default: on for >= 100k companies on a terminal
+) -> dict[str, Path]:
+    "Write the three CSV extracts of `DATA.md` (dirty, with a planted truth) to `out_dir`; return their paths by table."
+    cfg = config or SynthConfig()
+    start, end, n_weeks, sizes, density = _plan(companies, seed, start, end, usage_rows, density, cfg)
     ids = _ids(seed, companies)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -502,7 +559,6 @@ def generate(
     totals: dict[str, int] = {}
     if progress is None:
         progress = companies >= 100_000 and sys.stderr.isatty()
-    fmt = dict(date_format="%Y-%m-%d", datetime_format="%Y-%m-%d %H:%M:%S%.3f", null_value="")
     with contextlib.ExitStack() as stack:
         tmp = {t: stack.enter_context(atomic_path(p)) for t, p in paths.items()}
         fh = {t: stack.enter_context(open(p, "wb")) for t, p in tmp.items()}
@@ -510,40 +566,16 @@ def generate(
             tqdm(total=companies, unit=" companies", disable=not progress, desc="generate")
         )
         for b, n in enumerate(sizes):
-            rng, c, p, level = _block(seed, b, n, n_weeks, span_days, cfg)
-            active = rng.random(p.shape) < _densify(p, density)
-            del p
-            bids = ids[b * BLOCK : b * BLOCK + n]
-            usage = _usage(rng, c, active, level, bids, start)
-            customers, noncustomers, counts = _tables(rng, c, bids, start, end, n_weeks, cfg)
-            post = (
-                active & (np.arange(n_weeks)[None, :] * 7 >= c["conv_day"][:, None]) & c["is_cust"][:, None]
+            counts = _write_block(
+                fh, seed, b, ids[b * BLOCK : b * BLOCK + n], start, end, n_weeks, density, cfg
             )
-            counts |= {
-                "usage_rows": usage.height,
-                "usage_rows_customers_pre": int((active & c["is_cust"][:, None]).sum()) - int(post.sum()),
-                "usage_rows_customers_post": int(post.sum()),
-                "companies_without_usage": int((~active.any(axis=1)).sum()),
-            }
-            for t, df in (("customers", customers), ("noncustomers", noncustomers), ("usage", usage)):
-                df.write_csv(fh[t], include_header=b == 0, **fmt)
             for k, v in counts.items():
                 totals[k] = totals.get(k, 0) + v
-            del usage, active, level
             bar.update(n)
         for f in fh.values():
             f.close()
-    manifest = {
-        "generator": "hsml.synth.generate",
-        "companies": companies,
-        "seed": seed,
-        "start": str(start),
-        "end": str(end),
-        "weeks": n_weeks,
-        "density": density,
-        "config": asdict(cfg),
-        "counts": totals,
-    }
+    manifest = {"generator": "hsml.synth.generate", "companies": companies, "seed": seed, "start": str(start),
+                "end": str(end), "weeks": n_weeks, "density": density, "config": asdict(cfg), "counts": totals}  # fmt: skip
     atomic_write_json(out / "synth_manifest.json", manifest)
     return paths
 

@@ -235,3 +235,14 @@ def test_planted_truth(tmp_path: Path, seed: int) -> None:
     honest, leaky = _honest_and_leaky_auc(tmp_path)
     assert 0.68 < honest < 0.9, honest  # real but imperfect signal, point in time
     assert leaky > 0.95, leaky  # summing all usage (post-conversion jump) looks suspiciously good
+
+
+def test_import_in_a_kernel_prints_no_iprogress_warning() -> None:
+    "tqdm.auto warns 'IProgress not found' at import in a Jupyter kernel without ipywidgets (not a dependency)."
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import hsml.synth, hsml.score")])
+    NotebookClient(nb, kernel_name="python3", timeout=300).execute()
+    text = "".join(o.get("text", "") for o in nb.cells[0].outputs)
+    assert "IProgress" not in text, text
