@@ -5,6 +5,7 @@
 # %% ../nbs/02_contracts.ipynb #3bfc9b59
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import shutil
@@ -246,7 +247,9 @@ class Policy:
     industry_typo_cutoff: float = 0.88  # difflib ratio for accepting an industry typo
     max_quarantine_fraction: float = 0.5  # above this share of quarantined rows a table is not usable
     chunk_rows: int = 1_000_000  # usage rows parsed at a time (memory: about 250 bytes a row)
-    companies_per_bucket: int = 100_000  # the cross-row rules run on id ranges of this many companies
+    companies_per_bucket: int = (
+        50_000  # the cross-row rules run on id ranges of this many companies (~2.5M usage rows)
+    )
     usage_in_memory_rows: int = (
         10_000_000  # above this many clean usage rows, `Tables.usage` is a lazy Parquet scan
     )
@@ -643,14 +646,13 @@ def _timing_counts(
     usage: pl.DataFrame | pl.LazyFrame,  # clean usage rows of whole companies (one bucket, or all)
     time: str = "WHEN_TIMESTAMP",  # stamp column
     key: str = "id",  # company column
+    is_sorted: bool = False,  # already sorted by (key, time): skip the sort
 ) -> dict[str, Any]:
     "What `_usage_timing` needs, as counts that add up across buckets of companies: gap and weekday counts, stamps."
     u = usage.lazy().select(pl.col(key), pl.col(time).cast(pl.Datetime("ms"))).collect()
-    gaps = (
-        u.sort(key, time)
-        .select((pl.col(time).diff().over(key).dt.total_milliseconds() / 86_400_000).round().alias("gap"))
-        .filter(pl.col("gap") > 0)
-    )
+    u = u if is_sorted else u.sort(key, time)
+    gap = (pl.col(time).diff().dt.total_milliseconds() / 86_400_000).round()
+    gaps = u.select(gap=pl.when(pl.col(key) == pl.col(key).shift(1)).then(gap)).filter(pl.col("gap") > 0)
     return {"gaps": gaps.group_by("gap").len(), "days": u.select(day=pl.col(time).dt.weekday()).group_by("day").len(),
             "stamps": u.height}  # fmt: skip
 
@@ -855,6 +857,12 @@ def _buckets(
     return s.gather([s.len() * j // k for j in range(1, k)]) if k > 1 else s.head(0)
 
 # %% ../nbs/02_contracts.ipynb #5a1e0c04
+_USAGE_SCHEMA = copy.deepcopy(
+    CLEAN_SCHEMAS["usage"]
+)  # the clean contract; its key is checked on the sorted rows, cheaper
+_USAGE_SCHEMA.unique = None
+
+
 def _usage_bucket(
     files: list[Path],  # one bucket's typed rows (whole companies: an id range)
     known: pl.Series,  # ids of the clean companies (imploded)
@@ -871,12 +879,13 @@ def _usage_bucket(
     rej.append(u.filter(dup).select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
     clean = u.filter(~dup.fill_null(False)).select(_USAGE_COLS)
     del u
-    CLEAN_SCHEMAS["usage"].validate(clean)  # the contract on the output: a failure here is a bug
+    _USAGE_SCHEMA.validate(clean)  # the contract on the output: a failure here is a bug
+    assert not clean.select((same("id") & same("WHEN_TIMESTAMP")).any()).item(), "usage: a duplicate key left"
     post = clean.join(closed, on="id").filter(
         pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms"))
     )
     clean.write_parquet(out, **_SPOOL)
-    return pl.concat(rej), clean.height, post.height, _timing_counts(clean)
+    return pl.concat(rej), clean.height, post.height, _timing_counts(clean, is_sorted=True)
 
 # %% ../nbs/02_contracts.ipynb #5a1e0c05
 def _validate_usage(
