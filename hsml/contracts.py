@@ -157,14 +157,14 @@ INDUSTRY_SYNONYMS: dict[str, list[str]] = {
 }  # fmt: skip
 _NA_INDUSTRY = {"N_A", "NA", "NONE", "NULL", "NAN", "UNKNOWN", "TBD", "NOT_SET", "UNDEFINED"}
 
-
+# %% ../nbs/02_contracts.ipynb #858a3ba3b
 def fold_label(
     label: str,  # a raw label, e.g. "Marketing & Advertising"
 ) -> str:
     "Fold case and punctuation: upper-case words joined by `_` (`&` is read as `and`)."
     return "_".join(re.findall(r"[A-Z0-9]+", label.upper().replace("&", " AND ")))
 
-
+# %% ../nbs/02_contracts.ipynb #858a3ba3c
 def edit_distance(a: str, b: str) -> int:
     "Optimal-string-alignment distance: insertions, deletions, substitutions and adjacent swaps."
     prev2, prev = None, list(range(len(b) + 1))
@@ -177,7 +177,7 @@ def edit_distance(a: str, b: str) -> int:
         prev2, prev = prev, cur
     return prev[-1]
 
-
+# %% ../nbs/02_contracts.ipynb #858a3ba3d
 def _match_key(folded: str) -> str:
     return "_".join(w for w in folded.split("_") if w != "AND")
 
@@ -288,7 +288,7 @@ class TableReport:
             "issues": [i.to_dict() for i in self.issues],
         }
 
-
+# %% ../nbs/02_contracts.ipynb #8ab9e100b
 @dataclass
 class Report:
     "The validation report of the three tables: `to_dict()` is `hsml data check --json`."
@@ -529,7 +529,7 @@ def _check_header(table: str, columns: list[str], name: str) -> None:
             hint=f"{table} needs the columns {', '.join(c.name for c in RAW_CONTRACTS[table])}",
         )
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64b
 def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.DataFrame:
     "Strip and parse every contract column in one pass; stop on unparseable required values."
     specs = RAW_CONTRACTS[table]
@@ -566,7 +566,7 @@ def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.Da
             ctx.issue(c.name, "missing_value", int(blank[c.name].sum()), "set null")
     return parsed.select("_row", "_line", *[c.name for c in specs])
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64c
 def _normalise_company(df: pl.DataFrame, ctx: _Ctx, policy: Policy) -> pl.DataFrame:
     "Rank sentinel, employee range enum, industry folding, MRR sign."
     rank = pl.col("ALEXA_RANK")
