@@ -125,3 +125,18 @@ def test_scoring_from_the_lazy_scan_gives_the_same_list(dirty, tmp_path):
     eager = score_frame(b, tb, "latest", progress=False)
     lazy = score_frame(b, load_tables(dirty, Policy(usage_in_memory_rows=0)), "latest", progress=False)
     assert eager.height > 0 and eager.equals(lazy)
+
+
+def test_batch_benchmark_smoke(tmp_path):
+    "benchmarks/batch.py on a few hundred prospects: the keys `benchmarks/serve.py` reads."
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_batch", Path(__file__).parents[1] / "benchmarks" / "batch.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.run_batch_end_to_end(rows=400, work=tmp_path, train_companies=600)
+    assert r["batch_end_to_end_rows_per_s"] > 0 and r["list_rows"] > 0
+    assert {"read_contracts_s", "score_frame_s", "write_s", "load_avg"} <= set(r)
