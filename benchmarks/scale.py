@@ -18,7 +18,16 @@ One JSON line per size:
 `ray_start_s`, apart. `ray_worker_peak_mib` is the largest peak resident memory of any worker process. The
 machine is shared: the 1-minute load average is printed beside the times.
 
+With --ingest it measures instead the streaming ingestion and the local build from the raw CSVs, each command in
+its own process watched with psutil (peak resident memory sampled every 0.1 s; the process is killed above
+--limit-mib so a run that would not fit cannot take the shared machine's memory):
+
+    {"usage_rows": ..., "csv_bytes": ..., "data_check_s": ..., "data_check_peak_mib": ...,
+     "features_build_s": ..., "features_build_peak_mib": ..., "train_rows": ..., "as_of_dates": ...,
+     "limit_mib": ..., "goal_peak_mib": 4096, "load_avg": [1, 5, 15 min]}
+
 Usage: python benchmarks/scale.py [--sizes 5M] [--big] [--partitions 4] [--cpus 2] [--data-root DIR]
+       python benchmarks/scale.py --ingest [--sizes 5M] [--big] [--every-days 7] [--limit-mib 6000]
 """
 
 from __future__ import annotations
@@ -90,6 +99,77 @@ def spawn(which: str, d: Path, partitions: int, cpus: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def watched(cmd: list[str], limit_mib: float) -> dict:
+    "Run `cmd`; its wall seconds, peak resident MiB (the process and its children, sampled), exit code, and output."
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})  # fmt: skip
+    ps, peak, killed = psutil.Process(proc.pid), 0.0, False
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
+        except psutil.Error:
+            rss = 0.0
+        peak = max(peak, rss)
+        if rss > limit_mib:
+            proc.kill()
+            killed = True
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    return {"seconds": time.perf_counter() - t0, "peak_mib": peak, "code": proc.returncode, "killed": killed,
+            "stdout": out, "stderr": err}  # fmt: skip
+
+
+def ingest(n: int, root: Path, every_days: int, limit_mib: float) -> dict:
+    "`hsml data check` and `hsml features build` on the raw CSVs of `n` usage rows, each watched."
+    from hsml import synth
+
+    b = snapshots_bench()
+    raw = root / f"rows_{n}" / "csv"
+    if not (raw / "usage_actions.csv").exists():
+        synth.generate(raw, companies=max(n // 50, 100), seed=0, usage_rows=n)
+    exe = str(Path(sys.executable).parent / "hsml")
+    chk = watched([exe, "data", "check", str(raw), "--json"], limit_mib)
+    out = root / f"rows_{n}" / "train" / "train.parquet"
+    build = watched([exe, "features", "build", "--data-dir", str(raw), "--as-of-start", b.AS_OF_START,
+                     "--as-of-end", b.AS_OF_END, "--every-days", str(every_days), "--horizon-days", str(b.HORIZON),
+                     "--out", str(out)], limit_mib)  # fmt: skip
+    rows = None
+    if build["code"] == 0:
+        import polars as pl
+
+        rows = pl.scan_parquet(out).select(pl.len()).collect().item()
+    rep = json.loads(chk["stdout"]) if chk["code"] in (0, 2) and chk["stdout"].strip() else {}
+    line = {
+        "usage_rows": rep.get("usage", {}).get("rows_in"),
+        "csv_bytes": sum(f.stat().st_size for f in raw.glob("*.csv")),
+        "data_check_s": round(chk["seconds"], 1),
+        "data_check_peak_mib": round(chk["peak_mib"]),
+        "data_check_exit": chk["code"],
+        "features_build_s": round(build["seconds"], 1),
+        "features_build_peak_mib": round(build["peak_mib"]),
+        "features_build_exit": build["code"],
+        "train_rows": rows,
+        "as_of_dates": len(range(0, (_days(b.AS_OF_END) - _days(b.AS_OF_START)) + 1, every_days)),
+        "killed_above_limit": [k for k, r in (("data_check", chk), ("features_build", build)) if r["killed"]],
+        "limit_mib": limit_mib,
+        "goal_peak_mib": 4096,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+    for k, r in (("data_check", chk), ("features_build", build)):
+        if r["code"] != 0 and not r["killed"]:
+            line[f"{k}_error"] = r["stderr"].strip()[-500:]
+    return line
+
+
+def _days(d: str) -> int:
+    import datetime as dt
+
+    return dt.date.fromisoformat(d).toordinal()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5M", help="usage-row counts, e.g. 1M,5M")
@@ -97,6 +177,13 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4, help="partitions of the Ray build")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--data-root", default="/tmp/hsml_bench", help="where generated data is cached")
+    ap.add_argument(
+        "--ingest", action="store_true", help="measure data check and features build from the CSVs"
+    )
+    ap.add_argument("--every-days", type=int, default=7, help="with --ingest: days between as-of dates")
+    ap.add_argument(
+        "--limit-mib", type=float, default=6000, help="with --ingest: kill a command above this RSS"
+    )
     ap.add_argument("--child", choices=["local", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -107,6 +194,10 @@ def main() -> None:
     sizes = sorted({b.parse_size(s) for s in a.sizes.split(",")} | ({50_000_000} if a.big else set()))
     root = Path(a.data_root)
     root.mkdir(parents=True, exist_ok=True)
+    if a.ingest:
+        for n in sizes:
+            print(json.dumps(ingest(n, root, a.every_days, a.limit_mib)), flush=True)
+        return
     for n in sizes:
         d = b.prepare(n, root)
         import polars as pl

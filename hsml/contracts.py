@@ -5,9 +5,13 @@
 # %% ../nbs/02_contracts.ipynb #3bfc9b59
 from __future__ import annotations
 
+import copy
 import difflib
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,14 +157,14 @@ INDUSTRY_SYNONYMS: dict[str, list[str]] = {
 }  # fmt: skip
 _NA_INDUSTRY = {"N_A", "NA", "NONE", "NULL", "NAN", "UNKNOWN", "TBD", "NOT_SET", "UNDEFINED"}
 
-
+# %% ../nbs/02_contracts.ipynb #858a3ba3b
 def fold_label(
     label: str,  # a raw label, e.g. "Marketing & Advertising"
 ) -> str:
     "Fold case and punctuation: upper-case words joined by `_` (`&` is read as `and`)."
     return "_".join(re.findall(r"[A-Z0-9]+", label.upper().replace("&", " AND ")))
 
-
+# %% ../nbs/02_contracts.ipynb #858a3ba3c
 def edit_distance(a: str, b: str) -> int:
     "Optimal-string-alignment distance: insertions, deletions, substitutions and adjacent swaps."
     prev2, prev = None, list(range(len(b) + 1))
@@ -173,7 +177,7 @@ def edit_distance(a: str, b: str) -> int:
         prev2, prev = prev, cur
     return prev[-1]
 
-
+# %% ../nbs/02_contracts.ipynb #858a3ba3d
 def _match_key(folded: str) -> str:
     return "_".join(w for w in folded.split("_") if w != "AND")
 
@@ -242,6 +246,13 @@ class Policy:
     )  # canonical -> labels
     industry_typo_cutoff: float = 0.88  # difflib ratio for accepting an industry typo
     max_quarantine_fraction: float = 0.5  # above this share of quarantined rows a table is not usable
+    chunk_rows: int = 1_000_000  # usage rows parsed at a time (memory: about 250 bytes a row)
+    companies_per_bucket: int = (
+        50_000  # the cross-row rules run on id ranges of this many companies (~2.5M usage rows)
+    )
+    usage_in_memory_rows: int = (
+        10_000_000  # above this many clean usage rows, `Tables.usage` is a lazy Parquet scan
+    )
 
 # %% ../nbs/02_contracts.ipynb #8ab9e100
 @dataclass
@@ -277,7 +288,7 @@ class TableReport:
             "issues": [i.to_dict() for i in self.issues],
         }
 
-
+# %% ../nbs/02_contracts.ipynb #8ab9e100b
 @dataclass
 class Report:
     "The validation report of the three tables: `to_dict()` is `hsml data check --json`."
@@ -507,20 +518,18 @@ def _rejected_rows(ctx: _Ctx) -> pl.DataFrame:
     return pl.concat([r.select("_row") for r in ctx.rejected])
 
 
-def _check_header(table: str, raw: pl.DataFrame, name: str) -> None:
-    missing = [c.name for c in RAW_CONTRACTS[table] if c.name not in raw.columns]
+def _check_header(table: str, columns: list[str], name: str) -> None:
+    missing = [c.name for c in RAW_CONTRACTS[table] if c.name not in columns]
     if missing:
-        found = ", ".join(c for c in raw.columns if c != "_line") or "nothing"
+        found = ", ".join(c for c in columns if c != "_line") or "nothing"
         raise HsmlError(
             f"{name}: column {missing[0]}, line 1: missing from the header"
             + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
             + f"; the header has: {found[:200]}",
             hint=f"{table} needs the columns {', '.join(c.name for c in RAW_CONTRACTS[table])}",
         )
-    if raw.height == 0:
-        raise HsmlError(f"{name}: line 2: no data rows (the file has only a header)")
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64b
 def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.DataFrame:
     "Strip and parse every contract column in one pass; stop on unparseable required values."
     specs = RAW_CONTRACTS[table]
@@ -557,7 +566,7 @@ def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.Da
             ctx.issue(c.name, "missing_value", int(blank[c.name].sum()), "set null")
     return parsed.select("_row", "_line", *[c.name for c in specs])
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64c
 def _normalise_company(df: pl.DataFrame, ctx: _Ctx, policy: Policy) -> pl.DataFrame:
     "Rank sentinel, employee range enum, industry folding, MRR sign."
     rank = pl.col("ALEXA_RANK")
@@ -633,27 +642,47 @@ def _finish(
     return clean, quarantine, report
 
 # %% ../nbs/02_contracts.ipynb #ec4c18e3
+def _timing_counts(
+    usage: pl.DataFrame | pl.LazyFrame,  # clean usage rows of whole companies (one bucket, or all)
+    time: str = "WHEN_TIMESTAMP",  # stamp column
+    key: str = "id",  # company column
+    is_sorted: bool = False,  # already sorted by (key, time): skip the sort
+) -> dict[str, Any]:
+    "What `_usage_timing` needs, as counts that add up across buckets of companies: gap and weekday counts, stamps."
+    u = usage.lazy().select(pl.col(key), pl.col(time).cast(pl.Datetime("ms"))).collect()
+    u = u if is_sorted else u.sort(key, time)
+    gap = (pl.col(time).diff().dt.total_milliseconds() / 86_400_000).round()
+    gaps = u.select(gap=pl.when(pl.col(key) == pl.col(key).shift(1)).then(gap)).filter(pl.col("gap") > 0)
+    return {"gaps": gaps.group_by("gap").len(), "days": u.select(day=pl.col(time).dt.weekday()).group_by("day").len(),
+            "stamps": u.height}  # fmt: skip
+
+
+def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    "Period, anchor, and the counts behind them, from the `_timing_counts` of disjoint sets of companies."
+    from hsml.snapshots import WEEKDAYS
+
+    def mode(name: str) -> tuple[pl.DataFrame, Any]:  # the most common value, the smallest on a tie
+        c = pl.concat([p[name] for p in parts]).group_by(pl.all().exclude("len")).agg(pl.col("len").sum())
+        c = c.sort(["len", c.columns[0]], descending=[True, False])
+        return c, (c[c.columns[0]][0] if c.height else None)
+
+    gaps, period = mode("gaps")
+    days, anchor = mode("days")
+    period, anchor = int(period) if period is not None else 7, int(anchor) if anchor is not None else 1
+    count = lambda c, v: int(c.filter(pl.col(c.columns[0]) == v)["len"].sum())  # noqa: E731
+    stamps = sum(p["stamps"] for p in parts)
+    return {"usage_period_days": period, "usage_anchor_weekday": WEEKDAYS[anchor - 1],
+            "usage_stamps": stamps, "usage_stamps_off_anchor": stamps - count(days, anchor),
+            "usage_gaps": int(gaps["len"].sum()), "usage_gaps_at_period": count(gaps, period)}  # fmt: skip
+
+
 def _usage_timing(
     usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
     time: str = "WHEN_TIMESTAMP",  # stamp column
     key: str = "id",  # company column
 ) -> dict[str, Any]:
     "Period, anchor, and the counts behind them (stamps, off-anchor stamps, gaps, gaps equal to the period)."
-    from hsml.snapshots import WEEKDAYS
-
-    u = usage.lazy().select(pl.col(key), pl.col(time).cast(pl.Datetime("ms"))).collect()
-    gaps = (
-        u.sort(key, time)
-        .select((pl.col(time).diff().over(key).dt.total_milliseconds() / 86_400_000).round().alias("gap"))
-        .filter(pl.col("gap") > 0)["gap"]
-    )
-    days = u[time].dt.weekday()  # 1 = Monday
-    mode = lambda s: s.value_counts(sort=True).sort(["count", s.name], descending=[True, False])[s.name][0]  # noqa: E731
-    period = int(mode(gaps)) if gaps.len() else 7  # no company with two stamps: the extract's weekly default
-    anchor = int(mode(days)) if days.len() else 1
-    return {"usage_period_days": period, "usage_anchor_weekday": WEEKDAYS[anchor - 1],
-            "usage_stamps": u.height, "usage_stamps_off_anchor": int((days != anchor).sum()),
-            "usage_gaps": gaps.len(), "usage_gaps_at_period": int((gaps == period).sum())}  # fmt: skip
+    return _timing_from_counts([_timing_counts(usage, time, key)])
 
 
 def infer_usage_period(
@@ -672,7 +701,9 @@ class Tables:
 
     customers: pl.DataFrame
     noncustomers: pl.DataFrame
-    usage: pl.DataFrame
+    usage: (
+        pl.DataFrame
+    )  # in memory; a `pl.LazyFrame` over the clean Parquet above `Policy.usage_in_memory_rows`
     quarantine: dict[str, pl.DataFrame]  # table -> raw rows + `_line`, `_rule`, `_column`
     report: Report
     fingerprints: dict[str, str]  # table -> sha256
@@ -714,14 +745,248 @@ class Tables:
     def _repr_markdown_(self) -> str:
         return self.report._repr_markdown_()
 
-
-def _prepare(table: str, raw: pl.DataFrame, name: str) -> pl.DataFrame:
-    raw = raw.rename({c: c.strip().lstrip("\ufeff") for c in raw.columns if c != c.strip().lstrip("\ufeff")})
-    _check_header(table, raw, name)
-    if "_line" not in raw.columns:
+# %% ../nbs/02_contracts.ipynb #5a1e0c01
+def _prepare(table: str, raw: pl.LazyFrame, name: str) -> pl.LazyFrame:
+    "Header checked, at least one data row, every column a string, `_line` the source line (header = line 1)."
+    names = raw.collect_schema().names()
+    raw = raw.rename({c: c.strip().lstrip("\ufeff") for c in names if c != c.strip().lstrip("\ufeff")})
+    schema = raw.collect_schema()
+    _check_header(table, list(schema), name)
+    if _collect(raw.select(pl.first()).head(1), name).height == 0:
+        raise HsmlError(f"{name}: line 2: no data rows (the file has only a header)")
+    if "_line" not in schema:
         raw = raw.with_row_index("_line", offset=2)
-    cast = [pl.col(c).cast(pl.Utf8) for c in raw.columns if c != "_line" and raw.schema[c] != pl.Utf8]
-    return raw.with_columns(cast).with_row_index("_row")
+    return raw.with_columns(
+        [pl.col(c).cast(pl.Utf8) for c, d in schema.items() if c != "_line" and d != pl.Utf8]
+    )
+
+
+def _collect(lf: pl.LazyFrame, name: str) -> pl.DataFrame:
+    "Collect a raw scan; a reader's error becomes an HsmlError naming the source."
+    try:
+        return lf.collect()
+    except HsmlError:
+        raise
+    except Exception as e:
+        raise HsmlError(f"{name}: cannot read: {' '.join(str(e).split())[:300]}") from None
+
+
+def _chunks(lf: pl.LazyFrame, name: str, rows: int) -> Iterator[pl.DataFrame]:
+    "The raw rows in chunks of about `rows`, read by polars' streaming engine, each with a local `_row`."
+    try:
+        for chunk in lf.collect_batches(chunk_size=rows):
+            yield chunk.with_row_index("_row")
+    except HsmlError:
+        raise
+    except Exception as e:
+        raise HsmlError(f"{name}: cannot read: {' '.join(str(e).split())[:300]}") from None
+
+# %% ../nbs/02_contracts.ipynb #5a1e0c02
+def _validate_companies(
+    frames: dict[str, pl.DataFrame],  # raw customers and noncustomers (`_prepare`d, collected, with `_row`)
+    names: dict[str, str],  # table -> label for messages
+    policy: Policy,  # normalisation knobs
+) -> tuple[dict, dict, dict, dict[str, pl.DataFrame]]:
+    "Customers and prospects through their contracts: (clean, quarantine, reports, typed rows)."
+    typed, ctxs = {}, {}
+    for t in ("customers", "noncustomers"):
+        ctxs[t] = _Ctx(t, names[t])
+        typed[t] = _normalise_company(_parse_columns(t, frames[t], names[t], ctxs[t]), ctxs[t], policy)
+        ctxs[t].reject(_row_rule_failures(t, typed[t]))
+    # customers: one row per id, the earliest CLOSEDATE wins
+    c, cx = typed["customers"], ctxs["customers"]
+    ok = _without(c, _rejected_rows(cx)).filter(pl.col("id").is_not_null())
+    dup = ok.sort("id", "CLOSEDATE", "_line").filter(pl.int_range(pl.len()).over("id") > 0)
+    cx.reject(dup["_row"], "duplicate_id", "id")
+    customer_ids = _without(ok, dup.select("_row"))["id"]
+    # noncustomers: a customer id wins; then one row per id, the earliest line
+    n, nx = typed["noncustomers"], ctxs["noncustomers"]
+    ok = _without(n, _rejected_rows(nx)).filter(pl.col("id").is_not_null())
+    is_cust = ok.filter(pl.col("id").is_in(customer_ids.implode()))
+    nx.reject(is_cust["_row"], "duplicate_id", "id")
+    ok = _without(ok, is_cust.select("_row"))
+    dup = ok.sort("id", "_line").filter(pl.int_range(pl.len()).over("id") > 0)
+    nx.reject(dup["_row"], "duplicate_id", "id")
+    out, quarantine, reports = {}, {}, {}
+    for t in ("customers", "noncustomers"):
+        out[t], quarantine[t], reports[t] = _finish(t, frames[t], typed[t], ctxs[t], names[t])
+    for t, rule, ids in [("customers", "conversion_quarantined", out["customers"]["id"]),
+                         ("noncustomers", "company_quarantined", pl.concat([out["customers"]["id"], out["noncustomers"]["id"]]))]:  # fmt: skip
+        q = typed[t].join(_rejected_rows(ctxs[t]), on="_row", how="semi")
+        lost = q.filter(~pl.col("id").is_in(ids.implode()) | pl.col("id").is_null()).height
+        if lost:
+            reports[t].issues.append(Issue(t, "id", rule, lost, "info"))
+    return out, quarantine, reports, typed
+
+# %% ../nbs/02_contracts.ipynb #5a1e0c03
+_USAGE_COLS = list(CLEAN_SCHEMAS["usage"].columns)
+_SPOOL = {"compression": "lz4", "statistics": False}  # scratch Parquet: fast to write and read back
+
+
+def _usage_chunk(
+    raw: pl.DataFrame,  # one chunk of raw usage rows (with `_line` and a local `_row`)
+    name: str,  # label for messages
+    ctx: _Ctx,  # collects the issues of every chunk
+    bounds: pl.Series,  # id bucket boundaries (`_buckets`)
+    spool: Path,  # where the chunk's rows go
+    i: int,  # chunk number
+) -> None:
+    "Parse one chunk and apply the row rules: typed rows to `spool/typed/b<bucket>/`, broken rows to `spool/quarantine/`."
+    typed = _parse_columns("usage", raw, name, ctx)
+    bad = _row_rule_failures("usage", typed)
+    raw_cols = [c for c in raw.columns if c not in ("_row", "_line")]
+    if bad.height:
+        q = raw.join(bad, on="_row").sort("_row")
+        q.select(*raw_cols, pl.col("_line").cast(pl.Int64), "_rule", "_column").write_parquet(
+            spool / "quarantine" / f"c{i:06d}.parquet", **_SPOOL
+        )
+    ok = _without(typed, bad).select(*_USAGE_COLS, pl.col("_line").cast(pl.Int64))
+    ok = ok.with_columns(_b=bounds.search_sorted(ok["id"], side="right"))
+    for (b,), part in ok.partition_by("_b", as_dict=True, include_key=False).items():
+        (spool / "typed" / f"b{b:04d}").mkdir(parents=True, exist_ok=True)
+        part.write_parquet(spool / "typed" / f"b{b:04d}" / f"c{i:06d}.parquet", **_SPOOL)
+
+
+def _buckets(
+    ids: pl.Series,  # the known company ids
+    per_bucket: int,  # companies per bucket
+) -> pl.Series:
+    "Boundaries cutting the sorted ids into ranges of about `per_bucket` companies (empty: one bucket)."
+    s = ids.sort()
+    k = max(1, -(-s.len() // max(per_bucket, 1)))
+    return s.gather([s.len() * j // k for j in range(1, k)]) if k > 1 else s.head(0)
+
+# %% ../nbs/02_contracts.ipynb #5a1e0c04
+_USAGE_SCHEMA = copy.deepcopy(
+    CLEAN_SCHEMAS["usage"]
+)  # the clean contract; its key is checked on the sorted rows, cheaper
+_USAGE_SCHEMA.unique = None
+
+
+def _usage_bucket(
+    files: list[Path],  # one bucket's typed rows (whole companies: an id range)
+    known: pl.Series,  # ids of the clean companies (imploded)
+    closed: pl.DataFrame,  # clean customers' id, CLOSEDATE
+    out: Path,  # the bucket's clean Parquet file
+) -> tuple[pl.DataFrame, int, int, dict[str, Any]]:
+    "The cross-row rules on one bucket: (rejected `_line, _rule, _column`, clean rows, post-conversion rows, timing counts)."
+    u = pl.read_parquet(files)
+    unknown = ~pl.col("id").is_in(known)
+    rej = [u.filter(unknown).select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
+    u = u.filter(~unknown).sort("id", "WHEN_TIMESTAMP", "_line")
+    same = lambda c: pl.col(c) == pl.col(c).shift(1)  # noqa: E731
+    dup = same("id") & same("WHEN_TIMESTAMP")
+    rej.append(u.filter(dup).select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
+    clean = u.filter(~dup.fill_null(False)).select(_USAGE_COLS)
+    del u
+    _USAGE_SCHEMA.validate(clean)  # the contract on the output: a failure here is a bug
+    assert not clean.select((same("id") & same("WHEN_TIMESTAMP")).any()).item(), "usage: a duplicate key left"
+    post = clean.join(closed, on="id").filter(
+        pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms"))
+    )
+    clean.write_parquet(out, **_SPOOL)
+    return pl.concat(rej), clean.height, post.height, _timing_counts(clean, is_sorted=True)
+
+# %% ../nbs/02_contracts.ipynb #5a1e0c05
+def _validate_usage(
+    raw: pl.LazyFrame,  # the `_prepare`d raw usage scan
+    name: str,  # label for messages
+    companies: dict[str, pl.DataFrame],  # clean customers and noncustomers
+    policy: Policy,  # chunk and bucket sizes
+    spool: Path,  # an empty scratch directory
+) -> tuple[list[Path], pl.LazyFrame, TableReport, dict[str, Any]]:
+    "Stream usage through its contract: (clean Parquet parts in (id, time) order, quarantine scan, report, timing)."
+    ctx = _Ctx("usage", name)
+    known = pl.concat([companies["customers"]["id"], companies["noncustomers"]["id"]])
+    bounds = _buckets(known, policy.companies_per_bucket)
+    (spool / "quarantine").mkdir(parents=True)
+    (spool / "usage").mkdir()
+    rows_in, raw_cols = 0, None
+    for i, chunk in enumerate(_chunks(raw, name, policy.chunk_rows)):
+        raw_cols = raw_cols or [c for c in chunk.columns if c not in ("_row", "_line")]
+        rows_in += chunk.height
+        _usage_chunk(chunk, name, ctx, bounds, spool, i)
+    closed = companies["customers"].select("id", "CLOSEDATE")
+    parts, rejected, timing, clean, post = [], [], [], 0, 0
+    for b in sorted((spool / "typed").glob("b*")) if (spool / "typed").exists() else []:
+        out = spool / "usage" / f"part-{b.name}.parquet"
+        rej, n, p, t = _usage_bucket(sorted(b.glob("*.parquet")), known.implode(), closed, out)
+        shutil.rmtree(b)
+        rejected.append(rej)
+        clean, post, parts = clean + n, post + p, parts + ([out] if n else [])
+        timing.append(t)
+    rej = (
+        pl.concat(rejected)
+        if rejected
+        else pl.DataFrame(schema={"_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8})
+    )
+    if rej.height:  # their raw text: read again, only those lines
+        lines = raw.filter(pl.col("_line").is_in(rej["_line"].implode())).collect()
+        q = lines.join(rej, on="_line").select(*raw_cols, pl.col("_line").cast(pl.Int64), "_rule", "_column")
+        q.write_parquet(spool / "quarantine" / "cross_row.parquet", **_SPOOL)
+    qfiles = sorted((spool / "quarantine").glob("*.parquet"))
+    empty = {**{c: pl.Utf8 for c in raw_cols or []}, "_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8}
+    quarantine = pl.scan_parquet(qfiles).sort("_line") if qfiles else pl.LazyFrame(schema=empty)
+    counts = quarantine.group_by("_column", "_rule").len().sort("_column", "_rule").collect()
+    issues = [Issue("usage", col, rule, n, "quarantined") for col, rule, n in counts.iter_rows()]
+    report = TableReport(
+        "usage", name, rows_in, clean, int(counts["len"].sum()), issues + _merged(ctx.issues)
+    )
+    assert report.rows_in == report.rows_clean + report.rows_quarantined, "usage: rows lost"
+    if post:
+        report.issues.append(Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info"))
+    return parts, quarantine, report, _timing_from_counts(timing or [_timing_counts(_empty_usage())])
+
+
+def _merged(issues: list[Issue]) -> list[Issue]:
+    "The issues of every chunk, one per (column, rule, action) with the counts added, in first-seen order."
+    out: dict[tuple, Issue] = {}
+    for i in issues:
+        k = (i.column, i.rule, i.action)
+        out[k] = Issue(i.table, i.column, i.rule, out[k].count + i.count, i.action) if k in out else i
+    return list(out.values())
+
+
+def _empty_usage() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={"id": pl.Int64, "WHEN_TIMESTAMP": pl.Datetime("ms"), **{c: pl.Int64 for c in COUNT_COLUMNS}}
+    )
+
+# %% ../nbs/02_contracts.ipynb #5a1e0c06
+def _validate(
+    raw: Mapping[str, pl.LazyFrame],  # customers / noncustomers / usage, all-string columns as read
+    names: Mapping[str, str],  # table -> label for messages
+    fingerprints: Mapping[str, str],  # table -> sha256
+    policy: Policy,  # normalisation knobs, chunk and bucket sizes
+) -> Tables:
+    "The three tables through their contracts; usage streamed through Parquet in a scratch directory."
+    lfs = {t: _prepare(t, raw[t], names[t]) for t in TABLES}
+    frames = {t: _collect(lfs[t], names[t]).with_row_index("_row") for t in ("customers", "noncustomers")}
+    out, quarantine, reports, _ = _validate_companies(frames, names, policy)
+    spool = Path(tempfile.mkdtemp(prefix="hsml-tables-"))
+    try:
+        parts, q, reports["usage"], timing = _validate_usage(lfs["usage"], names["usage"], out, policy, spool)
+        quarantine["usage"] = q.collect()
+        if reports["usage"].rows_clean > policy.usage_in_memory_rows:
+            usage = pl.scan_parquet(parts)
+        else:
+            usage = pl.read_parquet(parts) if parts else _empty_usage()
+    except BaseException:
+        shutil.rmtree(spool, ignore_errors=True)
+        raise
+    if timing["usage_stamps_off_anchor"]:
+        reports["usage"].issues.append(
+            Issue("usage", "WHEN_TIMESTAMP", "off_anchor_stamp", timing["usage_stamps_off_anchor"], "info")
+        )
+    reports = {t: reports[t] for t in TABLES}
+    report = Report(reports, max_quarantine_fraction=policy.max_quarantine_fraction, timing=timing)
+    tables = Tables(out["customers"], out["noncustomers"], usage, quarantine, report, dict(fingerprints))
+    if isinstance(usage, pl.LazyFrame):  # the clean Parquet lives as long as the tables
+        weakref.finalize(tables, shutil.rmtree, spool, True)
+    else:
+        shutil.rmtree(spool, ignore_errors=True)
+    report.timing.update(_data_end_json(tables))
+    return tables
 
 
 def validate_frames(
@@ -731,95 +996,19 @@ def validate_frames(
     policy: Policy | None = None,  # normalisation knobs
 ) -> Tables:
     "Validate in-memory raw frames through the contracts -> `Tables` (clean, quarantine, report)."
-    policy = policy or Policy()
     missing = [t for t in TABLES if t not in raw]
     if missing:
         raise HsmlError(f"missing table(s): {', '.join(missing)}")
     names = {t: (names or {}).get(t, t) for t in TABLES}
-    frames = {t: _prepare(t, raw[t], names[t]) for t in TABLES}
-    ctxs = {t: _Ctx(t, names[t]) for t in TABLES}
-    typed = {t: _parse_columns(t, frames[t], names[t], ctxs[t]) for t in TABLES}
-    for t in ("customers", "noncustomers"):
-        typed[t] = _normalise_company(typed[t], ctxs[t], policy)
-        ctxs[t].reject(_row_rule_failures(t, typed[t]))
-
-    # customers: one row per id, the earliest CLOSEDATE wins
-    c, cx = typed["customers"], ctxs["customers"]
-    ok = _without(c, _rejected_rows(cx)).filter(pl.col("id").is_not_null())
-    dup = ok.sort("id", "CLOSEDATE", "_line").filter(pl.int_range(pl.len()).over("id") > 0)
-    cx.reject(dup["_row"], "duplicate_id", "id")
-    customer_ids = _without(ok, dup.select("_row"))["id"]
-
-    # noncustomers: a customer id wins; then one row per id, the earliest line
-    n, nx = typed["noncustomers"], ctxs["noncustomers"]
-    ok = _without(n, _rejected_rows(nx)).filter(pl.col("id").is_not_null())
-    is_cust = ok.filter(pl.col("id").is_in(customer_ids.implode()))
-    nx.reject(is_cust["_row"], "duplicate_id", "id")
-    ok = _without(ok, is_cust.select("_row"))
-    dup = ok.sort("id", "_line").filter(pl.int_range(pl.len()).over("id") > 0)
-    nx.reject(dup["_row"], "duplicate_id", "id")
-    prospect_ids = _without(ok, dup.select("_row"))["id"]
-
-    # usage: row rules, then known company, then one row per (id, WHEN_TIMESTAMP)
-    u, ux = typed["usage"], ctxs["usage"]
-    ux.reject(_row_rule_failures("usage", u))
-    ok = _without(u.select("_row", "_line", "id", "WHEN_TIMESTAMP"), _rejected_rows(ux))
-    known = pl.concat([customer_ids, prospect_ids]).implode()
-    unknown = ok.filter(~pl.col("id").is_in(known))
-    ux.reject(unknown["_row"], "unknown_id", "id")
-    ok = _without(ok, unknown.select("_row"))
-    same = lambda c: pl.col(c) == pl.col(c).shift(1)  # noqa: E731
-    dup = ok.sort("id", "WHEN_TIMESTAMP", "_line").filter(same("id") & same("WHEN_TIMESTAMP"))
-    ux.reject(dup["_row"], "duplicate_key", "WHEN_TIMESTAMP")
-
-    out, quarantine, reports = {}, {}, {}
-    for t in TABLES:
-        out[t], quarantine[t], reports[t] = _finish(t, frames[t], typed[t], ctxs[t], names[t])
-
-    # informational counts that need the clean tables
-    closed = out["customers"].select("id", "CLOSEDATE")
-    post = (
-        out["usage"]
-        .join(closed, on="id")
-        .filter(pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms")))
-        .height
-    )
-    if post:
-        reports["usage"].issues.append(
-            Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info")
-        )
-    qc = typed["customers"].join(_rejected_rows(ctxs["customers"]), on="_row", how="semi")
-    lost = qc.filter(~pl.col("id").is_in(out["customers"]["id"].implode()) | pl.col("id").is_null()).height
-    if lost:
-        reports["customers"].issues.append(Issue("customers", "id", "conversion_quarantined", lost, "info"))
-    qn = typed["noncustomers"].join(_rejected_rows(ctxs["noncustomers"]), on="_row", how="semi")
-    all_ids = pl.concat([out["customers"]["id"], out["noncustomers"]["id"]]).implode()
-    gone = qn.filter(~pl.col("id").is_in(all_ids) | pl.col("id").is_null()).height
-    if gone:
-        reports["noncustomers"].issues.append(
-            Issue("noncustomers", "id", "company_quarantined", gone, "info")
-        )
-
-    fps = dict(fingerprints or {})
-    for t in TABLES:
-        if t not in fps:
-            fps[t] = sha256_bytes(raw[t].write_csv().encode())
-    timing = _usage_timing(out["usage"])
-    if timing["usage_stamps_off_anchor"]:
-        reports["usage"].issues.append(
-            Issue("usage", "WHEN_TIMESTAMP", "off_anchor_stamp", timing["usage_stamps_off_anchor"], "info")
-        )
-    report = Report(reports, max_quarantine_fraction=policy.max_quarantine_fraction, timing=timing)
-    tables = Tables(out["customers"], out["noncustomers"], out["usage"], quarantine, report, fps)
-    report.timing.update(_data_end_json(tables))
-    return tables
+    fps = {t: (fingerprints or {}).get(t) or sha256_bytes(raw[t].write_csv().encode()) for t in TABLES}
+    return _validate({t: raw[t].lazy() for t in TABLES}, names, fps, policy or Policy())
 
 
 def _data_end_json(tables: Tables) -> dict[str, Any]:
     "The data-end facts (`hsml.snapshots.data_end`) as JSON values for the report."
     from hsml.snapshots import data_end
 
-    if tables.usage.is_empty() and tables.customers.is_empty():
+    if tables.report.tables["usage"].rows_clean == 0 and tables.customers.is_empty():
         return {}
     e = data_end(tables)
     s = lambda v: None if v is None else str(v)  # noqa: E731
@@ -831,22 +1020,18 @@ def load_tables(
     source: Catalog | str | Path,  # a directory of the three CSVs, a catalog YAML, or a Catalog
     policy: Policy | None = None,  # normalisation knobs
 ) -> Tables:
-    "Load the three tables through the catalog and the contracts."
+    "Load the three tables through the catalog and the contracts, streaming usage; stop if a source changed while read."
     cat = Catalog.resolve(source)
-    raw, names = {}, {}
-    for t in TABLES:
-        src = cat[t]
-        names[t] = src.describe()
-        lf = src.load()
-        try:
-            raw[t] = lf.collect()
-        except HsmlError:
-            raise
-        except Exception as e:
-            msg = " ".join(str(e).split())[:300]
-            raise HsmlError(f"{names[t]}: cannot read: {msg}") from None
-    fps = {t: cat[t].fingerprint() for t in TABLES}
-    return validate_frames(raw, names=names, fingerprints=fps, policy=policy)
+    names = {t: cat[t].describe() for t in TABLES}
+    before = cat.fingerprints()
+    tables = _validate({t: cat[t].load() for t in TABLES}, names, before, policy or Policy())
+    for t, fp in cat.fingerprints().items():
+        if fp != before[t]:
+            raise HsmlError(
+                f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after)",
+                hint="read it again once nothing writes to it: the tables would not match their fingerprint",
+            )
+    return tables
 
 
 def check(

@@ -41,7 +41,7 @@ def _resolve_as_of(
     if isinstance(as_of, dt.date):
         return as_of
     if as_of in (None, "", "latest"):
-        if tables.usage.is_empty():
+        if tables.usage.lazy().select(pl.len()).collect().item() == 0:  # usage may be a lazy scan
             raise HsmlError("as_of='latest' needs usage data, and the usage table is empty")
         return data_end(tables, usage_period_days=period, usage_anchor_weekday=anchor)["latest_as_of"]
     return to_date(as_of, "as_of (a date or 'latest')")

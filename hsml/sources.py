@@ -118,7 +118,7 @@ def _check_field_counts(
     path: Path, sep: str, n_header: int, header: list[str], encoding: str = "utf8"
 ) -> list[int]:
     "Raise HsmlError at the first data line whose field count differs from the header's; return blank lines."
-    scan = (
+    flagged = (  # one streaming pass over the raw lines: the blank ones and those with a wrong field count
         pl.scan_csv(
             path,
             has_header=False,
@@ -132,18 +132,17 @@ def _check_field_counts(
         )
         .with_columns(pl.col("raw").str.strip_chars_end("\r"))
         .filter(pl.col("_line") > 1)
-        .with_columns(blank=pl.col("raw").fill_null("").str.strip_chars() == "")
-    )
-    blank = scan.filter("blank").select("_line").collect()["_line"].to_list()
-    lines = (
-        scan.filter(~pl.col("blank"))
-        .with_columns(
-            n=pl.col("raw").str.replace_all(r'"[^"]*"', "").str.count_matches(sep, literal=True) + 1
+        .select(
+            "_line",
+            blank=pl.col("raw").fill_null("").str.strip_chars() == "",
+            n=pl.col("raw").str.replace_all(r'"[^"]*"', "").str.count_matches(sep, literal=True) + 1,
         )
-        .filter(pl.col("n") != n_header)
-        .head(1)
+        .filter(pl.col("blank") | (pl.col("n") != n_header))
         .collect()
+        .sort("_line")
     )
+    blank = flagged.filter("blank")["_line"].to_list()
+    lines = flagged.filter(~pl.col("blank")).head(1)
     if lines.height:
         line, n = int(lines["_line"][0]), int(lines["n"][0])
         if n < n_header:
