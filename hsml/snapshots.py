@@ -288,10 +288,9 @@ def data_end(
     "The data's end (later of the last usage stamp's day and the last close date), both dates, the latest as-of."
     period = _check_period(usage_period_days or getattr(tables, "usage_period_days", None) or 7)
     anchor = usage_anchor_weekday or getattr(tables, "usage_anchor_weekday", None) or "Monday"
+    # the last stamp and the two latest stamp days, in one pass: the stamp column is never collected
     x = pl.col(time).cast(pl.Datetime("ms"))
-    day = x.cast(
-        pl.Date
-    )  # the last stamp and the two latest stamp days, in one pass: the column is never collected
+    day = x.cast(pl.Date)
     top = tables.usage.lazy().select(
         x.max(), day.max().alias("d1"), day.filter(day < day.max()).max().alias("d2")
     )
