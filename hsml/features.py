@@ -423,93 +423,146 @@ def _dense_index(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     k = np.where(keys[pos] == values[heads], pos, len(keys)) if len(keys) else np.zeros(len(heads), np.int64)
     return np.repeat(k.astype(np.int64), np.diff(np.append(heads, len(values))))
 
+# %% ../nbs/11_features.ipynb #f94bac25
+def _read_usage(
+    usage: pl.LazyFrame,  # the usage table (a lazy scan is read in streaming passes)
+    key: str,  # company column of `usage`
+    key_dtype: pl.DataType,  # the spine's key type: the usage key is cast to it
+    time: str,  # stamp column
+    period: int,  # days each row stands for
+    cols: list[str],  # the columns to sum
+    first_day: int,  # the first boundary, in days since 1970-01-01
+    last_day: int,  # the last as-of date, in days since 1970-01-01: no row of that day or later counts
+    history: bool,  # also read each company's first event, and its last event before `first_day`
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    "The rows whose day is in `[first_day, last_day)` (key, `__day`, `__ts`, the columns) and, if asked, the history."
+    ts = period_end(time, usage.collect_schema()[time], period).dt.epoch("ms")
+    day = ((ts - 1) // DAY_MS).cast(pl.Int32)  # the day holding the period's last millisecond
+    past = usage.select(
+        pl.col(key).cast(key_dtype),
+        day.alias("__day"),
+        ts.alias("__ts"),
+        *[pl.col(c).cast(pl.Int64) for c in cols],
+    ).filter(pl.col(key).is_not_null() & (pl.col("__day") < last_day))
+    recent = (
+        past.filter(pl.col("__day") >= first_day)
+        .drop(*([] if history else ["__ts"]))
+        .collect(engine="streaming")
+    )
+    if not history:
+        return recent, None
+    old = pl.col("__ts").filter(pl.col("__day") < first_day).max()
+    hist = past.group_by(key).agg(pl.col("__ts").min().alias("first"), old.alias("last"))
+    return recent, hist.collect(engine="streaming")  # collected apart: no cached copy of `past`
+
+# %% ../nbs/11_features.ipynb #eec0deae
+def _cells(
+    keys: np.ndarray,  # the spine's companies, sorted and unique
+    bounds: np.ndarray,  # the sorted boundary days, in days since 1970-01-01
+    row_keys: np.ndarray,  # each usage row's company
+    row_days: np.ndarray,  # each usage row's day
+) -> np.ndarray:
+    "Each row's (interval, company) cell, interval-major: `interval * (len(keys) + 1) + company position`."
+    k = _dense_index(keys, row_keys)  # len(keys): a company outside the spine
+    iv = np.searchsorted(
+        bounds, row_days, side="right"
+    )  # interval i holds the days in [bounds[i-1], bounds[i])
+    return np.add(
+        iv * (len(keys) + 1), k, out=k
+    )  # interval-major: the gathers read each interval in key order
+
+# %% ../nbs/11_features.ipynb #5b774d37
+def _window_sums(
+    recent: pl.DataFrame,  # the rows read (`_read_usage`): one column per summed column
+    cell: np.ndarray,  # each row's cell (`_cells`)
+    sums: set[tuple[str, int]],  # the (column, days) sums wanted; column `ROWS` counts the rows
+    at: dict[int, np.ndarray],  # days -> each output row's cell at its window's start (0: at its as_of)
+    n_iv: int,  # number of intervals
+    n_keys: int,  # number of companies
+) -> list[pl.Series]:
+    "One Series per wanted sum, in the order of `sorted(sums)` per column: cumulative sums differenced."
+    m = np.zeros(n_iv * (n_keys + 1), dtype=np.int64)  # one buffer, reused for every column
+    grid = m.reshape(n_iv, n_keys + 1)
+    out: list[pl.Series] = []
+    for c in [*sorted({c for c, _ in sums if c != ROWS}), ROWS]:
+        if not any(cc == c for cc, _ in sums):
+            continue
+        m[:] = 0
+        np.add.at(m, cell, 1 if c == ROWS else recent[c].to_numpy())
+        np.cumsum(grid, axis=0, out=grid)  # grid[i, k]: company k's sum over the days before bounds[i]
+        at0 = m[at[0]]  # the sum up to each row's as_of
+        for cc, d in sorted(sums):
+            if cc == c:  # the sum up to the window's start, turned in place into the window's sum
+                v = m[at[d]]
+                out.append(pl.Series(_sum_col(c, d), np.subtract(at0, v, out=v)))
+    return out
+
+# %% ../nbs/11_features.ipynb #ad1ba6dc
+def _history(
+    hist: pl.DataFrame,  # per company: its `first` period end and its `last` before the windows (`_read_usage`)
+    recent: pl.DataFrame,  # the rows read, with `__ts` (their period end, in ms)
+    cell: np.ndarray,  # each row's cell (`_cells`)
+    keys: np.ndarray,  # the spine's companies, sorted and unique
+    key: str,  # company column of `hist`
+    at0: np.ndarray,  # each output row's cell at its as_of
+    k_sp: np.ndarray,  # each output row's company position
+    n_iv: int,  # number of intervals
+) -> tuple[np.ndarray, np.ndarray]:
+    "Per output row: the latest period end by its as_of (-1: none) and its company's first (int64 max: none)."
+    n_keys = len(keys)
+    hk = _dense_index(keys, hist[key].to_numpy())
+    last = np.full(
+        n_iv * (n_keys + 1), -1, dtype=np.int64
+    )  # latest event per cell, then running max over intervals
+    last[hk] = hist["last"].fill_null(-1).to_numpy()  # interval 0: before the first boundary
+    np.maximum.at(last, cell, recent["__ts"].to_numpy())
+    last = np.maximum.accumulate(last.reshape(n_iv, n_keys + 1), axis=0).ravel()
+    first = np.full(n_keys + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    first[hk] = hist["first"].to_numpy()
+    return last[at0], first[k_sp]
+
 # %% ../nbs/11_features.ipynb #04cd0b1f
 def _usage_aggregates(
-    usage: pl.LazyFrame,
-    spine: pl.DataFrame,
-    sums: set[tuple[str, int]],
-    history: bool,
-    key: str,
-    time: str,
-    period: int,
+    usage: pl.LazyFrame,  # the usage table
+    spine: pl.DataFrame,  # the output rows: `KEY`, as_of (`_spine`)
+    sums: set[tuple[str, int]],  # the (column, days) sums the features asked for
+    history: bool,  # whether they asked for the first/last event
+    key: str,  # company column of `usage`
+    time: str,  # stamp column of `usage`
+    period: int,  # days each usage row stands for
 ) -> pl.DataFrame:
-    "spine + one column per requested (column, days) sum, + first/last event timestamps (see above)."
+    "spine + one column per requested (column, days) sum, + first/last event timestamps (steps 1-3 above)."
     dates = spine["as_of"].unique().sort().to_list()
     windows = sorted({d for _, d in sums})
-    cols = sorted({c for c, _ in sums if c != ROWS})
     if not dates or not (sums or history):  # nothing to read
         hist = (
             [pl.lit(None, pl.Datetime("ms")).alias(c) for c in (LAST_EVENT, FIRST_EVENT)] if history else []
         )
         return spine.with_columns([pl.lit(0, pl.Int64).alias(_sum_col(c, d)) for c, d in sums] + hist)
     bounds = sorted({a - timedelta(days=w) for a in dates for w in [0, *windows]})
-    n_iv = len(bounds)  # interval 0: days before bounds[0]; interval i: days in [bounds[i-1], bounds[i])
-    epoch = date(1970, 1, 1)
-    b0, last_b = (bounds[0] - epoch).days, (bounds[-1] - epoch).days
+    days = np.array([(b - date(1970, 1, 1)).days for b in bounds])
     keys = spine[KEY].unique().sort().to_numpy()
-    n_keys = len(keys)
-    # a row's period ends at ts = stamp + period; it counts at as_of when ts <= as_of, i.e. when its "day" (the
-    # day holding ts - 1 ms) is < as_of: the machinery below then reads `as_of - w <= day < as_of`
-    ts = period_end(time, usage.collect_schema()[time], period).dt.epoch("ms")
-    day = ((ts - 1) // DAY_MS).cast(pl.Int32)
-    past = usage.select(
-        pl.col(key).cast(spine.schema[KEY]),
-        day.alias("__day"),
-        ts.alias("__ts"),
-        *[pl.col(c).cast(pl.Int64) for c in cols],
-    ).filter(pl.col(key).is_not_null() & (pl.col("__day") < last_b))
-    queries = [past.filter(pl.col("__day") >= b0).drop(*([] if history else ["__ts"]))]
-    if history:  # first event, and last event before the first interval, per company
-        old = pl.col("__ts").filter(pl.col("__day") < b0).max()
-        queries.append(past.group_by(key).agg(pl.col("__ts").min().alias("first"), old.alias("last")))
-    recent, *hist = [q.collect(engine="streaming") for q in queries]  # apart: no cached copy of `past`
-    k = _dense_index(keys, recent[key].to_numpy())  # n_keys: a company outside the spine
-    iv = np.searchsorted(
-        np.array([(b - epoch).days for b in bounds]), recent["__day"].to_numpy(), side="right"
+    n_iv, n_keys = len(bounds), len(keys)
+    cols = sorted({c for c, _ in sums if c != ROWS})
+    recent, hist = _read_usage(
+        usage, key, spine.schema[KEY], time, period, cols, int(days[0]), int(days[-1]), history
     )
-    cell = np.add(iv * (n_keys + 1), k, out=k)  # interval-major: the gathers below read each row in key order
+    cell = _cells(keys, days, recent[key].to_numpy(), recent["__day"].to_numpy())
     recent = recent.drop(key, "__day")
-    del iv
-    n_cells = (n_keys + 1) * n_iv
     k_sp = np.searchsorted(keys, spine[KEY].to_numpy()).astype(np.int64)
     j_sp = np.searchsorted(np.array(dates, dtype="datetime64[D]"), spine["as_of"].to_numpy())
-    q = {
-        w: np.array([bounds.index(a - timedelta(days=w)) for a in dates])[j_sp] * (n_keys + 1) + k_sp
-        for w in [0, *windows]
-    }
-    # every needed column summed per (interval, company) cell and cumulated over intervals: cum[i, k] is the sum
-    # over days < bounds[i], so the window [as_of - w, as_of) sums to cum[i(as_of), k] - cum[i(as_of - w), k]
-    m = np.zeros(n_cells, dtype=np.int64)  # one buffer, reused for every column
-    out: list[pl.Series] = []
-    for c in [*cols, ROWS]:
-        m[:] = 0
-        np.add.at(m, cell, 1 if c == ROWS else recent[c].to_numpy())
-        np.cumsum(m.reshape(n_iv, n_keys + 1), axis=0, out=m.reshape(n_iv, n_keys + 1))
-        at0 = m[q[0]]  # cumulative sum up to as_of, per spine row
-        for cc, d in sorted(sums):
-            if cc == c:
-                v = m[q[d]]  # cumulative sum up to the window start, turned in place into the window sum
-                out.append(pl.Series(_sum_col(c, d), np.subtract(at0, v, out=v)))
-    res = spine.with_columns(out)
-    del out
-    if history:
-        (h,) = hist
-        hk = _dense_index(keys, h[key].to_numpy())
-        last = np.full(n_cells, -1, dtype=np.int64)  # latest event per cell, then running max over intervals
-        last[hk] = h["last"].fill_null(-1).to_numpy()  # interval 0: before bounds[0]
-        np.maximum.at(last, cell, recent["__ts"].to_numpy())
-        last = np.maximum.accumulate(last.reshape(n_iv, n_keys + 1), axis=0).ravel()
-        first = np.full(n_keys + 1, np.iinfo(np.int64).max, dtype=np.int64)
-        first[hk] = h["first"].to_numpy()
-        res = res.with_columns(
-            pl.Series(LAST_EVENT, last[q[0]]), pl.Series(FIRST_EVENT, first[k_sp])
-        ).with_columns(
-            pl.when(pl.col(LAST_EVENT) >= 0).then(pl.col(LAST_EVENT)).cast(pl.Datetime("ms")),
-            pl.when(pl.col(FIRST_EVENT) <= pl.col("as_of").cast(pl.Datetime("ms")).dt.epoch("ms"))
-            .then(pl.col(FIRST_EVENT))
-            .cast(pl.Datetime("ms")),
-        )
-    return res
+    at = {w: np.array([bounds.index(a - timedelta(days=w)) for a in dates])[j_sp] * (n_keys + 1) + k_sp
+          for w in [0, *windows]}  # fmt: skip
+    res = spine.with_columns(_window_sums(recent, cell, sums, at, n_iv, n_keys))
+    if not history:
+        return res
+    last, first = _history(hist, recent, cell, keys, key, at[0], k_sp, n_iv)
+    return res.with_columns(pl.Series(LAST_EVENT, last), pl.Series(FIRST_EVENT, first)).with_columns(
+        pl.when(pl.col(LAST_EVENT) >= 0).then(pl.col(LAST_EVENT)).cast(pl.Datetime("ms")),
+        pl.when(pl.col(FIRST_EVENT) <= pl.col("as_of").cast(pl.Datetime("ms")).dt.epoch("ms"))
+        .then(pl.col(FIRST_EVENT))
+        .cast(pl.Datetime("ms")),
+    )
 
 # %% ../nbs/11_features.ipynb #8e6fc5a6
 def compute_features(

@@ -269,9 +269,16 @@ def data_end(
     "The data's end (later of the last usage stamp's day and the last close date), both dates, the latest as-of."
     period = _check_period(usage_period_days or getattr(tables, "usage_period_days", None) or 7)
     anchor = usage_anchor_weekday or getattr(tables, "usage_anchor_weekday", None) or "Monday"
-    stamps = tables.usage.lazy().select(pl.col(time).cast(pl.Datetime("ms"))).collect()[time]
+    # the last stamp and the two latest stamp days, in one pass: the stamp column is never collected
+    x = pl.col(time).cast(pl.Datetime("ms"))
+    day = x.cast(pl.Date)
+    top = tables.usage.lazy().select(
+        x.max(), day.max().alias("d1"), day.filter(day < day.max()).max().alias("d2")
+    )
+    top = top.collect().row(0)
+    stamps = pl.Series(top[1:], dtype=pl.Date)  # all `_gap_warning` needs of the stamps
     closes = tables.companies()[close].cast(pl.Date)
-    last_stamp, last_close = stamps.max(), closes.max()
+    last_stamp, last_close = top[0], closes.max()
     days = [to_date(d) for d in (last_stamp, last_close) if d is not None]
     if not days:
         raise HsmlError("the data has no usage stamp and no close date: it has no end")

@@ -51,6 +51,17 @@ def test_hsml_agrees_with_the_pandas_reference(smoke):
     assert "plain" in line["pandas_reference"]
 
 
+def test_the_line_carries_the_panel_alone_beside_the_full_build(smoke):
+    "hsml_panel_s times the references' work (panel + features, no audit or hash) and agrees with the full build."
+    line, d = smoke
+    assert line["agree_panel"] is True and line["agree_duckdb"] is True
+    p, q, hp = line["pandas_s"], line["duckdb_s"], line["hsml_panel_s"]  # rounded to the ms: ratios to ~1%
+    assert hp > 0 and line["ratio_panel"] == pytest.approx(p / hp, rel=0.02)
+    assert line["ratio_duckdb_panel"] == pytest.approx(q / hp, rel=0.02)
+    assert line["repeat"] == 1 and {"load_avg_start", "load_avg"} <= set(line)
+    assert pl.read_parquet(d / "hsml_panel.parquet").equals(pl.read_parquet(d / "hsml.parquet"))
+
+
 def h_nulls(d: Path) -> int:
     return pl.read_parquet(d / "hsml.parquet")["log_alexa_rank"].null_count()
 
