@@ -24,7 +24,7 @@ from .core import HsmlError, atomic_path, atomic_write_text
 from .tracking import NullTracker, Tracker, start_tracker
 
 # %% auto #0
-__all__ = ['DATA_PARAMS', 'METRICS', 'SWEEP_DEFAULTS', 'STATE_CODES', 'validate_sweep_params', 'check_shared_storage',
+__all__ = ['DATA_PARAMS', 'METRICS', 'SWEEP_DEFAULTS', 'STATE_CODES', 'check_shared_storage', 'validate_sweep_params',
            'storage_url', 'make_storage', 'settle_stale_trials', 'training_period', 'rolling_folds', 'score_metric',
            'make_objective', 'TrialRecorder', 'optimize', 'best_params_yaml', 'SweepResult', 'load_training_period',
            'write_outputs', 'run_worker', 'shares', 'run_workers', 'run_sweep', 'sweep_main']
@@ -57,7 +57,22 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "run_dir": "experiments/sweeps",  # sweep directories go in <run_dir>/<study_name>/
 }
 
+# %% ../nbs/24_sweep.ipynb #c13e997e
+def check_shared_storage(
+    p: Mapping[str, Any],  # sweep parameters (storage, workers, engine)
+) -> None:
+    "An `HsmlError` when workers in other processes or machines would each open their own SQLite file."
+    if p["storage"].startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        return
+    where = "a SQLite file in the sweep directory" if not p["storage"] else p["storage"]
+    hint = "pass storage=postgresql://user@host:port/db and a study_name (hsml.testing.local_postgres starts a throwaway one)"
+    if p["workers"] > 1:
+        raise HsmlError(f"workers={p['workers']} need a shared PostgreSQL storage, not {where}", hint=hint)
+    if p["engine"] == "ray" and os.environ.get("RAY_ADDRESS"):
+        raise HsmlError(f"engine='ray' on the cluster at RAY_ADDRESS needs a shared PostgreSQL storage, not {where}",
+                        hint=hint)  # fmt: skip
 
+# %% ../nbs/24_sweep.ipynb #e54f4aed
 def validate_sweep_params(
     params: Mapping[str, Any],  # sweep parameters (missing ones take SWEEP_DEFAULTS)
 ) -> dict[str, Any]:
@@ -110,21 +125,6 @@ def validate_sweep_params(
         raise HsmlError(f"study_name={p['study_name']!r}: use letters, digits, '-', '_' and '.' only")
     return p
 
-
-def check_shared_storage(
-    p: Mapping[str, Any],  # sweep parameters (storage, workers, engine)
-) -> None:
-    "An `HsmlError` when workers in other processes or machines would each open their own SQLite file."
-    if p["storage"].startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
-        return
-    where = "a SQLite file in the sweep directory" if not p["storage"] else p["storage"]
-    hint = "pass storage=postgresql://user@host:port/db and a study_name (hsml.testing.local_postgres starts a throwaway one)"
-    if p["workers"] > 1:
-        raise HsmlError(f"workers={p['workers']} need a shared PostgreSQL storage, not {where}", hint=hint)
-    if p["engine"] == "ray" and os.environ.get("RAY_ADDRESS"):
-        raise HsmlError(f"engine='ray' on the cluster at RAY_ADDRESS needs a shared PostgreSQL storage, not {where}",
-                        hint=hint)  # fmt: skip
-
 # %% ../nbs/24_sweep.ipynb #fc9239cb
 def storage_url(
     storage: str,  # the `storage` parameter ("" for a local file)
@@ -138,7 +138,7 @@ def storage_url(
             return "postgresql+psycopg://" + storage[len(prefix) :]
     return storage
 
-
+# %% ../nbs/24_sweep.ipynb #c56f0828
 def make_storage(
     url: str,  # SQLAlchemy URL of the storage
     attempts: int = 5,  # tries when workers race to create the schema
@@ -214,7 +214,7 @@ def training_period(
     cut = dt.date.fromisoformat(str(test_from)) - dt.timedelta(days=horizon_days)
     return frame.filter(pl.col("as_of") < cut)
 
-
+# %% ../nbs/24_sweep.ipynb #de3dc3e8
 def rolling_folds(
     as_of: Sequence[dt.date] | np.ndarray | pl.Series,  # as-of date of each row (training period only)
     horizon_days: int,  # label horizon: the gap between a fold's training and validation dates
@@ -246,7 +246,7 @@ def score_metric(metric: str, y: np.ndarray, p: np.ndarray) -> float:
         return float(roc_auc_score(y, p))
     return float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
-
+# %% ../nbs/24_sweep.ipynb #f7b46fbb
 def make_objective(
     frame: pl.DataFrame,  # training-period rows: as_of, label, features
     spec: Sequence[dict],  # feature spec (name, dtype, ...)
@@ -387,7 +387,7 @@ def optimize(
         recorder.close()
     return study, recorder
 
-
+# %% ../nbs/24_sweep.ipynb #753cbdd0
 def best_params_yaml(
     study: Any,  # a finished study
     p: Mapping[str, Any],  # sweep parameters
@@ -424,7 +424,7 @@ class SweepResult:
     wandb_run_files: list[Path] = field(default_factory=list)  # every worker's W&B run
     timings: dict[str, float] = field(default_factory=dict)
 
-
+# %% ../nbs/24_sweep.ipynb #5b8e3bb3
 def load_training_period(p: Mapping[str, Any], area: Path) -> tuple[pl.DataFrame, list[dict], dict[str, Any]]:
     "Data -> training set -> the training-period rows only (and the spec and date-resolved params)."
     from hsml.contracts import load_tables
@@ -458,7 +458,7 @@ def write_outputs(
         return None
     return atomic_write_text(sdir / "best_params.yaml", best_params_yaml(study, p))
 
-
+# %% ../nbs/24_sweep.ipynb #c237feb2
 def run_worker(
     frame: pl.DataFrame,  # training-period rows
     spec: Sequence[dict],  # feature spec
@@ -505,7 +505,7 @@ def shares(
     "Trials per worker, as even as possible; workers with none are left out."
     return [q for q in (left // workers + (i < left % workers) for i in range(workers)) if q]
 
-
+# %% ../nbs/24_sweep.ipynb #8c1e989c
 def _on_processes(
     frame: pl.DataFrame, spec: Sequence[dict], jobs: list[tuple[dict, int]]
 ) -> list[SweepResult]:
