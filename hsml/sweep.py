@@ -568,7 +568,8 @@ def run_sweep(
     p = validate_sweep_params(params)
     if not p["study_name"]:
         p["study_name"] = f"{p['model']}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
-    sdir = Path(p["run_dir"]).absolute() / p["study_name"]
+    p["run_dir"] = str(Path(p["run_dir"]).absolute())  # a Ray worker's working directory is not this one
+    sdir = Path(p["run_dir"]) / p["study_name"]
     sdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     frame, spec, dates = load_training_period(p, sdir.parent / ".hsml")
