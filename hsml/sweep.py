@@ -24,9 +24,10 @@ from .core import HsmlError, atomic_path, atomic_write_text, to_date
 from .tracking import NullTracker, Tracker, start_tracker
 
 # %% auto #0
-__all__ = ['DATA_PARAMS', 'METRICS', 'SWEEP_DEFAULTS', 'STATE_CODES', 'validate_sweep_params', 'storage_url', 'make_storage',
-           'training_period', 'rolling_folds', 'score_metric', 'make_objective', 'TrialRecorder', 'optimize',
-           'best_params_yaml', 'SweepResult', 'load_training_period', 'run_sweep', 'sweep_main']
+__all__ = ['DATA_PARAMS', 'METRICS', 'SWEEP_DEFAULTS', 'STATE_CODES', 'check_shared_storage', 'validate_sweep_params',
+           'storage_url', 'make_storage', 'settle_stale_trials', 'training_period', 'rolling_folds', 'score_metric',
+           'make_objective', 'TrialRecorder', 'optimize', 'best_params_yaml', 'SweepResult', 'load_training_period',
+           'write_outputs', 'run_worker', 'shares', 'run_workers', 'run_sweep', 'sweep_main']
 
 # %% ../nbs/24_sweep.ipynb #2a48ccef
 DATA_PARAMS = (
@@ -46,6 +47,8 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "n_folds": 2,  # rolling-origin validation folds inside the training period
     "pruning": True,  # median pruning after each fold
     "worker": 0,  # this worker's number (seeds its sampler differently)
+    "workers": 1,  # Optuna workers this sweep starts; more than 1 needs a shared PostgreSQL storage
+    "engine": "local",  # local: worker processes on this machine | ray: one Ray task per worker
     "heartbeat_interval": 30,  # seconds between a running trial's heartbeats in the storage (0: off)
     "grace_period": 120,  # a running trial without a heartbeat for this long is failed (its worker died)
     **{k: runs.DEFAULT_PARAMS[k] for k in DATA_PARAMS},
@@ -54,7 +57,22 @@ SWEEP_DEFAULTS: dict[str, Any] = {
     "run_dir": "experiments/sweeps",  # sweep directories go in <run_dir>/<study_name>/
 }
 
+# %% ../nbs/24_sweep.ipynb #c13e997e
+def check_shared_storage(
+    p: Mapping[str, Any],  # sweep parameters (storage, workers, engine)
+) -> None:
+    "An `HsmlError` when workers in other processes or machines would each open their own SQLite file."
+    if p["storage"].startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        return
+    where = "a SQLite file in the sweep directory" if not p["storage"] else p["storage"]
+    hint = "pass storage=postgresql://user@host:port/db and a study_name (hsml.testing.local_postgres starts a throwaway one)"
+    if p["workers"] > 1:
+        raise HsmlError(f"workers={p['workers']} need a shared PostgreSQL storage, not {where}", hint=hint)
+    if p["engine"] == "ray" and os.environ.get("RAY_ADDRESS"):
+        raise HsmlError(f"engine='ray' on the cluster at RAY_ADDRESS needs a shared PostgreSQL storage, not {where}",
+                        hint=hint)  # fmt: skip
 
+# %% ../nbs/24_sweep.ipynb #e54f4aed
 def validate_sweep_params(
     params: Mapping[str, Any],  # sweep parameters (missing ones take SWEEP_DEFAULTS)
 ) -> dict[str, Any]:
@@ -75,6 +93,10 @@ def validate_sweep_params(
     p["timeout_s"] = runs._int("timeout_s", p["timeout_s"], low=0)
     p["n_folds"] = runs._int("n_folds", p["n_folds"], low=1)
     p["worker"] = runs._int("worker", p["worker"], low=0)
+    p["workers"] = runs._int("workers", p["workers"], low=1)
+    from hsml.scale import check_engine
+
+    p["engine"] = check_engine(str(p["engine"]))
     p["heartbeat_interval"] = runs._int("heartbeat_interval", p["heartbeat_interval"], low=0)
     p["grace_period"] = runs._int("grace_period", p["grace_period"], low=1)
     if p["heartbeat_interval"] and p["grace_period"] <= p["heartbeat_interval"]:
@@ -98,6 +120,7 @@ def validate_sweep_params(
     p["study_name"] = str(p["study_name"] or "")
     if p["storage"] and not p["study_name"]:
         raise HsmlError("a shared storage needs a study_name", hint="give every worker the same study_name")
+    check_shared_storage(p)
     if p["study_name"] and not all(c.isalnum() or c in "-_." for c in p["study_name"]):
         raise HsmlError(f"study_name={p['study_name']!r}: use letters, digits, '-', '_' and '.' only")
     return p
@@ -115,12 +138,13 @@ def storage_url(
             return "postgresql+psycopg://" + storage[len(prefix) :]
     return storage
 
-
+# %% ../nbs/24_sweep.ipynb #c56f0828
 def make_storage(
     url: str,  # SQLAlchemy URL of the storage
     attempts: int = 5,  # tries when workers race to create the schema
     heartbeat_interval: int = 0,  # seconds between running trials' heartbeats (0: no heartbeat)
     grace_period: int | None = None,  # seconds without a heartbeat before a running trial is failed
+    retry: bool = True,  # queue a failed stale trial's parameters once more
 ) -> Any:
     "An Optuna RDB storage for `url` (connection health checks; heartbeats that fail a dead worker's trial)."
     import optuna
@@ -129,17 +153,15 @@ def make_storage(
     safe = "...@" + url.rsplit("@", 1)[-1] if "@" in url else url  # never the user and password
     for attempt in range(1, attempts + 1):
         try:
-            beat = (
-                {
-                    "heartbeat_interval": heartbeat_interval,
-                    "grace_period": grace_period,
-                    "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1),
-                }
-                if heartbeat_interval
-                else {}
-            )
-            with warnings.catch_warnings():  # heartbeats are marked experimental
+            with warnings.catch_warnings():  # heartbeats and their retry callback are marked experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retried = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1) if retry else None
+                beat = (
+                    {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                     "heartbeat_stale_trial_callback": retried}
+                    if heartbeat_interval
+                    else {}
+                )  # fmt: skip
                 return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **beat)
         except (IntegrityError, ProgrammingError) as e:
             # workers started together on an empty database race to create Optuna's tables and types
@@ -149,6 +171,38 @@ def make_storage(
             time.sleep(0.2 * attempt)
         except Exception as e:
             raise HsmlError(f"cannot open the Optuna storage at {safe}: {e}") from e
+
+# %% ../nbs/24_sweep.ipynb #1d6c3e9d
+def settle_stale_trials(
+    url: str,  # SQLAlchemy URL of the study's storage
+    study_name: str,  # the study
+    heartbeat_interval: int,  # the sweep's heartbeat interval, seconds (0: heartbeats off, nothing to judge)
+    grace_period: int,  # a running trial without a heartbeat this long belongs to a dead worker
+) -> list[int]:
+    "Fail dead workers' running trials (no retry), waiting at most one grace period for one to go silent; their numbers."
+    import optuna
+    from optuna.trial import TrialState
+
+    if not heartbeat_interval:
+        return []
+    storage = make_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, retry=False)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+
+    def running() -> set[int]:
+        return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+    seen = running()
+    deadline = time.monotonic() + grace_period + 2 * heartbeat_interval + 1  # SQLite's clock ticks in seconds
+    while seen:
+        with warnings.catch_warnings():  # marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # only trials silent for grace_period
+        if not running() or time.monotonic() > deadline:
+            break
+        time.sleep(min(1.0, heartbeat_interval))
+    return sorted(
+        t.number for t in study.get_trials(deepcopy=False) if t.number in seen and t.state == TrialState.FAIL
+    )
 
 # %% ../nbs/24_sweep.ipynb #b68fc73a
 def training_period(
@@ -160,7 +214,7 @@ def training_period(
     cut = to_date(test_from, "test_from") - dt.timedelta(days=horizon_days)
     return frame.filter(pl.col("as_of") < cut)
 
-
+# %% ../nbs/24_sweep.ipynb #de3dc3e8
 def rolling_folds(
     as_of: Sequence[dt.date] | np.ndarray | pl.Series,  # as-of date of each row (training period only)
     horizon_days: int,  # label horizon: the gap between a fold's training and validation dates
@@ -192,7 +246,7 @@ def score_metric(metric: str, y: np.ndarray, p: np.ndarray) -> float:
         return float(roc_auc_score(y, p))
     return float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
-
+# %% ../nbs/24_sweep.ipynb #f7b46fbb
 def make_objective(
     frame: pl.DataFrame,  # training-period rows: as_of, label, features
     spec: Sequence[dict],  # feature spec (name, dtype, ...)
@@ -283,6 +337,8 @@ def optimize(
     storage: str,  # SQLAlchemy storage URL
     tracker: Tracker | None = None,  # where trials are recorded
     progress: bool = True,  # tqdm progress bar
+    quota: int
+    | None = None,  # at most this many trials from this worker (None: until the study has n_trials)
 ) -> tuple[Any, TrialRecorder]:
     "Run this worker's share of the study until it has `n_trials` finished trials (or the timeout); return it."
     import optuna
@@ -321,6 +377,7 @@ def optimize(
         if len(study.get_trials(deepcopy=False, states=states)) < p["n_trials"]:
             study.optimize(
                 objective,
+                n_trials=quota,
                 timeout=p["timeout_s"] or None,
                 callbacks=[MaxTrialsCallback(p["n_trials"], states=states), recorder],
                 catch=(ValueError,),
@@ -330,7 +387,7 @@ def optimize(
         recorder.close()
     return study, recorder
 
-
+# %% ../nbs/24_sweep.ipynb #753cbdd0
 def best_params_yaml(
     study: Any,  # a finished study
     p: Mapping[str, Any],  # sweep parameters
@@ -363,10 +420,11 @@ class SweepResult:
     best_params_path: Path | None
     n_trials: int  # finished trials in the study (all workers)
     worker_trials: list[int] = field(default_factory=list)  # trial numbers this worker ran
-    wandb_run_file: Path | None = None
+    wandb_run_file: Path | None = None  # this worker's W&B run (the first worker's for many)
+    wandb_run_files: list[Path] = field(default_factory=list)  # every worker's W&B run
     timings: dict[str, float] = field(default_factory=dict)
 
-
+# %% ../nbs/24_sweep.ipynb #5b8e3bb3
 def load_training_period(p: Mapping[str, Any], area: Path) -> tuple[pl.DataFrame, list[dict], dict[str, Any]]:
     "Data -> training set -> the training-period rows only (and the spec and date-resolved params)."
     from hsml.contracts import load_tables
@@ -387,66 +445,142 @@ def load_training_period(p: Mapping[str, Any], area: Path) -> tuple[pl.DataFrame
     frame = training_period(ts.frame, rp["test_from"], rp["horizon_days"])
     return frame, list(ts.spec), {k: rp[k] for k in DATA_PARAMS}
 
+# %% ../nbs/24_sweep.ipynb #e746a4a7
+def write_outputs(
+    study: Any,  # the study, all workers' trials in it
+    p: Mapping[str, Any],  # sweep parameters
+    sdir: Path,  # the sweep directory
+    name: str = "trials",  # the trials CSV's name
+) -> Path | None:
+    "`<name>.csv` of every trial, and `best_params.yaml` once a trial is complete (its path, else None)."
+    study.trials_dataframe().to_csv(sdir / f"{name}.csv", index=False)
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        return None
+    return atomic_write_text(sdir / "best_params.yaml", best_params_yaml(study, p))
 
-def run_sweep(
-    params: Mapping[str, Any],  # sweep parameters (see SWEEP_DEFAULTS)
+# %% ../nbs/24_sweep.ipynb #c237feb2
+def run_worker(
+    frame: pl.DataFrame,  # training-period rows
+    spec: Sequence[dict],  # feature spec
+    p: Mapping[str, Any],  # this worker's validated, date-resolved parameters (study_name set)
+    quota: int | None = None,  # at most this many trials (None: until the study has n_trials)
+    settle: bool = True,  # at the end, fail dead workers' trials (`settle_stale_trials`)
     progress: bool = True,  # tqdm progress bar
 ) -> SweepResult:
-    "Run one sweep worker: load data, optimize until the study has n_trials, record trials, write best_params.yaml."
+    "One Optuna worker: its trials, recorded in its own W&B run; then the study's trials and best parameters."
+    sdir = Path(p["run_dir"]).absolute() / p["study_name"]
+    atomic_write_text(sdir / f"sweep-worker{p['worker']}.yaml",
+                      yaml.safe_dump(json.loads(json.dumps(p, default=str)), sort_keys=False))  # fmt: skip
+    url = storage_url(p["storage"], sdir)
+    tracker = start_tracker(
+        p["tracking"], p["wandb_project"], run_area=sdir, shared=sdir.parent / ".hsml" / "wandb",
+        name=f"{p['study_name']}-w{p['worker']}", group=p["study_name"], job_type="sweep",
+        config={k: v for k, v in p.items() if k != "storage"} | {"storage_kind": url.split(":")[0]},
+    )  # fmt: skip
+    t = time.perf_counter()
+    try:
+        study, rec = optimize(frame, spec, p, url, tracker, progress=progress, quota=quota)
+        tracker.log_table("trials", rec.table())
+        if settle:
+            settle_stale_trials(url, p["study_name"], p["heartbeat_interval"], p["grace_period"])
+        best_path = write_outputs(study, p, sdir, f"trials-worker{p['worker']}")
+        if best_path:
+            tracker.log_summary({"best_value": study.best_value, "best_trial": study.best_trial.number})
+    finally:
+        tracker.finish()
+    done = sum(1 for tr in study.get_trials(deepcopy=False) if tr.state.is_finished())
+    return SweepResult(
+        sdir, p["study_name"], url if url.startswith("sqlite") else url.split("@")[-1],
+        study.best_value if best_path else None, dict(study.best_params) if best_path else {}, best_path, done,
+        worker_trials=[r["trial"] for r in rec.rows], wandb_run_file=tracker.run_file,
+        wandb_run_files=[tracker.run_file] if tracker.run_file else [],
+        timings={"optimize": round(time.perf_counter() - t, 3)},
+    )  # fmt: skip
+
+# %% ../nbs/24_sweep.ipynb #e125ca33
+def shares(
+    left: int,  # trials still to run
+    workers: int,  # workers
+) -> list[int]:
+    "Trials per worker, as even as possible; workers with none are left out."
+    return [q for q in (left // workers + (i < left % workers) for i in range(workers)) if q]
+
+# %% ../nbs/24_sweep.ipynb #8c1e989c
+def _on_processes(
+    frame: pl.DataFrame, spec: Sequence[dict], jobs: list[tuple[dict, int]]
+) -> list[SweepResult]:
+    "Each job as `run_worker` in its own local process (spawned: no inherited threads or connections)."
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_worker, frame, spec, job, quota, False, False) for job, quota in jobs]
+        return [f.result() for f in futures]
+
+
+def _on_ray(frame: pl.DataFrame, spec: Sequence[dict], jobs: list[tuple[dict, int]]) -> list[SweepResult]:
+    "Each job as `run_worker` in a Ray task; the rows are put in Ray's object store once."
+    from hsml.scale import gather, ray_session, remote
+
+    with ray_session() as ray:
+        rows = ray.put(frame)
+        return gather(
+            [remote(run_worker).remote(rows, list(spec), job, quota, False, False) for job, quota in jobs]
+        )
+
+# %% ../nbs/24_sweep.ipynb #cf745666
+def run_workers(
+    frame: pl.DataFrame,  # training-period rows
+    spec: Sequence[dict],  # feature spec
+    p: Mapping[str, Any],  # validated, date-resolved parameters (study_name set, workers > 1 or engine ray)
+) -> SweepResult:
+    "`p['workers']` workers share the study until it has `n_trials`; then dead workers' trials are failed."
+    import optuna
+
+    sdir = Path(p["run_dir"]).absolute() / p["study_name"]
+    url = storage_url(p["storage"], sdir)
+    study = optuna.create_study(study_name=p["study_name"], storage=make_storage(url),
+                                direction=METRICS[p["metric"]], load_if_exists=True)  # fmt: skip  # once, before they race
+    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    n = p["workers"]
+    jobs = [({**p, "workers": 1, "engine": "local", "worker": p["worker"] * n + i}, q)
+            for i, q in enumerate(shares(p["n_trials"] - done, n))]  # fmt: skip
+    t = time.perf_counter()
+    results = (_on_ray if p["engine"] == "ray" else _on_processes)(frame, spec, jobs) if jobs else []
+    settle_stale_trials(url, p["study_name"], p["heartbeat_interval"], p["grace_period"])
+    best_path = write_outputs(study, p, sdir)
+    files = [f for r in results for f in r.wandb_run_files]
+    return SweepResult(
+        sdir, p["study_name"], url if url.startswith("sqlite") else url.split("@")[-1],
+        study.best_value if best_path else None, dict(study.best_params) if best_path else {}, best_path,
+        sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished()),
+        worker_trials=sorted(k for r in results for k in r.worker_trials), wandb_run_file=(files or [None])[0],
+        wandb_run_files=files, timings={"optimize": round(time.perf_counter() - t, 3)},
+    )  # fmt: skip
+
+# %% ../nbs/24_sweep.ipynb #37398549
+def run_sweep(
+    params: Mapping[str, Any],  # sweep parameters (see SWEEP_DEFAULTS)
+    progress: bool = True,  # tqdm progress bar (one local worker)
+) -> SweepResult:
+    "Load the training period once, then run the workers (this process when one local worker); write best_params.yaml."
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     p = validate_sweep_params(params)
     if not p["study_name"]:
         p["study_name"] = f"{p['model']}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
-    root = Path(p["run_dir"]).absolute()
-    sdir = root / p["study_name"]
+    p["run_dir"] = str(Path(p["run_dir"]).absolute())  # a Ray worker's working directory is not this one
+    sdir = Path(p["run_dir"]) / p["study_name"]
     sdir.mkdir(parents=True, exist_ok=True)
-    area = root / ".hsml"
-    timings: dict[str, float] = {}
     t = time.perf_counter()
-    frame, spec, dates = load_training_period(p, area)
+    frame, spec, dates = load_training_period(p, sdir.parent / ".hsml")
     p.update(dates)
-    timings["data"] = round(time.perf_counter() - t, 3)
-    atomic_write_text(
-        sdir / f"sweep-worker{p['worker']}.yaml",
-        yaml.safe_dump(json.loads(json.dumps(p, default=str)), sort_keys=False),
-    )
-    url = storage_url(p["storage"], sdir)
-    tracker = start_tracker(
-        p["tracking"],
-        p["wandb_project"],
-        run_area=sdir,
-        shared=area / "wandb",
-        name=f"{p['study_name']}-w{p['worker']}",
-        group=p["study_name"],
-        job_type="sweep",
-        config={k: v for k, v in p.items() if k != "storage"} | {"storage_kind": url.split(":")[0]},
-    )
-    t = time.perf_counter()
-    try:
-        study, rec = optimize(frame, spec, p, url, tracker, progress=progress)
-        timings["optimize"] = round(time.perf_counter() - t, 3)
-        tracker.log_table("trials", rec.table())
-        complete = [tr for tr in study.get_trials(deepcopy=False) if tr.state.name == "COMPLETE"]
-        best_path = None
-        if complete:
-            tracker.log_summary({"best_value": study.best_value, "best_trial": study.best_trial.number})
-            best_path = atomic_write_text(sdir / "best_params.yaml", best_params_yaml(study, p))
-        study.trials_dataframe().to_csv(sdir / f"trials-worker{p['worker']}.csv", index=False)
-    finally:
-        tracker.finish()
-    n_done = sum(1 for tr in study.get_trials(deepcopy=False) if tr.state.is_finished())
-    return SweepResult(
-        sweep_dir=sdir,
-        study_name=p["study_name"],
-        storage=url if url.startswith("sqlite") else url.split("@")[-1],
-        best_value=study.best_value if complete else None,
-        best_params=dict(study.best_params) if complete else {},
-        best_params_path=best_path,
-        n_trials=n_done,
-        worker_trials=[r["trial"] for r in rec.rows],
-        wandb_run_file=tracker.run_file,
-        timings=timings,
-    )
+    took = round(time.perf_counter() - t, 3)
+    if p["workers"] == 1 and p["engine"] == "local":
+        result = run_worker(frame, spec, p, progress=progress)
+    else:
+        result = run_workers(frame, spec, p)
+    result.timings = {"data": took, **result.timings}
+    return result
 
 # %% ../nbs/24_sweep.ipynb #8cfd4d56
 def sweep_main(

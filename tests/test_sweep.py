@@ -177,3 +177,81 @@ def test_two_workers_share_one_postgres_study(sample_dir, tmp_path):
     assert sorted(recorded) == finished
     assert len(set(recorded)) == len(recorded)
     assert (tmp_path / "dist" / "best_params.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    "A small generated data set (600 companies): enough for two validation folds, quick to sweep."
+    from hsml import synth
+
+    d = tmp_path_factory.mktemp("tiny")
+    synth.generate(d, companies=600, seed=4)
+    return d
+
+
+def test_many_workers_need_a_shared_postgres_storage(tmp_path, monkeypatch):
+    with pytest.raises(HsmlError, match="workers=2 need a shared PostgreSQL storage, not a SQLite file"):
+        validate_sweep_params({"workers": 2, "engine": "ray"})
+    with pytest.raises(HsmlError, match="need a shared PostgreSQL storage, not sqlite:///x.db"):
+        validate_sweep_params({"workers": 3, "storage": "sqlite:///x.db", "study_name": "s"})
+    monkeypatch.setenv(
+        "RAY_ADDRESS", "ray://10.0.0.1:10001"
+    )  # a cluster's tasks cannot open this machine's file
+    with pytest.raises(
+        HsmlError, match="engine='ray' on the cluster at RAY_ADDRESS needs a shared PostgreSQL"
+    ):
+        validate_sweep_params({"engine": "ray"})
+    with pytest.raises(HsmlError, match="unknown engine 'spark'"):
+        validate_sweep_params({"engine": "spark"})
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_workers_share_one_postgres_study(tiny_dir, tmp_path, engine):
+    "`workers=2`: two local processes (through the notebook) or two Ray tasks on a local Ray with 2 CPUs."
+    from hsml.testing import local_postgres
+
+    n_trials = 4
+    with local_postgres() as url:
+        params = {"model": "logreg", "n_trials": n_trials, "study_name": "w2", "storage": url, "workers": 2,
+                  "engine": engine, "data_dir": str(tiny_dir), "run_dir": str(tmp_path)}  # fmt: skip
+        if engine == "ray":
+            pytest.importorskip("ray")
+            from hsml.scale import ray_session
+            from hsml.sweep import run_sweep
+
+            with ray_session(num_cpus=2):
+                result = run_sweep(params, progress=False)
+            files = result.wandb_run_files
+            assert result.n_trials == n_trials and result.worker_trials == list(range(n_trials))
+        else:
+            sdir = sweep_main(params)
+            files = find_wandb_run_files(sdir)
+        study = optuna.load_study(study_name="w2", storage=storage_url(url, tmp_path))
+        trials = study.get_trials()
+        best = study.best_params
+    assert len(trials) == n_trials and all(t.state.is_finished() for t in trials)  # exactly as many as asked
+    assert len(files) == 2 and all(Path(f).exists() for f in files)  # one W&B run per worker
+    recorded = [n for f in files for n in trials_recorded(Path(f))]
+    assert sorted(recorded) == list(range(n_trials))  # every trial in the W&B run of the worker that ran it
+    saved = yaml.safe_load((tmp_path / "w2" / "best_params.yaml").read_text())
+    assert saved["model_params"] == best  # the best parameters, readable afterwards
+
+
+def test_a_dead_workers_trial_is_failed_when_the_sweep_ends(tiny_dir, tmp_path):
+    "A trial left RUNNING by a dead worker, with no trial started after it: the sweep still ends with none running."
+    from optuna.trial import TrialState
+
+    from hsml.sweep import run_sweep
+
+    params = {"model": "logreg", "n_trials": 2, "study_name": "z", "data_dir": str(tiny_dir),
+              "run_dir": str(tmp_path), "tracking": "disabled", "heartbeat_interval": 1, "grace_period": 2}  # fmt: skip
+    run_sweep(params, progress=False)
+    url = storage_url("", tmp_path / "z")
+    study = optuna.load_study(study_name="z", storage=make_storage(url, heartbeat_interval=1, grace_period=2))
+    zombie = study._storage.create_new_trial(study._study_id)  # a worker starts a trial, beats once and dies
+    study._storage.record_heartbeat(zombie)
+    result = run_sweep(params, progress=False)  # the study has its 2 trials: no trial starts here
+    trials = optuna.load_study(study_name="z", storage=url).get_trials()
+    assert [t.state for t in trials] == [*(t.state for t in trials[:2]), TrialState.FAIL]
+    assert all(t.state.is_finished() for t in trials) and result.n_trials == 3  # failed, not queued again
