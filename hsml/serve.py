@@ -41,12 +41,12 @@ from .core import HsmlError
 from .serve_guard import Guard, InFlightLimit, drain_on_sigterm, quiet_sigterm
 
 # %% auto #0
-__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'AppState',
-           'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks',
-           'PredictionLog', 'CompanyRequest', 'company_features', 'experiment_arms', 'service_description', 'Problem',
-           'problem_response', 'problem_handler', 'validation_problem', 'ServeState', 'app_state', 'require_token',
-           'json_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model', 'error_responses',
-           'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog', 'app_from_env', 'serve', 'serve_cmd']
+__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'JsonBody',
+           'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks', 'PredictionLog',
+           'CompanyRequest', 'company_features', 'experiment_arms', 'service_description', 'Problem',
+           'problem_response', 'problem_handler', 'validation_problem', 'ServeState', 'require_token', 'json_body',
+           'request_id', 'predict', 'predict_company', 'health', 'ready', 'model', 'error_responses', 'add_routes',
+           'lifespan', 'create_app', 'log_sink_from_catalog', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #1d025708
 def _field_type(f: dict) -> Any:
@@ -660,7 +660,7 @@ def service_description(
         "per company (422); past `--max-in-flight` concurrent requests, 503 with `Retry-After`."
     )
 
-# %% ../nbs/32_serve.ipynb #71c1c65f
+# %% ../nbs/32_serve.ipynb #88fb2280
 class Problem(Exception):
     "An error answer: HTTP status, a message for people, field-level `detail` for programs, extra headers."
 
@@ -691,7 +691,7 @@ async def problem_handler(request: Request, exc: Exception) -> JSONResponse:
         exc = Problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
     return problem_response(exc)  # type: ignore[arg-type]
 
-# %% ../nbs/32_serve.ipynb #8c73afe5
+# %% ../nbs/32_serve.ipynb #4298b619
 def _detail(e: ValidationError, prefix: tuple = ()) -> list[dict]:
     out = []
     for x in e.errors(include_url=False, include_context=False):
@@ -718,7 +718,7 @@ def validation_problem(
     more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", detail)
 
-# %% ../nbs/32_serve.ipynb #00abcfbb
+# %% ../nbs/32_serve.ipynb #6d8311f3
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -773,7 +773,7 @@ class ServeState:
         "Where the prediction log goes (a sink's description or the JSONL file)."
         return self.log_sink.describe() if self.log_sink is not None else str(self.log_path)
 
-# %% ../nbs/32_serve.ipynb #f2f722f6
+# %% ../nbs/32_serve.ipynb #30ac6c30
 @patch(as_prop=True)
 def model_info(self: ServeState) -> dict:
     "The served model: name, version, alias, digest, bundle.json, schema, metrics, data fingerprints, limits, experiment."
@@ -797,7 +797,7 @@ def model_info(self: ServeState) -> dict:
         else None,
     }
 
-# %% ../nbs/32_serve.ipynb #b70349f0
+# %% ../nbs/32_serve.ipynb #3ed5db1e
 @patch
 def score_fast(self: ServeState, body: bytes) -> tuple[list, np.ndarray, list[list], np.ndarray] | None:
     "(ids, numeric matrix, category lists, scores) of a /predict body the fast path accepts, else None."
@@ -824,7 +824,7 @@ def score_rows(self: ServeState, rows: list) -> tuple[np.ndarray, list[list], np
     Xn, cs = self.bundle.split_rows(rows)
     return Xn, cs, self.bundle.predict_split(Xn, cs)
 
-# %% ../nbs/32_serve.ipynb #c2d10636
+# %% ../nbs/32_serve.ipynb #4730884f
 @patch
 def records(self: ServeState, body: bytes) -> list[dict]:
     "The records of a /predict body after pydantic's full validation (every error, field by field), else a problem."
@@ -838,7 +838,7 @@ def records(self: ServeState, body: bytes) -> list[dict]:
         raise Problem(413, f"too many records: {len(recs)} > {self.max_records} per request")
     return recs
 
-# %% ../nbs/32_serve.ipynb #913080df
+# %% ../nbs/32_serve.ipynb #eff9772f
 @patch
 def log_rows(
     self: ServeState,
@@ -870,7 +870,7 @@ def log_rows(
     }
     self.log.append(meta, ids, Xn, cs, scores, arms)
 
-# %% ../nbs/32_serve.ipynb #41dae316
+# %% ../nbs/32_serve.ipynb #b76bc3dc
 @patch
 def json_response(self: ServeState, rid: str, preds: list[dict], extra: dict | None = None) -> Response:
     "The answer: model, version, request id, predictions, then `extra`; the request id in `x-request-id` too."
@@ -900,12 +900,7 @@ def respond(
         extra = (extra or {}) | {"experiment": self.experiment, "holdout_share": self.holdout_share}
     return self.json_response(rid, preds, extra)
 
-# %% ../nbs/32_serve.ipynb #e167e8dd
-async def app_state(request: Request) -> ServeState:
-    "Dependency: the app's `ServeState`."
-    return request.app.state.serve
-
-
+# %% ../nbs/32_serve.ipynb #45bdd81f
 async def require_token(request: Request) -> None:
     "Dependency: with a token configured, `Authorization: Bearer <token>`, else a 401 problem."
     token = request.app.state.serve.token
@@ -939,13 +934,13 @@ async def request_id(request: Request) -> str:
     return rid if rid and _RID.match(rid) else uuid.uuid4().hex
 
 
-AppState = Annotated[ServeState, Depends(app_state)]
 JsonBody = Annotated[bytes, Depends(json_body)]
 RequestId = Annotated[str, Depends(request_id)]
 
-# %% ../nbs/32_serve.ipynb #667f6baf
-async def predict(st: AppState, body: JsonBody, rid: RequestId) -> Response:
+# %% ../nbs/32_serve.ipynb #f4948fd0
+async def predict(request: Request, body: JsonBody, rid: RequestId) -> Response:
     "`POST /predict`: score feature records."
+    st: ServeState = request.app.state.serve
     if st.fast is not None:
         got = await run_in_threadpool(st.score_fast, body) if len(body) > 65536 else st.score_fast(body)
         if got is not None:
@@ -958,7 +953,7 @@ async def predict(st: AppState, body: JsonBody, rid: RequestId) -> Response:
         Xn, cs, scores = await run_in_threadpool(st.score_records, recs)
     return st.respond(rid, "predict", ids, Xn, cs, scores)
 
-# %% ../nbs/32_serve.ipynb #7daa67bc
+# %% ../nbs/32_serve.ipynb #8d8f25a3
 @patch
 async def company_row(
     self: ServeState, req: CompanyRequest
@@ -1009,7 +1004,7 @@ def company_extra(
         }
     return extra
 
-# %% ../nbs/32_serve.ipynb #c3c32e9c
+# %% ../nbs/32_serve.ipynb #827b5ebf
 @patch
 def unscored(
     self: ServeState,
@@ -1028,9 +1023,10 @@ def unscored(
     self.log_rows(rid, "predict/company", [req.id], Xn, cs, np.array([np.nan]), as_of.isoformat(), [None])
     return self.json_response(rid, [pred], extra)
 
-# %% ../nbs/32_serve.ipynb #da4cb13e
-async def predict_company(st: AppState, body: JsonBody, rid: RequestId) -> Response:
+# %% ../nbs/32_serve.ipynb #eda8d27c
+async def predict_company(request: Request, body: JsonBody, rid: RequestId) -> Response:
     "`POST /predict/company`: a prospect's raw rows through the contracts and the training features, then scored."
+    st: ServeState = request.app.state.serve
     try:
         req = CompanyRequest.model_validate_json(body)
     except ValidationError as e:
@@ -1042,14 +1038,16 @@ async def predict_company(st: AppState, body: JsonBody, rid: RequestId) -> Respo
     Xn, cs, scores = st.score_rows(rows)
     return st.respond(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat(), extra)
 
-# %% ../nbs/32_serve.ipynb #83a51c14
-async def health(st: AppState) -> dict:
+# %% ../nbs/32_serve.ipynb #5530fd52
+async def health(request: Request) -> dict:
     "`GET /health`: liveness, with the prediction log's state."
+    st: ServeState = request.app.state.serve
     return {"status": "ok"} | ({"prediction_log": st.log.status()} if st.log is not None else {})
 
 
-async def ready(st: AppState) -> Response:
+async def ready(request: Request) -> Response:
     "`GET /ready`: 200 when the model is loaded, the log writer runs and the process is not draining, else 503."
+    st: ServeState = request.app.state.serve
     b, lg, guard = st.bundle, st.log, st.guard
     ok = lg is not None and lg.alive and guard.ready
     body = {"ready": ok, "model": b.name, "version": b.version, "fast_path": b.fast}
@@ -1060,11 +1058,11 @@ async def ready(st: AppState) -> Response:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-async def model(st: AppState) -> Response:
+async def model(request: Request) -> Response:
     "`GET /model`: the served model (`ServeState.model_info`)."
-    return JSONResponse(st.model_info)
+    return JSONResponse(request.app.state.serve.model_info)
 
-# %% ../nbs/32_serve.ipynb #6182b90f
+# %% ../nbs/32_serve.ipynb #93dee010
 def _openapi_schema(model: Any) -> tuple[dict, dict]:
     "(schema with refs into components, components) of a pydantic model or TypeAdapter."
     ref = "#/components/schemas/{model}"
@@ -1086,7 +1084,7 @@ def _openapi(app: FastAPI, defs: dict) -> dict:
         FastAPI.openapi(app).setdefault("components", {}).setdefault("schemas", {}).update(defs)
     return app.openapi_schema
 
-# %% ../nbs/32_serve.ipynb #414ef555
+# %% ../nbs/32_serve.ipynb #6cca404d
 def error_responses(max_records: int, max_in_flight: int) -> dict:
     "The error statuses the model routes document."
     return {
@@ -1098,10 +1096,12 @@ def error_responses(max_records: int, max_in_flight: int) -> dict:
         "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
     }
 
-# %% ../nbs/32_serve.ipynb #db063a79
+# %% ../nbs/32_serve.ipynb #f7ec3755
 def add_routes(app: FastAPI, st: ServeState) -> None:
     "Register the handlers on `app`, with the OpenAPI schemas of `st`'s request bodies."
-    auth, errs = [Depends(require_token)], error_responses(st.max_records, st.guard.max_in_flight)
+    # without a token there is nothing to check: the routes skip the dependency (each costs FastAPI ~10 µs)
+    auth = [Depends(require_token)] if st.token else []
+    errs = error_responses(st.max_records, st.guard.max_in_flight)
     req, defs = _openapi_schema(st.Req)
     comp, cdefs = _openapi_schema(CompanyRequest)
     post = dict(methods=["POST"], dependencies=auth, responses=errs)
@@ -1123,7 +1123,7 @@ def add_routes(app: FastAPI, st: ServeState) -> None:
     app.add_api_route("/model", model, methods=["GET"], dependencies=auth, summary=summary)
     app.openapi = partial(_openapi, app, defs | cdefs)  # type: ignore[method-assign]
 
-# %% ../nbs/32_serve.ipynb #b93b3bff
+# %% ../nbs/32_serve.ipynb #30a37c0d
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     "Open the prediction log and start the guard; at shutdown drain, then close the log (writing what was logged)."
@@ -1139,7 +1139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         undo()
         st.log.close()  # after the requests in flight: writes everything they logged
 
-# %% ../nbs/32_serve.ipynb #d342d1fe
+# %% ../nbs/32_serve.ipynb #43cc01d4
 def create_app(
     bundle: Bundle | str | Path,  # a loaded Bundle, a bundle/run directory, or a reference NAME@ALIAS
     token: str | None = None,  # bearer token; default $HSML_API_TOKEN; empty = no auth
