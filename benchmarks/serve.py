@@ -9,6 +9,13 @@ Prints one JSON line per case:
   single-record `POST /predict` over >= 2000 sequential keep-alive requests, rows/s of 1000-record batches
   from 4 concurrent clients; beside them the in-process numbers for the same model: the compiled
   `Bundle.predict_rows` and the reference `pipeline.predict_proba` on a pandas frame.
+  The speed goals' references are measured in the same run: `bare_fastapi_single_p*_ms`, a FastAPI route on
+  the same uvicorn options that returns a constant, hit by the same client alternately with the hsml server
+  (request i goes to one, then to the other: a busy machine slows both alike); and
+  `bare_booster_batch1000_rows_per_s`, LightGBM `Booster.predict` (one thread, in process) on the booster's
+  input matrix of the same 1000-row batches. `goal_single_p99_ratio` (<= 1.5) and `goal_batch_ratio` (>= 0.8)
+  are the two ratios; `batch_end_to_end_rows_per_s` comes from `benchmarks/batch.py`'s
+  `run_batch_end_to_end` (null when that file is absent or with `--case serve`).
 - `batch_score`: `hsml.score.score_frame` over generated prospects (1M by default): rows/s end to end
   (features + scores + top-three reasons) and for the parts, beside the reference pipeline on the same
   feature rows.
@@ -117,6 +124,18 @@ def in_process(b, frame: pl.DataFrame, n_single: int) -> dict:
     for _ in range(reps):
         b.predict_rows(batch)
     fast_rows_s = reps * 1000 / (time.perf_counter() - t)
+    # the reference of the batch goal: the bare booster on the same batches, its own input matrix, one thread
+    booster = b.compiled.booster
+    Zs = [
+        b.compiled.transform(*b.split_rows([rows[(k * 1000 + i) % len(rows)] for i in range(1000)]))
+        for k in range(4)
+    ]
+    for Z in Zs:
+        booster.predict(Z, num_threads=1)
+    t = time.perf_counter()
+    for k in range(reps):
+        booster.predict(Zs[k % 4], num_threads=1)
+    bare_rows_s = reps * 1000 / (time.perf_counter() - t)
     Xb = pl.DataFrame(batch, schema=X.schema, orient="row")
     t = time.perf_counter()
     for _ in range(5):
@@ -127,8 +146,27 @@ def in_process(b, frame: pl.DataFrame, n_single: int) -> dict:
         "inproc_single_p99_ms": round(pct(single, 99) * 1e3, 4),
         "inproc_reference_single_p50_ms": round(pct(ref, 50) * 1e3, 3),
         "inproc_batch1000_rows_per_s": round(fast_rows_s),
+        "bare_booster_batch1000_rows_per_s": round(bare_rows_s),
         "inproc_reference_batch1000_rows_per_s": round(ref_rows_s),
     }
+
+
+BARE_APP = """
+import sys, uvicorn
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+app = FastAPI()
+
+
+@app.post("/predict")
+async def predict() -> Response:
+    return Response(b'{"ok":1}', media_type="application/json")
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools", log_level="warning",
+            access_log=False)
+"""
 
 
 def over_http(
@@ -139,6 +177,7 @@ def over_http(
     n_batches: int,
     work: Path,
     workers: int = 1,
+    bare: bool = False,  # also time the bare FastAPI route, alternately with the hsml server
 ) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -159,22 +198,35 @@ def over_http(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    procs = [proc]
+    if bare:
+        bport = free_port()
+        burl = f"http://127.0.0.1:{bport}"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", BARE_APP, str(bport)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
     try:
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("server did not start: " + (work / "server.log").read_text())
-            time.sleep(0.1)
+        for p, ready in zip(procs, [url + "/ready", burl + "/docs"] if bare else [url + "/ready"]):
+            while True:
+                try:
+                    if httpx.get(ready, timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not start: " + (work / "server.log").read_text())
+                time.sleep(0.1)
         recs = frame.select(names).to_dicts()
         bodies = [json.dumps({"records": [r]}).encode() for r in recs[:500]]
         h = {"content-type": "application/json"}
-        lat = []
-        with httpx.Client(base_url=url, headers=h) as c:
+        lat, blat = [], []
+        with (
+            httpx.Client(base_url=url, headers=h) as c,
+            httpx.Client(base_url=burl if bare else url, headers=h) as bc,
+        ):
             for i in range(n_single + 200):
                 body = bodies[i % len(bodies)]
                 t = time.perf_counter()
@@ -183,6 +235,13 @@ def over_http(
                 assert r.status_code == 200, r.text
                 if i >= 200:
                     lat.append(dt_)
+                if bare:  # the same body, the same client code, the bare route
+                    t = time.perf_counter()
+                    r = bc.post("/predict", content=body)
+                    dt_ = time.perf_counter() - t
+                    assert r.status_code == 200, r.text
+                    if i >= 200:
+                        blat.append(dt_)
         batch_bodies = [
             json.dumps({"records": [recs[(k * 1000 + i) % len(recs)] for i in range(1000)]}).encode()
             for k in range(4)
@@ -217,7 +276,15 @@ def over_http(
         logged = (
             sum(1 for _ in open(work / "predictions.jsonl")) if (work / "predictions.jsonl").exists() else 0
         )
-        return {
+        ref = (
+            {
+                "bare_fastapi_single_p50_ms": round(pct(blat, 50) * 1e3, 3),
+                "bare_fastapi_single_p99_ms": round(pct(blat, 99) * 1e3, 3),
+            }
+            if bare
+            else {}
+        )
+        return ref | {
             "http_single_n": len(lat),
             "http_single_p50_ms": round(pct(lat, 50) * 1e3, 3),
             "http_single_p99_ms": round(pct(lat, 99) * 1e3, 3),
@@ -233,11 +300,13 @@ def over_http(
             "prediction_log_lines_so_far": logged,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
         log.close()
 
 
@@ -315,6 +384,16 @@ def main() -> None:
         b = load_bundle(bdir)
         assert b.fast, b.fast_problem
         sample = frame.sample(min(frame.height, 5000), seed=0)
+        end_to_end: dict = {}
+        if a.case == "all":  # the batch goal's end-to-end figure, printed on the serve line too
+            try:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                from batch import run_batch_end_to_end
+            except ImportError:  # benchmarks/batch.py not there yet
+                run_batch_end_to_end = None
+            if run_batch_end_to_end is not None:
+                end_to_end = run_batch_end_to_end(a.prospects, work / "e2e", bdir)
+                end_to_end.setdefault("rows", a.prospects)
         if a.case in ("all", "serve"):
             res = {
                 "case": "serve",
@@ -323,13 +402,25 @@ def main() -> None:
                 "trees": b.compiled.booster.num_trees() if b.compiled and b.compiled.booster else None,
             }
             res |= in_process(b, sample, a.single)
-            res |= over_http(bdir, sample, b.feature_names, a.single, a.batches, work)
+            res |= over_http(bdir, sample, b.feature_names, a.single, a.batches, work, bare=True)
             (work / "w2").mkdir()
             w2 = over_http(bdir, sample, b.feature_names, 200, a.batches, work / "w2", workers=2)
             res["http_batch1000_rows_per_s_2workers"] = w2["http_batch1000_rows_per_s"]
             res["http_batch1000_rows_per_server_cpu_s_2workers"] = w2["http_batch1000_rows_per_server_cpu_s"]
-            res["load_average_1m"] = round(os.getloadavg()[0], 2)
-            res["goal_p99_single_ms"], res["goal_batch_rows_per_s"] = 2.0, 100_000
+            res["goal_single_p99_ratio"] = round(
+                res["http_single_p99_ms"] / res["bare_fastapi_single_p99_ms"], 2
+            )
+            res["goal_batch_ratio"] = round(
+                res["http_batch1000_rows_per_s"] / res["bare_booster_batch1000_rows_per_s"], 2
+            )
+            res["goal_single_p99_met"] = res["goal_single_p99_ratio"] <= 1.5
+            res["goal_batch_met"] = res["goal_batch_ratio"] >= 0.8
+            res["batch_end_to_end_rows_per_s"] = end_to_end.get("batch_end_to_end_rows_per_s")
+            res["batch_end_to_end_rows"] = end_to_end.get("rows")
+            res["load_average"] = [
+                round(x, 2) for x in os.getloadavg()
+            ]  # 1, 5, 15 min: the machine is shared
+            res["load_average_1m"] = res["load_average"][0]
             res["env"] = env
             print(json.dumps(res), flush=True)
         if a.case in ("all", "batch_score"):

@@ -16,7 +16,10 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -24,7 +27,7 @@ import numpy as np
 import orjson
 import polars as pl
 import typer
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -38,10 +41,12 @@ from .core import HsmlError
 from .serve_guard import Guard, InFlightLimit, drain_on_sigterm, quiet_sigterm
 
 # %% auto #0
-__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'record_model',
-           'request_model', 'FastRecords', 'features_hash', 'score_ranks', 'PredictionLog', 'CompanyRequest',
-           'company_features', 'experiment_arms', 'service_description', 'create_app', 'log_sink_from_catalog',
-           'app_from_env', 'serve', 'serve_cmd']
+__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'JsonBody',
+           'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks', 'PredictionLog',
+           'CompanyRequest', 'company_features', 'experiment_arms', 'service_description', 'Problem',
+           'problem_response', 'problem_handler', 'validation_problem', 'ServeState', 'require_token', 'json_body',
+           'request_id', 'predict', 'predict_company', 'health', 'ready', 'model', 'error_responses', 'add_routes',
+           'lifespan', 'create_app', 'log_sink_from_catalog', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #1d025708
 def _field_type(f: dict) -> Any:
@@ -655,23 +660,38 @@ def service_description(
         "per company (422); past `--max-in-flight` concurrent requests, 503 with `Retry-After`."
     )
 
-# %% ../nbs/32_serve.ipynb #f8c51a3b
-_RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# %% ../nbs/32_serve.ipynb #88fb2280
+class Problem(Exception):
+    "An error answer: HTTP status, a message for people, field-level `detail` for programs, extra headers."
+
+    def __init__(
+        self,
+        status: int,  # HTTP status code
+        message: str,  # what went wrong, in a sentence
+        detail: list | None = None,  # field-level errors: [{"loc", "msg", "type", "input"?}, ...]
+        headers: dict | None = None,  # extra response headers (WWW-Authenticate, ...)
+    ):
+        super().__init__(message)
+        self.status, self.message, self.detail, self.headers = status, message, detail, headers
 
 
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+def problem_response(p: Problem) -> JSONResponse:
+    "The one shape of every error answer: `{message, detail?}` with the problem's status and headers."
+    body: dict[str, Any] = {"message": p.message}
+    if p.detail is not None:
+        body["detail"] = p.detail
+    return JSONResponse(body, status_code=p.status, headers=p.headers)
 
 
-def _problem(
-    status: int, message: str, detail: list | None = None, headers: dict | None = None
-) -> JSONResponse:
-    body: dict[str, Any] = {"message": message}
-    if detail is not None:
-        body["detail"] = detail
-    return JSONResponse(body, status_code=status, headers=headers)
+async def problem_handler(request: Request, exc: Exception) -> JSONResponse:
+    "The app's exception handler: a `Problem` as raised; Starlette's HTTP errors and FastAPI's validation errors as problems."
+    if isinstance(exc, RequestValidationError):
+        exc = Problem(422, "invalid request", [dict(e) for e in exc.errors()])
+    elif isinstance(exc, StarletteHTTPException):
+        exc = Problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    return problem_response(exc)  # type: ignore[arg-type]
 
-
+# %% ../nbs/32_serve.ipynb #4298b619
 def _detail(e: ValidationError, prefix: tuple = ()) -> list[dict]:
     out = []
     for x in e.errors(include_url=False, include_context=False):
@@ -684,6 +704,365 @@ def _detail(e: ValidationError, prefix: tuple = ()) -> list[dict]:
     return out
 
 
+def validation_problem(
+    e: ValidationError,  # pydantic's errors for a request body
+    prefix: tuple = (),  # `loc` prefix of the body's root
+) -> Problem:
+    "Pydantic's errors as a problem: malformed JSON 400, a body that is not an object 422, else 422 naming the fields."
+    detail = _detail(e, prefix)
+    if any(d["type"] == "json_invalid" for d in detail):
+        return Problem(400, "malformed JSON: " + "; ".join(d["msg"] for d in detail), detail)
+    if any(d["type"] in ("model_type", "dict_type") and len(d["loc"]) <= len(prefix) for d in detail):
+        return Problem(422, "the body must be a JSON object", detail)
+    msg = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail[:20])
+    more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
+    return Problem(422, f"invalid request: {msg}{more}", detail)
+
+# %% ../nbs/32_serve.ipynb #6d8311f3
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(eq=False)
+class ServeState:
+    "What the routes of one app share (`app.state.serve`): the bundle, its serving settings, the request model, the guard, the log."
+
+    bundle: Bundle  # the verified bundle
+    token: str | None = None  # bearer token; default $HSML_API_TOKEN; empty = no auth
+    max_records: int | None = None  # records per request; default the input schema's max_records
+    log_path: str | Path | None = None  # the log; default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl
+    flush_seconds: float = 0.5  # prediction log write interval
+    log_sink: Any = None  # a `hsml.sinks` Sink for the prediction log instead of the JSONL file
+    guard: Guard = field(default_factory=Guard)  # in-flight limit and readiness (hsml.serve_guard)
+    drain_seconds: float = 0.0  # after SIGTERM: keep serving this long with /ready 503, then shut down
+    experiment: str | None = None  # holdout experiment: answers and log carry each company's arm
+    holdout_share: float | None = None  # the experiment's share of companies held out (not called)
+    log: PredictionLog | None = None  # the prediction log, opened by the app's lifespan
+
+    def __post_init__(self):
+        b, self.schema = self.bundle, self.bundle.input_schema
+        self.token = os.environ.get("HSML_API_TOKEN", "") if self.token is None else self.token
+        self.max_records = int(self.max_records or self.schema.get("max_records") or 10_000)
+        self.max_body = max(1 << 20, self.max_records * (200 + 60 * len(self.schema["fields"])))
+        self.log_path = Path(
+            self.log_path or os.environ.get("HSML_PREDICTION_LOG") or ".hsml/predictions.jsonl"
+        )
+        self.Req = request_model(self.schema)
+        self.feature_set = b.info.get("feature_set") or "default"
+        self.horizon = int(b.info.get("horizon_days") or 28)
+        self.period, self.anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
+        b.check_features()  # refuse to serve features computed by other code than the model was trained with
+        self.arms_of = experiment_arms(self.experiment, self.holdout_share)  # None without an experiment
+        try:  # the column-wise fast path for /predict bodies (see FastRecords)
+            self.fast: FastRecords | None = FastRecords(
+                self.schema, b.num_names, b.cat_names, self.max_records
+            )
+        except ValueError:
+            self.fast = None
+        # the log hashes features in input-schema order; the bundle's matrix may order them otherwise
+        fields = self.schema["fields"]
+        self.num_perm = [b.num_names.index(f["name"]) for f in fields if f["type"] != "category"]
+        self.cat_perm = [b.cat_names.index(f["name"]) for f in fields if f["type"] == "category"]
+        self.same_order = self.num_perm == sorted(self.num_perm) and self.cat_perm == sorted(self.cat_perm)
+
+    @property
+    def log_to(self) -> str:
+        "Where the prediction log goes (a sink's description or the JSONL file)."
+        return self.log_sink.describe() if self.log_sink is not None else str(self.log_path)
+
+# %% ../nbs/32_serve.ipynb #30ac6c30
+@patch(as_prop=True)
+def model_info(self: ServeState) -> dict:
+    "The served model: name, version, alias, digest, bundle.json, schema, metrics, data fingerprints, limits, experiment."
+    b, reg = self.bundle, self.bundle.registry or {}
+    return {
+        "name": b.name,
+        "version": b.version,
+        "alias": reg.get("alias"),
+        "aliases": reg.get("aliases", []),
+        "digest": b.digest,
+        "path": str(b.path),
+        "fast_path": b.fast,
+        "bundle": b.info,
+        "data_fingerprints": b.info.get("data_fingerprints", {}),
+        "training_set_hash": b.info.get("training_set_hash"),
+        "input_schema": self.schema,
+        "metrics": b.metrics,
+        "max_records": self.max_records,
+        "experiment": {"name": self.experiment, "holdout_share": self.holdout_share}
+        if self.arms_of
+        else None,
+    }
+
+# %% ../nbs/32_serve.ipynb #3ed5db1e
+@patch
+def score_fast(self: ServeState, body: bytes) -> tuple[list, np.ndarray, list[list], np.ndarray] | None:
+    "(ids, numeric matrix, category lists, scores) of a /predict body the fast path accepts, else None."
+    try:
+        got = self.fast.check(orjson.loads(body))  # type: ignore[union-attr]
+    except ValueError:  # malformed JSON, NaN, ...: pydantic writes the message
+        return None
+    if got is None:
+        return None
+    ids, Xn, cs = got
+    return ids, Xn, cs, self.bundle.predict_split(Xn, cs)
+
+
+@patch
+def score_records(self: ServeState, recs: list[dict]) -> tuple[np.ndarray, list[list], np.ndarray]:
+    "(numeric matrix, category lists, scores) of validated records."
+    Xn, cs = self.bundle.split_records(recs)
+    return Xn, cs, self.bundle.predict_split(Xn, cs)
+
+
+@patch
+def score_rows(self: ServeState, rows: list) -> tuple[np.ndarray, list[list], np.ndarray]:
+    "(numeric matrix, category lists, scores) of feature rows in the bundle's feature order."
+    Xn, cs = self.bundle.split_rows(rows)
+    return Xn, cs, self.bundle.predict_split(Xn, cs)
+
+# %% ../nbs/32_serve.ipynb #4730884f
+@patch
+def records(self: ServeState, body: bytes) -> list[dict]:
+    "The records of a /predict body after pydantic's full validation (every error, field by field), else a problem."
+    try:
+        recs = self.Req.validate_json(body)["records"]
+    except ValidationError as e:
+        if any(d["type"] == "too_long" for d in e.errors()):
+            raise Problem(413, f"too many records: at most {self.max_records} per request") from None
+        raise validation_problem(e) from None
+    if len(recs) > self.max_records:
+        raise Problem(413, f"too many records: {len(recs)} > {self.max_records} per request")
+    return recs
+
+# %% ../nbs/32_serve.ipynb #eff9772f
+@patch
+def log_rows(
+    self: ServeState,
+    rid: str,  # request id
+    endpoint: str,  # 'predict' or 'predict/company'
+    ids: list,  # company id per row (None when unknown)
+    Xn: np.ndarray,  # numeric features, the bundle's order
+    cs: list[list],  # category features, the bundle's order
+    scores: np.ndarray,  # score per row (NaN: not scored)
+    as_of: str | None = None,  # the /predict/company as_of
+    arms: list | None = None,  # experiment arm per row
+) -> None:
+    "Queue one request's rows in the prediction log (a no-op before the app started)."
+    if self.log is None:
+        return
+    if not self.same_order:
+        Xn, cs = Xn[:, self.num_perm], [cs[i] for i in self.cat_perm]
+    b, on = self.bundle, self.arms_of is not None
+    meta = {
+        "request_id": rid,
+        "model": b.name,
+        "version": b.version,
+        "digest": b.digest,
+        "endpoint": endpoint,
+        "as_of": as_of,
+        "timestamp": _now_iso(),
+        "experiment": self.experiment if on else None,
+        "holdout_share": self.holdout_share if on else None,
+    }
+    self.log.append(meta, ids, Xn, cs, scores, arms)
+
+# %% ../nbs/32_serve.ipynb #b76bc3dc
+@patch
+def json_response(self: ServeState, rid: str, preds: list[dict], extra: dict | None = None) -> Response:
+    "The answer: model, version, request id, predictions, then `extra`; the request id in `x-request-id` too."
+    b = self.bundle
+    body = {"model": b.name, "version": b.version, "request_id": rid, "predictions": preds} | (extra or {})
+    return Response(orjson.dumps(body), media_type="application/json", headers={"x-request-id": rid})
+
+
+@patch
+def respond(
+    self: ServeState,
+    rid: str,  # request id
+    endpoint: str,  # 'predict' or 'predict/company'
+    ids: list,  # company id per row (None when unknown)
+    Xn: np.ndarray,  # numeric features, the bundle's order
+    cs: list[list],  # category features, the bundle's order
+    scores: np.ndarray,  # score per row
+    as_of: str | None = None,  # the /predict/company as_of
+    extra: dict | None = None,  # more keys of the answer
+) -> Response:
+    "Log and answer one request's scores (with each company's arm, the experiment and its share under an experiment)."
+    arms = self.arms_of(ids) if self.arms_of else None
+    self.log_rows(rid, endpoint, ids, Xn, cs, scores, as_of, arms)
+    preds = [{"score": s} if i is None else {"score": s, "id": i} for i, s in zip(ids, scores.tolist())]
+    if arms is not None:  # an experiment: each company's arm, and the experiment's name and share
+        preds = [p | {"arm": a} for p, a in zip(preds, arms)]
+        extra = (extra or {}) | {"experiment": self.experiment, "holdout_share": self.holdout_share}
+    return self.json_response(rid, preds, extra)
+
+# %% ../nbs/32_serve.ipynb #45bdd81f
+async def require_token(request: Request) -> None:
+    "Dependency: with a token configured, `Authorization: Bearer <token>`, else a 401 problem."
+    token = request.app.state.serve.token
+    if not token:
+        return
+    scheme, _, cred = request.headers.get("authorization", "").partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())):
+        raise Problem(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def json_body(request: Request) -> bytes:
+    "Dependency: the raw body of a JSON request (415 when not JSON, 413 over the size limit, 400 when empty)."
+    max_body = request.app.state.serve.max_body
+    ct = request.headers.get("content-type", "")
+    if ct and "json" not in ct.split(";")[0].lower():
+        raise Problem(415, f"content-type {ct!r} is not supported: send application/json")
+    cl = request.headers.get("content-length")
+    if cl is not None and cl.isdigit() and int(cl) > max_body:
+        raise Problem(413, f"request body of {cl} bytes is over the limit of {max_body} bytes")
+    body = await request.body()
+    if len(body) > max_body:
+        raise Problem(413, f"request body of {len(body)} bytes is over the limit of {max_body} bytes")
+    if not body.strip():
+        raise Problem(400, "empty request body: send a JSON object")
+    return body
+
+
+async def request_id(request: Request) -> str:
+    "Dependency: the client's `x-request-id` when it is a safe token (letters, digits, `._:-`, at most 64), else a new one."
+    rid = request.headers.get("x-request-id")
+    return rid if rid and _RID.match(rid) else uuid.uuid4().hex
+
+
+JsonBody = Annotated[bytes, Depends(json_body)]
+RequestId = Annotated[str, Depends(request_id)]
+
+# %% ../nbs/32_serve.ipynb #f4948fd0
+async def predict(request: Request, body: JsonBody, rid: RequestId) -> Response:
+    "`POST /predict`: score feature records."
+    st: ServeState = request.app.state.serve
+    if st.fast is not None:
+        got = await run_in_threadpool(st.score_fast, body) if len(body) > 65536 else st.score_fast(body)
+        if got is not None:
+            return st.respond(rid, "predict", *got)
+    recs = st.records(body)  # the full validation: every error, with its field-level message
+    ids = [r.get("id") for r in recs]
+    if len(recs) <= 64:
+        Xn, cs, scores = st.score_records(recs)
+    else:
+        Xn, cs, scores = await run_in_threadpool(st.score_records, recs)
+    return st.respond(rid, "predict", ids, Xn, cs, scores)
+
+# %% ../nbs/32_serve.ipynb #8d8f25a3
+@patch
+async def company_row(
+    self: ServeState, req: CompanyRequest
+) -> tuple[list[tuple], dt.date, list[str], str | None]:
+    "The company's feature rows (the bundle's order), as_of, warnings, unscored reason; a problem when the rows fail."
+    b = self.bundle
+    try:
+        feats, as_of, warns, unscored = await run_in_threadpool(
+            company_features,
+            req,
+            self.feature_set,
+            None,
+            b.population,
+            self.horizon,
+            self.period,
+            self.anchor,
+        )
+    except HsmlError as e:
+        raise Problem(
+            422,
+            f"the company rows do not pass the data contracts: {e.message}",
+            [{"loc": ["body"], "msg": e.message, "type": "contract"}],
+        ) from None
+    missing = [c for c in b.feature_names if c not in feats.columns]
+    if missing:
+        raise Problem(500, f"the feature set {self.feature_set!r} did not produce {missing}")
+    X = feats.select([pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in self.schema["fields"]])
+    return [tuple(r) for r in X.iter_rows()], as_of, warns, unscored
+
+
+@patch
+def company_extra(
+    self: ServeState, req: CompanyRequest, as_of: dt.date, warns: list[str], row: tuple
+) -> dict:
+    "The company answer's keys beside the predictions: id, as_of, whether it is off the anchor, population, warnings, features."
+    off = off_anchor_warning(as_of, self.anchor, self.period)
+    extra: dict[str, Any] = {
+        "id": req.id,
+        "as_of": as_of.isoformat(),
+        "as_of_off_anchor": off is not None,
+        "population": self.bundle.population,
+        "warnings": ([off] if off else []) + warns,
+    }
+    if req.return_features:
+        extra["features"] = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in zip(self.bundle.feature_names, row)
+        }
+    return extra
+
+# %% ../nbs/32_serve.ipynb #827b5ebf
+@patch
+def unscored(
+    self: ServeState,
+    rid: str,
+    req: CompanyRequest,
+    rows: list[tuple],
+    as_of: dt.date,
+    reason: str,
+    extra: dict,
+) -> Response:
+    "The answer for a company outside the training population: score null and the reason; logged."
+    pred = {"score": None, "id": req.id, "unscored_reason": reason} | ({"arm": None} if self.arms_of else {})
+    if self.arms_of:
+        extra |= {"experiment": self.experiment, "holdout_share": self.holdout_share}
+    Xn, cs = self.bundle.split_rows(rows)
+    self.log_rows(rid, "predict/company", [req.id], Xn, cs, np.array([np.nan]), as_of.isoformat(), [None])
+    return self.json_response(rid, [pred], extra)
+
+# %% ../nbs/32_serve.ipynb #eda8d27c
+async def predict_company(request: Request, body: JsonBody, rid: RequestId) -> Response:
+    "`POST /predict/company`: a prospect's raw rows through the contracts and the training features, then scored."
+    st: ServeState = request.app.state.serve
+    try:
+        req = CompanyRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_problem(e) from None
+    rows, as_of, warns, reason = await st.company_row(req)
+    extra = st.company_extra(req, as_of, warns, rows[0])
+    if reason is not None:
+        return st.unscored(rid, req, rows, as_of, reason, extra)
+    Xn, cs, scores = st.score_rows(rows)
+    return st.respond(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat(), extra)
+
+# %% ../nbs/32_serve.ipynb #5530fd52
+async def health(request: Request) -> dict:
+    "`GET /health`: liveness, with the prediction log's state."
+    st: ServeState = request.app.state.serve
+    return {"status": "ok"} | ({"prediction_log": st.log.status()} if st.log is not None else {})
+
+
+async def ready(request: Request) -> Response:
+    "`GET /ready`: 200 when the model is loaded, the log writer runs and the process is not draining, else 503."
+    st: ServeState = request.app.state.serve
+    b, lg, guard = st.bundle, st.log, st.guard
+    ok = lg is not None and lg.alive and guard.ready
+    body = {"ready": ok, "model": b.name, "version": b.version, "fast_path": b.fast}
+    if lg is not None and lg.error:
+        body["problem"] = f"prediction log: {lg.error}"
+    elif not guard.ready:
+        body["problem"] = guard.reason
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def model(request: Request) -> Response:
+    "`GET /model`: the served model (`ServeState.model_info`)."
+    return JSONResponse(request.app.state.serve.model_info)
+
+# %% ../nbs/32_serve.ipynb #93dee010
 def _openapi_schema(model: Any) -> tuple[dict, dict]:
     "(schema with refs into components, components) of a pydantic model or TypeAdapter."
     ref = "#/components/schemas/{model}"
@@ -695,14 +1074,76 @@ def _openapi_schema(model: Any) -> tuple[dict, dict]:
     return s, defs
 
 
+def _body_spec(s: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": s}}}}
+
+
+def _openapi(app: FastAPI, defs: dict) -> dict:
+    "FastAPI's OpenAPI document with the request bodies' component schemas added (built once)."
+    if not app.openapi_schema:
+        FastAPI.openapi(app).setdefault("components", {}).setdefault("schemas", {}).update(defs)
+    return app.openapi_schema
+
+# %% ../nbs/32_serve.ipynb #6cca404d
+def error_responses(max_records: int, max_in_flight: int) -> dict:
+    "The error statuses the model routes document."
+    return {
+        "400": {"description": "malformed JSON"},
+        "401": {"description": "missing or wrong bearer token (when HSML_API_TOKEN is set)"},
+        "413": {"description": f"more than {max_records} records, or body too large"},
+        "415": {"description": "not application/json"},
+        "422": {"description": "field-level validation errors: detail[].loc/msg/type"},
+        "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
+    }
+
+# %% ../nbs/32_serve.ipynb #f7ec3755
+def add_routes(app: FastAPI, st: ServeState) -> None:
+    "Register the handlers on `app`, with the OpenAPI schemas of `st`'s request bodies."
+    # without a token there is nothing to check: the routes skip the dependency (each costs FastAPI ~10 µs)
+    auth = [Depends(require_token)] if st.token else []
+    errs = error_responses(st.max_records, st.guard.max_in_flight)
+    req, defs = _openapi_schema(st.Req)
+    comp, cdefs = _openapi_schema(CompanyRequest)
+    post = dict(methods=["POST"], dependencies=auth, responses=errs)
+    app.add_api_route(
+        "/predict", predict, openapi_extra=_body_spec(req), summary="Score feature records", **post
+    )
+    app.add_api_route(
+        "/predict/company",
+        predict_company,
+        openapi_extra=_body_spec(comp),
+        summary="Score a company from raw rows",
+        **post,
+    )
+    app.add_api_route("/health", health, methods=["GET"], summary="Liveness")
+    app.add_api_route(
+        "/ready", ready, methods=["GET"], summary="Readiness: model loaded, prediction log writing"
+    )
+    summary = "The served model: name, version, alias, schema, metrics, data fingerprints"
+    app.add_api_route("/model", model, methods=["GET"], dependencies=auth, summary=summary)
+    app.openapi = partial(_openapi, app, defs | cdefs)  # type: ignore[method-assign]
+
+# %% ../nbs/32_serve.ipynb #30a37c0d
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    "Open the prediction log and start the guard; at shutdown drain, then close the log (writing what was logged)."
+    st: ServeState = app.state.serve
+    st.log = app.state.prediction_log = PredictionLog(
+        st.log_path, flush_seconds=st.flush_seconds, sink=st.log_sink
+    )
+    st.guard.started, undo = True, drain_on_sigterm(st.guard, st.drain_seconds)
+    try:
+        yield
+    finally:
+        st.guard.draining = True
+        undo()
+        st.log.close()  # after the requests in flight: writes everything they logged
+
+# %% ../nbs/32_serve.ipynb #43cc01d4
 def create_app(
-    bundle: Bundle
-    | str
-    | Path,  # a loaded Bundle, a bundle/run directory, or a registry reference NAME@ALIAS
+    bundle: Bundle | str | Path,  # a loaded Bundle, a bundle/run directory, or a reference NAME@ALIAS
     token: str | None = None,  # bearer token; default $HSML_API_TOKEN; empty = no auth
-    log_path: str
-    | Path
-    | None = None,  # prediction log; default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl
+    log_path: str | Path | None = None,  # the log; default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl
     flush_seconds: float = 0.5,  # prediction log write interval
     max_records: int | None = None,  # records per request; default the input schema's max_records
     registry: str | Path | None = None,  # registry directory for NAME@ALIAS references
@@ -717,325 +1158,31 @@ def create_app(
         from hsml.registry import load_model
 
         bundle = load_model(bundle, root=registry)
-    b = bundle
-    schema = b.input_schema
-    token = os.environ.get("HSML_API_TOKEN", "") if token is None else token
-    max_records = int(max_records or schema.get("max_records") or 10_000)
-    max_body = max(1 << 20, max_records * (200 + 60 * len(schema["fields"])))
-    log_path = Path(log_path or os.environ.get("HSML_PREDICTION_LOG") or ".hsml/predictions.jsonl")
-    Req = request_model(schema)
-    name, version = b.name, b.version
-    alias = (b.registry or {}).get("alias")
-    feature_set = b.info.get("feature_set") or "default"
-    population, horizon = b.population, int(b.info.get("horizon_days") or 28)
-    period, anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
-    b.check_features()  # refuse to serve features computed by other code than the model was trained with
-    arms_of = experiment_arms(experiment, holdout_share)  # None without an experiment
-    state: dict[str, Any] = {"log": None}
     guard = Guard(max_in_flight)  # in-flight limit and readiness (hsml.serve_guard)
-    model_info = {
-        "name": name,
-        "version": version,
-        "alias": alias,
-        "aliases": (b.registry or {}).get("aliases", []),
-        "digest": b.digest,
-        "path": str(b.path),
-        "fast_path": b.fast,
-        "bundle": b.info,
-        "data_fingerprints": b.info.get("data_fingerprints", {}),
-        "training_set_hash": b.info.get("training_set_hash"),
-        "input_schema": schema,
-        "metrics": b.metrics,
-        "max_records": max_records,
-        "experiment": {"name": experiment, "holdout_share": holdout_share} if arms_of else None,
-    }
-
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state["log"] = PredictionLog(log_path, flush_seconds=flush_seconds, sink=log_sink)
-        app.state.prediction_log = state["log"]
-        guard.started, undo = True, drain_on_sigterm(guard, drain_seconds)
-        try:
-            yield
-        finally:
-            guard.draining = True
-            undo()
-            state["log"].close()  # after the requests in flight: writes everything they logged
-
+    st = ServeState(
+        bundle,
+        token,
+        max_records,
+        log_path,
+        flush_seconds,
+        log_sink,
+        guard,
+        drain_seconds,
+        experiment,
+        holdout_share,
+    )
+    b = st.bundle
     app = FastAPI(
-        title=f"hsml model service: {name}",
-        version=str(version if version is not None else b.digest[:12]),
-        description=service_description(max_records, max_body, bool(token)),
+        title=f"hsml model service: {b.name}",
+        version=str(b.version if b.version is not None else b.digest[:12]),
+        description=service_description(st.max_records, st.max_body, bool(st.token)),  # type: ignore[arg-type]
         lifespan=lifespan,
     )
-    app.state.bundle = b
-    app.state.guard = guard
-    app.add_middleware(InFlightLimit, guard=guard)
-    app.state.log_to = log_sink.describe() if log_sink is not None else str(log_path)
-
-    def authorized(request: Request) -> bool:
-        if not token:
-            return True
-        h = request.headers.get("authorization", "")
-        scheme, _, cred = h.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())
-
-    def deny() -> JSONResponse:
-        return _problem(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    async def read_json_body(request: Request) -> bytes | JSONResponse:
-        ct = request.headers.get("content-type", "")
-        if ct and "json" not in ct.split(";")[0].lower():
-            return _problem(415, f"content-type {ct!r} is not supported: send application/json")
-        cl = request.headers.get("content-length")
-        if cl is not None and cl.isdigit() and int(cl) > max_body:
-            return _problem(413, f"request body of {cl} bytes is over the limit of {max_body} bytes")
-        body = await request.body()
-        if len(body) > max_body:
-            return _problem(413, f"request body of {len(body)} bytes is over the limit of {max_body} bytes")
-        if not body.strip():
-            return _problem(400, "empty request body: send a JSON object")
-        return body
-
-    def request_id(request: Request) -> str:
-        rid = request.headers.get("x-request-id")
-        return rid if rid and _RID.match(rid) else uuid.uuid4().hex
-
-    def answer(
-        rid: str, ids: list, scores: np.ndarray, extra: dict | None = None, arms: list | None = None
-    ) -> Response:
-        preds = [{"score": s} if i is None else {"score": s, "id": i} for i, s in zip(ids, scores.tolist())]
-        if arms is not None:  # an experiment: each company's arm, and the experiment's name and share
-            preds = [p | {"arm": a} for p, a in zip(preds, arms)]
-            extra = (extra or {}) | {"experiment": experiment, "holdout_share": holdout_share}
-        body = {"model": name, "version": version, "request_id": rid, "predictions": preds} | (extra or {})
-        return Response(orjson.dumps(body), media_type="application/json", headers={"x-request-id": rid})
-
-    # the log hashes features in input-schema order; the bundle's matrix may order them otherwise
-    fields = schema["fields"]
-    num_perm = [b.num_names.index(f["name"]) for f in fields if f["type"] != "category"]
-    cat_perm = [b.cat_names.index(f["name"]) for f in fields if f["type"] == "category"]
-    same_order = num_perm == sorted(num_perm) and cat_perm == sorted(cat_perm)
-
-    def log(
-        rid: str,
-        endpoint: str,
-        ids: list,
-        Xn: np.ndarray,
-        cs: list[list],
-        scores: np.ndarray,
-        as_of: str | None = None,
-        arms: list | None = None,
-    ) -> None:
-        if state["log"] is not None:
-            if not same_order:
-                Xn, cs = Xn[:, num_perm], [cs[i] for i in cat_perm]
-            meta = {
-                "request_id": rid,
-                "model": name,
-                "version": version,
-                "digest": b.digest,
-                "endpoint": endpoint,
-                "as_of": as_of,
-                "timestamp": _now_iso(),
-                "experiment": experiment if arms_of else None,
-                "holdout_share": holdout_share if arms_of else None,
-            }
-            state["log"].append(meta, ids, Xn, cs, scores, arms)
-
-    def score_records(recs: list[dict]) -> tuple[np.ndarray, list[list], np.ndarray]:
-        Xn, cs = b.split_records(recs)
-        return Xn, cs, b.predict_split(Xn, cs)
-
-    try:  # the column-wise fast path for /predict bodies (see FastRecords)
-        fast: FastRecords | None = FastRecords(schema, b.num_names, b.cat_names, max_records)
-    except ValueError:
-        fast = None
-
-    def score_fast(body: bytes) -> tuple[list, np.ndarray, list[list], np.ndarray] | None:
-        try:
-            got = fast.check(orjson.loads(body))  # type: ignore[union-attr]
-        except ValueError:  # malformed JSON, NaN, ...: pydantic writes the message
-            return None
-        if got is None:
-            return None
-        ids, Xn, cs = got
-        return ids, Xn, cs, b.predict_split(Xn, cs)
-
-    def score_rows(rows: list) -> tuple[np.ndarray, list[list], np.ndarray]:
-        Xn, cs = b.split_rows(rows)
-        return Xn, cs, b.predict_split(Xn, cs)
-
-    def parse_errors(e: ValidationError, prefix: tuple = ()) -> JSONResponse:
-        detail = _detail(e, prefix)
-        if any(d["type"] == "json_invalid" for d in detail):
-            return _problem(400, "malformed JSON: " + "; ".join(d["msg"] for d in detail), detail)
-        if any(d["type"] in ("model_type", "dict_type") and len(d["loc"]) <= len(prefix) for d in detail):
-            return _problem(422, "the body must be a JSON object", detail)
-        msg = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail[:20])
-        more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
-        return _problem(422, f"invalid request: {msg}{more}", detail)
-
-    _req_schema, _defs = _openapi_schema(Req)
-    _comp_schema, _cdefs = _openapi_schema(CompanyRequest)
-
-    def body_spec(s: dict) -> dict:
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": s}}}}
-
-    err_responses = {
-        "400": {"description": "malformed JSON"},
-        "401": {"description": "missing or wrong bearer token (when HSML_API_TOKEN is set)"},
-        "413": {"description": f"more than {max_records} records, or body too large"},
-        "415": {"description": "not application/json"},
-        "422": {"description": "field-level validation errors: detail[].loc/msg/type"},
-        "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
-    }
-
-    @app.post(
-        "/predict",
-        openapi_extra=body_spec(_req_schema),
-        responses=err_responses,
-        summary="Score feature records",
-    )
-    async def predict(request: Request) -> Response:
-        if not authorized(request):
-            return deny()
-        body = await read_json_body(request)
-        if isinstance(body, Response):
-            return body
-        rid = request_id(request)
-        if fast is not None:
-            # big batches leave the event loop free (LightGBM releases the GIL)
-            got = await run_in_threadpool(score_fast, body) if len(body) > 65536 else score_fast(body)
-            if got is not None:
-                ids, Xn, cs, scores = got
-                arms = arms_of(ids) if arms_of else None
-                log(rid, "predict", ids, Xn, cs, scores, arms=arms)
-                return answer(rid, ids, scores, arms=arms)
-        # the full validation: every error, with its field-level message
-        try:
-            req = Req.validate_json(body)
-        except ValidationError as e:
-            too_many = [d for d in e.errors() if d["type"] == "too_long"]
-            if too_many:
-                return _problem(413, f"too many records: at most {max_records} per request")
-            return parse_errors(e)
-        recs = req["records"]
-        if len(recs) > max_records:
-            return _problem(413, f"too many records: {len(recs)} > {max_records} per request")
-        ids = [r.get("id") for r in recs]
-        if len(recs) <= 64:
-            Xn, cs, scores = score_records(recs)
-        else:  # big batches leave the event loop free (LightGBM releases the GIL)
-            Xn, cs, scores = await run_in_threadpool(score_records, recs)
-        arms = arms_of(ids) if arms_of else None
-        log(rid, "predict", ids, Xn, cs, scores, arms=arms)
-        return answer(rid, ids, scores, arms=arms)
-
-    @app.post(
-        "/predict/company",
-        openapi_extra=body_spec(_comp_schema),
-        responses=err_responses,
-        summary="Score a company from raw rows",
-    )
-    async def predict_company(request: Request) -> Response:
-        if not authorized(request):
-            return deny()
-        body = await read_json_body(request)
-        if isinstance(body, Response):
-            return body
-        rid = request_id(request)
-        try:
-            req = CompanyRequest.model_validate_json(body)
-        except ValidationError as e:
-            return parse_errors(e)
-        try:
-            feats, as_of, warns, unscored = await run_in_threadpool(
-                company_features, req, feature_set, None, population, horizon, period, anchor
-            )
-        except HsmlError as e:
-            return _problem(
-                422,
-                f"the company rows do not pass the data contracts: {e.message}",
-                [{"loc": ["body"], "msg": e.message, "type": "contract"}],
-            )
-        missing = [c for c in b.feature_names if c not in feats.columns]
-        if missing:
-            return _problem(500, f"the feature set {feature_set!r} did not produce {missing}")
-        X = feats.select([pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in schema["fields"]])
-        rows = [tuple(r) for r in X.iter_rows()]
-        off = off_anchor_warning(as_of, anchor, period)
-        extra: dict[str, Any] = {
-            "id": req.id,
-            "as_of": as_of.isoformat(),
-            "as_of_off_anchor": off is not None,
-            "population": population,
-            "warnings": ([off] if off else []) + warns,
-        }
-        if req.return_features:
-            extra["features"] = {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in zip(b.feature_names, rows[0])
-            }
-        if unscored is not None:  # outside the training population: no score, no arm, the reason, status 200
-            pred = {"score": None, "id": req.id, "unscored_reason": unscored} | (
-                {"arm": None} if arms_of else {}
-            )
-            if arms_of:
-                extra |= {"experiment": experiment, "holdout_share": holdout_share}
-            Xn, cs = b.split_rows(rows)  # logged too (score, rank and arm null): every answer is in the log
-            log(rid, "predict/company", [req.id], Xn, cs, np.array([np.nan]), as_of.isoformat(), [None])
-            body = {"model": name, "version": version, "request_id": rid, "predictions": [pred]} | extra
-            return Response(orjson.dumps(body), media_type="application/json", headers={"x-request-id": rid})
-        Xn, cs, scores = score_rows(rows)
-        arms = arms_of([req.id]) if arms_of else None
-        log(rid, "predict/company", [req.id], Xn, cs, scores, as_of.isoformat(), arms)
-        return answer(rid, [req.id], scores, extra, arms)
-
-    @app.get("/health", summary="Liveness")
-    async def health() -> dict:
-        lg = state["log"]  # the log's state too: a failing write is retried, and shown here until it succeeds
-        return {"status": "ok"} | ({"prediction_log": lg.status()} if lg is not None else {})
-
-    @app.get("/ready", summary="Readiness: model loaded, prediction log writing")
-    async def ready() -> Response:
-        lg = state["log"]
-        ok = lg is not None and lg.alive and guard.ready
-        body = {"ready": ok, "model": name, "version": version, "fast_path": b.fast}
-        if lg is not None and lg.error:
-            body["problem"] = f"prediction log: {lg.error}"
-        elif not guard.ready:
-            body["problem"] = guard.reason
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/model", summary="The served model: name, version, alias, schema, metrics, data fingerprints")
-    async def model(request: Request) -> Response:
-        if not authorized(request):
-            return deny()
-        return JSONResponse(model_info)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _problem(422, "invalid request", [dict(e) for e in exc.errors()])
-
-    base_openapi = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema:
-            return app.openapi_schema
-        s = base_openapi()
-        comps = s.setdefault("components", {}).setdefault("schemas", {})
-        comps.update(_defs)
-        comps.update(_cdefs)
-        return s
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.state.serve, app.state.bundle, app.state.guard, app.state.log_to = st, b, st.guard, st.log_to
+    app.add_middleware(InFlightLimit, guard=st.guard)
+    for exc in (Problem, StarletteHTTPException, RequestValidationError):
+        app.add_exception_handler(exc, problem_handler)
+    add_routes(app, st)
     return app
 
 # %% ../nbs/32_serve.ipynb #38ba29f1
