@@ -18,7 +18,7 @@ from pathlib import Path
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['pg_bindir', 'free_port', 'local_postgres']
+__all__ = ['DEMO_SPEC', 'pg_bindir', 'free_port', 'local_postgres', 'demo_frame', 'demo_pipeline', 'demo_bundle']
 
 # %% ../nbs/08_testing.ipynb #200f765e
 def pg_bindir() -> Path | None:
@@ -74,3 +74,206 @@ def local_postgres(
         raise RuntimeError(f"PostgreSQL failed to start: {e.stderr}\n{log}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/08_testing.ipynb #7c3e7b14
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .core import sha256_bytes
+
+# %% ../nbs/08_testing.ipynb #8c16fe61
+DEMO_SPEC = [
+    {
+        "name": "actions_crm_contacts_28d",
+        "dtype": "Float64",
+        "description": "contact actions, 28 days before as_of",
+        "known_at": "as_of",
+        "window": "28d",
+    },
+    {
+        "name": "actions_crm_deals_28d",
+        "dtype": "Float64",
+        "description": "deal actions, 28 days before as_of",
+        "known_at": "as_of",
+        "window": "28d",
+    },
+    {
+        "name": "actions_email_28d",
+        "dtype": "Float64",
+        "description": "email actions, 28 days before as_of",
+        "known_at": "as_of",
+        "window": "28d",
+    },
+    {
+        "name": "users_crm_contacts_28d",
+        "dtype": "Float64",
+        "description": "distinct contact users, 28 days",
+        "known_at": "as_of",
+        "window": "28d",
+    },
+    {
+        "name": "active_weeks_90d",
+        "dtype": "Int64",
+        "description": "weeks with any activity, 90 days",
+        "known_at": "as_of",
+        "window": "90d",
+    },
+    {
+        "name": "days_since_last_activity",
+        "dtype": "Float64",
+        "description": "days from the last usage row to as_of",
+        "known_at": "as_of",
+        "window": None,
+    },
+    {
+        "name": "alexa_rank_log10",
+        "dtype": "Float64",
+        "description": "log10 of the Alexa rank (null if unknown)",
+        "known_at": "snapshot",
+        "window": None,
+    },
+    {
+        "name": "alexa_rank_unknown",
+        "dtype": "Boolean",
+        "description": "rank missing or sentinel",
+        "known_at": "snapshot",
+        "window": None,
+    },
+    {
+        "name": "employee_range_ordinal",
+        "dtype": "Float64",
+        "description": "employee range level 0..8 (null if blank)",
+        "known_at": "snapshot",
+        "window": None,
+    },
+]
+
+# %% ../nbs/08_testing.ipynb #1f58b160
+def demo_frame(
+    n: int = 2000,  # rows
+    seed: int = 0,  # random seed
+    categorical: bool = False,  # add an INDUSTRY String feature
+) -> pl.DataFrame:
+    "A generated frame with the DEMO_SPEC features and a `label` (about 3% positive) for demos and tests."
+    rng = np.random.default_rng(seed)
+    act = rng.gamma(0.6, 20, size=(n, 3)).round()
+    users = np.minimum(rng.poisson(2, n), 1 + act[:, 0] // 5)
+    weeks = rng.integers(0, 13, n)
+    days = rng.exponential(30, n).round(1)
+    rank = np.where(rng.random(n) < 0.2, np.nan, rng.uniform(2, 7, n))
+    emp = np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 9, n).astype(float))
+    logit = -4.5 + 0.04 * act[:, 1] + 0.15 * weeks - 0.02 * days + 0.1 * np.nan_to_num(emp)
+    label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    df = pl.DataFrame(
+        {
+            "actions_crm_contacts_28d": act[:, 0],
+            "actions_crm_deals_28d": act[:, 1],
+            "actions_email_28d": act[:, 2],
+            "users_crm_contacts_28d": users.astype(float),
+            "active_weeks_90d": weeks.astype(np.int64),
+            "days_since_last_activity": days,
+            "alexa_rank_log10": rank,
+            "alexa_rank_unknown": np.isnan(rank),
+            "employee_range_ordinal": emp,
+        },
+        nan_to_null=True,
+    )
+    if categorical:
+        inds = ["Technology - Software", "Marketing & Advertising", "Retail", "Education"]
+        df = df.with_columns(
+            INDUSTRY=pl.Series([None if rng.random() < 0.1 else inds[i] for i in rng.integers(0, 4, n)])
+        )
+    return df.with_columns(label=pl.Series(label))
+
+# %% ../nbs/08_testing.ipynb #acc91bb9
+def demo_pipeline(
+    frame: pl.DataFrame,  # demo_frame() output
+    kind: str = "lgbm",  # "lgbm" | "logreg" | "logreg_cat" (one-hot INDUSTRY, pandas path)
+    seed: int = 0,  # random seed
+) -> Any:
+    "Fit a small sklearn Pipeline on a demo frame."
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    names = [s["name"] for s in DEMO_SPEC]
+    y = frame["label"].to_numpy()
+    if kind == "lgbm":
+        from lightgbm import LGBMClassifier
+
+        X = frame.select(names).to_pandas()
+        est = LGBMClassifier(
+            n_estimators=60, num_leaves=15, learning_rate=0.1, random_state=seed, verbose=-1, n_jobs=1
+        )
+        return Pipeline(
+            [("impute", SimpleImputer(strategy="median", keep_empty_features=True)), ("model", est)]
+        ).fit(X, y)
+    if kind == "logreg":
+        X = frame.select(names).to_pandas()
+        steps = [
+            ("impute", SimpleImputer(strategy="median")),
+            ("scale", StandardScaler()),
+            ("model", LogisticRegression(max_iter=500)),
+        ]
+        return Pipeline(steps).fit(X, y)
+    if kind == "logreg_cat":
+        X = frame.select(names + ["INDUSTRY"]).to_pandas()
+        num = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+        cat = OneHotEncoder(handle_unknown="ignore")
+        pre = ColumnTransformer(
+            [
+                ("num", num, names),
+                (
+                    "cat",
+                    Pipeline(
+                        [("fill", SimpleImputer(strategy="constant", fill_value="missing")), ("oh", cat)]
+                    ),
+                    ["INDUSTRY"],
+                ),
+            ]
+        )
+        return Pipeline([("pre", pre), ("model", LogisticRegression(max_iter=500))]).fit(X, y)
+    raise HsmlError(f"unknown demo pipeline kind {kind!r}")
+
+# %% ../nbs/08_testing.ipynb #69258caf
+def demo_bundle(
+    out_dir: str | Path,  # bundle directory to write
+    kind: str = "lgbm",  # see demo_pipeline
+    n: int = 2000,  # training rows
+    seed: int = 0,  # random seed
+    name: str = "demo",  # bundle name
+) -> Path:
+    "Generate data, fit a demo pipeline and save it as a bundle."
+    cat = kind == "logreg_cat"
+    frame = demo_frame(n, seed, categorical=cat)
+    pipe = demo_pipeline(frame, kind, seed)
+    spec = DEMO_SPEC + (
+        [{"name": "INDUSTRY", "dtype": "String", "description": "canonical industry", "window": None}]
+        if cat
+        else []
+    )
+    metrics = {
+        "test": {
+            "roc_auc": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.88},
+            "pr_auc": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3},
+        },
+        "baselines": {"base_rate": {"roc_auc": {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5}}},
+        "n_test": n,
+        "n_test_positive": int(frame["label"].sum()),
+    }
+    meta = {
+        "name": name,
+        "model": kind,
+        "run_id": f"demo-{kind}-{seed}",
+        "data_fingerprints": {"demo": sha256_bytes(f"demo-{n}-{seed}".encode())},
+        "training_set_hash": sha256_bytes(frame.write_csv().encode()),
+        "feature_set": "demo",
+        "horizon_days": 30,
+    }
+    from hsml.bundle_format import save_bundle
+
+    return save_bundle(out_dir, pipe, spec, metrics, meta, train_frame=frame)
