@@ -63,21 +63,22 @@ def split_frame(
     ]  # Series: lists would cost a Python object per value
     return np.ascontiguousarray(Xnum, dtype=np.float64), cats
 
-# %% ../nbs/30_bundle_compile.ipynb #fae9388c
+# %% ../nbs/30_bundle_compile.ipynb #f4df7b93
 def split_rows(
     inputs: Inputs,  # the feature layout
     rows: Sequence[Sequence[Any]],  # tuples in feature order, None for null
 ) -> tuple[np.ndarray, list[list]]:
     "(numeric float64 matrix, categorical value lists) of rows given as tuples in feature order."
-    A = np.array(rows, dtype=object).reshape(len(rows), len(inputs.names))
+    if not len(rows):
+        return np.empty((0, len(inputs.num))), [[] for _ in inputs.cat]
+    cols = list(zip(*rows, strict=True))  # one tuple per feature: numpy reads None as NaN in a float column
+    if len(cols) != len(inputs.names):
+        raise HsmlError(f"a row holds {len(cols)} values, not one per feature ({len(inputs.names)})")
     if inputs.num_pos:
-        B = A[:, inputs.num_pos]
-        if not np.all(B != None):  # noqa: E711 (elementwise)
-            B[B == None] = np.nan  # noqa: E711
-        Xnum = np.ascontiguousarray(B.astype(np.float64))
+        Xnum = np.array([cols[i] for i in inputs.num_pos], dtype=np.float64).T.copy()
     else:
         Xnum = np.empty((len(rows), 0))
-    return Xnum, [A[:, i].tolist() for i in inputs.cat_pos]
+    return Xnum, [list(cols[i]) for i in inputs.cat_pos]
 
 
 def split_records(
