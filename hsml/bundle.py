@@ -115,6 +115,53 @@ def _attach(**methods: Any) -> None:
         fn.__name__, fn.__qualname__ = n, f"Bundle.{n}"
         setattr(Bundle, n, f)
 
+# %% ../nbs/30_bundle.ipynb #64dd4f32
+def _to_pandas(self: Bundle, frame: Any) -> Any:
+    "The pipeline's input: a pandas frame of the feature columns, in order, with the training dtypes."
+    missing = [c for c in self.feature_names if c not in frame.columns]
+    if missing:
+        raise HsmlError(f"the frame lacks the feature columns {missing}")
+    if isinstance(frame, pl.DataFrame):
+        return frame.select(
+            [pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in self.input_schema["fields"]]
+        ).to_pandas()
+    return frame[self.feature_names]
+
+
+def _predict_reference(self: Bundle, frame: Any) -> np.ndarray:
+    "Scores through `pipeline.predict_proba(pandas)[:, 1]`: the definition of the model's answer."
+    X = self.to_pandas(frame)
+    if len(X) == 0:
+        return np.empty(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return np.asarray(self.pipeline.predict_proba(X)[:, _positive_index(self.pipeline)], dtype=np.float64)
+
+
+_attach(to_pandas=_to_pandas, predict_reference=_predict_reference)
+
+# %% ../nbs/30_bundle.ipynb #38b600ba
+def _try_fast(self: Bundle) -> None:
+    "Compile the numpy fast path and keep it only if it matches the reference path on probe rows."
+    self.compiled, self.fast_problem = compile_verified(
+        self.pipeline, self.input_schema, self.predict_reference
+    )
+    self.fast = self.compiled is not None
+
+
+_attach(_try_fast=_try_fast)
+
+
+def load_bundle(
+    path: str | Path,  # a bundle directory, or a run directory holding model/
+    fast: bool = True,  # compile and verify the numpy fast path
+) -> Bundle:
+    "Verify every file against hashes.json, then load the bundle. Raises HsmlError on a tampered/incomplete bundle."
+    b = Bundle(**read_bundle(path))
+    if fast:
+        b._try_fast()
+    return b
+
 # %% ../nbs/30_bundle.ipynb #0c9a1e6e
 def _name(self: Bundle) -> str:
     "The registry name, else bundle.json's."
@@ -156,31 +203,6 @@ def _check_features(self: Bundle) -> None:
 
 
 _attach(check_features=_check_features)
-
-# %% ../nbs/30_bundle.ipynb #64dd4f32
-def _to_pandas(self: Bundle, frame: Any) -> Any:
-    "The pipeline's input: a pandas frame of the feature columns, in order, with the training dtypes."
-    missing = [c for c in self.feature_names if c not in frame.columns]
-    if missing:
-        raise HsmlError(f"the frame lacks the feature columns {missing}")
-    if isinstance(frame, pl.DataFrame):
-        return frame.select(
-            [pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in self.input_schema["fields"]]
-        ).to_pandas()
-    return frame[self.feature_names]
-
-
-def _predict_reference(self: Bundle, frame: Any) -> np.ndarray:
-    "Scores through `pipeline.predict_proba(pandas)[:, 1]`: the definition of the model's answer."
-    X = self.to_pandas(frame)
-    if len(X) == 0:
-        return np.empty(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return np.asarray(self.pipeline.predict_proba(X)[:, _positive_index(self.pipeline)], dtype=np.float64)
-
-
-_attach(to_pandas=_to_pandas, predict_reference=_predict_reference)
 
 # %% ../nbs/30_bundle.ipynb #45637112
 def _split_frame(self: Bundle, frame: Any) -> tuple[np.ndarray, list]:
@@ -274,25 +296,3 @@ def _contributions(
 
 
 _attach(baseline=_baseline, contributions=_contributions)
-
-# %% ../nbs/30_bundle.ipynb #38b600ba
-def _try_fast(self: Bundle) -> None:
-    "Compile the numpy fast path and keep it only if it matches the reference path on probe rows."
-    self.compiled, self.fast_problem = compile_verified(
-        self.pipeline, self.input_schema, self.predict_reference
-    )
-    self.fast = self.compiled is not None
-
-
-_attach(_try_fast=_try_fast)
-
-
-def load_bundle(
-    path: str | Path,  # a bundle directory, or a run directory holding model/
-    fast: bool = True,  # compile and verify the numpy fast path
-) -> Bundle:
-    "Verify every file against hashes.json, then load the bundle. Raises HsmlError on a tampered/incomplete bundle."
-    b = Bundle(**read_bundle(path))
-    if fast:
-        b._try_fast()
-    return b
