@@ -18,7 +18,8 @@ from pathlib import Path
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['pg_bindir', 'free_port', 'local_postgres']
+__all__ = ['DEMO_FEATURE_SET', 'DEMO_SPEC', 'DEMO_INDUSTRY', 'pg_bindir', 'free_port', 'local_postgres', 'register_demo_features',
+           'demo_frame', 'demo_pipeline', 'demo_bundle']
 
 # %% ../nbs/08_testing.ipynb #200f765e
 def pg_bindir() -> Path | None:
@@ -74,3 +75,184 @@ def local_postgres(
         raise RuntimeError(f"PostgreSQL failed to start: {e.stderr}\n{log}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/08_testing.ipynb #b981f413
+import functools
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .core import sha256_bytes
+
+# %% ../nbs/08_testing.ipynb #158149eb
+DEMO_FEATURE_SET = "demo"
+
+
+def register_demo_features() -> list[str]:
+    "Register the demo features and the `demo` feature set (idempotent); return its feature names."
+    from hsml.features import FEATURE_SETS, feature, register_feature_set
+
+    if DEMO_FEATURE_SET in FEATURE_SETS:
+        return FEATURE_SETS[DEMO_FEATURE_SET]
+    f64 = pl.Float64
+    for obj in ("CONTACTS", "DEALS"):
+        feature(name=f"actions_crm_{obj.lower()}_28d", description=f"{obj.lower()[:-1]} actions, 28 days before as_of",
+                window=28)(lambda ctx, obj=obj: ctx.sum(f"ACTIONS_CRM_{obj}", 28).cast(f64))  # fmt: skip
+    feature(name="actions_email_28d", description="email actions, 28 days before as_of", window=28)(
+        lambda ctx: ctx.sum("ACTIONS_EMAIL", 28).cast(f64))  # fmt: skip
+    feature(name="users_crm_contacts_28d", description="contact users summed over the periods, 28 days", window=28)(
+        lambda ctx: ctx.sum("USERS_CRM_CONTACTS", 28).cast(f64))  # fmt: skip
+    feature(name="active_weeks_90d", description="usage periods with any row, 90 days", window=90)(
+        lambda ctx: ctx.count(90).cast(pl.Int64))  # fmt: skip
+    feature(name="alexa_rank_log10", description="log10 of the Alexa rank (null if unknown)")(
+        lambda ctx: ctx.entity("ALEXA_RANK").cast(f64).log10())  # fmt: skip
+    feature(name="employee_range_ordinal", description="employee range level 0..8 (null if blank)")(
+        lambda ctx: ctx.entity("EMPLOYEE_RANGE").to_physical().cast(f64))  # fmt: skip
+    names = ["actions_crm_contacts_28d", "actions_crm_deals_28d", "actions_email_28d", "users_crm_contacts_28d",
+             "active_weeks_90d", "days_since_last_activity", "alexa_rank_log10", "alexa_rank_unknown",
+             "employee_range_ordinal"]  # fmt: skip
+    return register_feature_set(DEMO_FEATURE_SET, names)
+
+# %% ../nbs/08_testing.ipynb #3da989a4
+DEMO_SPEC = [
+    {"name": "actions_crm_contacts_28d", "dtype": "Float64", "description": "contact actions, 28 days before as_of", "known_at": "as_of", "window": "28d"},
+    {"name": "actions_crm_deals_28d", "dtype": "Float64", "description": "deal actions, 28 days before as_of", "known_at": "as_of", "window": "28d"},
+    {"name": "actions_email_28d", "dtype": "Float64", "description": "email actions, 28 days before as_of", "known_at": "as_of", "window": "28d"},
+    {"name": "users_crm_contacts_28d", "dtype": "Float64", "description": "contact users summed over the periods, 28 days", "known_at": "as_of", "window": "28d"},
+    {"name": "active_weeks_90d", "dtype": "Int64", "description": "usage periods with any row, 90 days", "known_at": "as_of", "window": "90d"},
+    {"name": "days_since_last_activity", "dtype": "Int64", "description": "days from the last usage period to as_of", "known_at": "as_of", "window": None},
+    {"name": "alexa_rank_log10", "dtype": "Float64", "description": "log10 of the Alexa rank (null if unknown)", "known_at": "snapshot", "window": None},
+    {"name": "alexa_rank_unknown", "dtype": "Boolean", "description": "rank missing or the sentinel", "known_at": "snapshot", "window": None},
+    {"name": "employee_range_ordinal", "dtype": "Float64", "description": "employee range level 0..8 (null if blank)", "known_at": "snapshot", "window": None},
+]  # fmt: skip
+DEMO_INDUSTRY = {"name": "industry", "dtype": "String", "description": "canonical industry", "known_at": "snapshot", "window": None}  # fmt: skip
+
+# %% ../nbs/08_testing.ipynb #f6fd5bcd
+@functools.lru_cache(maxsize=4)
+def _demo_panel(
+    seed: int,  # hsml.synth seed
+    companies: int,  # companies in the extract
+) -> pl.DataFrame:
+    "The demo features, industry and label of a synthetic extract at monthly as-of dates (cached: it is immutable)."
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():  # tqdm.auto warns in a notebook without ipywidgets; the bar is off here
+        warnings.simplefilter("ignore")
+        from hsml import synth
+    from hsml.contracts import load_tables
+    from hsml.trainset import build_training_set
+
+    names = register_demo_features()
+    with tempfile.TemporaryDirectory() as d:
+        synth.generate(d, companies=companies, seed=seed, config=synth.SynthConfig(customer_share=0.3))
+        tables = load_tables(d)
+        end = tables.usage["WHEN_TIMESTAMP"].max().date() - timedelta(days=56)
+        ts = build_training_set(
+            tables, end - timedelta(days=28 * 12), end, 28, 56, [*names, "industry"], audit=False
+        )
+    frame = ts.frame.with_columns(
+        pl.col("alexa_rank_unknown").cast(pl.Boolean)
+    )  # as the demo has always had it
+    return frame.select(*names, pl.col("industry").cast(pl.String), "label")
+
+# %% ../nbs/08_testing.ipynb #ffb9b05f
+def demo_frame(
+    n: int = 2000,  # rows
+    seed: int = 0,  # random seed (of the extract and of the row sample)
+    categorical: bool = False,  # add the `industry` String feature
+) -> pl.DataFrame:
+    "`n` rows of DEMO_SPEC features (and `label`) from a synthetic extract: for demos and tests."
+    panel = _demo_panel(seed, max(1500, n // 2))
+    idx = np.random.default_rng(seed).choice(panel.height, size=n, replace=n > panel.height)
+    cols = [s["name"] for s in DEMO_SPEC] + (["industry"] if categorical else []) + ["label"]
+    return panel[idx].select(cols)
+
+# %% ../nbs/08_testing.ipynb #495bf8cc
+def demo_pipeline(
+    frame: pl.DataFrame,  # demo_frame() output
+    kind: str = "lgbm",  # "lgbm" | "logreg" | "logreg_cat" (one-hot industry)
+    seed: int = 0,  # random seed
+) -> Any:
+    "Fit a small sklearn Pipeline on a demo frame."
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    names = [s["name"] for s in DEMO_SPEC]
+    y = frame["label"].to_numpy()
+    if kind == "lgbm":
+        from lightgbm import LGBMClassifier
+
+        X = frame.select(names).to_pandas()
+        est = LGBMClassifier(
+            n_estimators=60, num_leaves=15, learning_rate=0.1, random_state=seed, verbose=-1, n_jobs=1
+        )
+        return Pipeline(
+            [("impute", SimpleImputer(strategy="median", keep_empty_features=True)), ("model", est)]
+        ).fit(X, y)
+    if kind == "logreg":
+        X = frame.select(names).to_pandas()
+        steps = [
+            ("impute", SimpleImputer(strategy="median")),
+            ("scale", StandardScaler()),
+            ("model", LogisticRegression(max_iter=500)),
+        ]
+        return Pipeline(steps).fit(X, y)
+    if kind == "logreg_cat":
+        X = frame.select(names + ["industry"]).to_pandas()
+        num = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+        cat = OneHotEncoder(handle_unknown="ignore")
+        pre = ColumnTransformer(
+            [
+                ("num", num, names),
+                (
+                    "cat",
+                    Pipeline(
+                        [("fill", SimpleImputer(strategy="constant", fill_value="missing")), ("oh", cat)]
+                    ),
+                    ["industry"],
+                ),
+            ]
+        )
+        return Pipeline([("pre", pre), ("model", LogisticRegression(max_iter=500))]).fit(X, y)
+    raise HsmlError(f"unknown demo pipeline kind {kind!r}")
+
+# %% ../nbs/08_testing.ipynb #ca79f741
+def demo_bundle(
+    out_dir: str | Path,  # bundle directory to write
+    kind: str = "lgbm",  # see demo_pipeline
+    n: int = 2000,  # training rows
+    seed: int = 0,  # random seed
+    name: str = "demo",  # bundle name
+) -> Path:
+    "A demo frame, a demo pipeline fitted on it, saved as a bundle of the `demo` feature set."
+    cat = kind == "logreg_cat"
+    frame = demo_frame(n, seed, categorical=cat)
+    pipe = demo_pipeline(frame, kind, seed)
+    spec = DEMO_SPEC + ([DEMO_INDUSTRY] if cat else [])
+    metrics = {
+        "test": {
+            "roc_auc": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.88},
+            "pr_auc": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3},
+        },
+        "baselines": {"base_rate": {"roc_auc": {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5}}},
+        "n_test": n,
+        "n_test_positive": int(frame["label"].sum()),
+    }
+    meta = {
+        "name": name,
+        "model": kind,
+        "run_id": f"demo-{kind}-{seed}",
+        "data_fingerprints": {"demo": sha256_bytes(f"demo-{n}-{seed}".encode())},
+        "training_set_hash": sha256_bytes(frame.write_csv().encode()),
+        "feature_set": DEMO_FEATURE_SET,
+        "horizon_days": 56,
+    }
+    from hsml.bundle_format import save_bundle
+
+    return save_bundle(out_dir, pipe, spec, metrics, meta, train_frame=frame)
