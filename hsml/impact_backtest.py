@@ -74,7 +74,7 @@ def backtest_weeks(
 
     t = bundle.training
     h, anchor = int(bundle.info.get("horizon_days") or t["horizon_days"] or 28), t["usage_anchor_weekday"]
-    first = tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").min()).collect().item()  # usage may be a lazy scan
+    first = tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").min()).collect().item()  # may be lazy
     if first is None:
         raise HsmlError("the extract has no usage rows: no week to replay")
     last = data_end(tables, t["usage_period_days"], anchor)["data_end"] - dt.timedelta(days=h)

@@ -192,7 +192,10 @@ def attach_outcomes(
 ) -> tuple[pl.DataFrame, dict]:
     "Adds converted, mrr, matured; and the extract's end and data problems."
     comp = tables.companies().select(pl.col("id").cast(pl.String), "CLOSEDATE", "MRR")
-    ends = [tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").max()).collect().item(), comp["CLOSEDATE"].max()]
+    ends = [
+        tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").max()).collect().item(),
+        comp["CLOSEDATE"].max(),
+    ]
     ends = [e.date() if isinstance(e, dt.datetime) else e for e in ends if e is not None]
     if not ends:
         raise HsmlError("the later extract has no usage stamps and no close dates: no end to measure from")

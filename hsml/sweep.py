@@ -432,7 +432,10 @@ def load_training_period(p: Mapping[str, Any], area: Path) -> tuple[pl.DataFrame
 
     source = p["data_dir"] or runs.sample_data_dir(area, p["sample_companies"], p["sample_seed"])
     tables = load_tables(source)
-    last = max(tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").max()).collect().item().date(), tables.customers["CLOSEDATE"].max())
+    last = max(
+        tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").max()).collect().item().date(),
+        tables.customers["CLOSEDATE"].max(),
+    )
     rp = runs.resolve_dates({**runs.DEFAULT_PARAMS, **{k: p[k] for k in runs.DEFAULT_PARAMS if k in p}}, last)
     ts = build_training_set(
         tables,
