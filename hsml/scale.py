@@ -136,7 +136,7 @@ def remote(fn: Callable) -> Any:
         _REMOTE[fn] = _ray().remote(num_cpus=1)(fn)
     return _REMOTE[fn]
 
-
+# %% ../nbs/50_scale.ipynb #a1a8d50b
 @contextmanager
 def ray_session(
     num_cpus: int | None = None,  # CPUs of a local Ray (default: all); ignored when RAY_ADDRESS is set
@@ -177,7 +177,7 @@ def ray_session(
     finally:
         ray.shutdown()
 
-
+# %% ../nbs/50_scale.ipynb #6130a1a6
 def ship_features(
     feature_set: str | Sequence[str],  # a registered set name, or a list of feature names
 ) -> tuple[str | None, list]:
@@ -206,7 +206,7 @@ def install_features(
         FEATURE_SETS[name] = [f.name for f in feats]
     return [f.name for f in feats]
 
-
+# %% ../nbs/50_scale.ipynb #1852a8fd
 def _children() -> set[int]:
     "PIDs of this process's direct children (Linux /proc; empty elsewhere)."
     kids: set[int] = set()
@@ -215,7 +215,7 @@ def _children() -> set[int]:
             kids |= {int(x) for x in f.read_text().split()}
     return kids
 
-
+# %% ../nbs/50_scale.ipynb #143afb4e
 def gather(
     refs: list,  # Ray object refs of tasks
 ) -> list:
@@ -232,7 +232,7 @@ def gather(
                             hint="on a cluster, set HSML_SCALE_DIR to storage every worker mounts") from None  # fmt: skip
         raise
 
-
+# %% ../nbs/50_scale.ipynb #1b795961
 def _peak_mib() -> float:
     "Peak resident memory of this process so far, MiB."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

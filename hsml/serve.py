@@ -43,10 +43,11 @@ from .serve_guard import Guard, InFlightLimit, drain_on_sigterm, quiet_sigterm
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'JsonBody',
            'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks', 'PredictionLog',
-           'CompanyRequest', 'company_features', 'experiment_arms', 'service_description', 'Problem',
-           'problem_response', 'problem_handler', 'validation_problem', 'ServeState', 'require_token', 'json_body',
-           'request_id', 'predict', 'predict_company', 'health', 'ready', 'model', 'error_responses', 'add_routes',
-           'lifespan', 'create_app', 'log_sink_from_catalog', 'app_from_env', 'serve', 'serve_cmd']
+           'CompanyRequest', 'request_frames', 'validate_request', 'company_features', 'experiment_arms',
+           'service_description', 'Problem', 'problem_response', 'problem_handler', 'validation_problem', 'ServeState',
+           'require_token', 'json_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
+           'error_responses', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog', 'app_from_env', 'serve',
+           'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #1d025708
 def _field_type(f: dict) -> Any:
@@ -509,7 +510,7 @@ class CompanyRequest(BaseModel):
     )
     return_features: bool = Field(False, description="also answer the computed feature vector")
 
-
+# %% ../nbs/32_serve.ipynb #bf91e267
 def _raw(v: RawValue) -> str | None:
     if v is None:
         return None
@@ -519,43 +520,24 @@ def _raw(v: RawValue) -> str | None:
         return repr(v) if not v.is_integer() else str(int(v))
     return str(v)
 
-
-def company_features(
+# %% ../nbs/32_serve.ipynb #2d6aa37d
+def request_frames(
     req: CompanyRequest,  # the request
-    feature_set: str | list[str],  # the bundle's feature set
-    today: dt.date | None = None,  # default as_of
-    population: str | None = None,  # the bundle's training population: say whether the company is in it
-    horizon_days: int = 28,  # the bundle's horizon (for the population panel; labels are not used)
-    usage_period_days: int = 7,  # the bundle's usage period: a usage row counts once its period ended
-    usage_anchor_weekday: str = "Monday",  # the bundle's anchor weekday: the default as_of lands on it
-) -> tuple[pl.DataFrame, dt.date, list[str], str | None]:
-    "Validate the raw rows with the contracts, compute the features with the training code: (features, as_of, warnings, unscored_reason)."
-    from hsml.contracts import validate_frames
-    from hsml.features import compute_features
+) -> dict[str, pl.DataFrame]:
+    "The request as the three raw tables the contracts read (all text), plus a placeholder customer and usage row."
+    from hsml.contracts import RAW_CONTRACTS
 
-    from hsml.snapshots import snap_to_anchor
-
-    as_of = req.as_of or snap_to_anchor(today or dt.datetime.now(dt.UTC).date(), usage_anchor_weekday)
     unknown = sorted(set(req.company) - set(RAW_COMPANY_COLUMNS) - {"id"})
     if unknown:
         raise HsmlError(f"company: unknown field(s) {unknown}; expected {list(RAW_COMPANY_COLUMNS)}")
     if "id" in req.company and _raw(req.company["id"]) != str(req.id):
         raise HsmlError(f"company.id {req.company['id']!r} differs from id {req.id}")
-    sid = str(req.id)
+    sid, ph = (
+        str(req.id),
+        str(req.id + 1),
+    )  # the placeholder (another id) stands in for tables the request lacks
     comp = {c: [_raw(req.company.get(c))] for c in RAW_COMPANY_COLUMNS} | {"id": [sid]}
-    # the contracts need at least one row per table: a placeholder customer (another id) with one usage row
-    # stands in for the tables this request does not carry; features are computed for `id` only
-    ph = str(req.id + 1)
-    cust = {
-        "CLOSEDATE": ["2000-01-01"],
-        "MRR": ["1"],
-        "ALEXA_RANK": [None],
-        "EMPLOYEE_RANGE": [None],
-        "INDUSTRY": [None],
-        "id": [ph],
-    }
-    from hsml.contracts import RAW_CONTRACTS
-
+    cust = {c: [None] for c in RAW_CUSTOMER_COLUMNS} | {"CLOSEDATE": ["2000-01-01"], "MRR": ["1"], "id": [ph]}
     ucols = [c.name for c in RAW_CONTRACTS["usage"]]
     urows = []
     for i, u in enumerate(req.usage):
@@ -566,12 +548,30 @@ def company_features(
             raise HsmlError(f"usage[{i}].id {u['id']!r} differs from id {req.id}")
         urows.append({c: _raw(u.get(c)) for c in ucols} | {"id": sid})
     urows.append({c: "0" for c in ucols} | {"id": ph, "WHEN_TIMESTAMP": "2000-01-01 00:00:00.000"})
-    schema = {c: pl.String for c in ucols}
-    raw = {
+    return {
         "customers": pl.DataFrame(cust, schema={c: pl.String for c in cust}),
         "noncustomers": pl.DataFrame(comp, schema={c: pl.String for c in comp}),
-        "usage": pl.DataFrame(urows, schema=schema),
+        "usage": pl.DataFrame(urows, schema={c: pl.String for c in ucols}),
     }
+
+# %% ../nbs/32_serve.ipynb #6de45997
+def _rejected(tables: Any, t: str, where: Callable[[Any], str]) -> list[str]:
+    "One line per quarantined row of table `t`, named by `where(line)` (the request's field, not a CSV line)."
+    q = tables.quarantine.get(t)
+    if q is None or not q.height:
+        return []
+    return [
+        f"{where(r.get('_line'))}.{r.get('_column')}: rejected by rule {r.get('_rule')}"
+        for r in q.iter_rows(named=True)
+    ]
+
+
+def validate_request(
+    raw: dict[str, pl.DataFrame],  # what `request_frames` returned
+) -> tuple[Any, list[str]]:
+    "The contracts on the request's rows: (tables, warnings for quarantined usage rows); a bad company row raises."
+    from hsml.contracts import validate_frames
+
     try:
         tables = validate_frames(
             raw, names={"customers": "placeholder", "noncustomers": "company", "usage": "usage"}
@@ -582,21 +582,30 @@ def company_features(
         )
         msg = re.sub(r"company: column (\w+), line \d+", r"company.\1", msg)
         raise HsmlError(msg, hint=e.hint) from None
-
-    def rejected(t: str, where: Callable[[Any], str]) -> list[str]:
-        q = tables.quarantine.get(t)
-        if q is None or not q.height:
-            return []
-        return [
-            f"{where(r.get('_line'))}.{r.get('_column')}: rejected by rule {r.get('_rule')}"
-            for r in q.iter_rows(named=True)
-        ]
-
-    problems = rejected("noncustomers", lambda line: "company")
+    problems = _rejected(tables, "noncustomers", lambda line: "company")
     if problems:
         raise HsmlError("; ".join(problems))
     # usage rows the contracts quarantine are left out, as in training, and reported back as warnings
-    warns = rejected("usage", lambda line: f"usage[{int(line) - 2 if line is not None else '?'}]")
+    return tables, _rejected(
+        tables, "usage", lambda line: f"usage[{int(line) - 2 if line is not None else '?'}]"
+    )
+
+# %% ../nbs/32_serve.ipynb #f2e61726
+def company_features(
+    req: CompanyRequest,  # the request
+    feature_set: str | list[str],  # the bundle's feature set
+    today: dt.date | None = None,  # default as_of
+    population: str | None = None,  # the bundle's training population: say whether the company is in it
+    horizon_days: int = 28,  # the bundle's horizon (for the population panel; labels are not used)
+    usage_period_days: int = 7,  # the bundle's usage period: a usage row counts once its period ended
+    usage_anchor_weekday: str = "Monday",  # the bundle's anchor weekday: the default as_of lands on it
+) -> tuple[pl.DataFrame, dt.date, list[str], str | None]:
+    "Validate the raw rows with the contracts, compute the features with the training code: (features, as_of, warnings, unscored_reason)."
+    from hsml.features import compute_features
+    from hsml.snapshots import snap_to_anchor
+
+    as_of = req.as_of or snap_to_anchor(today or dt.datetime.now(dt.UTC).date(), usage_anchor_weekday)
+    tables, warns = validate_request(request_frames(req))
     companies = tables.companies().filter(pl.col("id") == req.id)
     if companies.height != 1:
         raise HsmlError(f"company {req.id} did not pass the contracts")
