@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import gc
 import importlib
 import importlib.metadata
 import importlib.util
@@ -35,13 +36,12 @@ from hsml.core import (
     sha256_bytes,
     sha256_file,
 )
-from .snapshots import snap_to_anchor
 from .tracking import TRACKING_MODES
 
 # %% auto #0
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
            'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
-           'repo_root', 'git_info', 'environment_info', 'make_run_id', 'Run', 'papermill_output_path',
+           'repo_root', 'git_info', 'environment_info', 'make_run_id', 'freeze_at_exit', 'Run', 'papermill_output_path',
            'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'publish_bundle', 'register_run',
            'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
@@ -285,6 +285,8 @@ def resolve_dates(
     anchor_weekday: str | None = None,  # weekday default grids land on (default: data_end's, else "Monday")
 ) -> dict[str, Any]:
     "Parameters with empty dates filled in from the data, checked again (also against the data)."
+    from hsml.snapshots import snap_to_anchor  # polars: imported when dates are resolved
+
     p = dict(params)
     if isinstance(last_event, Mapping):
         anchor_weekday = anchor_weekday or last_event.get("usage_anchor_weekday")
@@ -371,6 +373,13 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def freeze_at_exit() -> None:
+    "At interpreter exit, skip the final garbage collections (seconds for a kernel holding the ML stack)."
+    if not getattr(freeze_at_exit, "registered", False):
+        atexit.register(gc.freeze)  # objects still alive at exit are left to the OS
+        freeze_at_exit.registered = True
+
+
 class Run:
     "One training run being written; `finalize()` publishes it as `<run_dir>/<run_id>`."
 
@@ -409,6 +418,7 @@ class Run:
         if first_cell_at:
             self.timings["imports"] = round(now - first_cell_at, 3)
         self.data_fingerprints: dict[str, str] = {}
+        freeze_at_exit()  # papermill waits for the kernel to exit
         self.extra: dict[str, Any] = {}
         self.write_yaml("config.yaml", self.params)
 
