@@ -157,6 +157,8 @@ def main() -> None:
         "reference": ref,
         "overhead_vs_reference": round(wall / max(sum(ref.values()), 1e-9), 2),
         "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        # PYTHONDONTWRITEBYTECODE=1 (no __pycache__): every process compiles each module it imports, every time
+        "writes_bytecode": not sys.dont_write_bytecode,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }

@@ -42,37 +42,37 @@ from .tracking import TRACKING_MODES
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
            'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
            'repo_root', 'git_info', 'environment_info', 'make_run_id', 'freeze_at_exit', 'Run', 'papermill_output_path',
-           'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'publish_bundle', 'register_run',
-           'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
+           'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'registered_name', 'publish_bundle',
+           'register_run', 'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
 # %% ../nbs/23_runs.ipynb #34ac9573
 BUILTIN_MODELS = ("logreg", "random_forest", "hist_gb", "lgbm")
 N_AS_OF_DEFAULT = 13  # as-of dates when as_of_start is empty
 N_TEST_DEFAULT = 4  # test as-of dates when test_from is empty
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "model": "lgbm",  # a registered model name
-    "plugins": [],  # your own .py files or modules registering models/features, imported first
+DEFAULT_PARAMS: dict[str, Any] = {  # experiments/train.ipynb's parameters cell says the same (a test checks)
+    "model": "lgbm",  # registered model: logreg | random_forest | hist_gb | lgbm | your own
+    "plugins": [],  # your own .py files / modules registering models or features (imported first)
     "model_params": {},  # the model's hyper-parameters (e.g. the best of a sweep)
-    "data_dir": "",  # CSV directory or catalog YAML; empty -> generate the sample data into the run area
+    "data_dir": "",  # CSV directory or catalog YAML; empty -> generated sample data in the run area
     "sample_companies": 5200,  # size of the generated sample data (when data_dir is empty)
     "sample_seed": 0,  # seed of the generated sample data
-    "as_of_start": "",  # first as-of date YYYY-MM-DD; empty -> derived from the data
-    "as_of_end": "",  # last as-of date; empty -> latest event - horizon_days
+    "as_of_start": "",  # first as-of date YYYY-MM-DD; empty -> 12 steps before as_of_end
+    "as_of_end": "",  # last as-of date; empty -> the latest event minus horizon_days
     "every_days": 28,  # days between as-of dates
     "horizon_days": 56,  # label: converts within (as_of, as_of + horizon_days]
-    "feature_set": "default",  # registered feature set
+    "feature_set": "default",  # registered feature set name, or a list of feature names
     "test_from": "",  # first as-of date of the test period; empty -> the last 4 as-of dates
-    "capacities": [50, 100, 200],  # sales capacities K for precision@K / recall@K
-    "eval_every_days": 7,  # test-period as-of grid for the metrics (the weekly call list)
+    "capacities": [50, 100, 200],  # calls per week the sales team can make: precision@K, recall@K
+    "eval_every_days": 7,  # days between test as-of dates for the metrics (the weekly call list)
     "n_boot": 1000,  # bootstrap resamples for the 95% intervals
-    "backtest_folds": 0,  # also run a rolling-origin backtest with this many folds (0: off)
+    "backtest_folds": 0,  # also run a rolling-origin backtest with this many folds; 0 means off
     "seed": 0,  # seeds the model and the bootstrap
     "tracking": "offline",  # offline | online | disabled
     "wandb_project": "hsml",  # W&B project
     "register": False,  # publish the bundle to the model registry at the end
-    "registry": "",  # registry location; empty -> the registry's default
-    "register_name": "",  # registered model name; empty -> "conversion-<model>"
+    "registry": "",  # registry directory; empty -> $HSML_REGISTRY or ./registry
+    "register_name": "",  # registered model name, also the W&B artifact's; empty -> conversion-<model>
     "run_dir": "experiments/runs",  # where run directories go
 }
 INTERNAL_PARAMS = ("_run_id", "_work_dir", "_launched_at")
@@ -603,6 +603,13 @@ def sample_data_dir(
     return out
 
 # %% ../nbs/23_runs.ipynb #d7d6ca03
+def registered_name(
+    params: Mapping[str, Any],  # resolved parameters (register_name, model)
+) -> str:
+    "The name a run's bundle goes by in the registry and in W&B: `register_name`, or `conversion-<model>`."
+    return params.get("register_name") or f"conversion-{params['model']}"
+
+
 def publish_bundle(
     bundle_dir: str | Path,  # the run's model/ directory
     params: Mapping[str, Any],  # resolved parameters (register_name, registry)
@@ -617,10 +624,9 @@ def publish_bundle(
         raise HsmlError(
             "register=True but hsml.registry is not available", hint="run with register=False"
         ) from None
-    name = params.get("register_name") or f"conversion-{params['model']}"
     return registry.publish(
         bundle_dir,
-        name=name,
+        name=registered_name(params),
         root=params.get("registry") or None,
         tracking=params.get("tracking", "offline"),
         wandb_project=params.get("wandb_project") or "hsml",
@@ -634,7 +640,7 @@ def register_run(
 ) -> dict[str, Any]:
     "Publish a published run's bundle; record `{name, version}` in its manifest and summary; return it."
     run_path = Path(run_path)
-    name = params.get("register_name") or f"conversion-{params['model']}"
+    name = registered_name(params)
     try:
         reg = {"name": name, "version": publish_bundle(run_path / "model", params, origin=run_path)}
     except HsmlError as e:
