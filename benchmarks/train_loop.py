@@ -80,7 +80,9 @@ def floor(tmp: Path) -> float:
     src, out = tmp / "floor.ipynb", tmp / "floor_out.ipynb"
     nbformat.write(nb, src)
     s = time.perf_counter()
-    subprocess.run([sys.executable, "-c", FLOOR, str(src), str(out)], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-c", FLOOR, str(src), str(out)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"the floor notebook failed:\n{r.stderr[-3000:]}")
     return time.perf_counter() - s
 
 

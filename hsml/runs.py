@@ -40,7 +40,7 @@ from .tracking import TRACKING_MODES
 
 # %% auto #0
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
-           'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
+           'load_plugins', 'known_models', 'check_dates', 'validate_params', 'as_of_dates', 'resolve_dates',
            'repo_root', 'git_info', 'environment_info', 'make_run_id', 'freeze_at_exit', 'Run', 'papermill_output_path',
            'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'registered_name', 'publish_bundle',
            'register_run', 'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
@@ -113,7 +113,7 @@ def load_plugins(
             raise HsmlError(f"plugins: importing {item} failed: {type(e).__name__}: {e}") from None
     return out
 
-# %% ../nbs/23_runs.ipynb #b241240b
+# %% ../nbs/23_runs.ipynb #ff063982
 def known_models() -> list[str]:
     "Registered model names (the model registry's, or the built-in names if it is not importable)."
     try:
@@ -123,7 +123,7 @@ def known_models() -> list[str]:
     except Exception:
         return list(BUILTIN_MODELS)
 
-
+# %% ../nbs/23_runs.ipynb #ef919331
 def _date(name: str, v: Any) -> str:
     "'' or an ISO date string (YAML dates accepted)."
     if v is None or v == "":
@@ -162,7 +162,7 @@ def _bool(name: str, v: Any) -> bool:
         return bool(v)
     raise HsmlError(f"{name}={v!r} is not true/false")
 
-
+# %% ../nbs/23_runs.ipynb #6e70a41e
 def _capacities(v: Any) -> list[int]:
     if isinstance(v, str):
         s = v.strip().strip("[]")
@@ -201,7 +201,24 @@ def _feature_set(v: Any) -> str | list[str]:
         raise HsmlError("feature_set must not be empty", hint="e.g. feature_set: default")
     return v.strip()
 
+# %% ../nbs/23_runs.ipynb #d6b48dfd
+def check_dates(p: Mapping[str, Any]) -> None:
+    "Check the date parameters that are set against each other (empty ones are resolved later)."
+    s, e, t, h = p["as_of_start"], p["as_of_end"], p["test_from"], p["horizon_days"]
+    if s and e and s > e:
+        raise HsmlError(f"as_of_start={s} is after as_of_end={e}")
+    if t and ((s and t <= s) or (e and t > e)):
+        raise HsmlError(
+            f"test_from={t} is outside the as-of range ({s or '?'} .. {e or '?'})",
+            hint="test_from must be after as_of_start and at most as_of_end",
+        )
+    if t and s and dt.date.fromisoformat(t) - dt.timedelta(days=h) <= dt.date.fromisoformat(s):
+        raise HsmlError(
+            f"test_from={t} leaves no training snapshots: training uses as_of < test_from - horizon_days ({h} days)",
+            hint="move test_from later or as_of_start earlier",
+        )
 
+# %% ../nbs/23_runs.ipynb #ee5eca7e
 def validate_params(
     params: Mapping[str, Any],  # parameters (missing ones take DEFAULT_PARAMS)
     check_paths: bool = True,  # check that a non-empty data_dir exists
@@ -248,23 +265,6 @@ def validate_params(
     p["register"] = _bool("register", p["register"])
     check_dates(p)
     return p
-
-
-def check_dates(p: Mapping[str, Any]) -> None:
-    "Check the date parameters that are set against each other (empty ones are resolved later)."
-    s, e, t, h = p["as_of_start"], p["as_of_end"], p["test_from"], p["horizon_days"]
-    if s and e and s > e:
-        raise HsmlError(f"as_of_start={s} is after as_of_end={e}")
-    if t and ((s and t <= s) or (e and t > e)):
-        raise HsmlError(
-            f"test_from={t} is outside the as-of range ({s or '?'} .. {e or '?'})",
-            hint="test_from must be after as_of_start and at most as_of_end",
-        )
-    if t and s and dt.date.fromisoformat(t) - dt.timedelta(days=h) <= dt.date.fromisoformat(s):
-        raise HsmlError(
-            f"test_from={t} leaves no training snapshots: training uses as_of < test_from - horizon_days ({h} days)",
-            hint="move test_from later or as_of_start earlier",
-        )
 
 # %% ../nbs/23_runs.ipynb #e0e1e1a3
 def as_of_dates(p: Mapping[str, Any]) -> list[dt.date]:
