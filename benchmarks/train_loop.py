@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,14 @@ pm.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_ba
 """
 
 
+def cpu() -> float:
+    "CPU seconds of this process and of its waited-for descendants (kernel, W&B processes): load does not inflate it."
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
 def floor(tmp: Path) -> float:
     "Seconds for papermill to run a one-cell notebook in a fresh process (the cost of any notebook at all)."
     import nbformat
@@ -110,9 +119,11 @@ def main() -> None:
         gen_s = time.perf_counter() - s
         usage_rows = pl.scan_csv(data / "usage_actions.csv").select(pl.len()).collect().item()
 
+        c = cpu()
         floors = [floor(tmp)]
+        floor_cpu = cpu() - c
         load_before = os.getloadavg()
-        s = time.perf_counter()
+        c, s = cpu(), time.perf_counter()
         run = train_main(
             {
                 "model": a.model,
@@ -123,7 +134,7 @@ def main() -> None:
             },
             quiet=True,
         )
-        wall = time.perf_counter() - s
+        wall, wall_cpu = time.perf_counter() - s, cpu() - c
         load_after = os.getloadavg()
         floors.append(floor(tmp))
         timings = json.loads((run / "timings.json").read_text())
@@ -147,6 +158,8 @@ def main() -> None:
         "floor_s": round(min(floors), 3),
         "over_floor_s": round(wall - min(floors), 3),
         "floor_runs_s": [round(f, 3) for f in floors],
+        "cpu_s": round(wall_cpu, 3),  # CPU seconds of the training run, every process of it
+        "floor_cpu_s": round(floor_cpu, 3),
         **{f"{k}_s": timings.get(k) for k in stages},
         "papermill_total_s": timings.get("papermill_total"),
         # wrapper in the parent process: parameter validation (imports the model registry) + importing papermill

@@ -296,6 +296,8 @@ def serve_tracker(
 ) -> None:
     "The child side of `ProcessTracker`: run `WandbTracker` calls read as JSON lines, reply to each; stop at `finish`."
     inp, out = inp or sys.stdin, out or sys.stdout
+    if inp is sys.stdin:  # the child of a `ProcessTracker`: yield the CPU to the run that started it
+        os.nice(10)
     tracker = None
     for line in inp:
         cmd, t = json.loads(line), time.perf_counter()
