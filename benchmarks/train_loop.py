@@ -1,6 +1,12 @@
 """Wall time of the papermill training run (experiments/train.ipynb via `hsml.runs.train_main`) on sample data
 the size of the real extract (~5k companies, ~25k usage rows, 13 as-of dates), split into stages:
-kernel start, imports, data, features, fit, evaluation, bundle, tracking, finalize (from the run's timings.json).
+kernel start, imports, data, features, fit, evaluation, attribute check, bundle, tracking, finalize (from the run's
+timings.json).
+
+Floor, measured in the same run: papermill running a one-cell notebook (`x = 1`) in a fresh Python process, with the
+same kernel and kernel arguments: interpreter start, importing papermill, kernel start and shutdown, writing the
+notebook. It is measured before and after the training run; `floor_s` is the smaller. The goal is on
+`over_floor_s` = `wall_s - floor_s`: what the training notebook costs beyond running any notebook at all.
 
 Reference, measured in the same run: the same pipeline in-process (load tables, build the training set, fit,
 evaluate with the same bootstrap), without kernel, notebook, run directory or tracking. The difference is the
@@ -17,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +52,11 @@ def reference(data_dir: Path, p: dict) -> dict:
     s = time.perf_counter()
     train, test = time_split(ts.frame, p["test_from"], p["horizon_days"])
     num, cat = columns_from_spec(ts.spec)
-    pipe = fit_model(make_model(p["model"], num, cat, seed=p["seed"], **p["model_params"]), train)
+    pipe = fit_model(
+        make_model(p["model"], num, cat, seed=p["seed"], **p["model_params"]),
+        train,
+        horizon_days=p["horizon_days"],
+    )
     t["fit"] = time.perf_counter() - s
     s = time.perf_counter()
     evaluate_model(pipe, train, test, capacities=p["capacities"], seed=p["seed"], n_boot=p["n_boot"])
@@ -52,6 +64,35 @@ def reference(data_dir: Path, p: dict) -> dict:
         save_plots(report_plots(pipe, train, test, capacities=p["capacities"], seed=p["seed"]), d)
     t["evaluation"] = time.perf_counter() - s
     return {k: round(v, 3) for k, v in t.items()}
+
+
+FLOOR = """
+import sys, papermill as pm
+from hsml.runs import QUIET_KERNEL
+pm.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_bar=False, extra_arguments=QUIET_KERNEL)
+"""
+
+
+def cpu() -> float:
+    "CPU seconds of this process and of its waited-for descendants (kernel, W&B processes): load does not inflate it."
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
+def floor(tmp: Path) -> float:
+    "Seconds for papermill to run a one-cell notebook in a fresh process (the cost of any notebook at all)."
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    src, out = tmp / "floor.ipynb", tmp / "floor_out.ipynb"
+    nbformat.write(nb, src)
+    s = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", FLOOR, str(src), str(out)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"the floor notebook failed:\n{r.stderr[-3000:]}")
+    return time.perf_counter() - s
 
 
 def main() -> None:
@@ -78,7 +119,11 @@ def main() -> None:
         gen_s = time.perf_counter() - s
         usage_rows = pl.scan_csv(data / "usage_actions.csv").select(pl.len()).collect().item()
 
-        s = time.perf_counter()
+        c = cpu()
+        floors = [floor(tmp)]
+        floor_cpu = cpu() - c
+        load_before = os.getloadavg()
+        c, s = cpu(), time.perf_counter()
         run = train_main(
             {
                 "model": a.model,
@@ -89,24 +134,16 @@ def main() -> None:
             },
             quiet=True,
         )
-        wall = time.perf_counter() - s
+        wall, wall_cpu = time.perf_counter() - s, cpu() - c
+        load_after = os.getloadavg()
+        floors.append(floor(tmp))
         timings = json.loads((run / "timings.json").read_text())
         import yaml
 
         p = yaml.safe_load((run / "config.yaml").read_text())
         ref = reference(data, p)
 
-    stages = [
-        "kernel_start",
-        "imports",
-        "data",
-        "features",
-        "fit",
-        "evaluation",
-        "bundle",
-        "tracking",
-        "finalize",
-    ]
+    stages = [k for k in timings if k != "papermill_total"]  # in the order the run met them
     out = {
         "bench": "train_loop",
         "smoke": a.smoke,
@@ -118,6 +155,11 @@ def main() -> None:
         "n_boot": a.n_boot,
         "generate_data_s": round(gen_s, 3),
         "wall_s": round(wall, 3),
+        "floor_s": round(min(floors), 3),
+        "over_floor_s": round(wall - min(floors), 3),
+        "floor_runs_s": [round(f, 3) for f in floors],
+        "cpu_s": round(wall_cpu, 3),  # CPU seconds of the training run, every process of it
+        "floor_cpu_s": round(floor_cpu, 3),
         **{f"{k}_s": timings.get(k) for k in stages},
         "papermill_total_s": timings.get("papermill_total"),
         # wrapper in the parent process: parameter validation (imports the model registry) + importing papermill
@@ -129,6 +171,9 @@ def main() -> None:
         "reference_inprocess_s": round(sum(ref.values()), 3),
         "reference": ref,
         "overhead_vs_reference": round(wall / max(sum(ref.values()), 1e-9), 2),
+        "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        # PYTHONDONTWRITEBYTECODE=1 (no __pycache__): every process compiles each module it imports, every time
+        "writes_bytecode": not sys.dont_write_bytecode,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }

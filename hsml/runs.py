@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import gc
 import importlib
 import importlib.metadata
 import importlib.util
@@ -36,44 +37,43 @@ from hsml.core import (
     sha256_file,
     to_date,
 )
-from .snapshots import snap_to_anchor
 from .tracking import TRACKING_MODES
 
 # %% auto #0
 __all__ = ['BUILTIN_MODELS', 'N_AS_OF_DEFAULT', 'N_TEST_DEFAULT', 'DEFAULT_PARAMS', 'INTERNAL_PARAMS', 'QUIET_KERNEL',
-           'load_plugins', 'known_models', 'validate_params', 'check_dates', 'as_of_dates', 'resolve_dates',
-           'repo_root', 'git_info', 'environment_info', 'make_run_id', 'Run', 'papermill_output_path',
-           'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'publish_bundle', 'register_run',
-           'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
+           'load_plugins', 'known_models', 'check_dates', 'validate_params', 'as_of_dates', 'resolve_dates',
+           'repo_root', 'git_info', 'environment_info', 'make_run_id', 'freeze_at_exit', 'Run', 'papermill_output_path',
+           'source_fingerprints', 'check_fingerprints', 'sample_data_dir', 'registered_name', 'publish_bundle',
+           'register_run', 'train_notebook', 'train_main', 'load_params_file', 'parse_overrides']
 
 # %% ../nbs/23_runs.ipynb #34ac9573
 BUILTIN_MODELS = ("logreg", "random_forest", "hist_gb", "lgbm")
 N_AS_OF_DEFAULT = 13  # as-of dates when as_of_start is empty
 N_TEST_DEFAULT = 4  # test as-of dates when test_from is empty
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "model": "lgbm",  # a registered model name
-    "plugins": [],  # your own .py files or modules registering models/features, imported first
+DEFAULT_PARAMS: dict[str, Any] = {  # experiments/train.ipynb's parameters cell says the same (a test checks)
+    "model": "lgbm",  # registered model: logreg | random_forest | hist_gb | lgbm | your own
+    "plugins": [],  # your own .py files / modules registering models or features (imported first)
     "model_params": {},  # the model's hyper-parameters (e.g. the best of a sweep)
-    "data_dir": "",  # CSV directory or catalog YAML; empty -> generate the sample data into the run area
+    "data_dir": "",  # CSV directory or catalog YAML; empty -> generated sample data in the run area
     "sample_companies": 5200,  # size of the generated sample data (when data_dir is empty)
     "sample_seed": 0,  # seed of the generated sample data
-    "as_of_start": "",  # first as-of date YYYY-MM-DD; empty -> derived from the data
-    "as_of_end": "",  # last as-of date; empty -> latest event - horizon_days
+    "as_of_start": "",  # first as-of date YYYY-MM-DD; empty -> 12 steps before as_of_end
+    "as_of_end": "",  # last as-of date; empty -> the latest event minus horizon_days
     "every_days": 28,  # days between as-of dates
     "horizon_days": 56,  # label: converts within (as_of, as_of + horizon_days]
-    "feature_set": "default",  # registered feature set
+    "feature_set": "default",  # registered feature set name, or a list of feature names
     "test_from": "",  # first as-of date of the test period; empty -> the last 4 as-of dates
-    "capacities": [50, 100, 200],  # sales capacities K for precision@K / recall@K
-    "eval_every_days": 7,  # test-period as-of grid for the metrics (the weekly call list)
+    "capacities": [50, 100, 200],  # calls per week the sales team can make: precision@K, recall@K
+    "eval_every_days": 7,  # days between test as-of dates for the metrics (the weekly call list)
     "n_boot": 1000,  # bootstrap resamples for the 95% intervals
-    "backtest_folds": 0,  # also run a rolling-origin backtest with this many folds (0: off)
+    "backtest_folds": 0,  # also run a rolling-origin backtest with this many folds; 0 means off
     "seed": 0,  # seeds the model and the bootstrap
     "tracking": "offline",  # offline | online | disabled
     "wandb_project": "hsml",  # W&B project
     "register": False,  # publish the bundle to the model registry at the end
-    "registry": "",  # registry location; empty -> the registry's default
-    "register_name": "",  # registered model name; empty -> "conversion-<model>"
+    "registry": "",  # registry directory; empty -> $HSML_REGISTRY or ./registry
+    "register_name": "",  # registered model name, also the W&B artifact's; empty -> conversion-<model>
     "run_dir": "experiments/runs",  # where run directories go
 }
 INTERNAL_PARAMS = ("_run_id", "_work_dir", "_launched_at")
@@ -114,7 +114,7 @@ def load_plugins(
             raise HsmlError(f"plugins: importing {item} failed: {type(e).__name__}: {e}") from None
     return out
 
-# %% ../nbs/23_runs.ipynb #b241240b
+# %% ../nbs/23_runs.ipynb #ff063982
 def known_models() -> list[str]:
     "Registered model names (the model registry's, or the built-in names if it is not importable)."
     try:
@@ -123,6 +123,11 @@ def known_models() -> list[str]:
         return sorted(models.model_types()["model"])
     except Exception:
         return list(BUILTIN_MODELS)
+
+# %% ../nbs/23_runs.ipynb #ef919331
+def _date(name: str, v: Any) -> str:
+    "'' or an ISO date string (YAML dates accepted): the params keep dates as text."
+    return "" if v is None or v == "" else to_date(v, name).isoformat()
 
 
 def _int(name: str, v: Any, low: int = 0) -> int:
@@ -147,7 +152,7 @@ def _bool(name: str, v: Any) -> bool:
         return bool(v)
     raise HsmlError(f"{name}={v!r} is not true/false")
 
-
+# %% ../nbs/23_runs.ipynb #6e70a41e
 def _capacities(v: Any) -> list[int]:
     if isinstance(v, str):
         s = v.strip().strip("[]")
@@ -186,7 +191,24 @@ def _feature_set(v: Any) -> str | list[str]:
         raise HsmlError("feature_set must not be empty", hint="e.g. feature_set: default")
     return v.strip()
 
+# %% ../nbs/23_runs.ipynb #d6b48dfd
+def check_dates(p: Mapping[str, Any]) -> None:
+    "Check the date parameters that are set against each other (empty ones are resolved later)."
+    s, e, t, h = p["as_of_start"], p["as_of_end"], p["test_from"], p["horizon_days"]
+    if s and e and s > e:
+        raise HsmlError(f"as_of_start={s} is after as_of_end={e}")
+    if t and ((s and t <= s) or (e and t > e)):
+        raise HsmlError(
+            f"test_from={t} is outside the as-of range ({s or '?'} .. {e or '?'})",
+            hint="test_from must be after as_of_start and at most as_of_end",
+        )
+    if t and s and dt.date.fromisoformat(t) - dt.timedelta(days=h) <= dt.date.fromisoformat(s):
+        raise HsmlError(
+            f"test_from={t} leaves no training snapshots: training uses as_of < test_from - horizon_days ({h} days)",
+            hint="move test_from later or as_of_start earlier",
+        )
 
+# %% ../nbs/23_runs.ipynb #ee5eca7e
 def validate_params(
     params: Mapping[str, Any],  # parameters (missing ones take DEFAULT_PARAMS)
     check_paths: bool = True,  # check that a non-empty data_dir exists
@@ -223,7 +245,7 @@ def validate_params(
     for k in ("sample_seed", "seed", "n_boot", "backtest_folds"):
         p[k] = _int(k, p[k], low=0)
     for k in ("as_of_start", "as_of_end", "test_from"):
-        p[k] = "" if p[k] in (None, "") else to_date(p[k], k).isoformat()  # YAML dates accepted
+        p[k] = _date(k, p[k])
     p["capacities"] = _capacities(p["capacities"])
     if p["tracking"] not in TRACKING_MODES:
         raise HsmlError(
@@ -233,23 +255,6 @@ def validate_params(
     p["register"] = _bool("register", p["register"])
     check_dates(p)
     return p
-
-
-def check_dates(p: Mapping[str, Any]) -> None:
-    "Check the date parameters that are set against each other (empty ones are resolved later)."
-    s, e, t, h = p["as_of_start"], p["as_of_end"], p["test_from"], p["horizon_days"]
-    if s and e and s > e:
-        raise HsmlError(f"as_of_start={s} is after as_of_end={e}")
-    if t and ((s and t <= s) or (e and t > e)):
-        raise HsmlError(
-            f"test_from={t} is outside the as-of range ({s or '?'} .. {e or '?'})",
-            hint="test_from must be after as_of_start and at most as_of_end",
-        )
-    if t and s and dt.date.fromisoformat(t) - dt.timedelta(days=h) <= dt.date.fromisoformat(s):
-        raise HsmlError(
-            f"test_from={t} leaves no training snapshots: training uses as_of < test_from - horizon_days ({h} days)",
-            hint="move test_from later or as_of_start earlier",
-        )
 
 # %% ../nbs/23_runs.ipynb #e0e1e1a3
 def as_of_dates(p: Mapping[str, Any]) -> list[dt.date]:
@@ -270,6 +275,8 @@ def resolve_dates(
     anchor_weekday: str | None = None,  # weekday default grids land on (default: data_end's, else "Monday")
 ) -> dict[str, Any]:
     "Parameters with empty dates filled in from the data, checked again (also against the data)."
+    from hsml.snapshots import snap_to_anchor  # polars: imported when dates are resolved
+
     p = dict(params)
     if isinstance(last_event, Mapping):
         anchor_weekday = anchor_weekday or last_event.get("usage_anchor_weekday")
@@ -356,6 +363,13 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def freeze_at_exit() -> None:
+    "At interpreter exit, skip the final garbage collections (seconds for a kernel holding the ML stack)."
+    if not getattr(freeze_at_exit, "registered", False):
+        atexit.register(gc.freeze)  # objects still alive at exit are left to the OS
+        freeze_at_exit.registered = True
+
+
 class Run:
     "One training run being written; `finalize()` publishes it as `<run_dir>/<run_id>`."
 
@@ -394,6 +408,7 @@ class Run:
         if first_cell_at:
             self.timings["imports"] = round(now - first_cell_at, 3)
         self.data_fingerprints: dict[str, str] = {}
+        freeze_at_exit()  # papermill waits for the kernel to exit
         self.extra: dict[str, Any] = {}
         self.write_yaml("config.yaml", self.params)
 
@@ -578,6 +593,13 @@ def sample_data_dir(
     return out
 
 # %% ../nbs/23_runs.ipynb #d7d6ca03
+def registered_name(
+    params: Mapping[str, Any],  # resolved parameters (register_name, model)
+) -> str:
+    "The name a run's bundle goes by in the registry and in W&B: `register_name`, or `conversion-<model>`."
+    return params.get("register_name") or f"conversion-{params['model']}"
+
+
 def publish_bundle(
     bundle_dir: str | Path,  # the run's model/ directory
     params: Mapping[str, Any],  # resolved parameters (register_name, registry)
@@ -592,10 +614,9 @@ def publish_bundle(
         raise HsmlError(
             "register=True but hsml.registry is not available", hint="run with register=False"
         ) from None
-    name = params.get("register_name") or f"conversion-{params['model']}"
     return registry.publish(
         bundle_dir,
-        name=name,
+        name=registered_name(params),
         root=params.get("registry") or None,
         tracking=params.get("tracking", "offline"),
         wandb_project=params.get("wandb_project") or "hsml",
@@ -609,7 +630,7 @@ def register_run(
 ) -> dict[str, Any]:
     "Publish a published run's bundle; record `{name, version}` in its manifest and summary; return it."
     run_path = Path(run_path)
-    name = params.get("register_name") or f"conversion-{params['model']}"
+    name = registered_name(params)
     try:
         reg = {"name": name, "version": publish_bundle(run_path / "model", params, origin=run_path)}
     except HsmlError as e:

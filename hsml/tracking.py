@@ -5,9 +5,16 @@
 # %% ../nbs/22_tracking.ipynb #9a89d5ff
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import queue
 import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,8 +26,8 @@ from .core import HsmlError
 
 # %% auto #0
 __all__ = ['TRACKING_MODES', 'WANDB_DIR_VARS', 'check_mode', 'wandb_env', 'flatten_metrics', 'metrics_rows', 'Tracker',
-           'NullTracker', 'WandbTracker', 'start_tracker', 'read_wandb_records', 'wait_for_run_file',
-           'wandb_run_contents', 'find_wandb_run_files']
+           'NullTracker', 'WandbTracker', 'serve_tracker', 'ProcessTracker', 'start_tracker', 'read_wandb_records',
+           'wait_for_run_file', 'wandb_run_contents', 'find_wandb_run_files']
 
 # %% ../nbs/22_tracking.ipynb #db796b98
 TRACKING_MODES = ("offline", "online", "disabled")
@@ -213,8 +220,7 @@ def log_metrics(self: WandbTracker, metrics: Mapping[str, Any], step: int | None
 @patch
 def log_summary(self: WandbTracker, metrics: Mapping[str, Any]) -> None:
     "Write the flattened metrics to the run summary, and all of them as a `metrics` table."
-    for k, v in flatten_metrics(metrics).items():
-        self.run.summary[k] = v
+    self.run.summary.update(flatten_metrics(metrics))  # one update: a key at a time is a round trip each
     rows = metrics_rows(metrics)
     if rows:
         cols = ["group", "metric", "value", "ci_low", "ci_high"]
@@ -253,18 +259,188 @@ def finish(self: WandbTracker) -> None:
     if self.mode == "offline":
         wait_for_run_file(self.run_file)
 
+# %% ../nbs/22_tracking.ipynb #98ae0545
+def _jsonable(x: Any) -> Any:
+    "A value a `WandbTracker` call can take on the other side of a pipe: frames become column dicts, figures PNG paths."
+    if hasattr(x, "to_dict") and hasattr(x, "columns"):  # a polars or pandas DataFrame
+        return {"__frame__": x.to_dict(as_series=False) if hasattr(x, "schema") else x.to_dict("list")}
+    if hasattr(x, "savefig"):  # a matplotlib Figure
+        path = Path(tempfile.mkdtemp(prefix="hsml-figure-")) / "figure.png"
+        x.savefig(path)
+        return str(path)
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    return str(x) if isinstance(x, Path) else x
+
+
+def _from_jsonable(x: Any) -> Any:
+    if isinstance(x, dict) and "__frame__" in x:
+        import pandas as pd  # W&B tables are made from pandas: no polars or pyarrow in the child
+
+        return pd.DataFrame(x["__frame__"])
+    return x
+
+# %% ../nbs/22_tracking.ipynb #2b35645e
+def _warm_up(tracker: WandbTracker) -> None:
+    "Import what logging tables and images needs, while the caller is still busy with its own work."
+    import numpy as np
+    import pandas as pd
+
+    tracker._wandb.Table(dataframe=_to_pandas(pd.DataFrame({"a": [1]})))
+    tracker._wandb.Image(np.zeros((2, 2, 3), dtype=np.uint8))
+
+
+def serve_tracker(
+    inp: Any = None,  # where commands come from (default: stdin)
+    out: Any = None,  # where replies go (default: stdout)
+) -> None:
+    "The child side of `ProcessTracker`: run `WandbTracker` calls read as JSON lines, reply to each; stop at `finish`."
+    inp, out = inp or sys.stdin, out or sys.stdout
+    if inp is sys.stdin:  # the child of a `ProcessTracker`: yield the CPU to the run that started it
+        os.nice(10)
+    tracker = None
+    for line in inp:
+        cmd, t = json.loads(line), time.perf_counter()
+        try:
+            if cmd["op"] == "start":
+                tracker = WandbTracker(*cmd["args"], **cmd["kwargs"])
+                reply = {"run_id": tracker.run_id, "run_file": str(tracker.run_file)}
+            else:
+                kwargs = {k: _from_jsonable(v) for k, v in cmd["kwargs"].items()}
+                getattr(tracker, cmd["op"])(*[_from_jsonable(a) for a in cmd["args"]], **kwargs)
+                reply = {}
+            reply.update(op=cmd["op"], ok=True, seconds=round(time.perf_counter() - t, 3))
+        except Exception as e:
+            reply = {"ok": False, "error": f"{cmd['op']}: {type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+        if cmd["op"] == "finish":
+            return
+        if cmd["op"] == "start" and reply["ok"]:
+            _warm_up(tracker)
+    os._exit(1)  # the caller went away before `finish`: leave the run unfinished, write nothing more
+
+# %% ../nbs/22_tracking.ipynb #fa4fb32b
+class ProcessTracker:
+    "A `Tracker` whose `WandbTracker` runs in a child process: W&B starts while the caller works."
+
+    def __init__(
+        self,
+        project: str,  # W&B project
+        mode: str = "offline",  # `offline` or `online`
+        run_area: str | Path = ".",  # where W&B writes the run
+        shared: str | Path | None = None,  # W&B cache / staging / settings directory
+        **kwargs: Any,  # passed to `WandbTracker` (name, config, group, job_type, tags)
+    ):
+        self.mode, self.run_id, self.run_file = mode, None, None
+        self._err = tempfile.TemporaryFile()  # the child's stderr, shown if it fails
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from hsml.tracking import serve_tracker; serve_tracker()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+        )  # fmt: skip
+        self._todo: queue.Queue = queue.Queue()  # commands for the writer thread: a call never blocks
+        self._replies: queue.Queue = queue.Queue()
+        self._sent, self._finished, self.seconds = 0, False, {}  # seconds: the child's time per call
+        threading.Thread(target=self._write, daemon=True).start()
+        threading.Thread(target=self._read, daemon=True).start()
+        atexit.register(self._stop)  # a caller that fails or exits early leaves no W&B writer behind
+        self._send("start", project, mode=mode, run_area=run_area, shared=shared, **kwargs)
+
+# %% ../nbs/22_tracking.ipynb #f791470a
+@patch
+def _send(self: ProcessTracker, op: str, *args: Any, **kwargs: Any) -> None:
+    cmd = {"op": op, "args": [_jsonable(a) for a in args], "kwargs": _jsonable(kwargs)}
+    self._todo.put(json.dumps(cmd, default=str) + "\n")
+    self._sent += 1
+
+
+@patch
+def _write(self: ProcessTracker) -> None:
+    for line in iter(self._todo.get, None):
+        try:
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        except OSError:  # the child died: `_read` reports it
+            return
+
+
+@patch
+def _read(self: ProcessTracker) -> None:
+    for line in self.proc.stdout:
+        self._replies.put(json.loads(line))
+    self.proc.wait()
+    self._err.seek(0)
+    err = self._err.read().decode(errors="replace").strip().splitlines()[-5:]
+    self._replies.put(
+        {"ok": False, "error": f"the W&B process exited ({self.proc.returncode}): {' | '.join(err)}"}
+    )
+
+
+@patch
+def _stop(self: ProcessTracker) -> None:
+    "Wait a little for a finished child to exit; kill an unfinished one."
+    try:
+        self.proc.wait(timeout=30 if self._finished else 0.01)
+    except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+
+# %% ../nbs/22_tracking.ipynb #5da9fd9d
+def _forward(op: str):
+    def call(self: ProcessTracker, *args: Any, **kwargs: Any) -> None:
+        self._send(op, *args, **kwargs)
+
+    call.__name__, call.__doc__ = op, f"Queue `WandbTracker.{op}` for the W&B process (returns at once)."
+    return call
+
+
+for _op in ("log_config", "log_metrics", "log_summary", "log_figures", "log_table", "log_artifact"):
+    setattr(ProcessTracker, _op, _forward(_op))
+
+
+@patch
+def finish(
+    self: ProcessTracker,
+    timeout: float = 600.0,  # seconds to wait for the W&B process
+) -> None:
+    "Finish the W&B run: wait until every queued call is done and the offline file is complete; raise the first error."
+    self._send("finish")
+    self._todo.put(None)
+    errors = []
+    for _ in range(self._sent):
+        try:
+            r = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            r = {"ok": False, "error": f"no reply from the W&B process within {timeout:.0f} s"}
+        if "seconds" in r:
+            self.seconds[r["op"]] = round(self.seconds.get(r["op"], 0) + r["seconds"], 3)
+        if "run_id" in r:
+            self.run_id, self.run_file = r["run_id"], Path(r["run_file"])
+        if not r["ok"]:
+            errors.append(r["error"])
+            if "exited" in r["error"] or "no reply" in r["error"]:
+                break
+    self._finished = not errors
+    if errors:
+        self._stop()
+        raise HsmlError(
+            f"W&B tracking failed: {errors[0]}", hint="use tracking=disabled to train without W&B"
+        )
+
 # %% ../nbs/22_tracking.ipynb #2d82cd29
 def start_tracker(
     mode: str,  # `offline`, `online` or `disabled`
     project: str = "hsml",  # W&B project
     run_area: str | Path = ".",  # where W&B writes this run
     shared: str | Path | None = None,  # W&B cache / staging / settings directory
+    process: bool = False,  # run W&B in a child process started now (`ProcessTracker`)
     **kwargs: Any,  # passed to `WandbTracker` (name, config, group, job_type, tags)
 ) -> Tracker:
-    "A tracker for `mode`: `NullTracker` when disabled, else a `WandbTracker`."
+    "A tracker for `mode`: `NullTracker` when disabled, else a `WandbTracker` (or a `ProcessTracker`)."
     if check_mode(mode) == "disabled":
         return NullTracker()
-    return WandbTracker(project, mode=mode, run_area=run_area, shared=shared, **kwargs)
+    cls = ProcessTracker if process else WandbTracker
+    return cls(project, mode=mode, run_area=run_area, shared=shared, **kwargs)
 
 # %% ../nbs/22_tracking.ipynb #98a1a01a
 _BLOCK, _HEADER = 32 * 1024, 7

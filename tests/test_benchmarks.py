@@ -98,3 +98,21 @@ def test_agree_sees_a_single_difference(smoke, tmp_path, capsys, change):
         "category": "industry",
     }
     assert want[change] in err, err
+
+
+def test_train_loop_smoke_prints_wall_floor_and_stages():
+    "benchmarks/train_loop.py --smoke: one JSON line with wall_s, floor_s (papermill on a one-cell notebook), stages."
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_loop.py"), "--smoke", "--n-boot", "20"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["bench"] == "train_loop" and 0 < line["floor_s"] < line["wall_s"]
+    assert line["over_floor_s"] == pytest.approx(line["wall_s"] - line["floor_s"], abs=0.002)
+    for stage in ("kernel_start", "imports", "data", "features", "fit", "evaluation", "bundle", "finalize"):
+        assert line[f"{stage}_s"] is not None, stage
+    assert len(line["floor_runs_s"]) == 2 and len(line["loadavg_1m_before_after"]) == 2

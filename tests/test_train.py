@@ -29,6 +29,7 @@ from hsml.tracking import find_wandb_run_files, wandb_run_contents
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "experiments" / "train.ipynb"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+REGISTER_NAME = "conversion-lgbm-team-a"  # run_b's register_name
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +57,11 @@ def run_b(params, tmp_path_factory) -> tuple[Path, str]:
     home.mkdir()
     cfg = out.parent / "cfg.yaml"
     cfg.write_text(
-        yaml.safe_dump({**yaml.safe_load((ROOT / "experiments/configs/lgbm.yaml").read_text()), **params})
-    )
+        yaml.safe_dump(
+            {**yaml.safe_load((ROOT / "experiments/configs/lgbm.yaml").read_text()), **params,
+             "register_name": REGISTER_NAME}
+        )
+    )  # fmt: skip
     r = subprocess.run(
         [sys.executable, "-m", "papermill", str(NB), str(out), "-f", str(cfg), "--no-progress-bar"],
         cwd=ROOT,
@@ -307,6 +311,15 @@ def test_wandb_offline_contents(run_a):
     assert man["wandb"]["run_id"] == c["run_id"]
 
 
+def test_wandb_artifact_follows_register_name(run_a, run_b):
+    "The bundle's W&B artifact is named as the registry names it: register_name, else conversion-<model>."
+    b, _ = run_b
+    for run, want in ((run_a, "conversion-lgbm"), (b, REGISTER_NAME)):
+        c = wandb_run_contents(find_wandb_run_files(run)[0])
+        assert [a["name"] for a in c["artifacts"] if a["type"] == "model"] == [want]
+        assert json.loads((run / "model" / "bundle.json").read_text())["name"] == want
+
+
 def test_default_sample_data_and_tracking_disabled(tmp_path):
     "data_dir empty -> sample data generated into the run area; tracking=disabled -> no W&B files; register; backtest."
     d = train_main(
@@ -346,6 +359,97 @@ def test_default_sample_data_and_tracking_disabled(tmp_path):
     assert "## Training windows" in card and "## Snapshot attributes" in card
 
 
+# ---------------------------------------------------------------- one definition of the parameters, light imports
+
+
+def test_parameters_cell_is_default_params():
+    "The notebook's parameters cell and `runs.DEFAULT_PARAMS` hold the same names, order, defaults, types and comments."
+    import ast
+    import re
+
+    import papermill as pm
+
+    from hsml import runs
+
+    cell = pm.inspect_notebook(str(NB))
+    assert list(cell) == [*runs.DEFAULT_PARAMS, *runs.INTERNAL_PARAMS]
+    source = Path(runs.__file__).read_text()
+    block = source[source.index("DEFAULT_PARAMS: dict") : source.index("INTERNAL_PARAMS =")]
+    comments = dict(re.findall(r'^    "(\w+)": .*?,  # (.*)$', block, flags=re.M))
+    for name, default in runs.DEFAULT_PARAMS.items():
+        p = cell[name]
+        assert ast.literal_eval(p["default"]) == default, name
+        assert p["inferred_type_name"] == type(default).__name__, name
+        assert p["help"] == comments[name], name
+
+
+FIRST_CELLS = """
+import json, sys
+import hsml, hsml.runs, hsml.tracking
+light = sorted(m for m in ("polars", "sklearn", "wandb", "matplotlib", "scipy", "pandas") if m in sys.modules)
+cells = json.loads(sys.argv[1])
+for i, code in enumerate(cells):
+    exec(code)
+    if i == 1:  # after the parameters cell, as papermill injects
+        run_dir, data_dir, tracking = sys.argv[2], sys.argv[3], "offline"
+heavy = sorted(m for m in ("sklearn", "wandb", "matplotlib", "lightgbm") if m in sys.modules)
+print(json.dumps({"import_hsml": light, "first_cells": heavy, "tracker": type(tracker).__name__}))
+"""
+
+
+def test_first_cells_and_import_hsml_stay_light(tmp_path, sample_dir):
+    "`import hsml.runs` loads no data stack; the notebook's first cells (W&B started) no scikit-learn, W&B or matplotlib."
+    nb = nbformat.read(NB, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    upto = next(i for i, c in enumerate(code) if "runs.Run(" in c)
+    r = subprocess.run(
+        [sys.executable, "-c", FIRST_CELLS, json.dumps(code[: upto + 1]), str(tmp_path / "runs"), str(sample_dir)],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"import_hsml": [], "first_cells": [], "tracker": "ProcessTracker"}
+    assert not list((tmp_path / "runs").glob("[!.]*"))  # an unfinished run publishes nothing
+
+
+TRACK = """
+import json, sys
+from pathlib import Path
+from hsml.core import HsmlError
+from hsml.tracking import start_tracker
+d = Path(sys.argv[1])
+t = start_tracker("offline", "hsml-test", run_area=d / "run", shared=d / "area", name="p1", config={"seed": 0},
+                  process=True)
+t.log_summary({"test": {"roc_auc": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9}}})
+t.log_artifact(d / "model", name="conversion-p1", type="model")
+t.finish()
+bad = start_tracker("offline", "hsml-test", run_area=d / "bad", shared=d / "area", process=True)
+bad.log_artifact(d / "no-such-dir", name="x", type="model")
+try:
+    bad.finish()
+    error = None
+except HsmlError as e:
+    error = str(e)
+print(json.dumps({"run_file": str(t.run_file), "wandb_imported": "wandb" in sys.modules, "error": error}))
+"""
+
+
+def test_process_tracker_writes_the_run_and_reports_errors(tmp_path):
+    "W&B in a child process: the same offline run, wandb never imported by the caller, a failed call raised at finish."
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.joblib").write_bytes(b"x" * 10)
+    r = subprocess.run(
+        [sys.executable, "-c", TRACK, str(tmp_path)], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["wandb_imported"] is False
+    c = wandb_run_contents(got["run_file"])
+    assert c["summary"]["test/roc_auc_ci_low"] == 0.7 and c["config"]["seed"] == 0
+    assert [a["name"] for a in c["artifacts"] if a["type"] == "model"] == ["conversion-p1"]
+    assert got["error"] and "log_artifact" in got["error"] and "no-such-dir" in got["error"]
+
+
 # ---------------------------------------------------------------- crash atomicity
 
 
@@ -367,6 +471,31 @@ def test_crash_leaves_no_run_dir(tmp_path, params):
     assert left == []
     assert not [p for p in runs_dir.iterdir() if p.name.endswith(".tmp")]
     assert list((runs_dir / ".failed").glob("*.ipynb"))  # the failed notebook is kept for debugging
+
+
+def trackers_alive() -> set[int]:
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if "serve_tracker" in " ".join(p.info["cmdline"] or []):
+            out.add(p.info["pid"])
+    return out
+
+
+def test_crash_with_wandb_leaves_no_run_dir_and_no_tracker(tmp_path, params):
+    "A failure after W&B started (in its own process) leaves no run directory and no W&B process behind."
+    nb = nbformat.read(NB, as_version=4)
+    last = max(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells.insert(last, nbformat.v4.new_code_cell("raise RuntimeError('injected crash')"))
+    broken = tmp_path / "broken.ipynb"
+    nbformat.write(nb, broken)
+    runs_dir, before = tmp_path / "runs", trackers_alive()
+    with pytest.raises(HsmlError, match="injected crash"):
+        train_main({**params, "model": "logreg", "run_dir": str(runs_dir)}, notebook=broken, quiet=True)
+    assert [p.name for p in runs_dir.iterdir() if not p.name.startswith(".")] == []
+    assert not [p for p in runs_dir.iterdir() if p.name.endswith(".tmp")]
+    assert trackers_alive() - before == set()
 
 
 def test_crash_under_plain_papermill_leaves_no_run_dir(tmp_path, params):
