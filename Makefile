@@ -16,7 +16,7 @@ help:  ## list the targets
 $(BIN)/hsml: pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install -q --disable-pip-version-check uv \
 	  || $(PYTHON) -m pip install -q --disable-pip-version-check --user uv  # an externally managed Python
-	$(UV) sync --frozen --extra dev --extra mlflow --extra ray --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --extra dev --extra mlflow --extra ray --python $(PYTHON)  # bytecode: every kernel and CLI call imports the stack
 	@touch $@
 
 env: $(BIN)/hsml  ## create .venv from the lock file (uv sync --frozen)
