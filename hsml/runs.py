@@ -37,6 +37,8 @@ from hsml.core import (
     sha256_file,
     to_date,
 )
+from fastcore.basics import patch
+
 from .tracking import TRACKING_MODES
 
 # %% auto #0
@@ -362,14 +364,14 @@ def make_run_id(model: str) -> str:
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
-
+# %% ../nbs/23_runs.ipynb #b3dba8bd
 def freeze_at_exit() -> None:
     "At interpreter exit, skip the final garbage collections (seconds for a kernel holding the ML stack)."
     if not getattr(freeze_at_exit, "registered", False):
         atexit.register(gc.freeze)  # objects still alive at exit are left to the OS
         freeze_at_exit.registered = True
 
-
+# %% ../nbs/23_runs.ipynb #e22a1210
 class Run:
     "One training run being written; `finalize()` publishes it as `<run_dir>/<run_id>`."
 
@@ -442,41 +444,47 @@ class Run:
             self.path(name), yaml.safe_dump(json.loads(json.dumps(obj, default=str)), sort_keys=False)
         )
 
-    def manifest(self) -> dict[str, Any]:
-        "The manifest.json content (finished_at = now)."
-        env = environment_info()
-        return {
-            "run_id": self.run_id,
-            **git_info(),
-            "data_fingerprints": self.data_fingerprints,
-            "python": env["python"],
-            "platform": env["platform"],
-            "packages": env["packages"],
-            "lock_file": env["lock_file"],
-            "lock_sha256": env["lock_sha256"],
-            "seed": self.params["seed"],
-            "started_at": self.started_at,
-            "finished_at": _now(),
-            **self.extra,
-        }
+# %% ../nbs/23_runs.ipynb #4e5f073f
+@patch
+def manifest(self: Run) -> dict[str, Any]:
+    "The manifest.json content (finished_at = now)."
+    env = environment_info()
+    return {
+        "run_id": self.run_id,
+        **git_info(),
+        "data_fingerprints": self.data_fingerprints,
+        "python": env["python"],
+        "platform": env["platform"],
+        "packages": env["packages"],
+        "lock_file": env["lock_file"],
+        "lock_sha256": env["lock_sha256"],
+        "seed": self.params["seed"],
+        "started_at": self.started_at,
+        "finished_at": _now(),
+        **self.extra,
+    }
 
-    def finalize(self) -> Path:
-        "Write manifest.json and timings.json, then publish the run directory; returns its final path."
-        with self.stage("finalize"):
-            manifest = self.manifest()
-        self.write_json("timings.json", self.timings)
-        self.write_json("manifest.json", manifest)
-        if not self.managed:
-            _copy_executed_notebook_later(self.dir / "train.ipynb", self.final / "train.ipynb")
-            os.replace(self.dir, self.final)
-            if self.params.get("register"):  # only a published run is registered
-                self.extra["registered"] = register_run(self.final, self.params)
-        self.finalized = True
-        return self.final
 
-    def _cleanup(self) -> None:
-        if not self.finalized and not self.managed and self.dir.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
+@patch
+def finalize(self: Run) -> Path:
+    "Write manifest.json and timings.json, then publish the run directory; returns its final path."
+    with self.stage("finalize"):
+        manifest = self.manifest()
+    self.write_json("timings.json", self.timings)
+    self.write_json("manifest.json", manifest)
+    if not self.managed:
+        _copy_executed_notebook_later(self.dir / "train.ipynb", self.final / "train.ipynb")
+        os.replace(self.dir, self.final)
+        if self.params.get("register"):  # only a published run is registered
+            self.extra["registered"] = register_run(self.final, self.params)
+    self.finalized = True
+    return self.final
+
+
+@patch
+def _cleanup(self: Run) -> None:
+    if not self.finalized and not self.managed and self.dir.exists():
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 # %% ../nbs/23_runs.ipynb #72670494
 _COPIER = """
@@ -656,7 +664,7 @@ def train_notebook() -> Path:
         raise HsmlError("experiments/train.ipynb not found", hint="run from the hsml project checkout")
     return nb
 
-
+# %% ../nbs/23_runs.ipynb #6b3882a2
 def train_main(
     params: Mapping[str, Any],  # training parameters (see DEFAULT_PARAMS); missing ones take the defaults
     notebook: str | Path | None = None,  # the training notebook; default experiments/train.ipynb
@@ -722,7 +730,7 @@ def train_main(
         print(f"run directory: {final}")
     return final
 
-
+# %% ../nbs/23_runs.ipynb #67189968
 def load_params_file(
     path: str | Path,  # a YAML of parameters (as for papermill -f)
 ) -> dict[str, Any]:
@@ -738,7 +746,7 @@ def load_params_file(
         raise HsmlError(f"{path} must hold a mapping of parameter: value")
     return obj
 
-
+# %% ../nbs/23_runs.ipynb #e5b74e96
 def parse_overrides(
     items: list[str],  # `key=value` strings, e.g. from `hsml train -p model=logreg -p capacities=[50,100]`
 ) -> dict[str, Any]:
