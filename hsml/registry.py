@@ -334,6 +334,10 @@ def _wandb_log(
             run.log_artifact(art, aliases=aliases)
             run_file = Path(run.dir).parent / f"run-{run.id}.wandb"
             run.finish()
+            if tracking == "offline":  # finish() can return before W&B's service wrote the last record
+                from hsml.tracking import wait_for_run_file
+
+                wait_for_run_file(run_file)
             return str(run_file)
         except Exception as e:  # pragma: no cover - depends on W&B
             warnings.warn(f"W&B logging of {name}@{version} failed: {e}", stacklevel=2)
