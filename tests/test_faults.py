@@ -59,7 +59,9 @@ def test_sigkill_publishers_at_random_moments(bundle, tmp_path, rounds):
     rng = random.Random(0)
     kills = 0
     for r in range(rounds):
-        procs = _publishers(bundle, tmp_path, [f"a{r}", "prod", "staging"], 4)
+        # enough work that the publishers are still running when the kills come (a quick machine finished 4 each
+        # before the first kill); the killed ones stop part-way, the others finish
+        procs = _publishers(bundle, tmp_path, [f"a{r}", "prod", "staging"], 40)
         time.sleep(rng.uniform(0.2, 2.0))
         for p in procs:
             if p.poll() is None and rng.random() < 0.7:
@@ -321,7 +323,7 @@ def test_sigkill_registry_cli_and_promoters(
                              cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)
         ] + [
-            subprocess.Popen([sys.executable, "-c", PROMOTER, str(reg), str(10 * r + i), "40"],
+            subprocess.Popen([sys.executable, "-c", PROMOTER, str(reg), str(10 * r + i), "400"],
                              cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(4)
         ]  # fmt: skip
