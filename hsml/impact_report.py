@@ -568,16 +568,4 @@ def report_cmd(
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    s = rep["srm"]
-    typer.echo(f"SRM: p = {s['p_value']:.3g}  {s['message']}", err=s["alarm"])
-    m = rep["matured"]
-    if "lift" in m:
-        lf = m["lift"]
-        typer.echo(f"lift {Metric.of(lf):+.4f} on {m['companies']}")
-        oe = rep["calibration"]["observed_over_expected"]
-        typer.echo(f"calibration (holdout): observed/expected {Metric.of(oe):.2f}")
-    else:
-        typer.echo(m["note"])
-    if rep["drift"].get("alarms"):
-        typer.echo(f"drift alarms: {', '.join(rep['drift']['alarms'])}")
-    typer.echo(f"wrote {out / 'impact.json'}")
+    _echo_report(rep, out)
