@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import getpass
 import json
 import os
@@ -74,43 +75,38 @@ def _check_alias(alias: str) -> str:
         )
     return alias
 
+# %% ../nbs/31_registry.ipynb #a7f3c2d1
+def _try_flock(f) -> bool:
+    "Take an exclusive lock on an open file without waiting; False when another process holds it."
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
 # %% ../nbs/31_registry.ipynb #91d4ad8e
 @contextlib.contextmanager
 def registry_lock(
     model_dir: Path,  # NAME/ directory
     timeout: float = 30.0,  # seconds to wait for the lock
 ) -> Iterator[None]:
-    "Hold NAME/.lock (created with O_EXCL); break it when its owner process is gone on this host."
+    "Hold an exclusive `flock` on NAME/.lock; the kernel releases it when the holder exits or is killed."
     model_dir.mkdir(parents=True, exist_ok=True)
-    lock = model_dir / ".lock"
-    me = f"{os.getpid()}@{socket.gethostname()}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.write(fd, me.encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            with contextlib.suppress(Exception):
-                owner = lock.read_text()
-                pid, host = owner.split("@", 1)
-                if host == socket.gethostname():
-                    try:
-                        os.kill(int(pid), 0)
-                    except ProcessLookupError:  # the owner died holding it
-                        lock.unlink(missing_ok=True)
-                        continue
+    lock, deadline = model_dir / ".lock", time.monotonic() + timeout
+    with open(lock, "a+") as f:  # the file stays: unlinking it would let a waiter lock a dead inode
+        while not _try_flock(f):
             if time.monotonic() > deadline:
                 raise HsmlError(
                     f"the registry entry {model_dir} is locked ({lock})",
-                    hint="another publish/promote is running; if none is, remove the .lock file",
-                ) from None
+                    hint=f"another publish/promote is running ({lock.read_text() or 'owner unknown'}); "
+                    "the lock goes when that process ends, so there is no need to remove the .lock file",
+                )
             time.sleep(0.01)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+        try:
+            f.truncate(0), f.write(f"{os.getpid()}@{socket.gethostname()}"), f.flush()
+            yield
+        finally:
+            f.truncate(0), f.flush(), fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/31_registry.ipynb #c0eba097
 def _append_history(model_dir: Path, event: dict) -> None:

@@ -223,12 +223,22 @@ def test_a_held_lock_is_reported(tmp_path):
         with pytest.raises(HsmlError, match=r"registry entry .*busy is locked \(.*\.lock\)") as e:
             with registry_lock(d, timeout=0.5):
                 pass
-        assert "remove the .lock file" in e.value.hint
+        assert f"{p.pid}@{socket.gethostname()}" in e.value.hint  # who holds it
         # the holder's lock is untouched
         assert (d / ".lock").read_text() == f"{p.pid}@{socket.gethostname()}"
     finally:
         p.kill()
         p.wait()
+
+
+def test_an_empty_lock_left_by_a_kill_does_not_block(bundles, tmp_path):
+    "A publisher killed between creating .lock and writing its pid left an empty file: the next publish must not wait on it."
+    reg = tmp_path / "registry"
+    (reg / "e").mkdir(parents=True)
+    (reg / "e" / ".lock").write_text("")
+    assert publish(bundles["b2"], "e", root=reg, tracking="disabled") == 1
+    with registry_lock(reg / "e", timeout=0.5):
+        pass
 
 
 def test_tampered_versions_are_refused(bundles, tmp_path):
