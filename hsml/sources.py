@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import polars as pl
 import yaml
+from fastcore.basics import patch
 
 from .core import HsmlError, sha256_bytes, sha256_file
 
@@ -32,10 +33,7 @@ class Source(Protocol):
 
     def fingerprint(self) -> str: ...  # sha256 hex of the exact data
 
-# %% ../nbs/01_sources.ipynb #ecd06569
-SOURCE_TYPES: dict[str, type] = {}
-
-
+# %% ../nbs/01_sources.ipynb #809c26ba
 def type_registrar(
     types: dict[str, type],  # the registry to fill (SOURCE_TYPES, hsml.sinks.SINK_TYPES)
     what: str,  # "source" or "sink", for messages
@@ -56,7 +54,8 @@ def type_registrar(
 
     return register
 
-
+# %% ../nbs/01_sources.ipynb #f18cedaf
+SOURCE_TYPES: dict[str, type] = {}  # catalog `type:` name -> Source class
 _register_source = type_registrar(SOURCE_TYPES, "source", ("load", "describe", "fingerprint"))
 
 
@@ -66,15 +65,12 @@ def register_source(
     "Class decorator: register a `Source` implementation under `name` (re-registering replaces it)."
     return _register_source(name)
 
-
+# %% ../nbs/01_sources.ipynb #8b5346b7
 def _all_utf8(lf: pl.LazyFrame) -> pl.LazyFrame:
     "Cast every column to a string column."
     return lf.select(pl.all().cast(pl.Utf8))
 
-# %% ../nbs/01_sources.ipynb #0cb4cea2
-_OTHER_SEPARATORS = [";", "\t", "|"]
-
-
+# %% ../nbs/01_sources.ipynb #7ca93ceb
 def _binary_evidence(
     path: Path,  # a file that should be text
     n: int = 8192,  # bytes looked at
@@ -87,7 +83,7 @@ def _binary_evidence(
     ctrl = sum(b < 32 and b not in (9, 10, 12, 13) for b in head)
     return f"{ctrl} of its first {len(head)} bytes are control bytes" if ctrl > 0.1 * len(head) else None
 
-
+# %% ../nbs/01_sources.ipynb #2c22e3da
 def _first_line(path: Path) -> str:
     "The first non-blank line of a text file (without BOM), or '' for an empty file."
     with open(path, "rb") as f:
@@ -97,8 +93,46 @@ def _first_line(path: Path) -> str:
                 return line
     return ""
 
+# %% ../nbs/01_sources.ipynb #45a873bc
+_OTHER_SEPARATORS = [";", "\t", "|"]
 
-def _first_bad_utf8(path: Path, sep: str, header: list[str]) -> HsmlError:
+
+def _check_separator(
+    path: Path,  # the file, for the message
+    first: str,  # its header line
+    separator: str,  # the separator it is read with
+) -> None:
+    "Raise HsmlError when `first` reads as one column but holds another common separator."
+    if separator in first:
+        return
+    for other in _OTHER_SEPARATORS:
+        if other != separator and other in first:
+            shown = {"\t": "tab"}.get(other, repr(other))
+            raise HsmlError(
+                f"{path}: column {first[:60]!r}, line 1: the header reads as one column; "
+                f"the file looks {shown}-separated, not {separator!r}-separated",
+                hint=f"write it with {separator!r}, or set `separator` in the catalog",
+            )
+
+# %% ../nbs/01_sources.ipynb #c836b9c0
+def _header_names(
+    path: Path,  # the file, for the message
+    first: str,  # its header line
+    separator: str,  # the field separator
+) -> list[str]:
+    "The column names of header line `first`, refusing a name used twice."
+    names = [c.strip().strip('"').strip() for c in first.split(separator)]
+    dups = sorted({c for c in names if names.count(c) > 1})
+    if dups:
+        raise HsmlError(f"{path}: column {dups[0]}, line 1: the header names it more than once")
+    return names
+
+# %% ../nbs/01_sources.ipynb #1936d9fe
+def _first_bad_utf8(
+    path: Path,  # the file
+    sep: str,  # its separator
+    header: list[str],  # its column names
+) -> HsmlError:
     "An HsmlError naming the first line (and column) holding bytes that are not UTF-8."
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -113,23 +147,17 @@ def _first_bad_utf8(path: Path, sep: str, header: list[str]) -> HsmlError:
                 )
     return HsmlError(f"{path}: not UTF-8 text")
 
-
-def _check_field_counts(
-    path: Path, sep: str, n_header: int, header: list[str], encoding: str = "utf8"
-) -> list[int]:
-    "Raise HsmlError at the first data line whose field count differs from the header's; return blank lines."
-    flagged = (  # one streaming pass over the raw lines: the blank ones and those with a wrong field count
-        pl.scan_csv(
-            path,
-            has_header=False,
-            separator="\x1f",
-            quote_char=None,
-            infer_schema=False,
-            new_columns=["raw"],
-            row_index_name="_line",
-            row_index_offset=1,
-            encoding=encoding,
-        )
+# %% ../nbs/01_sources.ipynb #6811f654
+def _flag_lines(
+    path: Path,  # the CSV file
+    sep: str,  # its separator
+    n_header: int,  # fields in the header
+    encoding: str = "utf8",  # "utf8" or "utf8-lossy"
+) -> pl.DataFrame:
+    "The data lines that are blank or whose field count differs from the header's: `_line`, `blank`, `n`."
+    return (
+        pl.scan_csv(path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False,
+                    new_columns=["raw"], row_index_name="_line", row_index_offset=1, encoding=encoding)
         .with_columns(pl.col("raw").str.strip_chars_end("\r"))
         .filter(pl.col("_line") > 1)
         .select(
@@ -140,26 +168,40 @@ def _check_field_counts(
         .filter(pl.col("blank") | (pl.col("n") != n_header))
         .collect()
         .sort("_line")
-    )
-    blank = flagged.filter("blank")["_line"].to_list()
+    )  # fmt: skip
+
+# %% ../nbs/01_sources.ipynb #b91e4956
+def _ragged_error(
+    path: Path,  # the CSV file
+    line: int,  # the line of the ragged row
+    n: int,  # the fields it has
+    header: list[str],  # the column names
+) -> HsmlError:
+    "The error for a row with `n` fields under a header of `len(header)` columns."
+    where = f"{path}: column {header[n] if n < len(header) else header[-1]}, line {line}"
+    said = f"the row has {n} fields but the header has {len(header)}"
+    if n < len(header):
+        return HsmlError(f"{where}: {said} (truncated or ragged row)",
+                         hint="fix or remove that line; every row needs one value (maybe empty) per column")  # fmt: skip
+    return HsmlError(f"{where}: {said} (extra field after the last column)",
+                     hint="an unquoted separator inside a value? quote it, or fix the line")  # fmt: skip
+
+# %% ../nbs/01_sources.ipynb #cb40455e
+def _check_field_counts(
+    path: Path,  # the CSV file
+    sep: str,  # its separator
+    n_header: int,  # fields in the header
+    header: list[str],  # the column names, for the message
+    encoding: str = "utf8",  # "utf8" or "utf8-lossy"
+) -> list[int]:
+    "Raise HsmlError at the first data line whose field count differs from the header's; return blank lines."
+    flagged = _flag_lines(path, sep, n_header, encoding)
     lines = flagged.filter(~pl.col("blank")).head(1)
     if lines.height:
-        line, n = int(lines["_line"][0]), int(lines["n"][0])
-        if n < n_header:
-            raise HsmlError(
-                f"{path}: column {header[n]}, line {line}: the row has {n} fields but the header has "
-                f"{n_header} (truncated or ragged row)",
-                hint="fix or remove that line; every row needs one value (maybe empty) per column",
-            )
-        raise HsmlError(
-            f"{path}: column {header[-1]}, line {line}: the row has {n} fields but the header has "
-            f"{n_header} (extra field after the last column)",
-            hint="an unquoted separator inside a value? quote it, or fix the line",
-        )
-    return blank
+        raise _ragged_error(path, int(lines["_line"][0]), int(lines["n"][0]), header)
+    return flagged.filter("blank")["_line"].to_list()
 
-# %% ../nbs/01_sources.ipynb #f8a58b01
-@register_source("csv")
+# %% ../nbs/01_sources.ipynb #cb3ba128
 @dataclass
 class CsvSource:
     "A CSV file with a header row, read as all-string columns."
@@ -174,10 +216,6 @@ class CsvSource:
     def describe(self) -> str:
         return str(self.path)
 
-    def fingerprint(self) -> str:
-        self._check_exists()
-        return sha256_file(self.path)
-
     def _check_exists(self) -> None:
         if not self.path.is_file():
             raise HsmlError(
@@ -185,56 +223,53 @@ class CsvSource:
                 hint="check the path (in a catalog YAML, relative paths are relative to the YAML file)",
             )
 
-    def header(self) -> list[str]:
-        "The column names, after validating the file is non-empty and uses `separator`."
-        self._check_exists()
-        if why := _binary_evidence(self.path):
-            raise HsmlError(f"{self.path}: not a text file ({why}); expected a CSV with a header row",
-                            hint="a compressed, spreadsheet or other binary file in place of the CSV? export it as CSV")  # fmt: skip
-        first = _first_line(self.path)
-        if not first:
-            raise HsmlError(f"{self.path}: line 1: empty file (no header, no rows)")
-        names = [c.strip().strip('"').strip() for c in first.split(self.separator)]
-        dups = sorted({c for c in names if names.count(c) > 1})
-        if dups:
-            raise HsmlError(f"{self.path}: column {dups[0]}, line 1: the header names it more than once")
-        if len(names) == 1:
-            for other in _OTHER_SEPARATORS:
-                if other != self.separator and other in first:
-                    shown = {"\t": "tab"}.get(other, repr(other))
-                    raise HsmlError(
-                        f"{self.path}: column {first[:60]!r}, line 1: the header reads as one column; "
-                        f"the file looks {shown}-separated, not {self.separator!r}-separated",
-                        hint=f"write it with {self.separator!r}, or set `separator` in the catalog",
-                    )
-        return names
+# %% ../nbs/01_sources.ipynb #c23fc2bc
+@patch
+def fingerprint(self: CsvSource) -> str:
+    "sha256 of the file's bytes."
+    self._check_exists()
+    return sha256_file(self.path)
 
-    def load(self) -> pl.LazyFrame:
-        header = self.header()
-        try:
-            blank = _check_field_counts(self.path, self.separator, len(header), header, self.encoding)
-        except pl.exceptions.ComputeError as e:
-            if "utf-8" in str(e).lower():
-                raise _first_bad_utf8(self.path, self.separator, header) from None
-            raise HsmlError(f"{self.path}: cannot read as CSV: {e}") from None
-        try:
-            lf = pl.scan_csv(
-                self.path,
-                separator=self.separator,
-                infer_schema=False,
-                encoding=self.encoding,
-                new_columns=header,
-                row_index_name="_line",
-                row_index_offset=2,
-            )
-        except Exception as e:  # polars raises many kinds; they all mean the same to the user
-            raise HsmlError(f"{self.path}: cannot read as CSV: {e}") from None
-        if blank:
-            lf = lf.filter(~pl.col("_line").is_in(blank))
-        return lf.select(pl.exclude("_line").cast(pl.Utf8), pl.col("_line").cast(pl.Int64))
+# %% ../nbs/01_sources.ipynb #8d886ebb
+@patch
+def header(self: CsvSource) -> list[str]:
+    "The column names, after validating the file is non-empty and uses `separator`."
+    self._check_exists()
+    if why := _binary_evidence(self.path):
+        raise HsmlError(f"{self.path}: not a text file ({why}); expected a CSV with a header row",
+                        hint="a compressed, spreadsheet or other binary file in place of the CSV? export it as CSV")  # fmt: skip
+    first = _first_line(self.path)
+    if not first:
+        raise HsmlError(f"{self.path}: line 1: empty file (no header, no rows)")
+    names = _header_names(self.path, first, self.separator)
+    if len(names) == 1:
+        _check_separator(self.path, first, self.separator)
+    return names
 
-# %% ../nbs/01_sources.ipynb #7436ecec
-@register_source("parquet")
+# %% ../nbs/01_sources.ipynb #2aa867a2
+@patch
+def load(self: CsvSource) -> pl.LazyFrame:
+    "The file as all-string columns plus `_line` (Int64), after every check above."
+    header = self.header()
+    try:
+        blank = _check_field_counts(self.path, self.separator, len(header), header, self.encoding)
+    except pl.exceptions.ComputeError as e:
+        if "utf-8" in str(e).lower():
+            raise _first_bad_utf8(self.path, self.separator, header) from None
+        raise HsmlError(f"{self.path}: cannot read as CSV: {e}") from None
+    try:
+        lf = pl.scan_csv(self.path, separator=self.separator, infer_schema=False, encoding=self.encoding,
+                         new_columns=header, row_index_name="_line", row_index_offset=2)  # fmt: skip
+    except Exception as e:  # polars raises many kinds; they all mean the same to the user
+        raise HsmlError(f"{self.path}: cannot read as CSV: {e}") from None
+    if blank:
+        lf = lf.filter(~pl.col("_line").is_in(blank))
+    return lf.select(pl.exclude("_line").cast(pl.Utf8), pl.col("_line").cast(pl.Int64))
+
+# %% ../nbs/01_sources.ipynb #43cbf773
+register_source("csv")(CsvSource)
+
+# %% ../nbs/01_sources.ipynb #d0c78e5c
 @dataclass
 class ParquetSource:
     "A Parquet file, handed over as all-string columns."
@@ -252,22 +287,45 @@ class ParquetSource:
             raise HsmlError(f"{self.path}: file not found")
         return sha256_file(self.path)
 
-    def load(self) -> pl.LazyFrame:
-        if not self.path.is_file():
-            raise HsmlError(f"{self.path}: file not found")
-        try:
-            lf = pl.scan_parquet(self.path)
-            lf.collect_schema()
-        except Exception as e:
-            raise HsmlError(f"{self.path}: cannot read as Parquet: {e}") from None
-        return _all_utf8(lf)
+# %% ../nbs/01_sources.ipynb #f02335fb
+@patch
+def load(self: ParquetSource) -> pl.LazyFrame:
+    "The file's columns, every one cast to a string."
+    if not self.path.is_file():
+        raise HsmlError(f"{self.path}: file not found")
+    try:
+        lf = pl.scan_parquet(self.path)
+        lf.collect_schema()
+    except Exception as e:
+        raise HsmlError(f"{self.path}: cannot read as Parquet: {e}") from None
+    return _all_utf8(lf)
 
-# %% ../nbs/01_sources.ipynb #b2d43bf2
+
+register_source("parquet")(ParquetSource)
+
+# %% ../nbs/01_sources.ipynb #85fcf043
 def mask_uri(uri: str) -> str:
     "Hide the password in a database URI."
     return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", uri)
 
+# %% ../nbs/01_sources.ipynb #7743c4ec
+def _read_sql(
+    query: str,  # a SELECT
+    uri: str,  # postgresql://...
+    engine: str,  # "connectorx" or "adbc"
+    where: str,  # the source, for messages
+) -> pl.DataFrame:
+    "The query's result as all-string columns, or HsmlError."
+    if engine not in ("connectorx", "adbc"):
+        raise HsmlError(f"{where}: unknown engine {engine!r}", hint="use connectorx or adbc")
+    try:
+        df = pl.read_database_uri(query, uri, engine=engine)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:400]
+        raise HsmlError(f"{where}: query failed: {msg}") from None
+    return df.select(pl.all().cast(pl.Utf8))
 
+# %% ../nbs/01_sources.ipynb #de12cd1c
 @register_source("sql")
 @dataclass
 class SqlSource:
@@ -284,16 +342,7 @@ class SqlSource:
 
     def _fetch(self) -> pl.DataFrame:
         if self._cache is None:
-            if self.engine not in ("connectorx", "adbc"):
-                raise HsmlError(
-                    f"{self.describe()}: unknown engine {self.engine!r}", hint="use connectorx or adbc"
-                )
-            try:
-                df = pl.read_database_uri(self.query, self.uri, engine=self.engine)
-            except Exception as e:
-                msg = " ".join(str(e).split())[:400]
-                raise HsmlError(f"{self.describe()}: query failed: {msg}") from None
-            self._cache = df.select(pl.all().cast(pl.Utf8))
+            self._cache = _read_sql(self.query, self.uri, self.engine, self.describe())
         return self._cache
 
     def load(self) -> pl.LazyFrame:
@@ -302,16 +351,32 @@ class SqlSource:
     def fingerprint(self) -> str:
         return sha256_bytes(self.query.encode() + b"\n\x00\n" + self._fetch().write_csv().encode())
 
-# %% ../nbs/01_sources.ipynb #ef0ef741
+# %% ../nbs/01_sources.ipynb #1b51f686
 TABLES: tuple[str, ...] = ("customers", "noncustomers", "usage")
 DEFAULT_FILES: dict[str, str] = {
     "customers": "customers.csv",
     "noncustomers": "noncustomers.csv",
     "usage": "usage_actions.csv",
 }
+
+# %% ../nbs/01_sources.ipynb #4920d7eb
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _env_value(
+    m: re.Match,  # a match of `_ENV`: the name, and the default after `:-` if any
+    where: str,  # label for error messages
+    env: Mapping[str, str],  # the environment
+) -> str:
+    "The value of one `${VAR}` / `${VAR:-default}`."
+    name, default = m.group(1), m.group(2)
+    if name in env:
+        return env[name]
+    if default is not None:
+        return default
+    raise HsmlError(f"{where}: environment variable {name} is not set", hint=f"export {name}=...")
+
+# %% ../nbs/01_sources.ipynb #26078b4c
 def interpolate_env(
     value: Any,  # a YAML value: str, list, dict or scalar
     where: str = "catalog",  # label for error messages
@@ -325,18 +390,21 @@ def interpolate_env(
         return [interpolate_env(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
+    return _ENV.sub(lambda m: _env_value(m, where, env), value)
 
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise HsmlError(f"{where}: environment variable {name} is not set", hint=f"export {name}=...")
+# %% ../nbs/01_sources.ipynb #4f051a3c
+def _resolve_paths(
+    options: Mapping[str, Any],  # a catalog entry's options
+    base_dir: str | Path,  # what relative paths are relative to
+) -> dict[str, Any]:
+    "The options with `path` and `*_path` values that are relative made relative to `base_dir`."
+    out = dict(options)
+    for k, v in out.items():
+        if (k == "path" or k.endswith("_path")) and isinstance(v, str) and not Path(v).is_absolute():
+            out[k] = str(Path(base_dir) / v)
+    return out
 
-    return _ENV.sub(sub, value)
-
-# %% ../nbs/01_sources.ipynb #15c9e1f9
+# %% ../nbs/01_sources.ipynb #1fceb316
 def source_from_spec(
     spec: Mapping[str, Any],  # e.g. {"type": "csv", "path": "customers.csv"}
     base_dir: str | Path = ".",  # relative `path` keys are resolved against this
@@ -351,16 +419,13 @@ def source_from_spec(
             f"{where}: unknown source type {kind!r}",
             hint=f"registered types: {', '.join(sorted(SOURCE_TYPES))}",
         )
-    kwargs = {k: v for k, v in spec.items() if k != "type"}
-    for k, v in kwargs.items():
-        if (k == "path" or k.endswith("_path")) and isinstance(v, str) and not Path(v).is_absolute():
-            kwargs[k] = str(Path(base_dir) / v)
+    kwargs = _resolve_paths({k: v for k, v in spec.items() if k != "type"}, base_dir)
     try:
         return SOURCE_TYPES[kind](**kwargs)
     except TypeError as e:
         raise HsmlError(f"{where}: bad options for a {kind} source: {e}") from None
 
-# %% ../nbs/01_sources.ipynb #9b85bc61
+# %% ../nbs/01_sources.ipynb #6ce26a24
 @dataclass
 class Catalog:
     "The logical tables `customers`, `noncustomers`, `usage`, each mapped to a `Source`."
@@ -378,72 +443,6 @@ class Catalog:
                 hint=f"a catalog maps {', '.join(TABLES)}",
             )
 
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> Catalog:
-        "The default catalog: the three CSV files in `directory`."
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise HsmlError(
-                f"{directory}: no such directory", hint=f"it should hold {', '.join(DEFAULT_FILES.values())}"
-            )
-        return cls({t: CsvSource(directory / f) for t, f in DEFAULT_FILES.items()}, origin=str(directory))
-
-    @classmethod
-    def from_dict(
-        cls, spec: Mapping[str, Any], base_dir: str | Path = ".", origin: str = "<dict>"
-    ) -> Catalog:
-        "Build from a parsed catalog mapping (env vars interpolated, relative paths against `base_dir`)."
-        if not isinstance(spec, Mapping):
-            raise HsmlError(f"{origin}: a catalog is a mapping of table -> source, got {type(spec).__name__}")
-        spec = dict(spec)
-        outputs = spec.pop("outputs", None) or {}
-        if not isinstance(outputs, Mapping):
-            raise HsmlError(f"{origin}: `outputs` maps an output name to a sink entry, got {outputs!r}")
-        unknown = [k for k in spec if k not in TABLES]
-        if unknown:
-            raise HsmlError(
-                f"{origin}: unknown table(s) {', '.join(map(str, unknown))}",
-                hint=f"tables are {', '.join(TABLES)}",
-            )
-        spec = interpolate_env(dict(spec), origin)
-        sources = {t: source_from_spec(s, base_dir, f"{origin}: {t}") for t, s in spec.items()}
-        return cls(sources, origin=origin, outputs=dict(outputs), base_dir=base_dir)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Catalog:
-        "Read a catalog YAML file."
-        path = Path(path)
-        if not path.is_file():
-            raise HsmlError(f"{path}: catalog file not found")
-        try:
-            spec = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise HsmlError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(spec or {}, base_dir=path.parent, origin=str(path))
-
-    @classmethod
-    def resolve(cls, source: Catalog | str | Path) -> Catalog:
-        "A `Catalog`, a catalog YAML path, or a directory of the three CSVs -> a `Catalog`."
-        if isinstance(source, Catalog):
-            return source
-        p = Path(source)
-        if p.is_dir():
-            return cls.from_dir(p)
-        if p.suffix in (".yaml", ".yml"):
-            return cls.from_yaml(p)
-        raise HsmlError(f"{p}: neither a directory of CSVs nor a catalog .yaml file")
-
-    def sink(self, name: str) -> Any:
-        "The sink (`hsml.sinks`) of the output called `name` in this catalog's `outputs:`."
-        from hsml.sinks import sink_from_spec
-
-        if name not in self.outputs:
-            known = ", ".join(sorted(self.outputs)) or "none"
-            raise HsmlError(
-                f"{self.origin}: no output named {name!r}", hint=f"outputs in this catalog: {known}"
-            )
-        return sink_from_spec(self.outputs[name], self.base_dir, f"{self.origin}: outputs.{name}")
-
     def __getitem__(self, table: str) -> Source:
         return self.sources[table]
 
@@ -451,11 +450,109 @@ class Catalog:
         "The raw (all-string) table."
         return self.sources[table].load()
 
-    def fingerprints(self) -> dict[str, str]:
-        "sha256 of each table's data."
-        return {t: self.sources[t].fingerprint() for t in TABLES}
+# %% ../nbs/01_sources.ipynb #f33236ba
+@patch
+def fingerprints(self: Catalog) -> dict[str, str]:
+    "sha256 of each table's data."
+    return {t: self.sources[t].fingerprint() for t in TABLES}
 
-    def describe(self) -> str:
-        return "\n".join(
-            f"{t:13s} {type(self.sources[t]).__name__}: {self.sources[t].describe()}" for t in TABLES
+
+@patch
+def describe(self: Catalog) -> str:
+    "One line per table: its name, its source's class and description."
+    return "\n".join(
+        f"{t:13s} {type(self.sources[t]).__name__}: {self.sources[t].describe()}" for t in TABLES
+    )
+
+# %% ../nbs/01_sources.ipynb #77659b74
+@patch(cls_method=True)
+def from_dir(
+    cls: Catalog,
+    directory: str | Path,  # holds customers.csv, noncustomers.csv, usage_actions.csv
+) -> Catalog:
+    "The default catalog: the three CSV files in `directory`."
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HsmlError(
+            f"{directory}: no such directory", hint=f"it should hold {', '.join(DEFAULT_FILES.values())}"
         )
+    return cls({t: CsvSource(directory / f) for t, f in DEFAULT_FILES.items()}, origin=str(directory))
+
+# %% ../nbs/01_sources.ipynb #ced3ad17
+def _catalog_entries(
+    spec: Any,  # a parsed catalog
+    origin: str,  # where it came from, for messages
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    "The table entries and the `outputs:` entries of a catalog mapping, its shape checked."
+    if not isinstance(spec, Mapping):
+        raise HsmlError(f"{origin}: a catalog is a mapping of table -> source, got {type(spec).__name__}")
+    tables = dict(spec)
+    outputs = tables.pop("outputs", None) or {}
+    if not isinstance(outputs, Mapping):
+        raise HsmlError(f"{origin}: `outputs` maps an output name to a sink entry, got {outputs!r}")
+    if unknown := [k for k in tables if k not in TABLES]:
+        raise HsmlError(
+            f"{origin}: unknown table(s) {', '.join(map(str, unknown))}",
+            hint=f"tables are {', '.join(TABLES)}",
+        )
+    return tables, dict(outputs)
+
+# %% ../nbs/01_sources.ipynb #5e061116
+@patch(cls_method=True)
+def from_dict(
+    cls: Catalog,
+    spec: Mapping[str, Any],  # table -> source entry, plus an optional `outputs:` mapping
+    base_dir: str | Path = ".",  # relative paths are resolved against this
+    origin: str = "<dict>",  # where the mapping came from, for messages
+) -> Catalog:
+    "Build from a parsed catalog mapping (env vars interpolated, relative paths against `base_dir`)."
+    tables, outputs = _catalog_entries(spec, origin)
+    tables = interpolate_env(tables, origin)
+    sources = {t: source_from_spec(s, base_dir, f"{origin}: {t}") for t, s in tables.items()}
+    return cls(sources, origin=origin, outputs=outputs, base_dir=base_dir)
+
+# %% ../nbs/01_sources.ipynb #b6347e7c
+@patch(cls_method=True)
+def from_yaml(
+    cls: Catalog,
+    path: str | Path,  # the catalog YAML file
+) -> Catalog:
+    "Read a catalog YAML file."
+    path = Path(path)
+    if not path.is_file():
+        raise HsmlError(f"{path}: catalog file not found")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise HsmlError(f"{path}: not valid YAML: {e}") from None
+    return cls.from_dict(spec or {}, base_dir=path.parent, origin=str(path))
+
+# %% ../nbs/01_sources.ipynb #3c7dfb99
+@patch(cls_method=True)
+def resolve(
+    cls: Catalog,
+    source: Catalog | str | Path,  # a Catalog, a catalog .yaml/.yml file, or a directory of the three CSVs
+) -> Catalog:
+    "A `Catalog`, a catalog YAML path, or a directory of the three CSVs -> a `Catalog`."
+    if isinstance(source, Catalog):
+        return source
+    p = Path(source)
+    if p.is_dir():
+        return cls.from_dir(p)
+    if p.suffix in (".yaml", ".yml"):
+        return cls.from_yaml(p)
+    raise HsmlError(f"{p}: neither a directory of CSVs nor a catalog .yaml file")
+
+# %% ../nbs/01_sources.ipynb #481f7654
+@patch
+def sink(
+    self: Catalog,
+    name: str,  # an output name under `outputs:`
+) -> Any:
+    "The sink (`hsml.sinks`) of the output called `name` in this catalog's `outputs:`."
+    from hsml.sinks import sink_from_spec
+
+    if name not in self.outputs:
+        known = ", ".join(sorted(self.outputs)) or "none"
+        raise HsmlError(f"{self.origin}: no output named {name!r}", hint=f"outputs in this catalog: {known}")
+    return sink_from_spec(self.outputs[name], self.base_dir, f"{self.origin}: outputs.{name}")
