@@ -9,9 +9,11 @@ import contextlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -24,7 +26,7 @@ __all__ = ['EMPLOYEE_RANGES', 'CUSTOMERS_COLUMNS', 'NONCUSTOMERS_COLUMNS', 'USAG
            'DEFAULT_START', 'DEFAULT_WEEKS', 'INDUSTRIES', 'JUNK_INDUSTRY_LABELS', 'INDUSTRY_STYLES', 'INDUSTRY_LABELS',
            'BLOCK', 'CSV_FORMAT', 'SynthConfig', 'generate']
 
-# %% ../nbs/03_synth.ipynb #e1b0f3a0
+# %% ../nbs/03_synth.ipynb #f3211083
 EMPLOYEE_RANGES: list[str] = EMPLOYEE_LEVELS  # ordered size buckets, as in DATA.md (hsml.core)
 CUSTOMERS_COLUMNS: list[str] = ["CLOSEDATE", "MRR", "ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY", "id"]
 NONCUSTOMERS_COLUMNS: list[str] = ["ALEXA_RANK", "EMPLOYEE_RANGE", "INDUSTRY", "id"]
@@ -35,6 +37,8 @@ USAGE_COLUMNS: list[str] = (
     + [f"USERS_{o}" for o in USAGE_OBJECTS]
     + ["id"]
 )
+
+# %% ../nbs/03_synth.ipynb #b227acdd
 FILES: dict[str, str] = {
     "customers": "customers.csv",
     "noncustomers": "noncustomers.csv",
@@ -43,17 +47,11 @@ FILES: dict[str, str] = {
 DEFAULT_START: date = date(2019, 1, 7)  # a Monday
 DEFAULT_WEEKS: int = 80  # default span: `end = start + 80 weeks`
 
-# %% ../nbs/03_synth.ipynb #44784d4d
+# %% ../nbs/03_synth.ipynb #1e3571fa
 # canonical name, share of companies, conversion lift (log-odds), new-taxonomy label, typo
 _INDUSTRIES: list[tuple[str, float, float, str, str]] = [
     ("Computer Software", 0.14, 0.45, "Technology - Software", "Computer Sofware"),
-    (
-        "Information Technology and Services",
-        0.12,
-        0.30,
-        "Technology - IT Services",
-        "Information Technolgy and Services",
-    ),
+    ("Information Technology and Services", 0.12, 0.30, "Technology - IT Services", "Information Technolgy and Services"),
     ("Marketing and Advertising", 0.13, 0.40, "Marketing - Advertising", "Marketing and Advertizing"),
     ("Internet", 0.07, 0.20, "Technology - Internet", "Intenet"),
     ("Financial Services", 0.07, 0.00, "Finance - Financial Services", "Financial Servces"),
@@ -64,17 +62,11 @@ _INDUSTRIES: list[tuple[str, float, float, str, str]] = [
     ("Management Consulting", 0.08, 0.15, "Professional Services - Consulting", "Mangement Consulting"),
     ("Construction", 0.05, -0.35, "Industrial - Construction", "Constrution"),
     ("Hospitality", 0.05, -0.30, "Travel - Hospitality", "Hospitalty"),
-]
+]  # fmt: skip
 INDUSTRIES: list[str] = [c for c, *_ in _INDUSTRIES]  # canonical industry names
-JUNK_INDUSTRY_LABELS: list[str] = [
-    "N/A",
-    "???",
-    "-",
-    "none",
-    "test",
-    "Other / not sure",
-    "we sell stuff online",
-]
+
+# %% ../nbs/03_synth.ipynb #5beda90a
+JUNK_INDUSTRY_LABELS: list[str] = ["N/A", "???", "-", "none", "test", "Other / not sure", "we sell stuff online"]  # fmt: skip
 INDUSTRY_STYLES: list[str] = ["enum", "taxonomy", "lower", "messy", "typo"]
 
 
@@ -85,7 +77,7 @@ def _enum(name: str) -> str:
 def _messy(name: str) -> str:
     return "  " + name.replace(" ", "  ", 1) + ". "
 
-
+# %% ../nbs/03_synth.ipynb #1a7aac3d
 def _industry_label_table() -> np.ndarray:
     "Array [industry, style] -> label."
     rows = [[_enum(c), tax, c.lower(), _messy(c), typo] for c, _, _, tax, typo in _INDUSTRIES]
@@ -122,19 +114,19 @@ class SynthConfig:
     background: float = 0.01  # weekly chance of a stray visit of any portal after sign-up
     jump: tuple[float, float] = (3.0, 5.0)  # post-conversion multiplier of actions and users (uniform range)
 
-# %% ../nbs/03_synth.ipynb #2f6189f3
+# %% ../nbs/03_synth.ipynb #2a9c08d3
 BLOCK: int = 20_000  # companies per block (fixed: the output depends on it)
 
-_EMP_P = np.array([0.12, 0.22, 0.16, 0.15, 0.10, 0.12, 0.07, 0.04, 0.02])
-_EMP_LIFT = np.array([-0.6, -0.35, -0.1, 0.15, 0.3, 0.4, 0.3, 0.1, -0.1])
-_EMP_SEATS = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0, 12.0])
+_EMP_P = np.array([0.12, 0.22, 0.16, 0.15, 0.10, 0.12, 0.07, 0.04, 0.02])  # share of each EMPLOYEE_RANGE
+_EMP_LIFT = np.array([-0.6, -0.35, -0.1, 0.15, 0.3, 0.4, 0.3, 0.1, -0.1])  # its conversion lift (log-odds)
+_EMP_SEATS = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0, 12.0])  # extra users (Poisson mean)
 _IND_P = np.array([p for _, p, *_ in _INDUSTRIES])
 _IND_P = _IND_P / _IND_P.sum()
 _IND_LIFT = np.array([lift for _, _, lift, *_ in _INDUSTRIES])
-_RANK_LIFT = 0.35
+_RANK_LIFT = 0.35  # lift of a company with a known web rank
 _OBJ_USE = np.array([0.95, 0.6, 0.45, 0.55])  # chance a portal uses each object at all
 
-
+# %% ../nbs/03_synth.ipynb #c7410c5a
 def _norm(cfg: SynthConfig) -> float:
     "E[exp(lift)]: divides the lifts so the mean conversion probability is `customer_share`."
     ranked = 1 - cfg.rank_sentinel - cfg.rank_blank
@@ -144,9 +136,9 @@ def _norm(cfg: SynthConfig) -> float:
         * (ranked * math.exp(_RANK_LIFT) + 1 - ranked)
     )
 
-# %% ../nbs/03_synth.ipynb #228d90cb
-def _companies(rng: np.random.Generator, n: int, n_weeks: int, span_days: int, cfg: SynthConfig) -> dict:
-    "Latent and observed attributes of `n` companies."
+# %% ../nbs/03_synth.ipynb #3c39a826
+def _firmographics(rng: np.random.Generator, n: int, cfg: SynthConfig) -> dict:
+    "Size, industry and web rank of `n` companies, and whether each converts (drawn from its lifts)."
     emp = rng.choice(9, size=n, p=_EMP_P)
     ind = rng.choice(len(INDUSTRIES), size=n, p=_IND_P)
     u = rng.random(n)
@@ -156,123 +148,131 @@ def _companies(rng: np.random.Generator, n: int, n_weeks: int, span_days: int, c
     lift = _EMP_LIFT[emp] + _IND_LIFT[ind] + np.where(rank_state == 0, _RANK_LIFT, 0.0)
     p_conv = np.clip(cfg.customer_share * np.exp(lift) / _norm(cfg), 0, 0.9)
     is_cust = rng.random(n) < p_conv
-    # conversion day (offset from start), spread over the span
-    lo = min(21, span_days // 4)
-    conv_day = rng.integers(lo, span_days + 1, size=n)
-    # sign-up week: converters `lead` weeks before converting; prospects uniform, some before the span
+    return dict(emp=emp, ind=ind, rank=rank, rank_state=rank_state, is_cust=is_cust)
+
+# %% ../nbs/03_synth.ipynb #9a34a5e5
+def _timeline(rng: np.random.Generator, f: dict, n_weeks: int, span_days: int, cfg: SynthConfig) -> dict:
+    "Conversion day, sign-up week, behaviour kind and (for growers) virtual peak week of the companies `f`."
+    n, is_cust = len(f["emp"]), f["is_cust"]
+    conv_day = rng.integers(min(21, span_days // 4), span_days + 1, size=n)  # offset from start
     lead = 1 + rng.gamma(1.2, 18.0, size=n)
     old = rng.random(n) < cfg.old_portals
     w0_pros = np.where(old, rng.integers(-52, 0, size=n), rng.integers(0, n_weeks, size=n))
     w0 = np.where(is_cust, np.floor(conv_day / 7 - lead), w0_pros).astype(np.int64)
-    # behaviour type: 0 decaying, 1 steady, 2 grower (ramp without conversion), 3 converter ramp, 4 quiet converter
     v = rng.random(n)
     ptype = np.where(
         v < cfg.prospect_growers, 2, np.where(v < cfg.prospect_growers + cfg.prospect_steady, 1, 0)
     )
-    ctype = np.where(rng.random(n) < cfg.quiet_converters, 4, 3)
-    kind = np.where(is_cust, ctype, ptype)
-    # growers: a virtual "conversion" week somewhere after sign-up, where their ramp peaks
+    kind = np.where(is_cust, np.where(rng.random(n) < cfg.quiet_converters, 4, 3), ptype)
     virt_week = np.maximum(w0, 0) + rng.random(n) * np.maximum(n_weeks - np.maximum(w0, 0), 1)
+    return dict(conv_day=conv_day, w0=w0, kind=kind, virt_week=virt_week, old=old)
+
+# %% ../nbs/03_synth.ipynb #c8a577b9
+def _companies(rng: np.random.Generator, n: int, n_weeks: int, span_days: int, cfg: SynthConfig) -> dict:
+    "Latent and observed attributes of `n` companies."
+    f = _firmographics(rng, n, cfg)
+    t = _timeline(rng, f, n_weeks, span_days, cfg)
+    return {
+        **f,
+        "conv_day": t["conv_day"],
+        "w0": t["w0"],
+        "kind": t["kind"],
+        "virt_week": t["virt_week"],
+        "old": t["old"],
+    }
+
+# %% ../nbs/03_synth.ipynb #a0b3d453
+def _col(x) -> np.ndarray:
+    "A vector over companies as a column, to broadcast against the weeks."
+    return np.asarray(x, dtype=np.float64)[:, None]
+
+
+def _decay_curves(rng: np.random.Generator, c: dict, t: np.ndarray) -> dict:
+    "Activity decaying after sign-up (probability and level), a steady rate, and the decay's time constant."
+    n = len(c["w0"])
+    relc = np.maximum(t - _col(c["w0"]), 0)
+    a = _col(rng.uniform(0.5, 0.95, n))
+    tau = _col(0.5 + rng.gamma(1.5, 1.5, n))
+    g = _col(rng.uniform(0.0, 0.08, n))
+    steady_p = _col(rng.uniform(0.2, 0.55, n))
+    return dict(decay_p=a * np.exp(-relc / tau), decay_level=np.exp(-g * relc), steady_p=steady_p, tau=tau)
+
+# %% ../nbs/03_synth.ipynb #a4287005
+def _ramp_curves(rng: np.random.Generator, c: dict, t: np.ndarray, decay: dict, cfg: SynthConfig) -> dict:
+    "Ramp towards the peak week, the post-conversion rate and jump, a grower's fade; `before` the peak."
+    n = len(c["w0"])
+    peak_day = _col(np.where(c["is_cust"], c["conv_day"], c["virt_week"] * 7.0))
+    dist = peak_day / 7.0 - t  # weeks until the peak (> 0 before it)
+    r = _col(rng.uniform(2.0, 6.0, n))
+    gr = _col(rng.uniform(0.12, 0.35, n))
+    p_lo = _col(rng.uniform(0.0, 0.05, n))
+    p_hi = _col(rng.uniform(0.75, 0.95, n))
     return dict(
-        emp=emp,
-        ind=ind,
-        rank=rank,
-        rank_state=rank_state,
-        is_cust=is_cust,
-        conv_day=conv_day,
-        w0=w0,
-        kind=kind,
-        virt_week=virt_week,
-        old=old,
+        before=t * 7 < peak_day,  # the week's row is logged before the (real or virtual) conversion day
+        ramp_p=np.maximum(p_lo + (p_hi - p_lo) * np.exp(-np.maximum(dist, 0) / r), decay["decay_p"]),
+        ramp_level=np.exp(-gr * np.maximum(dist, 0)),
+        fade_p=p_hi * np.exp(-np.maximum(-dist, 0) / decay["tau"]),
+        post_p=_col(rng.uniform(0.7, 0.95, n)),
+        jump=_col(rng.uniform(*cfg.jump, n)),
     )
 
-# %% ../nbs/03_synth.ipynb #4d51a4ea
+# %% ../nbs/03_synth.ipynb #0e87daf7
 def _activity(
     rng: np.random.Generator, c: dict, n_weeks: int, cfg: SynthConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     "Weekly activity probability and relative intensity level, both (companies x weeks)."
-    n = len(c["w0"])
     t = np.arange(n_weeks)[None, :].astype(np.float64)
-    col = lambda x: np.asarray(x, dtype=np.float64)[:, None]  # noqa: E731
-    kind = c["kind"][:, None]
-    rel = t - col(c["w0"])
-    alive = rel >= 0
-    relc = np.maximum(rel, 0)
-    a = col(rng.uniform(0.5, 0.95, n))
-    tau = col(0.5 + rng.gamma(1.5, 1.5, n))
-    g = col(rng.uniform(0.0, 0.08, n))
-    steady_p = col(rng.uniform(0.2, 0.55, n))
-    decay_p = a * np.exp(-relc / tau)
-    decay_level = np.exp(-g * relc)
-    # ramp towards the (real or virtual) conversion week
-    peak_day = col(np.where(c["is_cust"], c["conv_day"], c["virt_week"] * 7.0))
-    dist = peak_day / 7.0 - t  # weeks until the peak (> 0 before it)
-    before = t * 7 < peak_day  # the week's row is logged before the (real or virtual) conversion day
-    r = col(rng.uniform(2.0, 6.0, n))
-    gr = col(rng.uniform(0.12, 0.35, n))
-    p_lo = col(rng.uniform(0.0, 0.05, n))
-    p_hi = col(rng.uniform(0.75, 0.95, n))
-    ramp_p = np.maximum(p_lo + (p_hi - p_lo) * np.exp(-np.maximum(dist, 0) / r), decay_p)
-    ramp_level = np.exp(-gr * np.maximum(dist, 0))
-    fade_p = p_hi * np.exp(-np.maximum(-dist, 0) / tau)
-    post_p = col(rng.uniform(0.7, 0.95, n))
-    jump = col(rng.uniform(*cfg.jump, n))
-    p = np.select(
-        [kind == 0, kind == 1, kind == 2, kind == 3, kind == 4],
-        [
-            decay_p,
-            np.broadcast_to(steady_p, rel.shape),
-            np.where(before, ramp_p, fade_p),
-            np.where(before, ramp_p, post_p),
-            np.where(before, np.maximum(decay_p, steady_p * 0.5), post_p),
-        ],
-    )
-    level = np.select(
-        [kind == 0, kind == 1, kind == 2, kind == 3, kind == 4],
-        [
-            decay_level,
-            np.ones_like(rel),
-            np.where(before, ramp_level, 1.0),
-            np.where(before, ramp_level, jump),
-            np.where(before, 1.0, jump),
-        ],
-    )
-    p = np.where(alive, np.minimum(p + cfg.background, 0.97), 0.0)
-    return p, level
+    d = _decay_curves(rng, c, t)
+    r = _ramp_curves(rng, c, t, d, cfg)
+    kinds, before, shape = [c["kind"][:, None] == k for k in range(5)], r["before"], (len(c["w0"]), n_weeks)
+    p = np.select(kinds, [
+        d["decay_p"], np.broadcast_to(d["steady_p"], shape), np.where(before, r["ramp_p"], r["fade_p"]),
+        np.where(before, r["ramp_p"], r["post_p"]), np.where(before, np.maximum(d["decay_p"], d["steady_p"] * 0.5), r["post_p"]),
+    ])  # fmt: skip
+    level = np.select(kinds, [
+        d["decay_level"], np.ones(shape), np.where(before, r["ramp_level"], 1.0),
+        np.where(before, r["ramp_level"], r["jump"]), np.where(before, 1.0, r["jump"]),
+    ])  # fmt: skip
+    alive = t - _col(c["w0"]) >= 0
+    return np.where(alive, np.minimum(p + cfg.background, 0.97), 0.0), level
 
-
+# %% ../nbs/03_synth.ipynb #0290acd1
 def _densify(p: np.ndarray, density: float) -> np.ndarray:
     "Raise activity: `density` independent chances per week instead of one (1 = the default sparsity)."
     return p if density == 1 else 1 - (1 - p) ** density
 
-# %% ../nbs/03_synth.ipynb #6609cadd
-def _usage(
-    rng: np.random.Generator, c: dict, active: np.ndarray, level: np.ndarray, ids: np.ndarray, start: date
-) -> pl.DataFrame:
-    n = active.shape[0]
-    ci, wk = np.nonzero(active)  # row-major: by company, then week
-    m = len(ci)
+# %% ../nbs/03_synth.ipynb #10331109
+def _portal_profile(
+    rng: np.random.Generator, c: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "Per company: base weekly actions, the split of actions over the objects, seats, user share per object."
+    n = len(c["emp"])
     base = np.exp(rng.normal(np.log(12), 0.7, n)) * (1 + 0.15 * c["emp"])
     used = rng.random((n, 4)) < _OBJ_USE
-    used[:, 0] |= ~used.any(axis=1)
+    used[:, 0] |= ~used.any(axis=1)  # every portal uses at least contacts
     w = rng.gamma(1.0, size=(n, 4)) * used
     w /= w.sum(axis=1, keepdims=True)
     seats = 1 + rng.poisson(_EMP_SEATS[c["emp"]])
     q = rng.uniform(0.3, 0.9, (n, 4))
+    return base, w, seats, q
+
+# %% ../nbs/03_synth.ipynb #ade2cf43
+def _usage(
+    rng: np.random.Generator, c: dict, active: np.ndarray, level: np.ndarray, ids: np.ndarray, start: date
+) -> pl.DataFrame:
+    "One usage row per active (company, week): actions and users per object, in the columns of DATA.md."
+    ci, wk = np.nonzero(active)  # row-major: by company, then week
+    base, w, seats, q = _portal_profile(rng, c)
     lv = level[ci, wk]
-    lam = (base[ci] * lv)[:, None] * w[ci]
-    actions = rng.poisson(rng.gamma(2.0, lam / 2.0 + 1e-12))
+    actions = rng.poisson(rng.gamma(2.0, (base[ci] * lv)[:, None] * w[ci] / 2.0 + 1e-12))
     seats_t = np.maximum(1, np.rint(seats[ci] * np.where(lv > 1, lv, np.sqrt(lv)))).astype(np.int64)
-    users = 1 + rng.binomial(np.broadcast_to((seats_t - 1)[:, None], (m, 4)), q[ci])
+    users = 1 + rng.binomial(np.broadcast_to((seats_t - 1)[:, None], (len(ci), 4)), q[ci])
     users = np.where(actions > 0, np.minimum(users, actions), 0)
     ts = np.datetime64(start, "ms") + wk.astype("timedelta64[W]").astype("timedelta64[ms]")
     cols = {"WHEN_TIMESTAMP": pl.Series(ts).cast(pl.Datetime("ms"))}
-    for j, o in enumerate(USAGE_OBJECTS):
-        cols[f"ACTIONS_{o}"] = actions[:, j].astype(np.int64)
-    for j, o in enumerate(USAGE_OBJECTS):
-        cols[f"USERS_{o}"] = users[:, j].astype(np.int64)
-    cols["id"] = ids[ci]
-    return pl.DataFrame(cols)
+    cols |= {f"ACTIONS_{o}": actions[:, j].astype(np.int64) for j, o in enumerate(USAGE_OBJECTS)}
+    cols |= {f"USERS_{o}": users[:, j].astype(np.int64) for j, o in enumerate(USAGE_OBJECTS)}
+    return pl.DataFrame(cols | {"id": ids[ci]})
 
 # %% ../nbs/03_synth.ipynb #1821543e
 def _k(rate: float, n: int) -> int:
@@ -288,7 +288,17 @@ def _blank(rng: np.random.Generator, values: np.ndarray, blank: np.ndarray, cfg:
     out[blank & ~quoted] = None
     return out.tolist()
 
-# %% ../nbs/03_synth.ipynb #63eacd37
+# %% ../nbs/03_synth.ipynb #20307ad7
+def _styles(rng: np.random.Generator, new_era: np.ndarray) -> np.ndarray:
+    "The style (column of `_LABELS`) of each company's industry label: mostly its era's, some free-typed."
+    u = rng.random(len(new_era))
+    return np.where(
+        u < 0.70,
+        np.where(new_era, 1, 0),
+        np.where(u < 0.85, np.where(new_era, 0, 1), np.where(u < 0.92, 2, np.where(u < 0.97, 3, 4))),
+    )
+
+# %% ../nbs/03_synth.ipynb #6ecf565c
 def _labels(
     rng: np.random.Generator, emp: np.ndarray, ind: np.ndarray, w0: np.ndarray, n_weeks: int, cfg: SynthConfig
 ) -> tuple[list, list]:
@@ -296,21 +306,15 @@ def _labels(
     n = len(emp)
     emp_blank = rng.random(n) < cfg.employee_blank
     emp_s = _blank(rng, np.array(EMPLOYEE_RANGES, dtype=object)[emp], emp_blank, cfg)
-    new_era = w0 >= n_weeks // 2  # portals of the second half mostly carry the new taxonomy
-    u = rng.random(n)
-    style = np.where(
-        u < 0.70,
-        np.where(new_era, 1, 0),
-        np.where(u < 0.85, np.where(new_era, 0, 1), np.where(u < 0.92, 2, np.where(u < 0.97, 3, 4))),
-    )
-    lab = _LABELS[ind, style]
+    lab = _LABELS[
+        ind, _styles(rng, w0 >= n_weeks // 2)
+    ]  # portals of the second half mostly carry the new taxonomy
     v = rng.random(n)
     junk = (v >= cfg.industry_blank) & (v < cfg.industry_blank + cfg.industry_junk)
     lab[junk] = np.array(JUNK_INDUSTRY_LABELS, dtype=object)[
         rng.integers(0, len(JUNK_INDUSTRY_LABELS), junk.sum())
     ]
-    ind_blank = v < cfg.industry_blank
-    ind_s = _blank(rng, lab, ind_blank, cfg)
+    ind_s = _blank(rng, lab, v < cfg.industry_blank, cfg)
     return emp_s, ind_s
 
 # %% ../nbs/03_synth.ipynb #57ab207d
@@ -321,7 +325,7 @@ def _mrr_text(cents: np.ndarray) -> pl.Series:
     sign = pl.Series(np.where(cents < 0, "-", ""))
     return sign + (a // 100).cast(pl.String) + "." + (a % 100).cast(pl.String).str.zfill(2)
 
-# %% ../nbs/03_synth.ipynb #c39fb55a
+# %% ../nbs/03_synth.ipynb #a7f07fe9
 def _firmo_frame(
     rng: np.random.Generator, c: dict, idx: np.ndarray, ids: np.ndarray, n_weeks: int, cfg: SynthConfig
 ) -> pl.DataFrame:
@@ -332,67 +336,63 @@ def _firmo_frame(
     rank = pl.select(
         pl.when(pl.lit(pl.Series(rs == 2))).then(None).otherwise(rank).alias("ALEXA_RANK")
     ).to_series()
-    df = pl.DataFrame(
-        {
-            "ALEXA_RANK": rank,
-            "EMPLOYEE_RANGE": pl.Series(emp_s, dtype=pl.String),
-            "INDUSTRY": pl.Series(ind_s, dtype=pl.String),
-            "id": pl.Series(ids[idx], dtype=pl.Int64),
-        }
-    )
-    return df
+    return pl.DataFrame({
+        "ALEXA_RANK": rank,
+        "EMPLOYEE_RANGE": pl.Series(emp_s, dtype=pl.String),
+        "INDUSTRY": pl.Series(ind_s, dtype=pl.String),
+        "id": pl.Series(ids[idx], dtype=pl.Int64),
+    })  # fmt: skip
+
+# %% ../nbs/03_synth.ipynb #08a1d787
+_STYLE_OF: dict[str, str] = {
+    lab: INDUSTRY_STYLES[j] for row in _LABELS for j, lab in enumerate(row)
+}  # label -> style
 
 
 def _label_counts(df: pl.DataFrame) -> dict[str, int]:
-    "Counts of each kind of firmographic dirt in written rows."
+    "Counts of each kind of firmographic dirt in written rows (industry styles in `INDUSTRY_STYLES` order)."
     blank = lambda col: (pl.col(col).is_null() | (pl.col(col) == "")).sum()  # noqa: E731
-    style = {lab: INDUSTRY_STYLES[j] for row in _LABELS for j, lab in enumerate(row)}
-    out = df.select(
+    style = pl.col("INDUSTRY").replace_strict(_STYLE_OF, default=None, return_dtype=pl.String)
+    return {k: int(v) for k, v in df.select(
         employee_blank=blank("EMPLOYEE_RANGE"),
         industry_blank=blank("INDUSTRY"),
         industry_junk=pl.col("INDUSTRY").is_in(JUNK_INDUSTRY_LABELS).sum(),
         rank_sentinel=(pl.col("ALEXA_RANK") == RANK_SENTINEL).sum(),
         rank_blank=pl.col("ALEXA_RANK").is_null().sum(),
-    ).row(0, named=True)
-    styles = df["INDUSTRY"].replace_strict(style, default=None, return_dtype=pl.String).value_counts()
-    for s_, n_ in styles.iter_rows():
-        if s_ is not None:
-            out[f"industry_{s_}"] = n_
-    return {k: int(v) for k, v in out.items()}
+        **{f"industry_{s}": (style == s).sum() for s in INDUSTRY_STYLES},
+    ).row(0, named=True).items()}  # fmt: skip
 
-# %% ../nbs/03_synth.ipynb #cb1e1581032b452c9409d6c6813c49d1
+# %% ../nbs/03_synth.ipynb #a3e9f48e
+def _mrr_cents(rng: np.random.Generator, emp: np.ndarray, cfg: SynthConfig) -> tuple[np.ndarray, int, int]:
+    "MRR in cents of customers of sizes `emp`, some zero and some negative; how many of each."
+    nc = len(emp)
+    cents = np.rint(np.exp(rng.normal(np.log(250) + 0.25 * emp, 0.8)) * 100).astype(np.int64)
+    order = rng.permutation(nc)
+    k0, kneg = _k(cfg.mrr_zero, nc), _k(cfg.mrr_negative, nc)
+    k0, kneg = min(k0, nc), min(kneg, max(nc - k0, 0))
+    cents[order[:k0]] = 0
+    cents[order[k0 : k0 + kneg]] = -np.rint(rng.uniform(5, 200, kneg) * 100).astype(np.int64)
+    return cents, k0, kneg
+
+# %% ../nbs/03_synth.ipynb #e0d3cbd8
 def _customers(
     rng: np.random.Generator, c: dict, ids: np.ndarray, start: date, end: date, n_weeks: int, cfg: SynthConfig
 ) -> tuple[pl.DataFrame, dict]:
     "customers rows of one block: CLOSEDATE, MRR (a few zero or negative), a later second deal for some; shuffled."
     cust = np.flatnonzero(c["is_cust"])
     nc = len(cust)
-    # customers: CLOSEDATE, MRR; a few non-positive
-    cents = np.rint(np.exp(rng.normal(np.log(250) + 0.25 * c["emp"][cust], 0.8)) * 100).astype(np.int64)
-    order = rng.permutation(nc)
-    k0, kneg = _k(cfg.mrr_zero, nc), _k(cfg.mrr_negative, nc)
-    k0, kneg = min(k0, nc), min(kneg, max(nc - k0, 0))
-    cents[order[:k0]] = 0
-    cents[order[k0 : k0 + kneg]] = -np.rint(rng.uniform(5, 200, kneg) * 100).astype(np.int64)
+    cents, k0, kneg = _mrr_cents(rng, c["emp"][cust], cfg)
     close = np.datetime64(start, "D") + c["conv_day"][cust].astype("timedelta64[D]")
-    # within-customers duplicates: a later second deal
-    kd = _k(cfg.dup_customers, nc)
+    kd = _k(cfg.dup_customers, nc)  # within-customers duplicates: a later second deal
     d = rng.choice(nc, size=kd, replace=False) if kd else np.zeros(0, np.int64)
     later = np.minimum(close[d] + rng.integers(7, 181, kd).astype("timedelta64[D]"), np.datetime64(end, "D"))
     d_cents = np.rint(np.abs(cents[d]) * rng.uniform(1.1, 2.0, kd) + 1000).astype(np.int64)
-    f1 = _firmo_frame(rng, c, cust, ids, n_weeks, cfg)
-    f2 = _firmo_frame(rng, c, cust[d], ids, n_weeks, cfg)
-    customers = pl.concat(
-        [
-            pl.DataFrame({"CLOSEDATE": pl.Series(close).cast(pl.Date), "MRR": _mrr_text(cents)}).hstack(f1),
-            pl.DataFrame(
-                {
-                    "CLOSEDATE": pl.Series(later, dtype=pl.Datetime("ms")).cast(pl.Date),
-                    "MRR": _mrr_text(d_cents),
-                }
-            ).hstack(f2),
-        ]
-    )
+    f1, f2 = _firmo_frame(rng, c, cust, ids, n_weeks, cfg), _firmo_frame(rng, c, cust[d], ids, n_weeks, cfg)
+    first = pl.DataFrame({"CLOSEDATE": pl.Series(close).cast(pl.Date), "MRR": _mrr_text(cents)}).hstack(f1)
+    second = pl.DataFrame(
+        {"CLOSEDATE": pl.Series(later, dtype=pl.Datetime("ms")).cast(pl.Date), "MRR": _mrr_text(d_cents)}
+    ).hstack(f2)
+    customers = pl.concat([first, second])
     customers = customers[rng.permutation(customers.height)].select(CUSTOMERS_COLUMNS)
     counts = {"customers_rows": customers.height, "customers_unique": nc, "dup_within_customers": kd,
               "mrr_zero": k0, "mrr_negative": kneg}  # fmt: skip
@@ -436,16 +436,17 @@ def _tables(
 
 # %% ../nbs/03_synth.ipynb #23616082
 def _block_rng(seed: int, block: int) -> np.random.Generator:
+    "The random stream of block `block` of a run with `seed`."
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(block,))))
 
-# %% ../nbs/03_synth.ipynb #2a511093
+# %% ../nbs/03_synth.ipynb #d75b26fd
 def _ids(seed: int, companies: int) -> np.ndarray:
     "Random, unique, shuffled company ids (7-9 digits): they encode nothing."
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(2**32 - 1,))))
     pool = max(10_000_000, 60 * companies)
     return rng.choice(pool, size=companies, replace=False).astype(np.int64) + 1_000_000
 
-
+# %% ../nbs/03_synth.ipynb #263464d4
 def _block(seed: int, b: int, n: int, n_weeks: int, span_days: int, cfg: SynthConfig):
     "Companies, activity probability and level of block `b` (the rng is returned to continue the stream)."
     rng = _block_rng(seed, b)
@@ -465,7 +466,44 @@ def _solve_density(p: np.ndarray, target_per_company: float) -> float:
         lo, hi = (mid, hi) if expected(mid) < target_per_company else (lo, mid)
     return math.sqrt(lo * hi)
 
-# %% ../nbs/03_synth.ipynb #acae54e37e7d407bbb7b55eff062a284
+# %% ../nbs/03_synth.ipynb #9248a536
+def _span(
+    companies: int,  # total companies
+    start: date | str,  # first usage week
+    end: date | str | None,  # last day of data; None: `start` + DEFAULT_WEEKS
+) -> tuple[date, date, int]:
+    "(start, end, weeks) of a run, its arguments checked."
+    start = to_date(start, "--start")  # typer hands over datetimes
+    end = to_date(end, "--end") if end is not None else start + timedelta(weeks=DEFAULT_WEEKS)
+    if not isinstance(companies, int) or companies < 1:
+        raise HsmlError(f"--companies must be a positive integer, got {companies!r}")
+    if (end - start).days < 28:
+        raise HsmlError(f"--end {end} must be at least 4 weeks after --start {start}")
+    return start, end, (end - start).days // 7 + 1
+
+# %% ../nbs/03_synth.ipynb #44b497aa
+def _density(
+    usage_rows: int | None,  # about how many usage rows to write (solves the density)
+    density: float | None,  # or the activity density itself
+    companies: int,  # total companies
+    p0: Callable[[], np.ndarray],  # block 0's activity probabilities (made only when needed)
+    n_weeks: int,  # weeks in the span
+) -> float:
+    "The activity density of a run: solved from `usage_rows`, else `density`, else 1."
+    if usage_rows is not None:
+        if usage_rows < 1:
+            raise HsmlError(f"--usage-rows must be positive, got {usage_rows}")
+        try:
+            density = _solve_density(p0(), usage_rows / companies)
+        except ValueError as e:
+            raise HsmlError(f"{usage_rows:,} usage rows is too many for {companies:,} companies over {n_weeks} weeks "
+                            f"(at most about {int(float(e.args[0]) * companies):,})", hint="raise --companies or the span") from None  # fmt: skip
+    density = 1.0 if density is None else float(density)
+    if density <= 0:
+        raise HsmlError(f"density must be positive, got {density}")
+    return density
+
+# %% ../nbs/03_synth.ipynb #372d6479
 def _plan(
     companies: int,  # total companies
     seed: int,  # the run's seed
@@ -476,38 +514,24 @@ def _plan(
     cfg: SynthConfig,  # rates and shares
 ) -> tuple[date, date, int, list[int], float]:
     "(start, end, weeks, companies per block, density) of a run, its arguments checked."
-    start = to_date(start, "--start")  # typer hands over datetimes
-    end = to_date(end, "--end") if end is not None else start + timedelta(weeks=DEFAULT_WEEKS)
-    if not isinstance(companies, int) or companies < 1:
-        raise HsmlError(f"--companies must be a positive integer, got {companies!r}")
-    span_days = (end - start).days
-    if span_days < 28:
-        raise HsmlError(f"--end {end} must be at least 4 weeks after --start {start}")
-    n_weeks = span_days // 7 + 1
-    n_blocks = -(-companies // BLOCK)
-    sizes = [min(BLOCK, companies - b * BLOCK) for b in range(n_blocks)]
-    if usage_rows is not None:
-        if usage_rows < 1:
-            raise HsmlError(f"--usage-rows must be positive, got {usage_rows}")
-        _, _, p0, _ = _block(seed, 0, sizes[0], n_weeks, span_days, cfg)
-        try:
-            density = _solve_density(p0, usage_rows / companies)
-        except ValueError as e:
-            most = int(float(e.args[0]) * companies)
-            raise HsmlError(
-                f"{usage_rows:,} usage rows is too many for {companies:,} companies over {n_weeks} weeks "
-                f"(at most about {most:,})",
-                hint="raise --companies or the span",
-            ) from None
-    density = 1.0 if density is None else float(density)
-    if density <= 0:
-        raise HsmlError(f"density must be positive, got {density}")
-    return start, end, n_weeks, sizes, density
+    start, end, n_weeks = _span(companies, start, end)
+    sizes = [min(BLOCK, companies - b * BLOCK) for b in range(-(-companies // BLOCK))]
+    p0 = lambda: _block(seed, 0, sizes[0], n_weeks, (end - start).days, cfg)[2]  # noqa: E731
+    return start, end, n_weeks, sizes, _density(usage_rows, density, companies, p0, n_weeks)
 
-# %% ../nbs/03_synth.ipynb #72eea5119410473aa328ad9291626812
+# %% ../nbs/03_synth.ipynb #e7decc35
 CSV_FORMAT = dict(date_format="%Y-%m-%d", datetime_format="%Y-%m-%d %H:%M:%S%.3f", null_value="")  # DATA.md
 
+# %% ../nbs/03_synth.ipynb #d2ecaa58
+def _usage_counts(active: np.ndarray, c: dict) -> dict[str, int]:
+    "Usage rows of a block, of customers before and after conversion, and companies without any."
+    weeks = np.arange(active.shape[1])[None, :]
+    cust = active & c["is_cust"][:, None]
+    post = cust & (weeks * 7 >= c["conv_day"][:, None])
+    return {"usage_rows": int(active.sum()), "usage_rows_customers_pre": int(cust.sum()) - int(post.sum()),
+            "usage_rows_customers_post": int(post.sum()), "companies_without_usage": int((~active.any(axis=1)).sum())}  # fmt: skip
 
+# %% ../nbs/03_synth.ipynb #809bed9a
 def _write_block(
     fh: dict,  # open binary files by table (customers, noncustomers, usage)
     seed: int,  # the run's seed
@@ -520,24 +544,35 @@ def _write_block(
     cfg: SynthConfig,  # rates and shares
 ) -> dict[str, int]:
     "Make block `b` and append its rows to `fh` (header with block 0); its counts of rows and dirt."
-    n = len(bids)
-    rng, c, p, level = _block(seed, b, n, n_weeks, (end - start).days, cfg)
+    rng, c, p, level = _block(seed, b, len(bids), n_weeks, (end - start).days, cfg)
     active = rng.random(p.shape) < _densify(p, density)
     del p
     usage = _usage(rng, c, active, level, bids, start)
     customers, noncustomers, counts = _tables(rng, c, bids, start, end, n_weeks, cfg)
-    post = active & (np.arange(n_weeks)[None, :] * 7 >= c["conv_day"][:, None]) & c["is_cust"][:, None]
-    counts |= {
-        "usage_rows": usage.height,
-        "usage_rows_customers_pre": int((active & c["is_cust"][:, None]).sum()) - int(post.sum()),
-        "usage_rows_customers_post": int(post.sum()),
-        "companies_without_usage": int((~active.any(axis=1)).sum()),
-    }
     for t, df in (("customers", customers), ("noncustomers", noncustomers), ("usage", usage)):
         df.write_csv(fh[t], include_header=b == 0, **CSV_FORMAT)
-    return counts
+    return counts | _usage_counts(active, c)
 
-# %% ../nbs/03_synth.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+# %% ../nbs/03_synth.ipynb #eac8ff63
+def _write_blocks(
+    fh: dict,  # open binary files by table
+    seed: int,  # the run's seed
+    ids: np.ndarray,  # every company id of the run
+    sizes: list[int],  # companies per block
+    plan: tuple,  # (start, end, n_weeks, density) of the run
+    cfg: SynthConfig,  # rates and shares
+    bar: Any,  # a tqdm bar (disabled or not)
+) -> dict[str, int]:
+    "Write every block to `fh`; the run's total counts."
+    totals: dict[str, int] = {}
+    for b, n in enumerate(sizes):
+        counts = _write_block(fh, seed, b, ids[b * BLOCK : b * BLOCK + n], *plan[:3], plan[3], cfg)
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+        bar.update(n)
+    return totals
+
+# %% ../nbs/03_synth.ipynb #9e23bce3
 def generate(
     out_dir: str | Path,  # directory to write customers.csv, noncustomers.csv, usage_actions.csv into
     companies: int = 5200,  # total companies; about `customer_share` (4%) of them convert
@@ -552,26 +587,20 @@ def generate(
     "Write the three CSV extracts of `DATA.md` (dirty, with a planted truth) to `out_dir`; return their paths by table."
     cfg = config or SynthConfig()
     start, end, n_weeks, sizes, density = _plan(companies, seed, start, end, usage_rows, density, cfg)
-    ids = _ids(seed, companies)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {t: out / f for t, f in FILES.items()}
-    totals: dict[str, int] = {}
-    if progress is None:
-        progress = companies >= 100_000 and sys.stderr.isatty()
+    progress = companies >= 100_000 and sys.stderr.isatty() if progress is None else progress
     with contextlib.ExitStack() as stack:
-        tmp = {t: stack.enter_context(atomic_path(p)) for t, p in paths.items()}
-        fh = {t: stack.enter_context(open(p, "wb")) for t, p in tmp.items()}
+        fh = {
+            t: stack.enter_context(open(stack.enter_context(atomic_path(p)), "wb")) for t, p in paths.items()
+        }
         bar = stack.enter_context(
             tqdm(total=companies, unit=" companies", disable=not progress, desc="generate")
         )
-        for b, n in enumerate(sizes):
-            counts = _write_block(
-                fh, seed, b, ids[b * BLOCK : b * BLOCK + n], start, end, n_weeks, density, cfg
-            )
-            for k, v in counts.items():
-                totals[k] = totals.get(k, 0) + v
-            bar.update(n)
+        totals = _write_blocks(
+            fh, seed, _ids(seed, companies), sizes, (start, end, n_weeks, density), cfg, bar
+        )
         for f in fh.values():
             f.close()
     manifest = {"generator": "hsml.synth.generate", "companies": companies, "seed": seed, "start": str(start),
@@ -579,7 +608,41 @@ def generate(
     atomic_write_json(out / "synth_manifest.json", manifest)
     return paths
 
-# %% ../nbs/03_synth.ipynb #54e7b003
+# %% ../nbs/03_synth.ipynb #f33ffc6e
+def _first_close(d: Path) -> pl.DataFrame:
+    "Every company of an extract (id) with its earliest CLOSEDATE (null for prospects)."
+    first = (
+        pl.read_csv(d / FILES["customers"], columns=["id", "CLOSEDATE"], try_parse_dates=True)
+        .group_by("id")
+        .agg(pl.col("CLOSEDATE").min())
+    )
+    ids = pl.concat([first.select("id"), pl.read_csv(d / FILES["noncustomers"], columns=["id"])]).unique()
+    return ids.join(first, on="id", how="left")
+
+# %% ../nbs/03_synth.ipynb #a6560037
+def _window_features(use: pl.DataFrame, a: date) -> pl.DataFrame:
+    "A few windowed usage features per company at as-of date `a` (rows with `ts` < a only)."
+    A = pl.lit(a).cast(pl.Datetime("ms"))
+
+    def win(lo: int, hi: int) -> pl.Expr:
+        "Rows with as_of - lo days <= ts < as_of - hi days."
+        return (pl.col("ts") >= A - pl.duration(days=lo)) & (pl.col("ts") < A - pl.duration(days=hi))
+
+    return (
+        use.filter(pl.col("ts") < A)
+        .group_by("id")
+        .agg(
+            actions_28d=pl.col("actions").filter(win(28, 0)).sum(),
+            actions_prev_28d=pl.col("actions").filter(win(56, 28)).sum(),
+            weeks_active_28d=win(28, 0).sum(),
+            weeks_active_84d=win(84, 0).sum(),
+            actions_84d=pl.col("actions").filter(win(84, 0)).sum(),
+            days_since_last=(A - pl.col("ts").max()).dt.total_days(),
+            days_since_first=(A - pl.col("ts").min()).dt.total_days(),
+        )
+    )
+
+# %% ../nbs/03_synth.ipynb #c1dae94c
 def _quick_panel(
     data_dir: str | Path,  # a directory written by `generate`
     as_of_dates: list[date],  # snapshot dates
@@ -587,40 +650,15 @@ def _quick_panel(
 ) -> pl.DataFrame:
     "A small point-in-time panel (id, as_of, label, a few usage features) to check the planted truth."
     d = Path(data_dir)
-    first = (
-        pl.read_csv(d / FILES["customers"], columns=["id", "CLOSEDATE"], try_parse_dates=True)
-        .group_by("id")
-        .agg(pl.col("CLOSEDATE").min())
-    )
-    ids = pl.concat([first.select("id"), pl.read_csv(d / FILES["noncustomers"], columns=["id"])]).unique()
-    companies = ids.join(first, on="id", how="left")
+    companies = _first_close(d)
     acts = [f"ACTIONS_{o}" for o in USAGE_OBJECTS]
     use = pl.read_csv(d / FILES["usage"], try_parse_dates=True).select(
         "id", ts=pl.col("WHEN_TIMESTAMP").cast(pl.Datetime("ms")), actions=pl.sum_horizontal(acts)
     )
     out = []
     for a in as_of_dates:
-        A = pl.lit(a).cast(pl.Datetime("ms"))
-
-        def win(lo: int, hi: int, A: pl.Expr = A) -> pl.Expr:
-            "Rows with as_of - lo days <= ts < as_of - hi days."
-            return (pl.col("ts") >= A - pl.duration(days=lo)) & (pl.col("ts") < A - pl.duration(days=hi))
-
-        f = (
-            use.filter(pl.col("ts") < A)
-            .group_by("id")
-            .agg(
-                actions_28d=pl.col("actions").filter(win(28, 0)).sum(),
-                actions_prev_28d=pl.col("actions").filter(win(56, 28)).sum(),
-                weeks_active_28d=win(28, 0).sum(),
-                weeks_active_84d=win(84, 0).sum(),
-                actions_84d=pl.col("actions").filter(win(84, 0)).sum(),
-                days_since_last=(A - pl.col("ts").max()).dt.total_days(),
-                days_since_first=(A - pl.col("ts").min()).dt.total_days(),
-            )
-            .join(companies, on="id", how="left")
-            .filter(pl.col("CLOSEDATE").is_null() | (pl.col("CLOSEDATE") > a))
-        )
+        f = _window_features(use, a).join(companies, on="id", how="left")
+        f = f.filter(pl.col("CLOSEDATE").is_null() | (pl.col("CLOSEDATE") > a))
         label = pl.col("CLOSEDATE").is_not_null() & (pl.col("CLOSEDATE") <= a + timedelta(days=horizon))
         out.append(f.with_columns(as_of=pl.lit(a), label=label.cast(pl.Int8)).drop("CLOSEDATE"))
     cols = ["id", "as_of", "label"]

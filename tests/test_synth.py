@@ -14,6 +14,7 @@ from hsml.core import HsmlError, sha256_file
 from hsml.synth import (
     CUSTOMERS_COLUMNS,
     INDUSTRY_LABELS,
+    INDUSTRY_STYLES,
     JUNK_INDUSTRY_LABELS,
     NONCUSTOMERS_COLUMNS,
     RANK_SENTINEL,
@@ -246,3 +247,16 @@ def test_import_in_a_kernel_prints_no_iprogress_warning() -> None:
     NotebookClient(nb, kernel_name="python3", timeout=300).execute()
     text = "".join(o.get("text", "") for o in nb.cells[0].outputs)
     assert "IProgress" not in text, text
+
+
+def test_manifest_is_reproducible_key_order_included(tmp_path: Path, default_dir: Path) -> None:
+    # the same arguments give the same manifest bytes; the counts' keys come in one fixed order for any run
+    generate(tmp_path / "again")
+    manifest = (default_dir / "synth_manifest.json").read_text()
+    assert (tmp_path / "again" / "synth_manifest.json").read_text() == manifest
+    keys = list(json.loads(manifest)["counts"])
+    for table in ("customers", "noncustomers"):
+        styles = [k for k in keys if k.removeprefix(f"{table}_industry_") in INDUSTRY_STYLES]
+        assert styles == [f"{table}_industry_{s}" for s in INDUSTRY_STYLES]
+    generate(tmp_path / "small", companies=300, seed=4)
+    assert list(json.loads((tmp_path / "small" / "synth_manifest.json").read_text())["counts"]) == keys
