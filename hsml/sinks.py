@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import polars as pl
+from fastcore.basics import patch
 
 from .core import HsmlError, atomic_path
 from .sources import interpolate_env, mask_uri, type_registrar
@@ -48,7 +49,7 @@ def register_sink(
 
 _register_sink = type_registrar(SINK_TYPES, "sink", ("write", "read", "describe"))
 
-# %% ../nbs/04_sinks.ipynb #a51c5ac4
+# %% ../nbs/04_sinks.ipynb #dfbc9e78
 def check_keys(
     frame: pl.DataFrame,  # the rows to write
     keys: Sequence[str] | None,  # the key columns, or None to append
@@ -56,14 +57,13 @@ def check_keys(
 ) -> list[str]:
     "The key columns as a list, after checking that `frame` has them."
     keys = list(keys or [])
-    missing = [k for k in keys if k not in frame.columns]
-    if missing:
+    if missing := [k for k in keys if k not in frame.columns]:
         raise HsmlError(
             f"{where}: the frame has no key column(s) {missing}", hint=f"columns: {frame.columns}"
         )
     return keys
 
-
+# %% ../nbs/04_sinks.ipynb #1fcf6ad1
 def replace_rows(
     stored: pl.DataFrame,  # what the sink holds now
     new: pl.DataFrame,  # the rows being written
@@ -75,15 +75,17 @@ def replace_rows(
     kept = stored.join(new.select(keys).unique(), on=list(keys), how="anti", nulls_equal=True)
     return pl.concat([kept, new.select(stored.columns)], how="vertical_relaxed")
 
-# %% ../nbs/04_sinks.ipynb #d6b49d94
+# %% ../nbs/04_sinks.ipynb #ceedef2d
 def _stringify(frame: pl.DataFrame) -> pl.DataFrame:
     "Categorical/Enum columns as plain strings: files and tables store text, not a dictionary."
     cats = [c for c, t in frame.schema.items() if isinstance(t, pl.Categorical | pl.Enum)]
     return frame.with_columns(pl.col(cats).cast(pl.String)) if cats else frame
 
-
+# %% ../nbs/04_sinks.ipynb #9aab071a
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def file_lock(
+    path: Path,  # the file to protect; the lock is `<path>.lock`
+) -> Iterator[None]:
     "An exclusive advisory lock on `<path>.lock`, released when the block ends or the process dies."
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as f:
@@ -93,7 +95,7 @@ def file_lock(path: Path) -> Iterator[None]:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-# %% ../nbs/04_sinks.ipynb #eaf945a2
+# %% ../nbs/04_sinks.ipynb #3b75118b
 @dataclass
 class FileSink:
     "Base of the file sinks: read, replace by key, rewrite atomically under a lock."
@@ -116,19 +118,24 @@ class FileSink:
             return pl.DataFrame(schema=schema)
         return self._read(schema)
 
-    def write(self, frame: pl.DataFrame, keys: Sequence[str] | None = None) -> int:
-        keys, frame = check_keys(frame, keys, self.describe()), _stringify(frame)
-        with file_lock(self.path):
-            stored = self.read(frame.schema)
-            if stored.height and set(stored.columns) != set(frame.columns):
-                raise HsmlError(
-                    f"{self.path}: holds columns {stored.columns}, the new rows have {frame.columns}"
-                )
-            with atomic_path(self.path) as tmp:
-                self._write(replace_rows(stored, frame, keys), tmp)
-        return frame.height
+# %% ../nbs/04_sinks.ipynb #bd96656d
+@patch
+def write(
+    self: FileSink,
+    frame: pl.DataFrame,  # the rows to store
+    keys: Sequence[str] | None = None,  # replace stored rows with these key values; None: append
+) -> int:
+    "Store `frame` (replacing by `keys`), rewriting the file atomically under its lock; rows written."
+    keys, frame = check_keys(frame, keys, self.describe()), _stringify(frame)
+    with file_lock(self.path):
+        stored = self.read(frame.schema)
+        if stored.height and set(stored.columns) != set(frame.columns):
+            raise HsmlError(f"{self.path}: holds columns {stored.columns}, the new rows have {frame.columns}")
+        with atomic_path(self.path) as tmp:
+            self._write(replace_rows(stored, frame, keys), tmp)
+    return frame.height
 
-# %% ../nbs/04_sinks.ipynb #4261bd7f
+# %% ../nbs/04_sinks.ipynb #c9645725
 @register_sink("csv")
 @dataclass
 class CsvSink(FileSink):
@@ -140,16 +147,18 @@ class CsvSink(FileSink):
             raise HsmlError(f"{self.path}: holds columns {header}, the new rows have {list(schema)}",
                             hint="write to another file, or move the old one away")  # fmt: skip
         try:
-            if schema:
-                return pl.read_csv(self.path, schema=dict(schema))
-            return pl.read_csv(self.path, try_parse_dates=True)
+            return (
+                pl.read_csv(self.path, schema=dict(schema))
+                if schema
+                else pl.read_csv(self.path, try_parse_dates=True)
+            )
         except pl.exceptions.PolarsError as e:
             raise HsmlError(f"{self.path}: cannot be read back as the rows being written: {e}") from None
 
     def _write(self, frame, tmp):
         frame.write_csv(tmp)
 
-
+# %% ../nbs/04_sinks.ipynb #7bce5864
 @register_sink("parquet")
 @dataclass
 class ParquetSink(FileSink):
@@ -161,26 +170,30 @@ class ParquetSink(FileSink):
     def _write(self, frame, tmp):
         frame.write_parquet(tmp)
 
-# %% ../nbs/04_sinks.ipynb #4147a76d
+# %% ../nbs/04_sinks.ipynb #1b43078e
+def _read_jsonl(
+    path: Path,  # a JSON-lines file
+    schema: Mapping[str, pl.DataType] | None,  # the expected schema, if known
+) -> pl.DataFrame:
+    "The complete lines of `path` as a frame; a torn line is skipped with a warning."
+    rows = []
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except ValueError:
+            warnings.warn(f"{path}: line {n} is not complete JSON (a torn write?): skipped", stacklevel=4)
+    return (
+        pl.DataFrame(rows, schema=schema, infer_schema_length=None) if rows else pl.DataFrame(schema=schema)
+    )
+
+# %% ../nbs/04_sinks.ipynb #2c5885ea
 @register_sink("jsonl")
 @dataclass
 class JsonlSink(FileSink):
     "Append-only JSON lines (a log); `keys` rewrite the file like the other file sinks."
 
     def _read(self, schema):
-        rows, lines = [], self.path.read_bytes().splitlines()
-        for n, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line)) if line.strip() else None
-            except ValueError:
-                warnings.warn(
-                    f"{self.path}: line {n} is not complete JSON (a torn write?): skipped", stacklevel=3
-                )
-        return (
-            pl.DataFrame(rows, schema=schema, infer_schema_length=None)
-            if rows
-            else pl.DataFrame(schema=schema)
-        )
+        return _read_jsonl(self.path, schema)
 
     def _write(self, frame, tmp):
         frame.write_ndjson(tmp)
@@ -193,7 +206,7 @@ class JsonlSink(FileSink):
             f.write(data)
         return frame.height
 
-# %% ../nbs/04_sinks.ipynb #b63f2438
+# %% ../nbs/04_sinks.ipynb #f57a9daa
 _PG_TYPES = {pl.Boolean: "boolean", pl.Date: "date", pl.String: "text", pl.Float32: "double precision",
              pl.Float64: "double precision"}  # fmt: skip
 
@@ -206,7 +219,7 @@ def pg_type(dtype: pl.DataType) -> str:
         return "timestamp" if dtype.time_zone is None else "timestamptz"
     return _PG_TYPES.get(dtype.base_type(), "text")
 
-
+# %% ../nbs/04_sinks.ipynb #b7ea346a
 def _ident(name: str) -> str:
     "A quoted SQL identifier."
     return '"' + name.replace('"', '""') + '"'
@@ -238,7 +251,21 @@ class _PgWrite:
         cols = ", ".join(map(_ident, self.frame.columns))
         return f"insert into {self.table} ({cols}) select {cols} from _hsml_new"
 
-# %% ../nbs/04_sinks.ipynb #3ee4d2c1
+# %% ../nbs/04_sinks.ipynb #eaf8df20
+@patch
+def run(
+    self: _PgWrite,
+    cur: Any,  # a psycopg cursor inside an open transaction
+) -> None:
+    "Create the table if needed, stage the rows, delete those they replace, insert them."
+    for sql in (self.create(), self.stage()):
+        cur.execute(sql)
+    with cur.copy(self.copy()) as cp:
+        cp.write(self.frame.write_csv())
+    for sql in [self.delete()] * bool(self.keys) + [self.insert()]:
+        cur.execute(sql)
+
+# %% ../nbs/04_sinks.ipynb #733c3fe3
 @register_sink("postgres")
 @dataclass
 class PostgresSink:
@@ -253,14 +280,6 @@ class PostgresSink:
     def _name(self) -> str:
         return ".".join(_ident(p) for p in self.table.split("."))
 
-    def _connect(self):
-        import psycopg
-
-        try:
-            return psycopg.connect(self.uri, connect_timeout=10)
-        except psycopg.OperationalError as e:
-            raise HsmlError(f"{self.describe()}: cannot connect: {' '.join(str(e).split())[:300]}") from None
-
     def read(self) -> pl.DataFrame:
         with self._connect() as conn:
             return pl.read_database(f"select * from {self._name()}", conn)
@@ -270,19 +289,25 @@ class PostgresSink:
         import psycopg
 
         keys, frame = check_keys(frame, keys, self.describe()), _stringify(frame)
-        w = _PgWrite(self._name(), frame, keys)
         try:
             with self._connect() as conn, conn.transaction(), conn.cursor() as cur:
-                for sql in (w.create(), w.stage()):
-                    cur.execute(sql)
-                with cur.copy(w.copy()) as cp:
-                    cp.write(frame.write_csv())
-                for sql in [w.delete()] * bool(keys) + [w.insert()]:
-                    cur.execute(sql)
+                _PgWrite(self._name(), frame, keys).run(cur)
         except psycopg.Error as e:
-            msg = " ".join(str(e).split())[:300]
-            raise HsmlError(f"{self.describe()}: write failed, nothing was changed: {msg}") from None
+            raise HsmlError(
+                f"{self.describe()}: write failed, nothing was changed: {' '.join(str(e).split())[:300]}"
+            ) from None
         return frame.height
+
+# %% ../nbs/04_sinks.ipynb #08707e45
+@patch
+def _connect(self: PostgresSink):
+    "A psycopg connection to the sink's database, or HsmlError."
+    import psycopg
+
+    try:
+        return psycopg.connect(self.uri, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        raise HsmlError(f"{self.describe()}: cannot connect: {' '.join(str(e).split())[:300]}") from None
 
 # %% ../nbs/04_sinks.ipynb #8fbd2d85
 def sink_from_spec(
