@@ -42,12 +42,12 @@ EMPLOYEE_LEVELS: list[str] = [
 ]  # fmt: skip  # EMPLOYEE_RANGE buckets, smallest first
 RANK_SENTINEL: int = 16_000_001  # the ALEXA_RANK real extracts carry for "no rank known", beside blank ranks
 
-# %% ../nbs/00_core.ipynb #30207743
+# %% ../nbs/00_core.ipynb #60420f2f
 def sha256_bytes(data: bytes) -> str:
     "Hex sha256 of `data`."
     return hashlib.sha256(data).hexdigest()
 
-
+# %% ../nbs/00_core.ipynb #84569ead
 def sha256_file(
     path: str | Path,  # file to hash
     chunk: int = 1 << 20,  # read size in bytes
@@ -64,12 +64,23 @@ def sha256_json(obj: Any) -> str:
     "Hex sha256 of the canonical JSON of `obj` (sorted keys, no spaces): stable across runs."
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
-# %% ../nbs/00_core.ipynb #c0re0002
+# %% ../nbs/00_core.ipynb #65c24372
 TEMP_RE = re.compile(
     r"^\..+\.(\d+)\.[a-z0-9_]+\.tmp$"
 )  # atomic_path's temporary names: .<name>.<pid>.<random>.tmp
 
+# %% ../nbs/00_core.ipynb #468cc0ce
+def _writer_alive(pid: int) -> bool:
+    "Whether process `pid` still runs (a process we may not signal counts as alive)."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
+# %% ../nbs/00_core.ipynb #c7098f75
 def remove_stale_temporaries(
     directory: str | Path,  # where atomic writes happen (a run_dir, a registry entry, an output folder)
     name: str | None = None,  # only the temporaries of this file or directory name (default: all)
@@ -79,12 +90,7 @@ def remove_stale_temporaries(
     for p in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else []:
         m = TEMP_RE.match(p.name)
         if m and int(m.group(1)) != os.getpid() and (name is None or p.name.startswith(f".{name}.")):
-            try:
-                os.kill(int(m.group(1)), 0)
-                continue  # its writer is alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
+            if _writer_alive(int(m.group(1))):
                 continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
@@ -114,15 +120,21 @@ def atomic_path(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/00_core.ipynb #ff88bf2c
-def atomic_write_text(path: str | Path, text: str) -> Path:
+# %% ../nbs/00_core.ipynb #d442d315
+def atomic_write_text(
+    path: str | Path,  # where the text should end up
+    text: str,  # the whole content
+) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
+# %% ../nbs/00_core.ipynb #4620bd83
+def atomic_write_json(
+    path: str | Path,  # where the JSON should end up
+    obj: Any,  # anything `json.dumps` takes (other values as `str`)
+) -> Path:
     "Write `obj` as indented JSON to `path` atomically."
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -147,7 +159,7 @@ def to_date(
     except ValueError:
         raise HsmlError(f"{name}: {value!r} is not a date", hint="use YYYY-MM-DD") from None
 
-# %% ../nbs/00_core.ipynb #eebe00a7
+# %% ../nbs/00_core.ipynb #6183a33d
 @dataclass(frozen=True)
 class Metric:
     "A metric with its interval; prints as `0.412 [0.380, 0.447]`, `—` when undefined."
@@ -156,17 +168,23 @@ class Metric:
     ci_low: float | None = None  # lower end of its interval (None: no interval)
     ci_high: float | None = None  # upper end
 
-    @classmethod
-    def of(cls, d: Mapping[str, Any] | Metric | None) -> Metric:
-        "From the stored `{value, ci_low, ci_high}` form (or a `Metric`, or None)."
-        if isinstance(d, Metric):
-            return d
-        d = d or {}
-        return cls(d.get("value"), d.get("ci_low"), d.get("ci_high"))
+# %% ../nbs/00_core.ipynb #e985b6af
+@patch(cls_method=True)
+def of(
+    cls: Metric,
+    d: Mapping[str, Any] | Metric | None,  # the stored `{value, ci_low, ci_high}`, a Metric, or None
+) -> Metric:
+    "From the stored `{value, ci_low, ci_high}` form (or a `Metric`, or None)."
+    if isinstance(d, Metric):
+        return d
+    d = d or {}
+    return cls(d.get("value"), d.get("ci_low"), d.get("ci_high"))
 
-    def as_dict(self) -> dict[str, float | None]:
-        "The stored form: `{value, ci_low, ci_high}`, the keys every JSON file and the HTTP API use."
-        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
+
+@patch
+def as_dict(self: Metric) -> dict[str, float | None]:
+    "The stored form: `{value, ci_low, ci_high}`, the keys every JSON file and the HTTP API use."
+    return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
 
 # %% ../nbs/00_core.ipynb #1a83598f
 @patch
