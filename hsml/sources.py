@@ -33,7 +33,7 @@ class Source(Protocol):
 
     def fingerprint(self) -> str: ...  # sha256 hex of the exact data
 
-# %% ../nbs/01_sources.ipynb #809c26ba
+# %% ../nbs/01_sources.ipynb #43c3bc28
 def type_registrar(
     types: dict[str, type],  # the registry to fill (SOURCE_TYPES, hsml.sinks.SINK_TYPES)
     what: str,  # "source" or "sink", for messages
@@ -54,7 +54,7 @@ def type_registrar(
 
     return register
 
-# %% ../nbs/01_sources.ipynb #f18cedaf
+# %% ../nbs/01_sources.ipynb #4d06d4b0
 SOURCE_TYPES: dict[str, type] = {}  # catalog `type:` name -> Source class
 _register_source = type_registrar(SOURCE_TYPES, "source", ("load", "describe", "fingerprint"))
 
@@ -65,12 +65,12 @@ def register_source(
     "Class decorator: register a `Source` implementation under `name` (re-registering replaces it)."
     return _register_source(name)
 
-# %% ../nbs/01_sources.ipynb #8b5346b7
+# %% ../nbs/01_sources.ipynb #a42279ea
 def _all_utf8(lf: pl.LazyFrame) -> pl.LazyFrame:
     "Cast every column to a string column."
     return lf.select(pl.all().cast(pl.Utf8))
 
-# %% ../nbs/01_sources.ipynb #7ca93ceb
+# %% ../nbs/01_sources.ipynb #9efe0fbf
 def _binary_evidence(
     path: Path,  # a file that should be text
     n: int = 8192,  # bytes looked at
@@ -83,7 +83,7 @@ def _binary_evidence(
     ctrl = sum(b < 32 and b not in (9, 10, 12, 13) for b in head)
     return f"{ctrl} of its first {len(head)} bytes are control bytes" if ctrl > 0.1 * len(head) else None
 
-# %% ../nbs/01_sources.ipynb #2c22e3da
+# %% ../nbs/01_sources.ipynb #4ab3df5b
 def _first_line(path: Path) -> str:
     "The first non-blank line of a text file (without BOM), or '' for an empty file."
     with open(path, "rb") as f:
@@ -93,7 +93,7 @@ def _first_line(path: Path) -> str:
                 return line
     return ""
 
-# %% ../nbs/01_sources.ipynb #45a873bc
+# %% ../nbs/01_sources.ipynb #f5f30a9c
 _OTHER_SEPARATORS = [";", "\t", "|"]
 
 
@@ -114,7 +114,7 @@ def _check_separator(
                 hint=f"write it with {separator!r}, or set `separator` in the catalog",
             )
 
-# %% ../nbs/01_sources.ipynb #c836b9c0
+# %% ../nbs/01_sources.ipynb #20f28aee
 def _header_names(
     path: Path,  # the file, for the message
     first: str,  # its header line
@@ -127,7 +127,7 @@ def _header_names(
         raise HsmlError(f"{path}: column {dups[0]}, line 1: the header names it more than once")
     return names
 
-# %% ../nbs/01_sources.ipynb #1936d9fe
+# %% ../nbs/01_sources.ipynb #3c962fb9
 def _first_bad_utf8(
     path: Path,  # the file
     sep: str,  # its separator
@@ -147,7 +147,7 @@ def _first_bad_utf8(
                 )
     return HsmlError(f"{path}: not UTF-8 text")
 
-# %% ../nbs/01_sources.ipynb #6811f654
+# %% ../nbs/01_sources.ipynb #d50ab146
 def _flag_lines(
     path: Path,  # the CSV file
     sep: str,  # its separator
@@ -170,7 +170,7 @@ def _flag_lines(
         .sort("_line")
     )  # fmt: skip
 
-# %% ../nbs/01_sources.ipynb #b91e4956
+# %% ../nbs/01_sources.ipynb #1134415a
 def _ragged_error(
     path: Path,  # the CSV file
     line: int,  # the line of the ragged row
@@ -186,7 +186,7 @@ def _ragged_error(
     return HsmlError(f"{where}: {said} (extra field after the last column)",
                      hint="an unquoted separator inside a value? quote it, or fix the line")  # fmt: skip
 
-# %% ../nbs/01_sources.ipynb #cb40455e
+# %% ../nbs/01_sources.ipynb #dd6237c5
 def _check_field_counts(
     path: Path,  # the CSV file
     sep: str,  # its separator
@@ -201,7 +201,7 @@ def _check_field_counts(
         raise _ragged_error(path, int(lines["_line"][0]), int(lines["n"][0]), header)
     return flagged.filter("blank")["_line"].to_list()
 
-# %% ../nbs/01_sources.ipynb #cb3ba128
+# %% ../nbs/01_sources.ipynb #ac10fcbe
 @dataclass
 class CsvSource:
     "A CSV file with a header row, read as all-string columns."
@@ -216,21 +216,22 @@ class CsvSource:
     def describe(self) -> str:
         return str(self.path)
 
-    def _check_exists(self) -> None:
-        if not self.path.is_file():
-            raise HsmlError(
-                f"{self.path}: file not found",
-                hint="check the path (in a catalog YAML, relative paths are relative to the YAML file)",
-            )
+# %% ../nbs/01_sources.ipynb #17c4f25b
+@patch
+def _check_exists(self: CsvSource) -> None:
+    "Raise HsmlError when the file does not exist."
+    if not self.path.is_file():
+        raise HsmlError(f"{self.path}: file not found",
+                        hint="check the path (in a catalog YAML, relative paths are relative to the YAML file)")  # fmt: skip
 
-# %% ../nbs/01_sources.ipynb #c23fc2bc
+# %% ../nbs/01_sources.ipynb #a9ba2cb1
 @patch
 def fingerprint(self: CsvSource) -> str:
     "sha256 of the file's bytes."
     self._check_exists()
     return sha256_file(self.path)
 
-# %% ../nbs/01_sources.ipynb #8d886ebb
+# %% ../nbs/01_sources.ipynb #26bdd1bd
 @patch
 def header(self: CsvSource) -> list[str]:
     "The column names, after validating the file is non-empty and uses `separator`."
@@ -246,7 +247,7 @@ def header(self: CsvSource) -> list[str]:
         _check_separator(self.path, first, self.separator)
     return names
 
-# %% ../nbs/01_sources.ipynb #2aa867a2
+# %% ../nbs/01_sources.ipynb #63b57037
 @patch
 def load(self: CsvSource) -> pl.LazyFrame:
     "The file as all-string columns plus `_line` (Int64), after every check above."
@@ -266,10 +267,10 @@ def load(self: CsvSource) -> pl.LazyFrame:
         lf = lf.filter(~pl.col("_line").is_in(blank))
     return lf.select(pl.exclude("_line").cast(pl.Utf8), pl.col("_line").cast(pl.Int64))
 
-# %% ../nbs/01_sources.ipynb #43cbf773
+# %% ../nbs/01_sources.ipynb #c5611c05
 register_source("csv")(CsvSource)
 
-# %% ../nbs/01_sources.ipynb #d0c78e5c
+# %% ../nbs/01_sources.ipynb #1290868b
 @dataclass
 class ParquetSource:
     "A Parquet file, handed over as all-string columns."
@@ -287,7 +288,7 @@ class ParquetSource:
             raise HsmlError(f"{self.path}: file not found")
         return sha256_file(self.path)
 
-# %% ../nbs/01_sources.ipynb #f02335fb
+# %% ../nbs/01_sources.ipynb #c3ddf4df
 @patch
 def load(self: ParquetSource) -> pl.LazyFrame:
     "The file's columns, every one cast to a string."
@@ -303,12 +304,12 @@ def load(self: ParquetSource) -> pl.LazyFrame:
 
 register_source("parquet")(ParquetSource)
 
-# %% ../nbs/01_sources.ipynb #85fcf043
+# %% ../nbs/01_sources.ipynb #5cefb6b0
 def mask_uri(uri: str) -> str:
     "Hide the password in a database URI."
     return re.sub(r"(//[^:/@]+):[^@]*@", r"\1:***@", uri)
 
-# %% ../nbs/01_sources.ipynb #7743c4ec
+# %% ../nbs/01_sources.ipynb #d46aee73
 def _read_sql(
     query: str,  # a SELECT
     uri: str,  # postgresql://...
@@ -325,7 +326,7 @@ def _read_sql(
         raise HsmlError(f"{where}: query failed: {msg}") from None
     return df.select(pl.all().cast(pl.Utf8))
 
-# %% ../nbs/01_sources.ipynb #de12cd1c
+# %% ../nbs/01_sources.ipynb #7b94adc6
 @register_source("sql")
 @dataclass
 class SqlSource:
@@ -351,7 +352,7 @@ class SqlSource:
     def fingerprint(self) -> str:
         return sha256_bytes(self.query.encode() + b"\n\x00\n" + self._fetch().write_csv().encode())
 
-# %% ../nbs/01_sources.ipynb #1b51f686
+# %% ../nbs/01_sources.ipynb #0ff5765a
 TABLES: tuple[str, ...] = ("customers", "noncustomers", "usage")
 DEFAULT_FILES: dict[str, str] = {
     "customers": "customers.csv",
@@ -359,7 +360,7 @@ DEFAULT_FILES: dict[str, str] = {
     "usage": "usage_actions.csv",
 }
 
-# %% ../nbs/01_sources.ipynb #4920d7eb
+# %% ../nbs/01_sources.ipynb #32ffa71d
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -376,7 +377,7 @@ def _env_value(
         return default
     raise HsmlError(f"{where}: environment variable {name} is not set", hint=f"export {name}=...")
 
-# %% ../nbs/01_sources.ipynb #26078b4c
+# %% ../nbs/01_sources.ipynb #044f2ea1
 def interpolate_env(
     value: Any,  # a YAML value: str, list, dict or scalar
     where: str = "catalog",  # label for error messages
@@ -392,7 +393,7 @@ def interpolate_env(
         return value
     return _ENV.sub(lambda m: _env_value(m, where, env), value)
 
-# %% ../nbs/01_sources.ipynb #4f051a3c
+# %% ../nbs/01_sources.ipynb #84b6dbc8
 def _resolve_paths(
     options: Mapping[str, Any],  # a catalog entry's options
     base_dir: str | Path,  # what relative paths are relative to
@@ -404,7 +405,7 @@ def _resolve_paths(
             out[k] = str(Path(base_dir) / v)
     return out
 
-# %% ../nbs/01_sources.ipynb #1fceb316
+# %% ../nbs/01_sources.ipynb #fc93a57e
 def source_from_spec(
     spec: Mapping[str, Any],  # e.g. {"type": "csv", "path": "customers.csv"}
     base_dir: str | Path = ".",  # relative `path` keys are resolved against this
@@ -425,7 +426,7 @@ def source_from_spec(
     except TypeError as e:
         raise HsmlError(f"{where}: bad options for a {kind} source: {e}") from None
 
-# %% ../nbs/01_sources.ipynb #6ce26a24
+# %% ../nbs/01_sources.ipynb #c069539a
 @dataclass
 class Catalog:
     "The logical tables `customers`, `noncustomers`, `usage`, each mapped to a `Source`."
@@ -443,14 +444,19 @@ class Catalog:
                 hint=f"a catalog maps {', '.join(TABLES)}",
             )
 
-    def __getitem__(self, table: str) -> Source:
-        return self.sources[table]
+# %% ../nbs/01_sources.ipynb #27c829a4
+@patch
+def __getitem__(self: Catalog, table: str) -> Source:  # table: customers, noncustomers or usage
+    "The source of `table`."
+    return self.sources[table]
 
-    def load(self, table: str) -> pl.LazyFrame:
-        "The raw (all-string) table."
-        return self.sources[table].load()
 
-# %% ../nbs/01_sources.ipynb #f33236ba
+@patch
+def load(self: Catalog, table: str) -> pl.LazyFrame:  # table: customers, noncustomers or usage
+    "The raw (all-string) table."
+    return self.sources[table].load()
+
+# %% ../nbs/01_sources.ipynb #b731cef5
 @patch
 def fingerprints(self: Catalog) -> dict[str, str]:
     "sha256 of each table's data."
@@ -464,7 +470,7 @@ def describe(self: Catalog) -> str:
         f"{t:13s} {type(self.sources[t]).__name__}: {self.sources[t].describe()}" for t in TABLES
     )
 
-# %% ../nbs/01_sources.ipynb #77659b74
+# %% ../nbs/01_sources.ipynb #cec9c81c
 @patch(cls_method=True)
 def from_dir(
     cls: Catalog,
@@ -478,7 +484,7 @@ def from_dir(
         )
     return cls({t: CsvSource(directory / f) for t, f in DEFAULT_FILES.items()}, origin=str(directory))
 
-# %% ../nbs/01_sources.ipynb #ced3ad17
+# %% ../nbs/01_sources.ipynb #f09234ef
 def _catalog_entries(
     spec: Any,  # a parsed catalog
     origin: str,  # where it came from, for messages
@@ -497,7 +503,7 @@ def _catalog_entries(
         )
     return tables, dict(outputs)
 
-# %% ../nbs/01_sources.ipynb #5e061116
+# %% ../nbs/01_sources.ipynb #fc0c9e16
 @patch(cls_method=True)
 def from_dict(
     cls: Catalog,
@@ -511,7 +517,7 @@ def from_dict(
     sources = {t: source_from_spec(s, base_dir, f"{origin}: {t}") for t, s in tables.items()}
     return cls(sources, origin=origin, outputs=outputs, base_dir=base_dir)
 
-# %% ../nbs/01_sources.ipynb #b6347e7c
+# %% ../nbs/01_sources.ipynb #40f0993b
 @patch(cls_method=True)
 def from_yaml(
     cls: Catalog,
@@ -527,7 +533,7 @@ def from_yaml(
         raise HsmlError(f"{path}: not valid YAML: {e}") from None
     return cls.from_dict(spec or {}, base_dir=path.parent, origin=str(path))
 
-# %% ../nbs/01_sources.ipynb #3c7dfb99
+# %% ../nbs/01_sources.ipynb #f0f56aca
 @patch(cls_method=True)
 def resolve(
     cls: Catalog,
@@ -543,7 +549,7 @@ def resolve(
         return cls.from_yaml(p)
     raise HsmlError(f"{p}: neither a directory of CSVs nor a catalog .yaml file")
 
-# %% ../nbs/01_sources.ipynb #481f7654
+# %% ../nbs/01_sources.ipynb #192f04ea
 @patch
 def sink(
     self: Catalog,
