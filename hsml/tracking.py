@@ -262,7 +262,7 @@ def finish(self: WandbTracker) -> None:
     if self.mode == "offline":
         wait_for_run_file(self.run_file)
 
-# %% ../nbs/22_tracking.ipynb #98ae0545
+# %% ../nbs/22_tracking.ipynb #9e8b497d
 def _jsonable(x: Any) -> Any:
     "A value a `WandbTracker` call can take on the other side of a pipe: frames become column dicts, figures PNG paths."
     if hasattr(x, "to_dict") and hasattr(x, "columns"):  # a polars or pandas DataFrame
@@ -275,7 +275,7 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     return str(x) if isinstance(x, Path) else x
 
-
+# %% ../nbs/22_tracking.ipynb #68b00656
 def _from_jsonable(x: Any) -> Any:
     if isinstance(x, dict) and "__frame__" in x:
         import pandas as pd  # W&B tables are made from pandas: no polars or pyarrow in the child
@@ -292,7 +292,27 @@ def _warm_up(tracker: WandbTracker) -> None:
     tracker._wandb.Table(dataframe=_to_pandas(pd.DataFrame({"a": [1]})))
     tracker._wandb.Image(np.zeros((2, 2, 3), dtype=np.uint8))
 
-# %% ../nbs/22_tracking.ipynb #c8e6feb3
+# %% ../nbs/22_tracking.ipynb #9c3390c4
+def _run_command(
+    tracker: WandbTracker | None,  # the tracker so far (None before `start`)
+    cmd: Mapping[str, Any],  # `{op, args, kwargs}`
+) -> tuple[WandbTracker | None, dict[str, Any]]:
+    "(the tracker, the reply) after running `cmd`."
+    t = time.perf_counter()
+    try:
+        if cmd["op"] == "start":
+            tracker = WandbTracker(*cmd["args"], **cmd["kwargs"])
+            reply = {"run_id": tracker.run_id, "run_file": str(tracker.run_file)}
+        else:
+            kwargs = {k: _from_jsonable(v) for k, v in cmd["kwargs"].items()}
+            getattr(tracker, cmd["op"])(*[_from_jsonable(a) for a in cmd["args"]], **kwargs)
+            reply = {}
+        reply.update(op=cmd["op"], ok=True, seconds=round(time.perf_counter() - t, 3))
+    except Exception as e:
+        reply = {"ok": False, "error": f"{cmd['op']}: {type(e).__name__}: {e}"}
+    return tracker, reply
+
+# %% ../nbs/22_tracking.ipynb #d4982f4d
 def serve_tracker(
     inp: Any = None,  # where commands come from (default: stdin)
     out: Any = None,  # where replies go (default: stdout)
@@ -303,18 +323,8 @@ def serve_tracker(
         os.nice(10)
     tracker = None
     for line in inp:
-        cmd, t = json.loads(line), time.perf_counter()
-        try:
-            if cmd["op"] == "start":
-                tracker = WandbTracker(*cmd["args"], **cmd["kwargs"])
-                reply = {"run_id": tracker.run_id, "run_file": str(tracker.run_file)}
-            else:
-                kwargs = {k: _from_jsonable(v) for k, v in cmd["kwargs"].items()}
-                getattr(tracker, cmd["op"])(*[_from_jsonable(a) for a in cmd["args"]], **kwargs)
-                reply = {}
-            reply.update(op=cmd["op"], ok=True, seconds=round(time.perf_counter() - t, 3))
-        except Exception as e:
-            reply = {"ok": False, "error": f"{cmd['op']}: {type(e).__name__}: {e}"}
+        cmd = json.loads(line)
+        tracker, reply = _run_command(tracker, cmd)
         out.write(json.dumps(reply) + "\n")
         out.flush()
         if cmd["op"] == "finish":
