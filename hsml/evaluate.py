@@ -225,7 +225,29 @@ def _build_top(self: _Prepared, factor: float) -> None:
     )
     self.factor = factor
 
-# %% ../nbs/21_evaluate.ipynb #fa73893d
+# %% ../nbs/21_evaluate.ipynb #5bcc88e2
+@patch
+def _top_weights(
+    self: _Prepared,
+    counts: np.ndarray,  # (resamples, companies) draw counts
+) -> tuple[np.ndarray, ...]:
+    "(Gw, Gy, Gm, before, segtot): per top group weight, positives, MRR, weight before it on its date; rows per date."
+    segtot = (self.segtot.T @ counts.T).T  # (B, S)
+    while True:
+        Q = (self.top.T @ counts.T).T
+        G = self.G
+        Gw, Gy, Gm = Q[:, :G], Q[:, G : 2 * G], Q[:, 2 * G : 3 * G]
+        C = np.cumsum(Gw, axis=1)
+        start = (C - Gw)[:, self.g_first]  # weight before each group's date (within the top region)
+        before = C - Gw - start
+        need = np.maximum(max(self.capacities, default=1), 0.1 * segtot)  # (B, S)
+        reach = np.zeros_like(segtot)
+        reach[:, self.g_seg[self.g_last]] = (C - start)[:, self.g_last]
+        if ((reach >= need) | self.covers[None, :]).all():
+            return Gw, Gy, Gm, before, segtot
+        self._build_top(self.factor * 2)  # a resample reached deeper than prepared: widen and redo
+
+# %% ../nbs/21_evaluate.ipynb #e3353009
 @patch
 def metrics(self: _Prepared, counts: np.ndarray) -> dict[str, np.ndarray]:
     "Every metric for each row of `counts` (resamples x companies)."
@@ -246,22 +268,8 @@ def metrics(self: _Prepared, counts: np.ndarray) -> dict[str, np.ndarray]:
         out["log_loss"] = T[:, 3] / tot if self.prob else nanv
         out["brier"] = T[:, 4] / tot if self.prob else nanv
         # top K of each date
-        segtot = (self.segtot.T @ counts.T).T  # (B, S)
-        while True:
-            Q = (self.top.T @ counts.T).T
-            G = self.G
-            Gw, Gy, Gm = Q[:, :G], Q[:, G : 2 * G], Q[:, 2 * G : 3 * G]
-            C = np.cumsum(Gw, axis=1)
-            # cumulative weight at the start of each group's date (within the top region)
-            start = (C - Gw)[:, self.g_first]  # weight before each group's date
-            before = C - Gw - start
-            need = np.maximum(max(self.capacities, default=1), 0.1 * segtot)  # (B, S)
-            reach = np.zeros_like(segtot)
-            reach[:, self.g_seg[self.g_last]] = (C - start)[:, self.g_last]
-            ok = (reach >= need) | self.covers[None, :]
-            if ok.all():
-                break
-            self._build_top(self.factor * 2)  # a resample reached deeper than prepared: widen and redo
+        Gw, Gy, Gm, before, segtot = self._top_weights(counts)
+        G = self.G
 
         def take(k):  # (B, G) fraction of each group that is contacted
             return np.clip((k - before) / np.where(Gw > 0, Gw, np.inf), 0.0, 1.0)
