@@ -1062,7 +1062,29 @@ def gains_curve(
     g = np.r_[0.0, np.cumsum(y[o])[ends]] / max(y.sum(), 1)
     return x, g
 
-# %% ../nbs/21_evaluate.ipynb #1a4bb952
+# %% ../nbs/21_evaluate.ipynb #178c3419
+def _draw_gains(
+    ax: Any,  # a matplotlib Axes
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],  # name -> `gains_curve`
+    marks: Sequence[tuple[int, float]],  # (K, share of the list) to mark
+    xmax: float,  # the panel's right end (1: the whole list)
+    per: str = "",  # label suffix, e.g. "/date"
+) -> None:
+    "Draw the gains curves and capacity marks on `ax` up to `xmax`."
+    for i, (name, (x, g)) in enumerate(curves.items()):
+        ax.plot(x, g, label=name, color=f"C{i}", lw=2 if name == "model" else 1.2)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="random")
+    top = max(np.interp(xmax, x, g) for x, g in curves.values())
+    ymax = 1.01 if xmax == 1.0 else min(1.01, top * 1.15 + 0.02)
+    for k, xk in marks:
+        ax.axvline(xk, color="grey", ls="--", lw=0.8)
+        if xmax < 1.0:
+            ax.annotate(f"K={k}{per}", (xk, ymax * 0.97), rotation=90, fontsize=8, va="top", xytext=(3, 0),
+                        textcoords="offset points")  # fmt: skip
+    ax.set(xlim=(0, xmax), ylim=(0, ymax), xlabel="share of companies contacted (best first)",
+           ylabel="share of conversions reached")  # fmt: skip
+
+# %% ../nbs/21_evaluate.ipynb #73316cea
 def plot_gains(
     y: Any,  # 0/1 labels
     score: Any,  # the model's scores
@@ -1079,32 +1101,7 @@ def plot_gains(
     fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2)
     for ax, xmax in zip(axes, (1.0, zoom)):
-        for i, (name, (x, g)) in enumerate(curves.items()):
-            ax.plot(x, g, label=name, color=f"C{i}", lw=2 if name == "model" else 1.2)
-        ax.plot([0, 1], [0, 1], "k:", lw=1, label="random")
-        ymax = (
-            1.01
-            if xmax == 1.0
-            else min(1.01, max(np.interp(xmax, x, g) for x, g in curves.values()) * 1.15 + 0.02)
-        )
-        for k, xk in marks:
-            ax.axvline(xk, color="grey", ls="--", lw=0.8)
-            if xmax < 1.0:
-                ax.annotate(
-                    f"K={k}" + ("/date" if n_dates > 1 else ""),
-                    (xk, ymax * 0.97),
-                    rotation=90,
-                    fontsize=8,
-                    va="top",
-                    xytext=(3, 0),
-                    textcoords="offset points",
-                )
-        ax.set(
-            xlim=(0, xmax),
-            ylim=(0, ymax),
-            xlabel="share of companies contacted (best first)",
-            ylabel="share of conversions reached",
-        )
+        _draw_gains(ax, curves, marks, xmax, "/date" if n_dates > 1 else "")
     axes[0].set_title("Cumulative gains")
     axes[1].set_title("Top of the list (capacities)" if marks else "Top of the list")
     axes[0].legend(fontsize=8, loc="lower right")
