@@ -28,7 +28,7 @@ __all__ = ['CALIBRATION_KEYS', 'LOWER_IS_BETTER', 'METRIC_NOTES', 'ACTIVITY_FEAT
            'metrics_table', 'plot_calibration', 'gains_curve', 'plot_gains', 'plot_precision_recall',
            'feature_importance', 'plot_feature_importance', 'report_plots', 'save_plots']
 
-# %% ../nbs/21_evaluate.ipynb #77ca05d5
+# %% ../nbs/21_evaluate.ipynb #1beece09
 def _dates(frame: Any, time: str) -> np.ndarray:
     "The `time` column of a pandas or polars frame as datetime64[D]."
     if time not in frame.columns:
@@ -37,7 +37,7 @@ def _dates(frame: Any, time: str) -> np.ndarray:
         return pd.to_datetime(frame[time]).to_numpy().astype("datetime64[D]")
     return np.asarray(frame[time].to_numpy()).astype("datetime64[D]")
 
-
+# %% ../nbs/21_evaluate.ipynb #5dd9968c
 def _rows(frame: Any, mask: np.ndarray) -> Any:
     if isinstance(frame, pd.DataFrame):
         return frame.loc[mask]
@@ -45,13 +45,13 @@ def _rows(frame: Any, mask: np.ndarray) -> Any:
 
     return frame.filter(pl.Series(mask))
 
-
+# %% ../nbs/21_evaluate.ipynb #006eb486
 def _positives(frame: Any, label: str) -> int:
     if label not in frame.columns:
         raise HsmlError(f"the frame has no {label!r} column")
     return int(np.asarray(frame[label].to_numpy(), dtype=float).sum()) if len(frame) else 0
 
-
+# %% ../nbs/21_evaluate.ipynb #67e0437b
 def _check_side(side: Any, what: str, label: str, detail: str) -> None:
     if len(side) == 0:
         raise HsmlError(f"the {what} side of the split is empty: {detail}")
@@ -114,10 +114,7 @@ def rolling_origin_folds(
         folds.append((train, test))
     return folds
 
-# %% ../nbs/21_evaluate.ipynb #e3f9505d
-_EPS = 1e-15
-
-
+# %% ../nbs/21_evaluate.ipynb #1f2cc04e
 class Interval(TypedDict):
     "A metric with its bootstrap interval, as metrics.json stores it (None where undefined)."
 
@@ -125,7 +122,7 @@ class Interval(TypedDict):
     ci_low: float | None
     ci_high: float | None
 
-
+# %% ../nbs/21_evaluate.ipynb #f16ff115
 def interval(
     value: float | None,  # the point estimate (None, NaN or inf: undefined)
     boot: Any = None,  # its bootstrap replicates (non-finite ones are dropped); None: no interval
@@ -140,7 +137,7 @@ def interval(
         lo, hi = (float(x) for x in np.percentile(b[np.isfinite(b)], [a, 100 - a]))
     return Metric(v, lo, hi).as_dict()
 
-
+# %% ../nbs/21_evaluate.ipynb #227ed0b1
 def format_interval(
     v: Mapping[str, Any] | None,  # an `interval` (or None)
     digits: int = 3,  # decimals shown
@@ -148,13 +145,16 @@ def format_interval(
     "`value [ci_low, ci_high]`, `value` without an interval, `—` when undefined."
     return format(Metric.of(v), f".{digits}f")
 
-# %% ../nbs/21_evaluate.ipynb #a53f7f49
+# %% ../nbs/21_evaluate.ipynb #95a19658
+_EPS = 1e-15  # probabilities are clipped this far from 0 and 1
+
+
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]):
     from scipy import sparse
 
     return sparse.csr_matrix((vals, (rows, cols)), shape=shape)
 
-
+# %% ../nbs/21_evaluate.ipynb #6b06f5cd
 class _Prepared:
     "Sparse company x column matrices of one score vector: every bootstrap sum is `counts @ matrix`."
 
@@ -225,7 +225,29 @@ def _build_top(self: _Prepared, factor: float) -> None:
     )
     self.factor = factor
 
-# %% ../nbs/21_evaluate.ipynb #fa73893d
+# %% ../nbs/21_evaluate.ipynb #5bcc88e2
+@patch
+def _top_weights(
+    self: _Prepared,
+    counts: np.ndarray,  # (resamples, companies) draw counts
+) -> tuple[np.ndarray, ...]:
+    "(Gw, Gy, Gm, before, segtot): per top group weight, positives, MRR, weight before it on its date; rows per date."
+    segtot = (self.segtot.T @ counts.T).T  # (B, S)
+    while True:
+        Q = (self.top.T @ counts.T).T
+        G = self.G
+        Gw, Gy, Gm = Q[:, :G], Q[:, G : 2 * G], Q[:, 2 * G : 3 * G]
+        C = np.cumsum(Gw, axis=1)
+        start = (C - Gw)[:, self.g_first]  # weight before each group's date (within the top region)
+        before = C - Gw - start
+        need = np.maximum(max(self.capacities, default=1), 0.1 * segtot)  # (B, S)
+        reach = np.zeros_like(segtot)
+        reach[:, self.g_seg[self.g_last]] = (C - start)[:, self.g_last]
+        if ((reach >= need) | self.covers[None, :]).all():
+            return Gw, Gy, Gm, before, segtot
+        self._build_top(self.factor * 2)  # a resample reached deeper than prepared: widen and redo
+
+# %% ../nbs/21_evaluate.ipynb #e3353009
 @patch
 def metrics(self: _Prepared, counts: np.ndarray) -> dict[str, np.ndarray]:
     "Every metric for each row of `counts` (resamples x companies)."
@@ -246,22 +268,8 @@ def metrics(self: _Prepared, counts: np.ndarray) -> dict[str, np.ndarray]:
         out["log_loss"] = T[:, 3] / tot if self.prob else nanv
         out["brier"] = T[:, 4] / tot if self.prob else nanv
         # top K of each date
-        segtot = (self.segtot.T @ counts.T).T  # (B, S)
-        while True:
-            Q = (self.top.T @ counts.T).T
-            G = self.G
-            Gw, Gy, Gm = Q[:, :G], Q[:, G : 2 * G], Q[:, 2 * G : 3 * G]
-            C = np.cumsum(Gw, axis=1)
-            # cumulative weight at the start of each group's date (within the top region)
-            start = (C - Gw)[:, self.g_first]  # weight before each group's date
-            before = C - Gw - start
-            need = np.maximum(max(self.capacities, default=1), 0.1 * segtot)  # (B, S)
-            reach = np.zeros_like(segtot)
-            reach[:, self.g_seg[self.g_last]] = (C - start)[:, self.g_last]
-            ok = (reach >= need) | self.covers[None, :]
-            if ok.all():
-                break
-            self._build_top(self.factor * 2)  # a resample reached deeper than prepared: widen and redo
+        Gw, Gy, Gm, before, segtot = self._top_weights(counts)
+        G = self.G
 
         def take(k):  # (B, G) fraction of each group that is contacted
             return np.clip((k - before) / np.where(Gw > 0, Gw, np.inf), 0.0, 1.0)
@@ -484,10 +492,10 @@ class _CallPlan:
             reached[:, cc[pos[:m]]] |= called[:, pos[:m]]
         return (reached * counts).sum(axis=1)
 
-# %% ../nbs/21_evaluate.ipynb #34bdd03f
+# %% ../nbs/21_evaluate.ipynb #0cbace64
 CALIBRATION_KEYS = ("mean_predicted", "observed_rate", "observed_over_expected", "slope", "ece")
 
-
+# %% ../nbs/21_evaluate.ipynb #86a51320
 def _logistic_fit(
     x: np.ndarray,  # one covariate
     y: np.ndarray,  # 0/1 outcomes
@@ -552,11 +560,11 @@ class _Calibration:
                 "ece": np.abs(Yb - Pb).sum(axis=1) / N,
             }
 
-# %% ../nbs/21_evaluate.ipynb #18c8adb9
+# %% ../nbs/21_evaluate.ipynb #30fb0b76
 def _date_key(d: Any) -> str:
     return str(d) if isinstance(d, (int, np.integer)) else pd.Timestamp(d).date().isoformat()
 
-
+# %% ../nbs/21_evaluate.ipynb #da5437b5
 def calibration_report(
     y: Any,  # 0/1 labels of the test rows
     p: Any,  # predicted probabilities
@@ -603,7 +611,7 @@ def calibration_report(
     }
     return {"calibration": report("all"), "calibration_by_date": by_date}
 
-# %% ../nbs/21_evaluate.ipynb #3a39734f
+# %% ../nbs/21_evaluate.ipynb #6835ebdc
 LOWER_IS_BETTER = ("log_loss", "brier")
 METRIC_NOTES = {
     "precision_at_K": "top K of each as-of date (the weekly call list), pooled over dates",
@@ -613,7 +621,7 @@ METRIC_NOTES = {
     "once per date it is in the top K",
 }
 
-
+# %% ../nbs/21_evaluate.ipynb #24e6750b
 def headline_metrics(
     capacities: Sequence[int],  # the capacities K
 ) -> list[str]:
@@ -622,14 +630,14 @@ def headline_metrics(
     return ["roc_auc", "pr_auc", "log_loss", "brier", *(f"precision_at_{k}" for k in ks),
             *(f"unique_conversions_at_{k}" for k in ks), "lift_top_decile"]  # fmt: skip
 
-# %% ../nbs/21_evaluate.ipynb #16309002
+# %% ../nbs/21_evaluate.ipynb #49f48a9b
 def _outcome(d: Interval, lower: bool) -> str:
     if d["ci_low"] is None:
         return "no interval"
     lo, hi = (-d["ci_high"], -d["ci_low"]) if lower else (d["ci_low"], d["ci_high"])
     return "beats" if lo > 0 else "loses" if hi < 0 else "no clear difference"
 
-
+# %% ../nbs/21_evaluate.ipynb #b116e36d
 def versus_best_baseline(
     point: Mapping[str, Mapping[str, float]],  # `{scorer: {metric: value}}` (from `bootstrap_replicates`)
     boot: Mapping[str, Mapping[str, np.ndarray]]
@@ -653,7 +661,7 @@ def versus_best_baseline(
                    "better": "lower" if lower else "higher", "outcome": _outcome(diff, lower)}  # fmt: skip
     return {"metrics": out, "verdict": _verdict(out, ci)}
 
-
+# %% ../nbs/21_evaluate.ipynb #b80bb75b
 def _verdict(res: Mapping[str, Mapping[str, Any]], ci: float) -> str:
     "One sentence: where the model beats its best baseline, where it cannot be told apart, where it loses."
     by = {
@@ -743,7 +751,7 @@ def evaluate(
         out["precision_by_date"] = precision_by_date(yv, scores, ids, as_of, caps)
     return out
 
-# %% ../nbs/21_evaluate.ipynb #8396dcb7
+# %% ../nbs/21_evaluate.ipynb #2b2aa359
 ACTIVITY_FEATURE = "actions_total_sum_28d"
 RECENCY_FEATURE = "days_since_last_activity"
 BASELINE_FEATURE_SET = "minimal"
@@ -757,7 +765,7 @@ BASELINES = {
     "median-imputed with missing indicators, standardised), fitted on the training period",
 }
 
-
+# %% ../nbs/21_evaluate.ipynb #ccc8ee88
 def baseline_frame(
     tables: Any,  # clean tables (`hsml.contracts.Tables`): `companies()` and `usage`
     rows: Any,  # the rows to compute for: a frame with `id` and `as_of` (e.g. a training set's frame)
@@ -774,7 +782,7 @@ def baseline_frame(
     )
     return compute_features(tables.companies(), tables.usage, keys, feature_set=BASELINE_FEATURE_SET)
 
-
+# %% ../nbs/21_evaluate.ipynb #01014074
 def activity_feature(
     frame: Any,  # a frame with the baseline columns (pandas or polars)
     feature: str | None = None,  # the column to use; default `actions_total_sum_28d`
@@ -787,7 +795,7 @@ def activity_feature(
                         hint="pass baseline frames from `baseline_frame(tables, rows)`")  # fmt: skip
     return np.nan_to_num(df[col].astype(float).to_numpy(), nan=0.0)
 
-# %% ../nbs/21_evaluate.ipynb #0f05f207
+# %% ../nbs/21_evaluate.ipynb #cbf4e99d
 def _monotone_probability(xtr, ytr, xte, prior, sign):
     "A one-feature logistic map fitted on the training period; its ranking is `sign * x` whatever the fit says."
     from sklearn.linear_model import LogisticRegression
@@ -801,7 +809,7 @@ def _monotone_probability(xtr, ytr, xte, prior, sign):
         h = h * prior / max(h.mean(), _EPS)
     return np.clip(h, 0.0, 1.0)
 
-
+# %% ../nbs/21_evaluate.ipynb #f9aa739e
 def _logreg_minimal(train: pd.DataFrame, test: pd.DataFrame, ytr: np.ndarray, prior: float) -> np.ndarray:
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
@@ -848,7 +856,7 @@ def baseline_scores(
     out["logreg_minimal"] = _logreg_minimal(tr, te, ytr, prior)
     return out
 
-# %% ../nbs/21_evaluate.ipynb #24e07caa
+# %% ../nbs/21_evaluate.ipynb #7b65aebf
 def predict_scores(
     pipeline: Any,  # a fitted make_model pipeline
     frame: Any,  # rows to score (pandas or polars)
@@ -857,14 +865,14 @@ def predict_scores(
     df = to_pandas(frame)
     return pipeline.predict_proba(df[feature_columns(pipeline)])[:, 1]
 
-
+# %% ../nbs/21_evaluate.ipynb #878afaed
 def _keys(frame: Any) -> pd.DataFrame:
     df = to_pandas(frame)
     return pd.DataFrame(
         {"id": df["id"].to_numpy(), "as_of": pd.to_datetime(df["as_of"]).dt.normalize().to_numpy()}
     )
 
-
+# %% ../nbs/21_evaluate.ipynb #26aa9815
 def _align(base: Any, rows: Any, what: str) -> pd.DataFrame:
     "The rows of `base` in the order of `rows`, matched on (id, as_of); every row must be there."
     b = pd.concat([_keys(base), to_pandas(base).drop(columns=["id", "as_of"]).reset_index(drop=True)], axis=1)
@@ -897,7 +905,7 @@ def test_predictions(
         out["conversion_mrr"] = pd.to_numeric(te["conversion_mrr"], errors="coerce").to_numpy()
     return out.assign(**{f"baseline_{k}": v for k, v in base.items()})
 
-# %% ../nbs/21_evaluate.ipynb #8790323d
+# %% ../nbs/21_evaluate.ipynb #64f5febd
 def evaluate_predictions(
     pred: Any,  # output of `test_predictions` (or test_predictions.parquet)
     capacities: Sequence[int] = (100,),  # contact capacities K per as-of date
@@ -914,7 +922,7 @@ def evaluate_predictions(
     out["baseline_definitions"] = {k: BASELINES.get(k, "") for k in base}
     return out
 
-
+# %% ../nbs/21_evaluate.ipynb #a2cc86b8
 def evaluate_model(
     pipeline: Any,  # a fitted make_model pipeline
     train: Any,  # training rows (for the baselines' fits)
@@ -952,14 +960,39 @@ def metrics_table(
             cols[(name, part)] = [(res.get(r) or {}).get(part) for r in rows]
     return pd.DataFrame(cols, index=rows).rename_axis("metric").astype(float)
 
-# %% ../nbs/21_evaluate.ipynb #a5f49b0e
+# %% ../nbs/21_evaluate.ipynb #e00d9707
 def _scores(score: Any, baselines: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     out = {"model": np.asarray(score, dtype=float)}
     for k, v in (baselines or {}).items():
         out[k] = np.broadcast_to(np.asarray(v, dtype=float), out["model"].shape)
     return out
 
+# %% ../nbs/21_evaluate.ipynb #23367431
+def _draw_reliability(
+    ax: Any,  # the reliability panel
+    ax2: Any,  # the histogram panel
+    y: np.ndarray,  # 0/1 labels
+    s: np.ndarray,  # predicted probabilities
+    name: str,  # legend label
+    color: str,  # matplotlib colour
+    lo: float,  # the smallest probability shown (log scales)
+    n_bins: int = 10,  # quantile bins
+) -> None:
+    "Draw `s`'s observed-vs-predicted bins on `ax` and its distribution on `ax2` (a constant: one cross)."
+    if len(np.unique(s)) < 2:
+        ax.scatter([s.mean()], [y.mean()], marker="x", s=60, label=f"{name} (constant)", color=color)
+        return
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, n_bins + 1)))
+    b = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
+    cnt = np.bincount(b)
+    pred, obs = np.bincount(b, s) / np.maximum(cnt, 1), np.bincount(b, y) / np.maximum(cnt, 1)
+    keep = cnt > 0
+    se = np.sqrt(np.maximum(obs * (1 - obs), 1e-12) / np.maximum(cnt, 1))  # a 95% Wilson-ish bar per bin
+    ax.errorbar(pred[keep], np.maximum(obs[keep], lo), yerr=1.96 * se[keep], marker="o", ms=4, capsize=2,
+                label=name, color=color, alpha=0.9 if name == "model" else 0.6)  # fmt: skip
+    ax2.hist(np.clip(s, lo, 1), bins=np.logspace(np.log10(lo), 0, 40), alpha=0.5, label=name, color=color)
 
+# %% ../nbs/21_evaluate.ipynb #8b836ab3
 def plot_calibration(
     y: Any,  # 0/1 labels
     score: Any,  # predicted probabilities
@@ -974,31 +1007,7 @@ def plot_calibration(
     ax, ax2, *ax3 = fig.subplots(1, 3 if by_date else 2)
     lo = max(min(y.mean() / 20, 1e-3), 1e-5)
     for i, (name, s) in enumerate(_scores(score, baselines).items()):
-        if len(np.unique(s)) < 2:
-            ax.scatter([s.mean()], [y.mean()], marker="x", s=60, label=f"{name} (constant)", color=f"C{i}")
-            continue
-        edges = np.unique(np.quantile(s, np.linspace(0, 1, n_bins + 1)))
-        b = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
-        pred = np.bincount(b, s) / np.maximum(np.bincount(b), 1)
-        obs = np.bincount(b, y) / np.maximum(np.bincount(b), 1)
-        cnt = np.bincount(b)
-        keep = cnt > 0
-        # a 95% Wilson-ish error bar per bin, so empty-looking bins read as noise, not miscalibration
-        se = np.sqrt(np.maximum(obs * (1 - obs), 1e-12) / np.maximum(cnt, 1))
-        ax.errorbar(
-            pred[keep],
-            np.maximum(obs[keep], lo),
-            yerr=1.96 * se[keep],
-            marker="o",
-            ms=4,
-            capsize=2,
-            label=name,
-            color=f"C{i}",
-            alpha=0.9 if name == "model" else 0.6,
-        )
-        ax2.hist(
-            np.clip(s, lo, 1), bins=np.logspace(np.log10(lo), 0, 40), alpha=0.5, label=name, color=f"C{i}"
-        )
+        _draw_reliability(ax, ax2, y, s, name, f"C{i}", lo, n_bins)
     ax.plot([lo, 1], [lo, 1], "k--", lw=1, label="perfect")
     ax.set(
         xscale="log",
@@ -1053,7 +1062,29 @@ def gains_curve(
     g = np.r_[0.0, np.cumsum(y[o])[ends]] / max(y.sum(), 1)
     return x, g
 
-# %% ../nbs/21_evaluate.ipynb #1a4bb952
+# %% ../nbs/21_evaluate.ipynb #178c3419
+def _draw_gains(
+    ax: Any,  # a matplotlib Axes
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],  # name -> `gains_curve`
+    marks: Sequence[tuple[int, float]],  # (K, share of the list) to mark
+    xmax: float,  # the panel's right end (1: the whole list)
+    per: str = "",  # label suffix, e.g. "/date"
+) -> None:
+    "Draw the gains curves and capacity marks on `ax` up to `xmax`."
+    for i, (name, (x, g)) in enumerate(curves.items()):
+        ax.plot(x, g, label=name, color=f"C{i}", lw=2 if name == "model" else 1.2)
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="random")
+    top = max(np.interp(xmax, x, g) for x, g in curves.values())
+    ymax = 1.01 if xmax == 1.0 else min(1.01, top * 1.15 + 0.02)
+    for k, xk in marks:
+        ax.axvline(xk, color="grey", ls="--", lw=0.8)
+        if xmax < 1.0:
+            ax.annotate(f"K={k}{per}", (xk, ymax * 0.97), rotation=90, fontsize=8, va="top", xytext=(3, 0),
+                        textcoords="offset points")  # fmt: skip
+    ax.set(xlim=(0, xmax), ylim=(0, ymax), xlabel="share of companies contacted (best first)",
+           ylabel="share of conversions reached")  # fmt: skip
+
+# %% ../nbs/21_evaluate.ipynb #73316cea
 def plot_gains(
     y: Any,  # 0/1 labels
     score: Any,  # the model's scores
@@ -1070,32 +1101,7 @@ def plot_gains(
     fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2)
     for ax, xmax in zip(axes, (1.0, zoom)):
-        for i, (name, (x, g)) in enumerate(curves.items()):
-            ax.plot(x, g, label=name, color=f"C{i}", lw=2 if name == "model" else 1.2)
-        ax.plot([0, 1], [0, 1], "k:", lw=1, label="random")
-        ymax = (
-            1.01
-            if xmax == 1.0
-            else min(1.01, max(np.interp(xmax, x, g) for x, g in curves.values()) * 1.15 + 0.02)
-        )
-        for k, xk in marks:
-            ax.axvline(xk, color="grey", ls="--", lw=0.8)
-            if xmax < 1.0:
-                ax.annotate(
-                    f"K={k}" + ("/date" if n_dates > 1 else ""),
-                    (xk, ymax * 0.97),
-                    rotation=90,
-                    fontsize=8,
-                    va="top",
-                    xytext=(3, 0),
-                    textcoords="offset points",
-                )
-        ax.set(
-            xlim=(0, xmax),
-            ylim=(0, ymax),
-            xlabel="share of companies contacted (best first)",
-            ylabel="share of conversions reached",
-        )
+        _draw_gains(ax, curves, marks, xmax, "/date" if n_dates > 1 else "")
     axes[0].set_title("Cumulative gains")
     axes[1].set_title("Top of the list (capacities)" if marks else "Top of the list")
     axes[0].legend(fontsize=8, loc="lower right")
@@ -1129,7 +1135,7 @@ def plot_precision_recall(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/21_evaluate.ipynb #03a63217
+# %% ../nbs/21_evaluate.ipynb #3ad5c865
 def _input_of(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
     "Map encoded column names back to the input column they came from (longest matching prefix)."
     out = []
@@ -1141,7 +1147,7 @@ def _input_of(names: Sequence[str], inputs: Sequence[str]) -> list[str]:
         out.append(hit)
     return out
 
-
+# %% ../nbs/21_evaluate.ipynb #87cef041
 def _hist_gb_gain(est: Any, n: int) -> np.ndarray | None:
     "Total split gain per input column of a fitted HistGradientBoosting model (None if its internals differ)."
     try:
@@ -1170,7 +1176,48 @@ def _hist_gb_gain(est: Any, n: int) -> np.ndarray | None:
     except (AttributeError, KeyError, IndexError, ValueError, TypeError):
         return None
 
-# %% ../nbs/21_evaluate.ipynb #911369ae
+# %% ../nbs/21_evaluate.ipynb #e2146b93
+def _own_importance(
+    est: Any,  # a fitted estimator
+    names: Sequence[str],  # its encoded input columns
+) -> tuple[np.ndarray | None, str | None]:
+    "(importance per encoded column, what it measures), or (None, None) when the estimator has no own measure."
+    if hasattr(est, "booster_"):
+        return est.booster_.feature_importance(importance_type="gain"), "gain (LightGBM)"
+    if hasattr(est, "feature_importances_"):
+        return est.feature_importances_, "impurity decrease"
+    if hasattr(est, "coef_") and np.ndim(est.coef_) == 2 and est.coef_.shape[1] == len(names):
+        return np.abs(est.coef_[0]), "|coefficient| (standardised)"
+    if hasattr(est, "_predictors"):  # sklearn's HistGradientBoosting: total split gain per feature
+        return _hist_gb_gain(est, len(names)), "split gain (HistGradientBoosting)"
+    return None, None
+
+# %% ../nbs/21_evaluate.ipynb #32635b2f
+def _permutation_importance(
+    pipeline: Any,  # a fitted make_model pipeline
+    X: Any,  # rows (pandas or polars)
+    y: Any,  # their labels
+    seed: int = 0,  # sampling and permutation seed
+    n_repeats: int = 3,  # permutation repeats
+    max_rows: int = 2000,  # at most this many rows: every positive, then a seeded sample of negatives
+) -> pd.Series:
+    "Mean ROC AUC drop per input feature (negative drops clipped to 0)."
+    from sklearn.inspection import permutation_importance
+
+    inputs = feature_columns(pipeline)
+    df, yv = to_pandas(X)[inputs], np.asarray(y).astype(int)
+    if len(df) > max_rows:
+        pos, neg = np.flatnonzero(yv == 1), np.flatnonzero(yv == 0)
+        k = max(max_rows - len(pos), min(len(neg), 100))
+        idx = np.sort(np.r_[pos, np.random.default_rng(seed).choice(neg, min(k, len(neg)), replace=False)])
+        df, yv = df.iloc[idx], yv[idx]
+    coerced = pipeline.named_steps["coerce"].transform(df)  # coerce once; permute through the rest
+    r = permutation_importance(
+        pipeline[1:], coerced, yv, scoring="roc_auc", n_repeats=n_repeats, random_state=seed
+    )
+    return pd.Series(np.clip(r.importances_mean, 0, None), index=inputs)
+
+# %% ../nbs/21_evaluate.ipynb #b3293e67
 def feature_importance(
     pipeline: Any,  # a fitted make_model pipeline
     X: Any = None,  # rows for permutation importance (needed only when the estimator has no own measure)
@@ -1184,15 +1231,7 @@ def feature_importance(
     est = pipeline.named_steps["model"]
     est = getattr(est, "estimator_", est)
     names = list(pipeline.named_steps["prep"].get_feature_names_out())
-    raw, method = None, None
-    if hasattr(est, "booster_"):
-        raw, method = est.booster_.feature_importance(importance_type="gain"), "gain (LightGBM)"
-    elif hasattr(est, "feature_importances_"):
-        raw, method = est.feature_importances_, "impurity decrease"
-    elif hasattr(est, "coef_") and np.ndim(est.coef_) == 2 and est.coef_.shape[1] == len(names):
-        raw, method = np.abs(est.coef_[0]), "|coefficient| (standardised)"
-    elif hasattr(est, "_predictors"):  # sklearn's HistGradientBoosting: total split gain per feature
-        raw, method = _hist_gb_gain(est, len(names)), "split gain (HistGradientBoosting)"
+    raw, method = _own_importance(est, names)
     if raw is not None:
         s = pd.Series(np.asarray(raw, dtype=float), index=_input_of(names, inputs)).groupby(level=0).sum()
     else:
@@ -1200,24 +1239,10 @@ def feature_importance(
             raise HsmlError(
                 f"{type(est).__name__} has no built-in importance: pass rows X and labels y for permutation importance"
             )
-        from sklearn.inspection import permutation_importance
-
-        df = to_pandas(X)[inputs]
-        yv = np.asarray(y).astype(int)
-        if len(df) > max_rows:  # ROC AUC does not depend on the class mix: keep the rare positives
-            pos, neg = np.flatnonzero(yv == 1), np.flatnonzero(yv == 0)
-            k = max(max_rows - len(pos), min(len(neg), 100))
-            idx = np.sort(
-                np.r_[pos, np.random.default_rng(seed).choice(neg, min(k, len(neg)), replace=False)]
-            )
-            df, yv = df.iloc[idx], yv[idx]
-        # coerce once; permute the coerced columns through the rest of the pipeline
-        coerced = pipeline.named_steps["coerce"].transform(df)
-        r = permutation_importance(
-            pipeline[1:], coerced, yv, scoring="roc_auc", n_repeats=n_repeats, random_state=seed
+        s, method = (
+            _permutation_importance(pipeline, X, y, seed, n_repeats, max_rows),
+            "permutation (ROC AUC drop)",
         )
-        s = pd.Series(np.clip(r.importances_mean, 0, None), index=inputs)
-        method = "permutation (ROC AUC drop)"
     s = s.reindex(inputs, fill_value=0.0)
     total = s.sum()
     s = s / total if total > 0 else s
@@ -1248,7 +1273,7 @@ def plot_feature_importance(
     fig.tight_layout()
     return fig
 
-# %% ../nbs/21_evaluate.ipynb #99bb511b
+# %% ../nbs/21_evaluate.ipynb #660e8615
 def report_plots(
     pipeline: Any,  # a fitted make_model pipeline
     train: Any,  # training rows (for the baselines)
@@ -1283,7 +1308,7 @@ def report_plots(
         "feature_importance": plot_feature_importance(pipeline, df, df[label].to_numpy(), seed=seed),
     }
 
-
+# %% ../nbs/21_evaluate.ipynb #fa08e980
 def save_plots(
     figs: Mapping[str, Figure],  # name -> figure
     out_dir: str | Path,  # directory for the PNGs (created)

@@ -42,7 +42,7 @@ def to_pandas(
         return X.to_pandas()
     raise HsmlError(f"expected a pandas or polars DataFrame of features, got {type(X).__name__}")
 
-# %% ../nbs/20_models.ipynb #17d88957
+# %% ../nbs/20_models.ipynb #fa4f15c2
 class FrameCoercer(TransformerMixin, BaseEstimator):
     "Select the feature columns in a fixed order: numeric ones as float64 (NaN for nulls), categorical ones as str objects (NaN for nulls)."
 
@@ -66,28 +66,29 @@ class FrameCoercer(TransformerMixin, BaseEstimator):
                 hint="score frames built by the same feature set the model was trained on",
             )
 
-    def transform(self, X) -> pd.DataFrame:
-        X = to_pandas(X)
-        self._check(X)
-        out = {}
-        for c in self.numeric:
-            s = X[c]
-            if s.dtype == bool or str(s.dtype) == "boolean":
-                s = s.astype("Float64")
-            try:
-                out[c] = pd.to_numeric(s).astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
-            except (TypeError, ValueError) as e:
-                raise HsmlError(f"feature column {c!r} should be numeric, got dtype {s.dtype}") from e
-        for c in self.categorical:
-            s = X[c]
-            vals = s.astype(object).to_numpy()
-            out[c] = np.array([np.nan if pd.isna(v) else str(v) for v in vals], dtype=object)
-        return pd.DataFrame(out, index=X.index)
-
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         return np.asarray([*self.numeric, *self.categorical], dtype=object)
 
-# %% ../nbs/20_models.ipynb #d830d199
+# %% ../nbs/20_models.ipynb #da564095
+@patch
+def transform(self: FrameCoercer, X) -> pd.DataFrame:
+    X = to_pandas(X)
+    self._check(X)
+    out = {}
+    for c in self.numeric:
+        s = X[c]
+        if s.dtype == bool or str(s.dtype) == "boolean":
+            s = s.astype("Float64")
+        try:
+            out[c] = pd.to_numeric(s).astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+        except (TypeError, ValueError) as e:
+            raise HsmlError(f"feature column {c!r} should be numeric, got dtype {s.dtype}") from e
+    for c in self.categorical:
+        vals = X[c].astype(object).to_numpy()
+        out[c] = np.array([np.nan if pd.isna(v) else str(v) for v in vals], dtype=object)
+    return pd.DataFrame(out, index=X.index)
+
+# %% ../nbs/20_models.ipynb #7a67411e
 OTHER = "__other__"
 
 
@@ -113,20 +114,53 @@ class CategoryVocabulary(TransformerMixin, BaseEstimator):
             self.levels_[c] = sorted(k for k, _ in top) + [OTHER]
         return self
 
-    def transform(self, X) -> pd.DataFrame:
-        X = pd.DataFrame(X)
-        out = {}
-        for c in self.feature_names_in_:
-            s = X[c]
-            known = set(self.levels_[c])
-            vals = [v if pd.isna(v) else (str(v) if str(v) in known else OTHER) for v in s.tolist()]
-            out[c] = pd.Categorical(vals, categories=self.levels_[c])
-        return pd.DataFrame(out, index=X.index)
+# %% ../nbs/20_models.ipynb #263c0c94
+@patch
+def transform(self: CategoryVocabulary, X) -> pd.DataFrame:
+    X = pd.DataFrame(X)
+    out = {}
+    for c in self.feature_names_in_:
+        known = set(self.levels_[c])
+        vals = [v if pd.isna(v) else (str(v) if str(v) in known else OTHER) for v in X[c].tolist()]
+        out[c] = pd.Categorical(vals, categories=self.levels_[c])
+    return pd.DataFrame(out, index=X.index)
 
-    def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        return np.asarray(self.feature_names_in_, dtype=object)
 
-# %% ../nbs/20_models.ipynb #e0fe2a70
+@patch
+def get_feature_names_out(self: CategoryVocabulary, input_features=None) -> np.ndarray:
+    return np.asarray(self.feature_names_in_, dtype=object)
+
+# %% ../nbs/20_models.ipynb #74cb83fd
+def _onehot_parts(
+    numeric: list[str],  # numeric feature columns
+    categorical: list[str],  # categorical feature columns
+    max_categories: int,  # levels kept per categorical column
+    min_frequency: int,  # rarer levels are pooled
+) -> list[tuple]:
+    "ColumnTransformer parts of the `onehot` recipe."
+    impute = SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True)
+    fill = SimpleImputer(strategy="constant", fill_value="(missing)", keep_empty_features=True)
+    onehot = OneHotEncoder(handle_unknown="infrequent_if_exist", min_frequency=min_frequency,
+                           max_categories=max_categories, sparse_output=False)  # fmt: skip
+    num = [("num", Pipeline([("impute", impute), ("scale", StandardScaler())]), numeric)] if numeric else []
+    return num + (
+        [("cat", Pipeline([("impute", fill), ("onehot", onehot)]), categorical)] if categorical else []
+    )
+
+# %% ../nbs/20_models.ipynb #ad001916
+def _native_parts(
+    numeric: list[str],  # numeric feature columns
+    categorical: list[str],  # categorical feature columns
+    max_categories: int,  # levels kept per categorical column
+    min_frequency: int,  # rarer levels are pooled into `__other__`
+) -> list[tuple]:
+    "ColumnTransformer parts of the `native` recipe."
+    vocab = CategoryVocabulary(min_frequency=min_frequency, max_categories=max_categories)
+    return ([("num", "passthrough", numeric)] if numeric else []) + (
+        [("cat", vocab, categorical)] if categorical else []
+    )
+
+# %% ../nbs/20_models.ipynb #2fc01950
 PREPROCESS = ("onehot", "native")
 
 
@@ -140,53 +174,12 @@ def make_preprocessor(
     "The ColumnTransformer of a preprocessing recipe; its output is a pandas DataFrame."
     if kind not in PREPROCESS:
         raise HsmlError(f"unknown preprocessing {kind!r}", hint=f"use one of {list(PREPROCESS)}")
-    parts = []
-    if kind == "onehot":
-        if numeric:
-            num = Pipeline(
-                [
-                    (
-                        "impute",
-                        SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
-                    ),
-                    ("scale", StandardScaler()),
-                ]
-            )
-            parts.append(("num", num, list(numeric)))
-        if categorical:
-            cat = Pipeline(
-                [
-                    (
-                        "impute",
-                        SimpleImputer(strategy="constant", fill_value="(missing)", keep_empty_features=True),
-                    ),
-                    (
-                        "onehot",
-                        OneHotEncoder(
-                            handle_unknown="infrequent_if_exist",
-                            min_frequency=min_frequency,
-                            max_categories=max_categories,
-                            sparse_output=False,
-                        ),
-                    ),
-                ]
-            )
-            parts.append(("cat", cat, list(categorical)))
-    else:
-        if numeric:
-            parts.append(("num", "passthrough", list(numeric)))
-        if categorical:
-            parts.append(
-                (
-                    "cat",
-                    CategoryVocabulary(min_frequency=min_frequency, max_categories=max_categories),
-                    list(categorical),
-                )
-            )
+    recipe = _onehot_parts if kind == "onehot" else _native_parts
+    parts = recipe(list(numeric), list(categorical), max_categories, min_frequency)
     ct = ColumnTransformer(parts, remainder="drop", verbose_feature_names_out=kind == "onehot")
     return ct.set_output(transform="pandas")
 
-# %% ../nbs/20_models.ipynb #7d7de88e
+# %% ../nbs/20_models.ipynb #640b48bb
 def _logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
@@ -195,7 +188,7 @@ def _logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
-
+# %% ../nbs/20_models.ipynb #3a4229d8
 def positive_weight(
     y: np.ndarray,  # 0/1 labels
     pos_weight: str | float | None,  # "balanced", "sqrt", "none"/None, or a number
@@ -288,7 +281,7 @@ def _fold_info(t: np.ndarray, y: np.ndarray, fit: np.ndarray, cal: np.ndarray) -
         "n_calib_positive": int(y[cal].sum()),
     }
 
-# %% ../nbs/20_models.ipynb #b5c54dff
+# %% ../nbs/20_models.ipynb #3056f3d5
 class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
     "Fit `estimator` with up-weighted positives on expanding time folds; one calibrator on their pooled out-of-time scores."
 
@@ -307,30 +300,78 @@ class WeightedCalibratedClassifier(ClassifierMixin, BaseEstimator):
         self.calib_fraction, self.calib_folds = calib_fraction, calib_folds
         self.min_calib_positives, self.calib_gap_days = min_calib_positives, calib_gap_days
 
-    def _fit_one(self, X, y: np.ndarray, w: float):
-        from sklearn.utils.validation import has_fit_parameter
-
-        est = clone(self.estimator)
-        if has_fit_parameter(est, "sample_weight"):
-            est.fit(X, y, sample_weight=np.where(y == 1, w, 1.0))
-        else:
-            if w != 1.0:
-                warnings.warn(
-                    f"{type(est).__name__}.fit takes no sample_weight: positives are not up-weighted",
-                    stacklevel=3,
-                )
-            est.fit(X, y)
-        return est
-
     @staticmethod
     def _rows(X, idx: np.ndarray):
         return X.iloc[idx] if hasattr(X, "iloc") else X[idx]
 
-    @property
-    def feature_importances_(self) -> np.ndarray:
-        return np.mean([m.feature_importances_ for m in self.estimators_], axis=0)
+# %% ../nbs/20_models.ipynb #da004f1e
+@patch
+def _fit_one(self: WeightedCalibratedClassifier, X, y: np.ndarray, w: float):
+    from sklearn.utils.validation import has_fit_parameter
 
-# %% ../nbs/20_models.ipynb #1cbff463
+    est = clone(self.estimator)
+    if has_fit_parameter(est, "sample_weight"):
+        return est.fit(X, y, sample_weight=np.where(y == 1, w, 1.0))
+    if w != 1.0:
+        warnings.warn(
+            f"{type(est).__name__}.fit takes no sample_weight: positives are not up-weighted", stacklevel=3
+        )
+    return est.fit(X, y)
+
+
+@patch(as_prop=True)
+def feature_importances_(self: WeightedCalibratedClassifier) -> np.ndarray:
+    return np.mean([m.feature_importances_ for m in self.estimators_], axis=0)
+
+# %% ../nbs/20_models.ipynb #65effc80
+def _binary_labels(
+    y: Any,  # training labels
+) -> np.ndarray:
+    "`y` as a flat int array; an `HsmlError` unless it holds both 0 and 1 and nothing else."
+    y = np.asarray(y).astype(int).ravel()
+    if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
+        raise HsmlError(
+            f"training labels must contain both 0 and 1, got {sorted(np.unique(y).tolist())}",
+            hint="the training period has no positives: widen as_of_start/as_of_end",
+        )
+    return y
+
+# %% ../nbs/20_models.ipynb #f6df20eb
+@patch
+def _fit_out_of_time(
+    self: WeightedCalibratedClassifier,
+    X,  # preprocessed features
+    y: np.ndarray,  # 0/1 labels
+    w: float,  # the positives' weight
+    time=None,  # time of each row; None: row order
+    horizon_days: int | None = None,  # the default gap before each calibration block
+) -> dict[str, Any]:
+    "Fit the fold models and the calibrator (`estimators_`, `calibrator_`); what they used, for `calibration_info_`."
+    gap = self.calib_gap_days if self.calib_gap_days is not None else horizon_days
+    if gap is None:
+        if time is not None:
+            msg = "no horizon given: the calibration folds have no label gap (pass horizon_days to fit_model)"
+            warnings.warn(msg, stacklevel=3)
+        gap = 0
+    t = np.arange(len(y)) if time is None else np.asarray(time)
+    folds = calibration_folds(t, self.calib_fraction, self.calib_folds, gap)
+    folds = [(f, c) for f, c in folds if 0 < y[f].sum() < f.sum()]  # both classes to fit on
+    n_pos = sum(int(y[c].sum()) for _, c in folds)
+    info = dict(gap_days=int(gap), folds=[_fold_info(t, y, f, c) for f, c in folds], n_calib_positive=n_pos)
+    if not folds or n_pos < self.min_calib_positives:
+        info["fallback"] = (f"{n_pos} positives in the calibration blocks (need {self.min_calib_positives}): "
+                            "prior correction logit(p) - log(w) on a model fitted on every row instead")  # fmt: skip
+        return info
+    z, yc = [], []
+    for fit, cal in folds:
+        i_f, i_c = np.flatnonzero(fit), np.flatnonzero(cal)
+        self.estimators_.append(m := self._fit_one(self._rows(X, i_f), y[i_f], w))
+        z.append(_logit(m.predict_proba(self._rows(X, i_c))[:, 1]))
+        yc.append(y[i_c])
+    self.calibrator_ = _fit_calibrator(self.calibration, np.concatenate(z), np.concatenate(yc))
+    return info
+
+# %% ../nbs/20_models.ipynb #51f2a797
 @patch
 def fit(
     self: WeightedCalibratedClassifier,
@@ -340,12 +381,7 @@ def fit(
     horizon_days: int | None = None,  # the label horizon: the default gap before each calibration block
 ):
     "Fit the weighted model(s) on expanding time folds and one calibrator on their pooled out-of-time scores."
-    y = np.asarray(y).astype(int).ravel()
-    if not set(np.unique(y)) <= {0, 1} or len(np.unique(y)) < 2:
-        raise HsmlError(
-            f"training labels must contain both 0 and 1, got {sorted(np.unique(y).tolist())}",
-            hint="the training period has no positives: widen as_of_start/as_of_end",
-        )
+    y = _binary_labels(y)
     if self.calibration not in ("sigmoid", "isotonic", "prior", "none"):
         raise HsmlError(
             f"calibration={self.calibration!r} unknown", hint="use sigmoid, isotonic, prior or none"
@@ -355,35 +391,7 @@ def fit(
     self.calibrator_, self.estimators_ = None, []
     info = {"method": self.calibration, "pos_weight": w}
     if self.calibration in ("sigmoid", "isotonic"):
-        gap = self.calib_gap_days if self.calib_gap_days is not None else horizon_days
-        if gap is None:
-            if time is not None:
-                warnings.warn(
-                    "no horizon given: the calibration folds have no label gap (pass horizon_days to fit_model)",
-                    stacklevel=2,
-                )
-            gap = 0
-        t = np.arange(len(y)) if time is None else np.asarray(time)
-        folds = calibration_folds(t, self.calib_fraction, self.calib_folds, gap)
-        folds = [(f, c) for f, c in folds if 0 < y[f].sum() < f.sum()]  # both classes to fit on
-        n_pos = sum(int(y[c].sum()) for _, c in folds)
-        info.update(
-            gap_days=int(gap), folds=[_fold_info(t, y, f, c) for f, c in folds], n_calib_positive=n_pos
-        )
-        if folds and n_pos >= self.min_calib_positives:
-            z, yc = [], []
-            for fit, cal in folds:
-                i_f, i_c = np.flatnonzero(fit), np.flatnonzero(cal)
-                m = self._fit_one(self._rows(X, i_f), y[i_f], w)
-                self.estimators_.append(m)
-                z.append(_logit(m.predict_proba(self._rows(X, i_c))[:, 1]))
-                yc.append(y[i_c])
-            self.calibrator_ = _fit_calibrator(self.calibration, np.concatenate(z), np.concatenate(yc))
-        else:
-            info["fallback"] = (
-                f"{n_pos} positives in the calibration blocks (need {self.min_calib_positives}): "
-                "prior correction logit(p) - log(w) on a model fitted on every row instead"
-            )
+        info.update(self._fit_out_of_time(X, y, w, time, horizon_days))
     if self.calibrator_ is None:
         if self.calibration != "none":
             self.calibrator_ = ("prior", 1.0, -math.log(w))
@@ -395,7 +403,7 @@ def fit(
         self.n_features_in_ = self.estimators_[0].n_features_in_
     return self
 
-# %% ../nbs/20_models.ipynb #3d6989cd
+# %% ../nbs/20_models.ipynb #042106df
 @patch
 def _calibrate(self: WeightedCalibratedClassifier, s: np.ndarray) -> np.ndarray:
     cal = self.calibrator_
@@ -412,7 +420,7 @@ def raw_score(self: WeightedCalibratedClassifier, X) -> np.ndarray:
     models = [self.estimator_] if hasattr(self, "estimator_") else self.estimators_
     return np.column_stack([m.predict_proba(X)[:, 1] for m in models])
 
-
+# %% ../nbs/20_models.ipynb #e3acf5b6
 @patch
 def predict_proba(self: WeightedCalibratedClassifier, X) -> np.ndarray:
     p = np.clip(self._calibrate(self.raw_score(X)).mean(axis=1), 0.0, 1.0)
@@ -423,7 +431,7 @@ def predict_proba(self: WeightedCalibratedClassifier, X) -> np.ndarray:
 def predict(self: WeightedCalibratedClassifier, X) -> np.ndarray:
     return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
 
-# %% ../nbs/20_models.ipynb #6aeb5bc5
+# %% ../nbs/20_models.ipynb #c29572a2
 @dataclass(frozen=True)
 class ModelInfo:
     "A registered model: its builder function and how to preprocess for it."
@@ -437,7 +445,7 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 _SPACES: dict[str, Callable[[Any], dict[str, Any]]] = {}
 
-
+# %% ../nbs/20_models.ipynb #9b858044
 def register_model(
     name: str,  # the name used in configs (`model: lgbm`)
     description: str = "",  # one line shown by `model_types()`
@@ -459,7 +467,7 @@ def register_model(
 
     return deco
 
-# %% ../nbs/20_models.ipynb #0aac43e4
+# %% ../nbs/20_models.ipynb #da9f184b
 def get_model(
     name: str,  # a registered model name
 ) -> ModelInfo:
@@ -468,7 +476,7 @@ def get_model(
         raise HsmlError(f"unknown model {name!r}", hint=f"registered models: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
 
-
+# %% ../nbs/20_models.ipynb #b4d651ab
 def model_types() -> pd.DataFrame:
     "The model types one can train: name, preprocessing, description, whether a search space exists (published versions: `hsml.registry.list_models`)."
     return pd.DataFrame(
@@ -484,7 +492,7 @@ def model_types() -> pd.DataFrame:
         columns=["model", "preprocess", "search_space", "description"],
     )
 
-# %% ../nbs/20_models.ipynb #d71b0a2c
+# %% ../nbs/20_models.ipynb #f8ba3a47
 def register_space(
     name: str,  # the model whose Optuna search space this is
 ) -> Callable:
@@ -496,7 +504,7 @@ def register_space(
 
     return deco
 
-
+# %% ../nbs/20_models.ipynb #4740377c
 def get_space(
     name: str,  # a model with a registered search space
 ) -> Callable[[Any], dict[str, Any]]:
@@ -507,90 +515,6 @@ def get_space(
             hint=f"models with spaces: {', '.join(sorted(_SPACES))}; add one with @register_space({name!r})",
         )
     return _SPACES[name]
-
-# %% ../nbs/20_models.ipynb #f89b3d5b
-WRAPPER_PARAMS = (
-    "pos_weight",
-    "calibration",
-    "calib_fraction",
-    "min_calib_positives",
-    "calib_folds",
-    "calib_gap_days",
-)
-
-
-def make_model(
-    name: str,  # registered model name: logreg, random_forest, hist_gb, lgbm, or your own
-    numeric: Sequence[str],  # numeric feature columns
-    categorical: Sequence[str],  # categorical feature columns
-    seed: int = 0,  # seeds every random part: same seed, same data -> same model
-    **params: Any,  # the model's hyper-parameters, plus any of WRAPPER_PARAMS (pos_weight, calibration, ...)
-) -> Pipeline:
-    "An unfitted Pipeline (coerce -> preprocess -> weighted, calibrated estimator) for model `name`."
-    info = get_model(name)
-    numeric, categorical = list(numeric), list(categorical)
-    if not numeric and not categorical:
-        raise HsmlError("a model needs at least one feature column")
-    dup = sorted({c for c in numeric + categorical if (numeric + categorical).count(c) > 1})
-    if dup:
-        raise HsmlError(f"feature column(s) {dup} listed more than once")
-    if "refit" in params:
-        raise HsmlError(
-            "refit is no longer a model parameter: the calibrator is applied to the model it was fitted on",
-            hint="drop refit; the deployed model of a registered run is refitted on every labelled date instead",
-        )
-    wrap = {k: params.pop(k) for k in WRAPPER_PARAMS if k in params}
-    try:
-        est = info.fn(numeric=numeric, categorical=categorical, seed=int(seed), **params)
-    except TypeError as e:
-        raise HsmlError(f"model {name!r} rejected its parameters {sorted(params)}: {e}") from e
-    if not (hasattr(est, "fit") and hasattr(est, "predict_proba")):
-        raise HsmlError(f"model {name!r} returned {type(est).__name__}, which has no fit/predict_proba")
-    return Pipeline(
-        [
-            ("coerce", FrameCoercer(numeric, categorical)),
-            ("prep", make_preprocessor(info.preprocess, numeric, categorical)),
-            ("model", WeightedCalibratedClassifier(est, **wrap)),
-        ]
-    )
-
-# %% ../nbs/20_models.ipynb #68e0a844
-def columns_from_spec(
-    spec: Sequence[dict],  # a feature spec: dicts with at least `name` and `dtype`
-) -> tuple[list[str], list[str]]:
-    "Split a feature spec into (numeric, categorical) column names by dtype."
-    numeric, categorical = [], []
-    for f in spec:
-        dt = str(f.get("dtype", "")).lower()
-        cat = any(k in dt for k in ("str", "utf8", "categor", "enum", "object"))
-        (categorical if cat else numeric).append(f["name"])
-    return numeric, categorical
-
-
-def feature_columns(
-    pipeline: Pipeline,  # a pipeline from make_model
-) -> list[str]:
-    "The input feature columns a make_model pipeline reads, in order."
-    c = pipeline.named_steps["coerce"]
-    return [*c.numeric, *c.categorical]
-
-# %% ../nbs/20_models.ipynb #83dfde4c
-def fit_model(
-    pipeline: Pipeline,  # a pipeline from make_model
-    frame: Any,  # training rows (pandas or polars): the feature columns, the label and the time column
-    label: str = "label",  # label column (0/1)
-    time: str
-    | None = "as_of",  # time column: calibration uses the latest dates out of time (None: row order)
-    horizon_days: int | None = None,  # the label horizon: the gap before the calibration block (give it!)
-) -> Pipeline:
-    "Fit `pipeline` on a training-set frame; calibration holds out the latest dates, a horizon after the fit rows."
-    df = to_pandas(frame)
-    if label not in df.columns:
-        raise HsmlError(f"the training frame has no label column {label!r}")
-    t = df[time].to_numpy() if time is not None and time in df.columns else None
-    return pipeline.fit(
-        df[feature_columns(pipeline)], df[label].to_numpy(), model__time=t, model__horizon_days=horizon_days
-    )
 
 # %% ../nbs/20_models.ipynb #b5a92e13
 @register_model(
@@ -686,7 +610,112 @@ def _lgbm(
         **extra,
     )
 
-# %% ../nbs/20_models.ipynb #c1bc05ca
+# %% ../nbs/20_models.ipynb #c07c70e3
+def _check_columns(
+    numeric: Sequence[str],  # numeric feature columns
+    categorical: Sequence[str],  # categorical feature columns
+) -> tuple[list[str], list[str]]:
+    "The two column lists; an `HsmlError` when both are empty or a column is listed twice."
+    numeric, categorical = list(numeric), list(categorical)
+    if not numeric and not categorical:
+        raise HsmlError("a model needs at least one feature column")
+    dup = sorted({c for c in numeric + categorical if (numeric + categorical).count(c) > 1})
+    if dup:
+        raise HsmlError(f"feature column(s) {dup} listed more than once")
+    return numeric, categorical
+
+# %% ../nbs/20_models.ipynb #7905a8fb
+def _build_estimator(
+    info: ModelInfo,  # the registered model
+    numeric: list[str],  # numeric feature columns
+    categorical: list[str],  # categorical feature columns
+    seed: int,  # the model's seed
+    params: Mapping[str, Any],  # the model's hyper-parameters (without WRAPPER_PARAMS)
+) -> Any:
+    "The unfitted estimator of `info`, checked to have fit and predict_proba."
+    try:
+        est = info.fn(numeric=numeric, categorical=categorical, seed=int(seed), **params)
+    except TypeError as e:
+        raise HsmlError(f"model {info.name!r} rejected its parameters {sorted(params)}: {e}") from e
+    if not (hasattr(est, "fit") and hasattr(est, "predict_proba")):
+        raise HsmlError(f"model {info.name!r} returned {type(est).__name__}, which has no fit/predict_proba")
+    return est
+
+# %% ../nbs/20_models.ipynb #4e864b24
+WRAPPER_PARAMS = (
+    "pos_weight",
+    "calibration",
+    "calib_fraction",
+    "min_calib_positives",
+    "calib_folds",
+    "calib_gap_days",
+)
+
+# %% ../nbs/20_models.ipynb #8e7de085
+def make_model(
+    name: str,  # registered model name: logreg, random_forest, hist_gb, lgbm, or your own
+    numeric: Sequence[str],  # numeric feature columns
+    categorical: Sequence[str],  # categorical feature columns
+    seed: int = 0,  # seeds every random part: same seed, same data -> same model
+    **params: Any,  # the model's hyper-parameters, plus any of WRAPPER_PARAMS (pos_weight, calibration, ...)
+) -> Pipeline:
+    "An unfitted Pipeline (coerce -> preprocess -> weighted, calibrated estimator) for model `name`."
+    info = get_model(name)
+    numeric, categorical = _check_columns(numeric, categorical)
+    if "refit" in params:
+        raise HsmlError(
+            "refit is no longer a model parameter: the calibrator is applied to the model it was fitted on",
+            hint="drop refit; the deployed model of a registered run is refitted on every labelled date instead",
+        )
+    wrap = {k: params.pop(k) for k in WRAPPER_PARAMS if k in params}
+    est = _build_estimator(info, numeric, categorical, seed, params)
+    return Pipeline(
+        [
+            ("coerce", FrameCoercer(numeric, categorical)),
+            ("prep", make_preprocessor(info.preprocess, numeric, categorical)),
+            ("model", WeightedCalibratedClassifier(est, **wrap)),
+        ]
+    )
+
+# %% ../nbs/20_models.ipynb #a78fe8e6
+def columns_from_spec(
+    spec: Sequence[dict],  # a feature spec: dicts with at least `name` and `dtype`
+) -> tuple[list[str], list[str]]:
+    "Split a feature spec into (numeric, categorical) column names by dtype."
+    numeric, categorical = [], []
+    for f in spec:
+        dt = str(f.get("dtype", "")).lower()
+        cat = any(k in dt for k in ("str", "utf8", "categor", "enum", "object"))
+        (categorical if cat else numeric).append(f["name"])
+    return numeric, categorical
+
+# %% ../nbs/20_models.ipynb #27e8b291
+def feature_columns(
+    pipeline: Pipeline,  # a pipeline from make_model
+) -> list[str]:
+    "The input feature columns a make_model pipeline reads, in order."
+    c = pipeline.named_steps["coerce"]
+    return [*c.numeric, *c.categorical]
+
+# %% ../nbs/20_models.ipynb #83dfde4c
+def fit_model(
+    pipeline: Pipeline,  # a pipeline from make_model
+    frame: Any,  # training rows (pandas or polars): the feature columns, the label and the time column
+    label: str = "label",  # label column (0/1)
+    time: str
+    | None = "as_of",  # time column: calibration uses the latest dates out of time (None: row order)
+    horizon_days: int | None = None,  # the label horizon: the gap before the calibration block (give it!)
+) -> Pipeline:
+    "Fit `pipeline` on a training-set frame; calibration holds out the latest dates, a horizon after the fit rows."
+    df = to_pandas(frame)
+    if label not in df.columns:
+        raise HsmlError(f"the training frame has no label column {label!r}")
+    t = df[time].to_numpy() if time is not None and time in df.columns else None
+    return pipeline.fit(
+        df[feature_columns(pipeline)], df[label].to_numpy(), model__time=t, model__horizon_days=horizon_days
+    )
+
+# %% ../nbs/20_models.ipynb #29e61334
 @register_space("logreg")
 def _logreg_space(trial) -> dict[str, Any]:
     return {
@@ -694,7 +723,7 @@ def _logreg_space(trial) -> dict[str, Any]:
         "pos_weight": trial.suggest_categorical("pos_weight", ["balanced", "sqrt", "none"]),
     }
 
-
+# %% ../nbs/20_models.ipynb #3e6de060
 @register_space("random_forest")
 def _random_forest_space(trial) -> dict[str, Any]:
     return {
@@ -704,7 +733,7 @@ def _random_forest_space(trial) -> dict[str, Any]:
         "pos_weight": trial.suggest_categorical("pos_weight", ["balanced", "sqrt"]),
     }
 
-
+# %% ../nbs/20_models.ipynb #870fc765
 @register_space("hist_gb")
 def _hist_gb_space(trial) -> dict[str, Any]:
     return {
@@ -716,7 +745,7 @@ def _hist_gb_space(trial) -> dict[str, Any]:
         "pos_weight": trial.suggest_categorical("pos_weight", ["balanced", "sqrt", "none"]),
     }
 
-
+# %% ../nbs/20_models.ipynb #3a9bf004
 @register_space("lgbm")
 def _lgbm_space(trial) -> dict[str, Any]:
     return {

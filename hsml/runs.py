@@ -80,7 +80,24 @@ DEFAULT_PARAMS: dict[str, Any] = {  # experiments/train.ipynb's parameters cell 
 }
 INTERNAL_PARAMS = ("_run_id", "_work_dir", "_launched_at")
 
-# %% ../nbs/23_runs.ipynb #acae54e37e7d407bbb7b55eff062a284
+# %% ../nbs/23_runs.ipynb #77b02692
+def _import_file(
+    path: Path,  # an existing .py file
+) -> None:
+    "Import a .py file once, as a module named after its path; a failed import leaves no half-made module."
+    name = f"hsml_plugin_{path.stem}_{sha256_bytes(str(path).encode())[:8]}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+# %% ../nbs/23_runs.ipynb #a18699f1
 def load_plugins(
     plugins: str
     | Sequence[str]
@@ -98,16 +115,7 @@ def load_plugins(
                     raise HsmlError(
                         f"plugins: {item} not found", hint="give a path relative to the working directory"
                     )
-                name = f"hsml_plugin_{path.stem}_{sha256_bytes(str(path).encode())[:8]}"
-                if name not in sys.modules:
-                    spec = importlib.util.spec_from_file_location(name, path)
-                    module = importlib.util.module_from_spec(spec)
-                    sys.modules[name] = module
-                    try:
-                        spec.loader.exec_module(module)
-                    except BaseException:
-                        del sys.modules[name]
-                        raise
+                _import_file(path)
             else:
                 importlib.import_module(item)
         except HsmlError:
@@ -126,12 +134,12 @@ def known_models() -> list[str]:
     except Exception:
         return list(BUILTIN_MODELS)
 
-# %% ../nbs/23_runs.ipynb #ef919331
+# %% ../nbs/23_runs.ipynb #81c94573
 def _date(name: str, v: Any) -> str:
     "'' or an ISO date string (YAML dates accepted): the params keep dates as text."
     return "" if v is None or v == "" else to_date(v, name).isoformat()
 
-
+# %% ../nbs/23_runs.ipynb #215f673f
 def _int(name: str, v: Any, low: int = 0) -> int:
     if isinstance(v, bool) or not (
         isinstance(v, int)
@@ -144,7 +152,7 @@ def _int(name: str, v: Any, low: int = 0) -> int:
         raise HsmlError(f"{name}={v} must be at least {low}")
     return v
 
-
+# %% ../nbs/23_runs.ipynb #f14fae68
 def _bool(name: str, v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -154,7 +162,7 @@ def _bool(name: str, v: Any) -> bool:
         return bool(v)
     raise HsmlError(f"{name}={v!r} is not true/false")
 
-# %% ../nbs/23_runs.ipynb #6e70a41e
+# %% ../nbs/23_runs.ipynb #7adce85b
 def _capacities(v: Any) -> list[int]:
     if isinstance(v, str):
         s = v.strip().strip("[]")
@@ -178,7 +186,7 @@ def _capacities(v: Any) -> list[int]:
         out.append(k)
     return sorted(set(out))
 
-
+# %% ../nbs/23_runs.ipynb #b4312c31
 def _feature_set(v: Any) -> str | list[str]:
     "A feature-set name, or a list of feature names (a list or a comma-separated string)."
     if isinstance(v, str) and "," in v:
@@ -210,7 +218,58 @@ def check_dates(p: Mapping[str, Any]) -> None:
             hint="move test_from later or as_of_start earlier",
         )
 
-# %% ../nbs/23_runs.ipynb #ee5eca7e
+# %% ../nbs/23_runs.ipynb #b81813f4
+def _check_model(
+    p: Mapping[str, Any],  # parameters with every key
+) -> dict[str, Any]:
+    "Imported `plugins`, then the checked `model` and its `model_params`."
+    plugins = load_plugins(p["plugins"])
+    if not isinstance(p["model"], str) or (
+        p["model"] not in BUILTIN_MODELS and p["model"] not in known_models()
+    ):
+        raise HsmlError(
+            f"unknown model {p['model']!r}", hint=f"registered models: {', '.join(known_models())}"
+        )
+    return {"plugins": plugins, "model": p["model"], "model_params": dict(p["model_params"] or {})}
+
+# %% ../nbs/23_runs.ipynb #632271d3
+def _check_text(
+    p: Mapping[str, Any],  # parameters with every key
+    check_paths: bool = True,  # check that a non-empty data_dir exists
+) -> dict[str, Any]:
+    "The path and name parameters as strings, and the feature set; an empty project or run_dir is an error."
+    out = {
+        k: "" if p[k] is None else str(p[k])
+        for k in ("data_dir", "wandb_project", "run_dir", "registry", "register_name")
+    }
+    out["feature_set"] = _feature_set(p["feature_set"])
+    if check_paths and out["data_dir"] and not Path(out["data_dir"]).exists():
+        raise HsmlError(
+            f"data_dir={out['data_dir']!r} does not exist",
+            hint="leave data_dir empty to use the generated sample data",
+        )
+    for k in ("wandb_project", "run_dir"):
+        if not out[k].strip():
+            raise HsmlError(f"{k} must not be empty")
+    return out
+
+# %% ../nbs/23_runs.ipynb #44f5a49c
+def _check_values(
+    p: Mapping[str, Any],  # parameters with every key
+) -> dict[str, Any]:
+    "Whole numbers, ISO dates, the capacity list, the tracking mode and the register switch, checked."
+    out = {k: _int(k, p[k], low=1) for k in ("sample_companies", "every_days", "horizon_days")}
+    out |= {k: _int(k, p[k], low=0) for k in ("sample_seed", "seed", "n_boot", "backtest_folds")}
+    out |= {k: _date(k, p[k]) for k in ("as_of_start", "as_of_end", "test_from")}
+    out["capacities"] = _capacities(p["capacities"])
+    if p["tracking"] not in TRACKING_MODES:
+        raise HsmlError(
+            f"tracking={p['tracking']!r} is not a tracking mode",
+            hint=f"use one of {', '.join(TRACKING_MODES)}",
+        )
+    return out | {"register": _bool("register", p["register"])}
+
+# %% ../nbs/23_runs.ipynb #5308fe6e
 def validate_params(
     params: Mapping[str, Any],  # parameters (missing ones take DEFAULT_PARAMS)
     check_paths: bool = True,  # check that a non-empty data_dir exists
@@ -223,42 +282,13 @@ def validate_params(
             hint=f"known parameters: {', '.join(DEFAULT_PARAMS)}",
         )
     p = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if k in DEFAULT_PARAMS}}
-    p["plugins"] = load_plugins(p["plugins"])  # before the model name is checked: they may register it
-    p["model_params"] = dict(p["model_params"] or {})
-    if not isinstance(p["model"], str) or (
-        p["model"] not in BUILTIN_MODELS and p["model"] not in known_models()
-    ):
-        raise HsmlError(
-            f"unknown model {p['model']!r}", hint=f"registered models: {', '.join(known_models())}"
-        )
-    for k in ("data_dir", "wandb_project", "run_dir", "registry", "register_name"):
-        p[k] = "" if p[k] is None else str(p[k])
-    p["feature_set"] = _feature_set(p["feature_set"])
-    if check_paths and p["data_dir"] and not Path(p["data_dir"]).exists():
-        raise HsmlError(
-            f"data_dir={p['data_dir']!r} does not exist",
-            hint="leave data_dir empty to use the generated sample data",
-        )
-    for k in ("wandb_project", "run_dir"):
-        if not p[k].strip():
-            raise HsmlError(f"{k} must not be empty")
-    for k in ("sample_companies", "every_days", "horizon_days"):
-        p[k] = _int(k, p[k], low=1)
-    for k in ("sample_seed", "seed", "n_boot", "backtest_folds"):
-        p[k] = _int(k, p[k], low=0)
-    for k in ("as_of_start", "as_of_end", "test_from"):
-        p[k] = _date(k, p[k])
-    p["capacities"] = _capacities(p["capacities"])
-    if p["tracking"] not in TRACKING_MODES:
-        raise HsmlError(
-            f"tracking={p['tracking']!r} is not a tracking mode",
-            hint=f"use one of {', '.join(TRACKING_MODES)}",
-        )
-    p["register"] = _bool("register", p["register"])
+    p.update(_check_model(p))
+    p.update(_check_text(p, check_paths))
+    p.update(_check_values(p))
     check_dates(p)
     return p
 
-# %% ../nbs/23_runs.ipynb #e0e1e1a3
+# %% ../nbs/23_runs.ipynb #20421f8d
 def as_of_dates(p: Mapping[str, Any]) -> list[dt.date]:
     "The as-of dates of resolved parameters: as_of_start, + every_days, ... <= as_of_end."
     s, e = dt.date.fromisoformat(p["as_of_start"]), dt.date.fromisoformat(p["as_of_end"])
@@ -268,7 +298,7 @@ def as_of_dates(p: Mapping[str, Any]) -> list[dt.date]:
         d += dt.timedelta(days=p["every_days"])
     return out
 
-
+# %% ../nbs/23_runs.ipynb #87b4d5c4
 def resolve_dates(
     params: Mapping[str, Any],  # validated parameters
     last_event: dt.date
@@ -305,7 +335,7 @@ def resolve_dates(
         )
     return p
 
-# %% ../nbs/23_runs.ipynb #eecd9bba
+# %% ../nbs/23_runs.ipynb #1f745e27
 def repo_root(start: str | Path | None = None) -> Path | None:
     "The project root (holding pyproject.toml) above `start` (default: this package, then the cwd)."
     import hsml
@@ -317,7 +347,7 @@ def repo_root(start: str | Path | None = None) -> Path | None:
                 return d
     return None
 
-
+# %% ../nbs/23_runs.ipynb #8bdc65b5
 def git_info(root: str | Path | None = None) -> dict[str, Any]:
     "`{git_sha, git_dirty}` of the repository at `root` (None when not a git checkout)."
     root = Path(root) if root else repo_root()
@@ -337,7 +367,7 @@ def git_info(root: str | Path | None = None) -> dict[str, Any]:
     except (subprocess.CalledProcessError, FileNotFoundError):  # not a git checkout / no git executable
         return {"git_sha": None, "git_dirty": None}
 
-
+# %% ../nbs/23_runs.ipynb #ab12d38d
 def environment_info(root: str | Path | None = None) -> dict[str, Any]:
     "`{python, platform, packages {name: version}, lock_file, lock_sha256}` of the running interpreter."
     root = Path(root) if root else repo_root()
@@ -371,7 +401,20 @@ def freeze_at_exit() -> None:
         atexit.register(gc.freeze)  # objects still alive at exit are left to the OS
         freeze_at_exit.registered = True
 
-# %% ../nbs/23_runs.ipynb #e22a1210
+# %% ../nbs/23_runs.ipynb #9571373b
+def _start_timings(
+    first_cell_at: float | None,  # time.time() at the notebook's first cell
+    launched_at: float = 0.0,  # time.time() before papermill started the kernel (0: unknown)
+) -> dict[str, float]:
+    "`{kernel_start, imports}` seconds, each when its start is known."
+    timings, now = {}, time.time()
+    if launched_at and first_cell_at:
+        timings["kernel_start"] = round(first_cell_at - float(launched_at), 3)
+    if first_cell_at:
+        timings["imports"] = round(now - first_cell_at, 3)
+    return timings
+
+# %% ../nbs/23_runs.ipynb #8cc37624
 class Run:
     "One training run being written; `finalize()` publishes it as `<run_dir>/<run_id>`."
 
@@ -390,61 +433,80 @@ class Run:
         if self.final.exists():
             raise HsmlError(f"run directory {self.final} already exists")
         self.managed = bool(work_dir)
-        if self.managed:
-            self.dir = Path(work_dir)
-            self.dir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.root)  # what runs killed before us left behind
-            self.dir = Path(
-                tempfile.mkdtemp(prefix=f".{self.run_id}.{os.getpid()}.", suffix=".tmp", dir=self.root)
-            )
-            atexit.register(self._cleanup)
-        self.dir.chmod(0o755)  # mkdtemp makes it private; a run directory is meant to be read by others
+        self.dir = self._open_dir(work_dir)
         self.started_at = _now()
         self.finalized = False
-        self.timings: dict[str, float] = {}
-        now = time.time()
-        if launched_at and first_cell_at:
-            self.timings["kernel_start"] = round(first_cell_at - float(launched_at), 3)
-        if first_cell_at:
-            self.timings["imports"] = round(now - first_cell_at, 3)
+        self.timings: dict[str, float] = _start_timings(first_cell_at, launched_at)
         self.data_fingerprints: dict[str, str] = {}
         freeze_at_exit()  # papermill waits for the kernel to exit
         self.extra: dict[str, Any] = {}
         self.write_yaml("config.yaml", self.params)
 
-    @property
-    def area(self) -> Path:
-        "The run area: a hidden directory under run_dir shared by runs (sample data, W&B cache)."
-        d = self.root / ".hsml"
+# %% ../nbs/23_runs.ipynb #3918444d
+@patch
+def _open_dir(
+    self: Run,
+    work_dir: str | Path = "",  # train_main's temporary directory; empty: make one under run_dir
+) -> Path:
+    "The directory the run writes into (readable by others)."
+    if self.managed:
+        d = Path(work_dir)
         d.mkdir(parents=True, exist_ok=True)
-        return d
+    else:
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.root)  # what runs killed before us left behind
+        d = Path(tempfile.mkdtemp(prefix=f".{self.run_id}.{os.getpid()}.", suffix=".tmp", dir=self.root))
+        atexit.register(self._cleanup)
+    d.chmod(0o755)  # mkdtemp makes it private; a run directory is meant to be read by others
+    return d
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        "Time a stage; times add up if a stage is entered twice."
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t, 3)
 
-    def path(self, *parts: str) -> Path:
-        "A path inside the (temporary) run directory; parent directories are created."
-        p = self.dir.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
+@patch
+def _cleanup(self: Run) -> None:
+    "Remove the run's own temporary directory unless it was published."
+    if not self.finalized and not self.managed and self.dir.exists():
+        shutil.rmtree(self.dir, ignore_errors=True)
 
-    def write_json(self, name: str, obj: Any) -> Path:
-        return atomic_write_json(self.path(name), obj)
+# %% ../nbs/23_runs.ipynb #6bf6c3a9
+@patch(as_prop=True)
+def area(self: Run) -> Path:
+    "The run area: a hidden directory under run_dir shared by runs (sample data, W&B cache)."
+    d = self.root / ".hsml"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
-    def write_yaml(self, name: str, obj: Any) -> Path:
-        return atomic_write_text(
-            self.path(name), yaml.safe_dump(json.loads(json.dumps(obj, default=str)), sort_keys=False)
-        )
 
-# %% ../nbs/23_runs.ipynb #4e5f073f
+@patch
+def path(self: Run, *parts: str) -> Path:
+    "A path inside the (temporary) run directory; parent directories are created."
+    p = self.dir.joinpath(*parts)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+# %% ../nbs/23_runs.ipynb #925cfe21
+@patch
+@contextlib.contextmanager
+def stage(self: Run, name: str) -> Iterator[None]:
+    "Time a stage; times add up if a stage is entered twice."
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t, 3)
+
+
+@patch
+def write_json(self: Run, name: str, obj: Any) -> Path:
+    return atomic_write_json(self.path(name), obj)
+
+
+@patch
+def write_yaml(self: Run, name: str, obj: Any) -> Path:
+    return atomic_write_text(
+        self.path(name), yaml.safe_dump(json.loads(json.dumps(obj, default=str)), sort_keys=False)
+    )
+
+# %% ../nbs/23_runs.ipynb #66963762
 @patch
 def manifest(self: Run) -> dict[str, Any]:
     "The manifest.json content (finished_at = now)."
@@ -464,7 +526,7 @@ def manifest(self: Run) -> dict[str, Any]:
         **self.extra,
     }
 
-
+# %% ../nbs/23_runs.ipynb #8fe31ce7
 @patch
 def finalize(self: Run) -> Path:
     "Write manifest.json and timings.json, then publish the run directory; returns its final path."
@@ -480,13 +542,7 @@ def finalize(self: Run) -> Path:
     self.finalized = True
     return self.final
 
-
-@patch
-def _cleanup(self: Run) -> None:
-    if not self.finalized and not self.managed and self.dir.exists():
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-# %% ../nbs/23_runs.ipynb #72670494
+# %% ../nbs/23_runs.ipynb #2245cfc8
 _COPIER = """
 import os, shutil, sys, time
 pid, src, dst = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -501,7 +557,7 @@ if os.path.exists(src) and os.path.isdir(os.path.dirname(dst)):
     os.replace(dst + ".tmp", dst)
 """
 
-
+# %% ../nbs/23_runs.ipynb #8c7475ea
 def papermill_output_path(pid: int | None = None) -> Path | None:
     "The output notebook of the papermill process `pid` (default: our parent), or None if it is not papermill."
     pid = pid or os.getppid()
@@ -530,7 +586,7 @@ def papermill_output_path(pid: int | None = None) -> Path | None:
         return None
     return (cwd / out).resolve()
 
-
+# %% ../nbs/23_runs.ipynb #38d56e2d
 def _copy_executed_notebook_later(src_hint: Path, dst: Path) -> None:
     "If papermill is our parent, copy its output notebook to `dst` after it exits (detached, best effort)."
     out = papermill_output_path()
@@ -544,7 +600,7 @@ def _copy_executed_notebook_later(src_hint: Path, dst: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
 
-# %% ../nbs/23_runs.ipynb #7b1b3e47
+# %% ../nbs/23_runs.ipynb #94768bad
 def source_fingerprints(
     source: Any,  # a data directory, a catalog YAML or a Catalog (as for `load_tables`)
 ) -> dict[str, str]:
@@ -553,7 +609,7 @@ def source_fingerprints(
 
     return Catalog.resolve(source).fingerprints()
 
-
+# %% ../nbs/23_runs.ipynb #fe7a8bb5
 def check_fingerprints(
     source: Any,  # a data directory, a catalog YAML or a Catalog
     recorded: Mapping[str, str],  # `{table: sha256}` the run recorded
@@ -600,14 +656,14 @@ def sample_data_dir(
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-# %% ../nbs/23_runs.ipynb #d7d6ca03
+# %% ../nbs/23_runs.ipynb #f2afa204
 def registered_name(
     params: Mapping[str, Any],  # resolved parameters (register_name, model)
 ) -> str:
     "The name a run's bundle goes by in the registry and in W&B: `register_name`, or `conversion-<model>`."
     return params.get("register_name") or f"conversion-{params['model']}"
 
-
+# %% ../nbs/23_runs.ipynb #721588c2
 def publish_bundle(
     bundle_dir: str | Path,  # the run's model/ directory
     params: Mapping[str, Any],  # resolved parameters (register_name, registry)
@@ -631,7 +687,7 @@ def publish_bundle(
         origin=origin,
     )
 
-
+# %% ../nbs/23_runs.ipynb #d0b90190
 def register_run(
     run_path: str | Path,  # a published run directory (model/, manifest.json)
     params: Mapping[str, Any],  # resolved parameters (model, register_name, registry, tracking)
@@ -664,7 +720,42 @@ def train_notebook() -> Path:
         raise HsmlError("experiments/train.ipynb not found", hint="run from the hsml project checkout")
     return nb
 
-# %% ../nbs/23_runs.ipynb #6b3882a2
+# %% ../nbs/23_runs.ipynb #51eb3658
+def _run_training_notebook(
+    nb: Path,  # the training notebook
+    out_nb: Path,  # the executed notebook (inside the temporary run directory)
+    parameters: Mapping[str, Any],  # papermill parameters
+    failed: Path,  # where a failed run's executed notebook is kept
+    log_output: bool = False,  # stream the notebook's output to the terminal
+) -> None:
+    "Execute `nb` into `out_nb`; a failed cell is an `HsmlError` naming it, its notebook kept at `failed`."
+    import papermill as pm
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        pm.execute_notebook(str(nb), str(out_nb), parameters=dict(parameters), kernel_name="python3",
+                            progress_bar=sys.stderr.isatty() and not log_output,  # a bar over the cells, in a terminal
+                            extra_arguments=QUIET_KERNEL, log_output=log_output, cwd=os.getcwd())  # fmt: skip
+    except pm.PapermillExecutionError as e:
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        if out_nb.exists():
+            shutil.copyfile(out_nb, failed)
+        raise HsmlError(f"training run failed in cell {e.cell_index}: {e.ename}: {e.evalue}",
+                        hint=f"the executed notebook is in {failed}") from None  # fmt: skip
+
+# %% ../nbs/23_runs.ipynb #cb167329
+def _check_finalized(
+    tmp: Path,  # the temporary run directory the notebook wrote
+    launched: float,  # time.time() before papermill started the kernel
+) -> None:
+    "An `HsmlError` unless the notebook finalized its run; adds `papermill_total` to `timings.json`."
+    if not (tmp / "manifest.json").exists():
+        raise HsmlError("the training notebook finished without finalizing its run (no manifest.json)")
+    timings = json.loads((tmp / "timings.json").read_text())
+    timings["papermill_total"] = round(time.time() - launched, 3)  # kernel start to notebook saved
+    atomic_write_json(tmp / "timings.json", timings)
+
+# %% ../nbs/23_runs.ipynb #0c9f6fab
 def train_main(
     params: Mapping[str, Any],  # training parameters (see DEFAULT_PARAMS); missing ones take the defaults
     notebook: str | Path | None = None,  # the training notebook; default experiments/train.ipynb
@@ -673,53 +764,19 @@ def train_main(
     quiet: bool = False,  # do not print the run directory
 ) -> Path:
     "Run the training notebook with papermill; return the published run directory `<run_dir>/<run_id>`."
-    import papermill as pm
-
     p = validate_params(params)
     nb = Path(notebook) if notebook else train_notebook()
     root = Path(p["run_dir"]).absolute()
     run_id = make_run_id(p["model"])
     final = root / run_id
-    failed = root / ".failed" / f"{run_id}.ipynb"
     remove_stale_temporaries(root)  # half-made run directories of runs that were killed
     with atomic_path(final, overwrite=False, is_dir=True) as tmp:
         tmp.chmod(0o755)
-        out_nb = tmp / "train.ipynb"
         launched = time.time()
-        pm_params = {
-            **p,
-            "run_dir": str(root),
-            "_run_id": run_id,
-            "_work_dir": str(tmp),
-            "_launched_at": launched,
-        }
-        env_threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
-        try:
-            pm.execute_notebook(
-                str(nb),
-                str(out_nb),
-                parameters=pm_params,
-                kernel_name="python3",
-                progress_bar=sys.stderr.isatty() and not log_output,  # a bar over the cells, in a terminal
-                extra_arguments=QUIET_KERNEL,
-                log_output=log_output,
-                cwd=os.getcwd(),
-            )
-        except pm.PapermillExecutionError as e:
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            if out_nb.exists():
-                shutil.copyfile(out_nb, failed)
-            msg = f"{e.ename}: {e.evalue}"
-            raise HsmlError(
-                f"training run failed in cell {e.cell_index}: {msg}",
-                hint=f"the executed notebook is in {failed}",
-            ) from None
-        del env_threads
-        if not (tmp / "manifest.json").exists():
-            raise HsmlError("the training notebook finished without finalizing its run (no manifest.json)")
-        timings = json.loads((tmp / "timings.json").read_text())
-        timings["papermill_total"] = round(time.time() - launched, 3)  # kernel start to notebook saved
-        atomic_write_json(tmp / "timings.json", timings)
+        internal = {"run_dir": str(root), "_run_id": run_id, "_work_dir": str(tmp), "_launched_at": launched}
+        failed = root / ".failed" / f"{run_id}.ipynb"
+        _run_training_notebook(nb, tmp / "train.ipynb", {**p, **internal}, failed, log_output)
+        _check_finalized(tmp, launched)
     if p["register"]:
         register_run(final, p)
     if output:

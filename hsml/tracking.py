@@ -27,7 +27,7 @@ from .core import HsmlError
 # %% auto #0
 __all__ = ['TRACKING_MODES', 'WANDB_DIR_VARS', 'check_mode', 'wandb_env', 'flatten_metrics', 'metrics_rows', 'Tracker',
            'NullTracker', 'WandbTracker', 'serve_tracker', 'ProcessTracker', 'start_tracker', 'read_wandb_records',
-           'wait_for_run_file', 'wandb_run_contents', 'find_wandb_run_files']
+           'wait_for_run_file', 'find_wandb_run_files', 'wandb_run_contents']
 
 # %% ../nbs/22_tracking.ipynb #db796b98
 TRACKING_MODES = ("offline", "online", "disabled")
@@ -156,7 +156,26 @@ def _to_pandas(frame: Any) -> Any:
             frame[c] = frame[c].astype(str)
     return frame
 
-# %% ../nbs/22_tracking.ipynb #842347c1
+# %% ../nbs/22_tracking.ipynb #11904ea2
+def _init_run(
+    wandb: Any,  # the imported wandb module
+    project: str,  # W&B project
+    mode: str,  # `offline` or `online`
+    run_area: str | Path,  # where W&B writes the run
+    **kwargs: Any,  # name, config, group, job_type, tags
+) -> Any:
+    "`wandb.init` with hsml's settings; errors as an `HsmlError`."
+    try:
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False)
+        return wandb.init(project=project, mode=mode, dir=str(Path(run_area).absolute()), reinit="create_new",
+                          settings=settings, **kwargs)  # fmt: skip
+    except Exception as e:  # a missing API key, no network, ...
+        raise HsmlError(
+            f"could not start a W&B run in {mode} mode: {e}",
+            hint="use tracking=offline (no account needed) or set WANDB_API_KEY for online",
+        ) from e
+
+# %% ../nbs/22_tracking.ipynb #03fc40f6
 class WandbTracker:
     "A `Tracker` backed by one W&B run."
 
@@ -182,29 +201,13 @@ class WandbTracker:
         import wandb
 
         self.mode, self._wandb = mode, wandb
-        try:
-            self.run = wandb.init(
-                project=project,
-                name=name,
-                config=dict(config or {}),
-                group=group,
-                job_type=job_type,
-                tags=tags,
-                mode=mode,
-                dir=str(Path(run_area).absolute()),
-                reinit="create_new",
-                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
-            )
-        except Exception as e:  # a missing API key, no network, ...
-            raise HsmlError(
-                f"could not start a W&B run in {mode} mode: {e}",
-                hint="use tracking=offline (no account needed) or set WANDB_API_KEY for online",
-            ) from e
+        kw = dict(name=name, config=dict(config or {}), group=group, job_type=job_type, tags=tags)
+        self.run = _init_run(wandb, project, mode, run_area, **kw)
         self.run_id: str = self.run.id
         self.run_dir = Path(self.run.dir).parent  # .../wandb/offline-run-<time>-<id>
         self.run_file: Path = self.run_dir / f"run-{self.run_id}.wandb"
 
-# %% ../nbs/22_tracking.ipynb #3ebf60cd
+# %% ../nbs/22_tracking.ipynb #10e85bc6
 @patch
 def log_config(self: WandbTracker, config: Mapping[str, Any]) -> None:
     "Add `config` to the run's config."
@@ -226,7 +229,7 @@ def log_summary(self: WandbTracker, metrics: Mapping[str, Any]) -> None:
         cols = ["group", "metric", "value", "ci_low", "ci_high"]
         self.run.log({"metrics": self._wandb.Table(columns=cols, data=rows)})
 
-
+# %% ../nbs/22_tracking.ipynb #bb9a68c2
 @patch
 def log_figures(self: WandbTracker, figures: Mapping[str, Any]) -> None:
     "Log figures (or PNG paths) as images, under `plots/<name>`."
@@ -251,7 +254,7 @@ def log_artifact(self: WandbTracker, path: str | Path, name: str, type: str) -> 
     art.add_dir(str(path)) if path.is_dir() else art.add_file(str(path))
     self.run.log_artifact(art)
 
-
+# %% ../nbs/22_tracking.ipynb #2643f68d
 @patch
 def finish(self: WandbTracker) -> None:
     "Finish the W&B run and wait until its offline file is complete (W&B's service writes it asynchronously)."
@@ -259,7 +262,7 @@ def finish(self: WandbTracker) -> None:
     if self.mode == "offline":
         wait_for_run_file(self.run_file)
 
-# %% ../nbs/22_tracking.ipynb #98ae0545
+# %% ../nbs/22_tracking.ipynb #9e8b497d
 def _jsonable(x: Any) -> Any:
     "A value a `WandbTracker` call can take on the other side of a pipe: frames become column dicts, figures PNG paths."
     if hasattr(x, "to_dict") and hasattr(x, "columns"):  # a polars or pandas DataFrame
@@ -272,7 +275,7 @@ def _jsonable(x: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in x.items()}
     return str(x) if isinstance(x, Path) else x
 
-
+# %% ../nbs/22_tracking.ipynb #68b00656
 def _from_jsonable(x: Any) -> Any:
     if isinstance(x, dict) and "__frame__" in x:
         import pandas as pd  # W&B tables are made from pandas: no polars or pyarrow in the child
@@ -280,7 +283,7 @@ def _from_jsonable(x: Any) -> Any:
         return pd.DataFrame(x["__frame__"])
     return x
 
-# %% ../nbs/22_tracking.ipynb #2b35645e
+# %% ../nbs/22_tracking.ipynb #6723b467
 def _warm_up(tracker: WandbTracker) -> None:
     "Import what logging tables and images needs, while the caller is still busy with its own work."
     import numpy as np
@@ -289,7 +292,27 @@ def _warm_up(tracker: WandbTracker) -> None:
     tracker._wandb.Table(dataframe=_to_pandas(pd.DataFrame({"a": [1]})))
     tracker._wandb.Image(np.zeros((2, 2, 3), dtype=np.uint8))
 
+# %% ../nbs/22_tracking.ipynb #9c3390c4
+def _run_command(
+    tracker: WandbTracker | None,  # the tracker so far (None before `start`)
+    cmd: Mapping[str, Any],  # `{op, args, kwargs}`
+) -> tuple[WandbTracker | None, dict[str, Any]]:
+    "(the tracker, the reply) after running `cmd`."
+    t = time.perf_counter()
+    try:
+        if cmd["op"] == "start":
+            tracker = WandbTracker(*cmd["args"], **cmd["kwargs"])
+            reply = {"run_id": tracker.run_id, "run_file": str(tracker.run_file)}
+        else:
+            kwargs = {k: _from_jsonable(v) for k, v in cmd["kwargs"].items()}
+            getattr(tracker, cmd["op"])(*[_from_jsonable(a) for a in cmd["args"]], **kwargs)
+            reply = {}
+        reply.update(op=cmd["op"], ok=True, seconds=round(time.perf_counter() - t, 3))
+    except Exception as e:
+        reply = {"ok": False, "error": f"{cmd['op']}: {type(e).__name__}: {e}"}
+    return tracker, reply
 
+# %% ../nbs/22_tracking.ipynb #d4982f4d
 def serve_tracker(
     inp: Any = None,  # where commands come from (default: stdin)
     out: Any = None,  # where replies go (default: stdout)
@@ -300,18 +323,8 @@ def serve_tracker(
         os.nice(10)
     tracker = None
     for line in inp:
-        cmd, t = json.loads(line), time.perf_counter()
-        try:
-            if cmd["op"] == "start":
-                tracker = WandbTracker(*cmd["args"], **cmd["kwargs"])
-                reply = {"run_id": tracker.run_id, "run_file": str(tracker.run_file)}
-            else:
-                kwargs = {k: _from_jsonable(v) for k, v in cmd["kwargs"].items()}
-                getattr(tracker, cmd["op"])(*[_from_jsonable(a) for a in cmd["args"]], **kwargs)
-                reply = {}
-            reply.update(op=cmd["op"], ok=True, seconds=round(time.perf_counter() - t, 3))
-        except Exception as e:
-            reply = {"ok": False, "error": f"{cmd['op']}: {type(e).__name__}: {e}"}
+        cmd = json.loads(line)
+        tracker, reply = _run_command(tracker, cmd)
         out.write(json.dumps(reply) + "\n")
         out.flush()
         if cmd["op"] == "finish":
@@ -346,7 +359,7 @@ class ProcessTracker:
         atexit.register(self._stop)  # a caller that fails or exits early leaves no W&B writer behind
         self._send("start", project, mode=mode, run_area=run_area, shared=shared, **kwargs)
 
-# %% ../nbs/22_tracking.ipynb #f791470a
+# %% ../nbs/22_tracking.ipynb #c835b875
 @patch
 def _send(self: ProcessTracker, op: str, *args: Any, **kwargs: Any) -> None:
     cmd = {"op": op, "args": [_jsonable(a) for a in args], "kwargs": _jsonable(kwargs)}
@@ -363,7 +376,7 @@ def _write(self: ProcessTracker) -> None:
         except OSError:  # the child died: `_read` reports it
             return
 
-
+# %% ../nbs/22_tracking.ipynb #c75f2d7d
 @patch
 def _read(self: ProcessTracker) -> None:
     for line in self.proc.stdout:
@@ -385,7 +398,7 @@ def _stop(self: ProcessTracker) -> None:
         self.proc.kill()
         self.proc.wait()
 
-# %% ../nbs/22_tracking.ipynb #5da9fd9d
+# %% ../nbs/22_tracking.ipynb #f89cdaca
 def _forward(op: str):
     def call(self: ProcessTracker, *args: Any, **kwargs: Any) -> None:
         self._send(op, *args, **kwargs)
@@ -397,7 +410,7 @@ def _forward(op: str):
 for _op in ("log_config", "log_metrics", "log_summary", "log_figures", "log_table", "log_artifact"):
     setattr(ProcessTracker, _op, _forward(_op))
 
-
+# %% ../nbs/22_tracking.ipynb #38cc8818
 @patch
 def finish(
     self: ProcessTracker,
@@ -506,7 +519,14 @@ def wait_for_run_file(
             raise HsmlError(f"W&B did not finish writing {path} within {timeout:.0f} s")
         time.sleep(0.05)
 
-# %% ../nbs/22_tracking.ipynb #ad587fcb
+# %% ../nbs/22_tracking.ipynb #668722cd
+def find_wandb_run_files(
+    root: str | Path,  # a directory holding W&B runs somewhere below
+) -> list[Path]:
+    "All `run-*.wandb` files under `root`, sorted."
+    return sorted(Path(root).rglob("run-*.wandb"))
+
+# %% ../nbs/22_tracking.ipynb #0247e2c7
 def _item_key(item: Any) -> str:
     return "/".join(item.nested_key) if len(item.nested_key) else item.key
 
@@ -537,10 +557,3 @@ def wandb_run_contents(
             out["artifacts"].append({"name": a.name, "type": a.type, "digest": a.digest, "files": files})
     out["config"].pop("_wandb", None)
     return out
-
-
-def find_wandb_run_files(
-    root: str | Path,  # a directory holding W&B runs somewhere below
-) -> list[Path]:
-    "All `run-*.wandb` files under `root`, sorted."
-    return sorted(Path(root).rglob("run-*.wandb"))

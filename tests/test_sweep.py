@@ -255,3 +255,52 @@ def test_a_dead_workers_trial_is_failed_when_the_sweep_ends(tiny_dir, tmp_path):
     trials = optuna.load_study(study_name="z", storage=url).get_trials()
     assert [t.state for t in trials] == [*(t.state for t in trials[:2]), TrialState.FAIL]
     assert all(t.state.is_finished() for t in trials) and result.n_trials == 3  # failed, not queued again
+
+
+# ---------------------------------------------------------------- plugins: a user's own model type in every worker
+
+PLUGIN = """
+from sklearn.linear_model import LogisticRegression
+
+from hsml.models import register_model, register_space
+
+
+@register_model("plugin_logreg", description="a user's own model type (sweep test plugin)")
+def plugin_logreg(numeric, categorical, seed, C: float = 1.0):
+    return LogisticRegression(C=C, max_iter=500, random_state=seed)
+
+
+@register_space("plugin_logreg")
+def plugin_logreg_space(trial):
+    return {"C": trial.suggest_float("C", 0.01, 10.0, log=True)}
+"""
+
+
+def test_sweep_notebook_parameters_are_sweep_defaults():
+    "experiments/sweep.ipynb's parameters cell names every sweep parameter, `plugins` among them, in order."
+    import papermill as pm
+
+    from hsml.sweep import SWEEP_DEFAULTS
+
+    cell = pm.inspect_notebook(str(ROOT / "experiments" / "sweep.ipynb"))
+    assert list(cell) == list(SWEEP_DEFAULTS) and "plugins" in cell
+    assert cell["plugins"]["default"] == "[]"
+
+
+@pytest.mark.postgres
+def test_a_plugin_model_type_sweeps_in_two_worker_processes(tiny_dir, tmp_path, monkeypatch):
+    "`plugins` reaches the notebook's kernel and both spawned workers: a model type from the user's file sweeps."
+    from hsml.testing import local_postgres
+
+    (tmp_path / "my_models.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)  # a relative plugin path, as a user gives it
+    with local_postgres() as url:
+        params = {"model": "plugin_logreg", "plugins": ["my_models.py"], "n_trials": 2, "study_name": "pl",
+                  "storage": url, "workers": 2, "data_dir": str(tiny_dir), "run_dir": str(tmp_path / "sweeps")}  # fmt: skip
+        sdir = sweep_main(params)
+        trials = optuna.load_study(study_name="pl", storage=storage_url(url, sdir)).get_trials()
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    best = yaml.safe_load((sdir / "best_params.yaml").read_text())
+    assert best["model"] == "plugin_logreg" and best["plugins"] == [str(tmp_path / "my_models.py")]
+    assert set(best["model_params"]) == {"C"}
+    validate_params(best)  # train.ipynb -f accepts it: the plugin is named in the file
