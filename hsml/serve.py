@@ -71,7 +71,7 @@ def _field_type(f: dict) -> Any:
         t = Annotated[str, Field(strict=True, max_length=200)]
     return t | None if f.get("nullable", True) else t
 
-
+# %% ../nbs/32_serve.ipynb #4fa3ad4a
 def record_model(
     schema: dict,  # input_schema.json content
     name: str = "Record",  # type (and OpenAPI component) name
@@ -102,7 +102,7 @@ def record_model(
     td.__pydantic_config__ = ConfigDict(extra="forbid", strict=True, title=name)  # type: ignore[attr-defined]
     return td
 
-
+# %% ../nbs/32_serve.ipynb #215d3f21
 def request_model(
     schema: dict,  # input_schema.json content
 ) -> TypeAdapter:
@@ -355,7 +355,7 @@ def _jsonl(batch: list[tuple]) -> bytes:
         ]
     return ("\n".join(out) + "\n").encode() if out else b""
 
-
+# %% ../nbs/32_serve.ipynb #06c40080
 def _frame(batch: list[tuple]) -> pl.DataFrame:
     "The rows of queued requests as a frame of `LOG_SCHEMA` (what a sink stores)."
     cols: dict[str, list] = {k: [] for k in LOG_FIELDS}
@@ -458,7 +458,7 @@ def _store(self: PredictionLog) -> None:
     finally:
         os.close(fd)
 
-
+# %% ../nbs/32_serve.ipynb #2e9c8066
 @patch
 def flush(self: PredictionLog) -> None:
     "Write what an earlier failed write left, then everything queued (raises when the write fails: nothing is dropped)."
@@ -500,14 +500,14 @@ def _run(self: PredictionLog) -> None:
             self.error = f"{type(e).__name__}: {e}"
             self._stop.wait(self.flush_seconds)
 
-
+# %% ../nbs/32_serve.ipynb #3a41409f
 @patch
 def wait_idle(self: PredictionLog, timeout: float = 10.0) -> bool:
     "Wait until everything queued has been written."
     self._wake.set()
     return self._idle.wait(timeout)
 
-
+# %% ../nbs/32_serve.ipynb #54cd4bbf
 @patch
 def close(self: PredictionLog, attempts: int = 3) -> None:
     "Stop the writer and write what is left (`attempts` tries; then an HsmlError says how many were not written)."
@@ -960,7 +960,7 @@ async def require_token(request: Request) -> None:
     if not (scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())):
         raise Problem(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-
+# %% ../nbs/32_serve.ipynb #d1d26f34
 async def json_body(request: Request) -> bytes:
     "Dependency: the raw body of a JSON request (415 when not JSON, 413 over the size limit, 400 when empty)."
     max_body = request.app.state.serve.max_body
@@ -977,7 +977,7 @@ async def json_body(request: Request) -> bytes:
         raise Problem(400, "empty request body: send a JSON object")
     return body
 
-
+# %% ../nbs/32_serve.ipynb #39062598
 async def request_id(request: Request) -> str:
     "Dependency: the client's `x-request-id` when it is a safe token (letters, digits, `._:-`, at most 64), else a new one."
     rid = request.headers.get("x-request-id")
@@ -1035,7 +1035,7 @@ async def company_row(
     X = feats.select([pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in self.schema["fields"]])
     return [tuple(r) for r in X.iter_rows()], as_of, warns, unscored
 
-
+# %% ../nbs/32_serve.ipynb #deebe7f8
 @patch
 def company_extra(
     self: ServeState, req: CompanyRequest, as_of: dt.date, warns: list[str], row: tuple
