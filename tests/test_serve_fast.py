@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from hsml.bundle import demo_bundle, demo_frame, load_bundle, save_bundle
+from hsml.bundle import demo_frame, load_bundle, save_bundle
 from hsml.models import fit_model, make_model
 from hsml.serve import DirectRoute, create_app
 from hsml.testing import DEMO_INDUSTRY, DEMO_SPEC
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    "The demo LightGBM bundle (nine features, fast path)."
-    return load_bundle(demo_bundle(tmp_path_factory.mktemp("fast") / "model", "lgbm", n=600))
+def bundle(demo_lgbm_dir):
+    "The demo LightGBM bundle (nine features, fast path), loaded: conftest's, shared with test_soak."
+    return load_bundle(demo_lgbm_dir)
 
 
 def test_predict_resolves_no_dependency_and_still_checks_the_token_first(bundle, tmp_path):
