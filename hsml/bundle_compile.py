@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +20,7 @@ import polars as pl
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['Inputs', 'split_frame', 'split_rows', 'split_records', 'BoosterProba', 'Compiled', 'compile_pipeline',
+__all__ = ['Inputs', 'split_frame', 'split_rows', 'split_records', 'OneRow', 'BoosterProba', 'Compiled', 'compile_pipeline',
            'compile_verified']
 
 # %% ../nbs/30_bundle_compile.ipynb #90603682
@@ -118,15 +120,78 @@ def _positive_index(est: Any) -> int:
     return classes.index(1) if 1 in classes else len(classes) - 1
 
 # %% ../nbs/30_bundle_compile.ipynb #bf124160
+class OneRow:
+    "LightGBM's single-row fast predictor: a float64 row in, its positive-class probability out (None when busy)."
+
+    def __init__(
+        self,
+        booster: Any,  # lightgbm.Booster of a binary classifier
+    ):
+        from lightgbm.basic import _LIB, _c_str, _safe_call
+
+        self.booster, self.handle, self.lock = (
+            booster,
+            ctypes.c_void_p(),
+            threading.Lock(),
+        )  # keeps the booster alive
+        self.row, self.out, self.n = np.zeros(booster.num_feature()), np.zeros(1), ctypes.c_int64(0)
+        self.row_p, self.out_p = (
+            self.row.ctypes.data_as(ctypes.c_void_p),
+            self.out.ctypes.data_as(ctypes.c_void_p),
+        )
+        args = (
+            0,
+            0,
+            booster.best_iteration,
+            1,
+            booster.num_feature(),
+        )  # normal prediction, all trees, float64
+        _safe_call(
+            _LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
+                booster._handle, *map(ctypes.c_int, args), _c_str("num_threads=1"), ctypes.byref(self.handle)
+            )
+        )
+        self._call, self._free, self._check = (
+            _LIB.LGBM_BoosterPredictForMatSingleRowFast,
+            _LIB.LGBM_FastConfigFree,
+            _safe_call,
+        )
+
+    def __call__(self, row: np.ndarray) -> float | None:
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            self.row[:] = row
+            self._check(self._call(self.handle, self.row_p, ctypes.byref(self.n), self.out_p))
+            return float(self.out[0])
+        finally:
+            self.lock.release()
+
+    def __del__(self):
+        if self.handle:
+            self._free(self.handle)
+
+# %% ../nbs/30_bundle_compile.ipynb #53d62098
 @dataclass
 class BoosterProba:
-    "The positive-class probability of a LightGBM booster, with its thread count."
+    "The positive-class probability of a LightGBM booster, with its thread count (one row: `OneRow`)."
 
     booster: Any  # lightgbm.Booster
     threads: int = 1  # num_threads per call
+    one: OneRow | None = field(
+        default=None, init=False, repr=False, compare=False
+    )  # made at the first single row
 
     def __call__(self, Z: np.ndarray) -> np.ndarray:
+        if len(Z) == 1:
+            self.one = self.one or OneRow(self.booster)
+            p = self.one(Z[0])
+            if p is not None:
+                return np.array([p])
         return self.booster.predict(Z, num_threads=self.threads)
+
+    def __getstate__(self) -> dict:  # copies and pickles make their own single-row predictor
+        return {"booster": self.booster, "threads": self.threads, "one": None}
 
 
 class _ProbaShim:
@@ -317,11 +382,27 @@ def _inputs_and_steps(pipeline: Any, schema: dict) -> tuple[list[str], list[str]
     cat = [f["name"] for f in schema["fields"] if f["type"] == "category"]
     return num, cat, steps
 
+# %% ../nbs/30_bundle_compile.ipynb #9c852519
+def _platt(
+    raw: Callable[[np.ndarray], np.ndarray],  # Z -> the estimator's positive-class probability
+    cal: tuple | None,  # the calibrator: None, ("sigmoid", a, b) or ("prior", 1, b)
+) -> Callable[[np.ndarray], np.ndarray]:
+    "Z -> the calibrated score, as `WeightedCalibratedClassifier.predict_proba` computes it for one estimator."
+    from hsml.models import _logit, _sigmoid
+
+    if cal is None:
+        return lambda Z: np.clip(raw(Z), 0.0, 1.0)
+    a, b = cal[1], cal[2]
+    return lambda Z: np.clip(_sigmoid(a * _logit(raw(Z)) + b), 0.0, 1.0)
+
 
 def _final_score(final: Any, raw_of: Callable) -> tuple[Callable, Callable, Any]:
     "(score function, raw score function, booster) of the final estimator; a calibrated one keeps its calibration."
     if hasattr(final, "calibrator_") and hasattr(final, "estimator_"):  # hsml's WeightedCalibratedClassifier
         raw, booster = raw_of(final.estimator_)
+        cal = final.calibrator_
+        if cal is None or cal[0] != "isotonic":  # sigmoid or prior: a slope and an intercept on the logit
+            return _platt(raw, cal), raw, booster
         shell = copy.copy(final)
         shell.estimator_ = _ProbaShim(raw)
         return (lambda Z: shell.predict_proba(Z)[:, 1]), raw, booster

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import hmac
 import json
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -27,9 +29,11 @@ import numpy as np
 import orjson
 import polars as pl
 import typer
+from fastcore.basics import patch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs it before Python 3.12
 from starlette.concurrency import run_in_threadpool
@@ -46,8 +50,8 @@ __all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_C
            'CompanyRequest', 'request_frames', 'validate_request', 'company_features', 'experiment_arms',
            'service_description', 'Problem', 'problem_response', 'problem_handler', 'validation_problem', 'ServeState',
            'require_token', 'json_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
-           'error_responses', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog', 'app_from_env', 'serve',
-           'serve_cmd']
+           'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
+           'worker_env', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #1d025708
 def _field_type(f: dict) -> Any:
@@ -67,7 +71,7 @@ def _field_type(f: dict) -> Any:
         t = Annotated[str, Field(strict=True, max_length=200)]
     return t | None if f.get("nullable", True) else t
 
-
+# %% ../nbs/32_serve.ipynb #4fa3ad4a
 def record_model(
     schema: dict,  # input_schema.json content
     name: str = "Record",  # type (and OpenAPI component) name
@@ -98,7 +102,7 @@ def record_model(
     td.__pydantic_config__ = ConfigDict(extra="forbid", strict=True, title=name)  # type: ignore[attr-defined]
     return td
 
-
+# %% ../nbs/32_serve.ipynb #215d3f21
 def request_model(
     schema: dict,  # input_schema.json content
 ) -> TypeAdapter:
@@ -120,6 +124,36 @@ _NONE = type(None)
 _KIND_TYPES = {"number": frozenset({float, int}), "integer": frozenset({int}), "boolean": frozenset({bool})}
 
 
+def _num_rule(
+    f: dict,  # a number, integer or boolean field of the input schema
+) -> tuple[frozenset, float, float]:
+    "(the Python types its JSON values may parse to, lower bound, upper bound) of a numeric field."
+    if f["type"] not in _KIND_TYPES:
+        raise ValueError(f"field {f['name']!r}: {f['type']} is not a numeric kind")
+    t, lo, hi = _KIND_TYPES[f["type"]], f.get("minimum"), f.get("maximum")
+    ok = t | {_NONE} if f.get("nullable", True) else t
+    return ok, (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+
+
+def _cat_rule(
+    f: dict,  # a category field of the input schema
+) -> tuple[frozenset, frozenset | None]:
+    "(the Python types its values may parse to, the closed set of levels or None when unseen ones are accepted)."
+    closed = f.get("unknown_categories") == "reject" and f.get("categories")
+    ok = frozenset({str, _NONE}) if f.get("nullable", True) else frozenset({str})
+    return ok, frozenset(f["categories"]) if closed else None
+
+# %% ../nbs/32_serve.ipynb #ae0925a0
+def _type_groups(
+    types: list[frozenset],  # the allowed Python types of each numeric input, in matrix order (`_num_rule`)
+) -> list[tuple[frozenset, list[int]]]:
+    "(allowed types, the matrix columns that allow exactly them) per distinct set of allowed types."
+    by: dict[frozenset, list[int]] = {}
+    for j, t in enumerate(types):
+        by.setdefault(t, []).append(j)
+    return list(by.items())
+
+# %% ../nbs/32_serve.ipynb #95589789
 class FastRecords:
     "The /predict body checked column-wise after one `orjson.loads`: `(ids, numeric matrix, category lists)`, or None whenever pydantic must decide (any doubt, every error)."
 
@@ -134,78 +168,88 @@ class FastRecords:
         if set(fields) != set(num) | set(cat) or len(fields) != len(num) + len(cat):
             raise ValueError("num and cat must split the schema's fields")
         self.nf, self.num, self.cat, self.max_records = len(fields), num, cat, max_records
-        self.get_num = operator.itemgetter(*num) if len(num) > 1 else None
-        self.num_types, lo, hi = [], [], []
-        for n in num:
-            f = fields[n]
-            if f["type"] not in _KIND_TYPES:
-                raise ValueError(f"field {n!r}: {f['type']} is not a numeric kind")
-            t = _KIND_TYPES[f["type"]]
-            self.num_types.append(t | {_NONE} if f.get("nullable", True) else t)
-            lo.append(-math.inf if f.get("minimum") is None else float(f["minimum"]))
-            hi.append(math.inf if f.get("maximum") is None else float(f["maximum"]))
-        self.lo, self.hi = np.array(lo), np.array(hi)
+        ok, lo, hi = zip(*[_num_rule(fields[n]) for n in num]) if num else ((), (), ())
+        self.lo, self.hi, self.groups = np.array(lo), np.array(hi), _type_groups(list(ok))
+        self.get_num = (
+            operator.itemgetter(*num) if len(num) > 1 else (lambda r, k=num[0] if num else "": (r[k],))
+        )
         self.bounded = bool(np.isfinite(self.lo).any() or np.isfinite(self.hi).any())
-        self.cat_rules = []  # (allowed types, closed level set or None)
-        for n in cat:
-            f = fields[n]
-            closed = f.get("unknown_categories") == "reject" and f.get("categories")
-            self.cat_rules.append(
-                (
-                    frozenset({str, _NONE}) if f.get("nullable", True) else frozenset({str}),
-                    frozenset(f["categories"]) if closed else None,
-                )
-            )
+        self.cat_rules = [_cat_rule(fields[n]) for n in cat]
 
-    def check(self, obj: Any) -> tuple[list, np.ndarray, list[list]] | None:
-        "(ids, Xnum, cats) of a parsed body that surely passes the request model, else None."
-        if type(obj) is not dict or len(obj) != 1:
+# %% ../nbs/32_serve.ipynb #b8030675
+@patch
+def ids(
+    self: FastRecords,
+    obj: Any,  # the parsed body
+) -> list | None:
+    "The records' ids (None where there is none) when the body's shape is surely right, else None."
+    recs = obj.get("records") if type(obj) is dict and len(obj) == 1 else None
+    if type(recs) is not list or not recs or len(recs) > self.max_records:
+        return None
+    if set(map(type, recs)) != {dict}:
+        return None
+    lens, nf = set(map(len, recs)), self.nf
+    if lens == {nf}:
+        return [None] * len(recs)
+    if not lens <= {nf, nf + 1} or not all("id" in r for r in recs if len(r) != nf):
+        return None
+    ids = [r.get("id") for r in recs]
+    return ids if set(map(type, ids)) <= {int, str, _NONE} else None
+
+# %% ../nbs/32_serve.ipynb #04781881
+@patch
+def numeric(
+    self: FastRecords,
+    recs: list[dict],  # the records (shape checked by `ids`)
+) -> np.ndarray | None:
+    "The n x len(num) float64 matrix of the numeric features when every value is surely valid, else None."
+    if not self.num:
+        return np.empty((len(recs), 0))
+    try:
+        rows = list(map(self.get_num, recs))
+    except KeyError:
+        return None
+    cols = list(zip(*rows))
+    for ok, idx in self.groups:
+        if not set(map(type, chain.from_iterable([cols[j] for j in idx]))) <= ok:
             return None
-        recs = obj.get("records")
-        if type(recs) is not list or not recs or len(recs) > self.max_records:
+    X = np.array(rows, dtype=np.float64)
+    if self.bounded and ((X < self.lo).any() or (X > self.hi).any()):
+        return None
+    return X
+
+# %% ../nbs/32_serve.ipynb #17445339
+@patch
+def categories(
+    self: FastRecords,
+    recs: list[dict],  # the records (shape checked by `ids`)
+) -> list[list] | None:
+    "One list per category feature when every value is surely valid, else None."
+    try:
+        cats = [[r[c] for r in recs] for c in self.cat]
+    except KeyError:
+        return None
+    for col, (ok, levels) in zip(cats, self.cat_rules):
+        if not set(map(type, col)) <= ok:
             return None
-        n, nf = len(recs), self.nf
-        if set(map(type, recs)) != {dict}:
+        if levels is None:
+            if max(map(len, filter(None, col)), default=0) > 200:
+                return None
+        elif not set(col) - {None} <= levels:
             return None
-        lens = set(map(len, recs))
-        if lens == {nf}:
-            ids: list = [None] * n
-        elif lens <= {nf, nf + 1}:
-            if not all("id" in r for r in recs if len(r) != nf):
-                return None
-            ids = [r.get("id") for r in recs]
-            if not set(map(type, ids)) <= {int, str, _NONE}:
-                return None
-        else:
-            return None
-        try:  # every feature present (with the lengths above: no other key but id)
-            if self.get_num is not None:
-                rows = list(map(self.get_num, recs))
-            elif self.num:
-                rows = [(r[self.num[0]],) for r in recs]
-            else:
-                rows = []
-            cats = [[r[c] for r in recs] for c in self.cat]
-        except KeyError:
-            return None
-        if self.num:
-            for col, ok in zip(zip(*rows), self.num_types):
-                if not set(map(type, col)) <= ok:
-                    return None
-            X = np.array(rows, dtype=np.float64)  # null -> NaN (JSON has no NaN: orjson refuses it)
-            if self.bounded and ((X < self.lo).any() or (X > self.hi).any()):
-                return None
-        else:
-            X = np.empty((n, 0))
-        for col, (ok, levels) in zip(cats, self.cat_rules):
-            if not set(map(type, col)) <= ok:
-                return None
-            if levels is None:
-                if max(map(len, filter(None, col)), default=0) > 200:
-                    return None
-            elif not set(col) - {None} <= levels:
-                return None
-        return ids, X.reshape(n, len(self.num)), cats
+    return cats
+
+# %% ../nbs/32_serve.ipynb #8f165e9d
+@patch
+def check(
+    self: FastRecords,
+    obj: Any,  # the parsed /predict body
+) -> tuple[list, np.ndarray, list[list]] | None:
+    "(ids, Xnum, cats) of a parsed body that surely passes the request model, else None."
+    ids = self.ids(obj)
+    X = None if ids is None else self.numeric(obj["records"])
+    cats = None if X is None else self.categories(obj["records"])
+    return None if cats is None else (ids, X, cats)
 
 # %% ../nbs/32_serve.ipynb #ccd58f3f
 LOG_FIELDS = (
@@ -311,7 +355,7 @@ def _jsonl(batch: list[tuple]) -> bytes:
         ]
     return ("\n".join(out) + "\n").encode() if out else b""
 
-
+# %% ../nbs/32_serve.ipynb #06c40080
 def _frame(batch: list[tuple]) -> pl.DataFrame:
     "The rows of queued requests as a frame of `LOG_SCHEMA` (what a sink stores)."
     cols: dict[str, list] = {k: [] for k in LOG_FIELDS}
@@ -332,9 +376,6 @@ def _frame(batch: list[tuple]) -> pl.DataFrame:
     return df.with_columns(
         pl.col("as_of").str.to_date(), pl.col("timestamp").str.to_datetime(time_unit="ms", time_zone="UTC")
     )
-
-# %% ../nbs/32_serve.ipynb #a7875d8c
-from fastcore.basics import patch
 
 # %% ../nbs/32_serve.ipynb #ba386a5c
 class PredictionLog:
@@ -417,7 +458,7 @@ def _store(self: PredictionLog) -> None:
     finally:
         os.close(fd)
 
-
+# %% ../nbs/32_serve.ipynb #2e9c8066
 @patch
 def flush(self: PredictionLog) -> None:
     "Write what an earlier failed write left, then everything queued (raises when the write fails: nothing is dropped)."
@@ -459,14 +500,14 @@ def _run(self: PredictionLog) -> None:
             self.error = f"{type(e).__name__}: {e}"
             self._stop.wait(self.flush_seconds)
 
-
+# %% ../nbs/32_serve.ipynb #3a41409f
 @patch
 def wait_idle(self: PredictionLog, timeout: float = 10.0) -> bool:
     "Wait until everything queued has been written."
     self._wake.set()
     return self._idle.wait(timeout)
 
-
+# %% ../nbs/32_serve.ipynb #54cd4bbf
 @patch
 def close(self: PredictionLog, attempts: int = 3) -> None:
     "Stop the writer and write what is left (`attempts` tries; then an HsmlError says how many were not written)."
@@ -919,7 +960,7 @@ async def require_token(request: Request) -> None:
     if not (scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), token.encode())):
         raise Problem(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-
+# %% ../nbs/32_serve.ipynb #d1d26f34
 async def json_body(request: Request) -> bytes:
     "Dependency: the raw body of a JSON request (415 when not JSON, 413 over the size limit, 400 when empty)."
     max_body = request.app.state.serve.max_body
@@ -936,7 +977,7 @@ async def json_body(request: Request) -> bytes:
         raise Problem(400, "empty request body: send a JSON object")
     return body
 
-
+# %% ../nbs/32_serve.ipynb #39062598
 async def request_id(request: Request) -> str:
     "Dependency: the client's `x-request-id` when it is a safe token (letters, digits, `._:-`, at most 64), else a new one."
     rid = request.headers.get("x-request-id")
@@ -947,9 +988,11 @@ JsonBody = Annotated[bytes, Depends(json_body)]
 RequestId = Annotated[str, Depends(request_id)]
 
 # %% ../nbs/32_serve.ipynb #f4948fd0
-async def predict(request: Request, body: JsonBody, rid: RequestId) -> Response:
+async def predict(request: Request) -> Response:
     "`POST /predict`: score feature records."
     st: ServeState = request.app.state.serve
+    await require_token(request)  # called, not injected: the route is a `DirectRoute`
+    body, rid = await json_body(request), await request_id(request)
     if st.fast is not None:
         got = await run_in_threadpool(st.score_fast, body) if len(body) > 65536 else st.score_fast(body)
         if got is not None:
@@ -992,7 +1035,7 @@ async def company_row(
     X = feats.select([pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in self.schema["fields"]])
     return [tuple(r) for r in X.iter_rows()], as_of, warns, unscored
 
-
+# %% ../nbs/32_serve.ipynb #deebe7f8
 @patch
 def company_extra(
     self: ServeState, req: CompanyRequest, as_of: dt.date, warns: list[str], row: tuple
@@ -1105,6 +1148,15 @@ def error_responses(max_records: int, max_in_flight: int) -> dict:
         "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
     }
 
+# %% ../nbs/32_serve.ipynb #7122c6a6
+class DirectRoute(APIRoute):
+    "An `APIRoute` whose endpoint takes only the `Request` and is awaited directly (it calls its own preamble)."
+
+    def get_route_handler(self) -> Callable:
+        if self.dependant.dependencies:
+            raise ValueError(f"{self.path}: a DirectRoute resolves no dependency; call it from the endpoint")
+        return self.endpoint
+
 # %% ../nbs/32_serve.ipynb #f7ec3755
 def add_routes(app: FastAPI, st: ServeState) -> None:
     "Register the handlers on `app`, with the OpenAPI schemas of `st`'s request bodies."
@@ -1114,8 +1166,13 @@ def add_routes(app: FastAPI, st: ServeState) -> None:
     req, defs = _openapi_schema(st.Req)
     comp, cdefs = _openapi_schema(CompanyRequest)
     post = dict(methods=["POST"], dependencies=auth, responses=errs)
-    app.add_api_route(
-        "/predict", predict, openapi_extra=_body_spec(req), summary="Score feature records", **post
+    app.router.add_api_route(  # calls require_token itself
+        "/predict",
+        predict,
+        openapi_extra=_body_spec(req),
+        summary="Score feature records",
+        route_class_override=DirectRoute,
+        **(post | {"dependencies": []}),
     )
     app.add_api_route(
         "/predict/company",
@@ -1135,17 +1192,20 @@ def add_routes(app: FastAPI, st: ServeState) -> None:
 # %% ../nbs/32_serve.ipynb #30a37c0d
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    "Open the prediction log and start the guard; at shutdown drain, then close the log (writing what was logged)."
+    "Open the prediction log and start the guard (and freeze what is loaded); at shutdown drain, then close the log."
     st: ServeState = app.state.serve
     st.log = app.state.prediction_log = PredictionLog(
         st.log_path, flush_seconds=st.flush_seconds, sink=st.log_sink
     )
     st.guard.started, undo = True, drain_on_sigterm(st.guard, st.drain_seconds)
+    gc.collect()
+    gc.freeze()  # the loaded libraries and the model: never collected, so never walked again
     try:
         yield
     finally:
         st.guard.draining = True
         undo()
+        gc.unfreeze()
         st.log.close()  # after the requests in flight: writes everything they logged
 
 # %% ../nbs/32_serve.ipynb #43cc01d4
@@ -1211,6 +1271,31 @@ def log_sink_from_catalog(
     return Catalog.from_yaml(catalog).sink(name)
 
 # %% ../nbs/32_serve.ipynb #617f0659
+def worker_env(
+    ref: str,  # the verified bundle: its path, or NAME@VERSION in the registry
+    registry: str | Path | None = None,  # registry directory
+    log_path: str | Path | None = None,  # the JSONL log
+    experiment: str | None = None,  # holdout experiment's name
+    holdout_share: float | None = None,  # its holdout share
+    log_sink: str | None = None,  # the catalog output the log goes to
+    catalog: str | Path | None = None,  # the catalog YAML
+    max_in_flight: int = 32,  # requests served at once per process
+    drain_seconds: float = 0.0,  # after SIGTERM: keep serving this long
+) -> dict[str, str]:
+    "The HSML_SERVE_* variables that hand `serve`'s options to its worker processes (read by `app_from_env`)."
+    return {
+        "HSML_SERVE_MODEL": ref,
+        "HSML_SERVE_REGISTRY": str(registry or ""),
+        "HSML_SERVE_LOG": str(log_path or ""),
+        "HSML_SERVE_EXPERIMENT": experiment or "",
+        "HSML_SERVE_HOLDOUT_SHARE": "" if holdout_share is None else repr(holdout_share),
+        "HSML_SERVE_LOG_SINK": log_sink or "",
+        "HSML_SERVE_CATALOG": str(catalog or ""),
+        "HSML_SERVE_MAX_IN_FLIGHT": str(max_in_flight),
+        "HSML_SERVE_DRAIN_SECONDS": str(drain_seconds),
+    }
+
+# %% ../nbs/32_serve.ipynb #c7f0b0c1
 def app_from_env() -> FastAPI:
     "App factory for multi-process serving: the model and options come from HSML_SERVE_* variables."
     env = os.environ.get
@@ -1226,7 +1311,27 @@ def app_from_env() -> FastAPI:
         drain_seconds=float(env("HSML_SERVE_DRAIN_SECONDS") or 0),
     )
 
+# %% ../nbs/32_serve.ipynb #791ca71d
+def _banner(
+    app: FastAPI,  # the app `create_app` built
+    host: str,  # interface
+    port: int,  # TCP port
+    workers: int,  # server processes
+    experiment: str | None,  # holdout experiment's name
+    holdout_share: float | None,  # its holdout share
+) -> str:
+    "The line `serve` prints at start."
+    b = app.state.bundle
+    return (
+        f"hsml: serving {b.name}"
+        + (f" v{b.version}" if b.version is not None else "")
+        + f" ({'fast path' if b.fast else 'reference path'}, {workers} worker{'s' if workers > 1 else ''})"
+        + f" on http://{host}:{port}  (docs: /docs)"
+        + (f"; experiment {experiment!r}, holdout share {holdout_share}" if experiment else "")
+        + f"; prediction log: {app.state.log_to}"
+    )
 
+# %% ../nbs/32_serve.ipynb #c5ee44b8
 def serve(
     model: str | Path,  # NAME@ALIAS | NAME@VERSION | NAME | PATH
     host: str = "127.0.0.1",  # interface; loopback by default
@@ -1248,56 +1353,39 @@ def serve(
     "Serve a model over HTTP with uvicorn, uvloop and httptools (blocks until stopped)."
     import uvicorn
 
-    if workers < 1:
-        raise HsmlError(f"workers must be >= 1, got {workers}")
-    if max_in_flight < 1:
-        raise HsmlError(f"max_in_flight must be >= 1, got {max_in_flight}")
-    sink = log_sink_from_catalog(log_sink, catalog)
-    app = create_app(
-        model,
-        token=token,
-        log_path=log_path,
-        registry=registry,
-        experiment=experiment,
-        holdout_share=holdout_share,
-        log_sink=sink,
-        max_in_flight=max_in_flight,
-        drain_seconds=drain_seconds,
-    )  # verifies the bundle (and the experiment's name and share) here
-    b = app.state.bundle
-    print(
-        f"hsml: serving {b.name}"
-        + (f" v{b.version}" if b.version is not None else "")
-        + f" ({'fast path' if b.fast else 'reference path'}, {workers} worker{'s' if workers > 1 else ''})"
-        + f" on http://{host}:{port}  (docs: /docs)"
-        + (f"; experiment {experiment!r}, holdout share {holdout_share}" if experiment else "")
-        + f"; prediction log: {sink.describe() if sink is not None else app.state.log_to}",
-        flush=True,
-    )
-    opts = dict(host=host, port=port, loop="uvloop", http="httptools", log_level=log_level, access_log=False)
-    # after SIGTERM, the requests in flight get this long; then the app's shutdown flushes the log
-    opts["timeout_graceful_shutdown"] = 30
+    for name, n in (("workers", workers), ("max_in_flight", max_in_flight)):
+        if n < 1:
+            raise HsmlError(f"{name} must be >= 1, got {n}")
+    opts = dict(log_sink=log_sink_from_catalog(log_sink, catalog), max_in_flight=max_in_flight)
+    opts |= dict(token=token, log_path=log_path, registry=registry, drain_seconds=drain_seconds)
+    app = create_app(model, experiment=experiment, holdout_share=holdout_share, **opts)  # verifies it all
+    print(_banner(app, host, port, workers, experiment, holdout_share), flush=True)
+    # after SIGTERM, the requests in flight get timeout_graceful_shutdown; then the app's shutdown flushes the log
+    run = dict(host=host, port=port, loop="uvloop", http="httptools", log_level=log_level, access_log=False)
+    run["timeout_graceful_shutdown"] = 30
     if workers == 1:
         with quiet_sigterm():  # a graceful stop on SIGTERM exits 0 (see hsml.serve_guard)
-            uvicorn.run(app, **opts)
+            uvicorn.run(app, **run)
         return
-    # each worker process builds its own app from the same, already verified, reference
+    b = app.state.bundle  # each worker builds its own app from the same, already verified, reference
     ref = str(b.path) if b.version is None else f"{b.name}@{b.version}"
     os.environ.update(
-        HSML_SERVE_MODEL=ref, HSML_SERVE_REGISTRY=str(registry or ""), HSML_SERVE_LOG=str(log_path or "")
-    )
-    os.environ.update(
-        HSML_SERVE_EXPERIMENT=experiment or "",
-        HSML_SERVE_HOLDOUT_SHARE="" if holdout_share is None else repr(holdout_share),
-        HSML_SERVE_LOG_SINK=log_sink or "",
-        HSML_SERVE_CATALOG=str(catalog or ""),
-        HSML_SERVE_MAX_IN_FLIGHT=str(max_in_flight),
-        HSML_SERVE_DRAIN_SECONDS=str(drain_seconds),
+        worker_env(
+            ref,
+            registry,
+            log_path,
+            experiment,
+            holdout_share,
+            log_sink,
+            catalog,
+            max_in_flight,
+            drain_seconds,
+        )
     )
     if token is not None:
         os.environ["HSML_API_TOKEN"] = token
     with quiet_sigterm():
-        uvicorn.run("hsml.serve:app_from_env", factory=True, workers=workers, **opts)
+        uvicorn.run("hsml.serve:app_from_env", factory=True, workers=workers, **run)
 
 # %% ../nbs/32_serve.ipynb #9505c43b
 def serve_cmd(

@@ -18,3 +18,11 @@ def sample_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sample")
     synth.generate(d, companies=5200, seed=0)
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_lgbm_dir(tmp_path_factory) -> Path:
+    "The demo LightGBM bundle (nine features, fast path) written once per session: the serving tests' small model."
+    from hsml.bundle import demo_bundle
+
+    return demo_bundle(tmp_path_factory.mktemp("demo-lgbm") / "model", "lgbm", n=2000)

@@ -33,7 +33,7 @@ import numpy as np
 import psutil
 import pytest
 
-from hsml.bundle import demo_bundle, demo_frame
+from hsml.bundle import demo_frame
 
 SLOW = os.environ.get("HSML_SLOW") == "1"
 HSML = Path(sys.executable).with_name("hsml")  # the console script of this environment
@@ -90,9 +90,9 @@ class HsmlServe:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    "The demo LightGBM bundle (nine features, fast path)."
-    return demo_bundle(tmp_path_factory.mktemp("soak") / "model", "lgbm", n=2000)
+def bundle(demo_lgbm_dir) -> Path:
+    "The demo LightGBM bundle (nine features, fast path): conftest's, shared with test_serve_fast."
+    return demo_lgbm_dir
 
 
 @pytest.fixture(scope="module")
