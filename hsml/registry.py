@@ -46,7 +46,7 @@ def registry_root(
     "The registry directory."
     return Path(root or os.environ.get("HSML_REGISTRY") or "registry")
 
-# %% ../nbs/31_registry.ipynb #1b222a34
+# %% ../nbs/31_registry.ipynb #8f7d81b0
 def _user() -> str | None:
     try:
         return getpass.getuser()
@@ -57,7 +57,7 @@ def _user() -> str | None:
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
-
+# %% ../nbs/31_registry.ipynb #f587f8e1
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise HsmlError(
@@ -66,7 +66,7 @@ def _check_name(name: str) -> str:
         )
     return name
 
-
+# %% ../nbs/31_registry.ipynb #a4fcf7e1
 def _check_alias(alias: str) -> str:
     if not ALIAS_RE.match(alias or "") or alias in RESERVED_ALIASES or re.fullmatch(r"v?\d+", alias):
         raise HsmlError(
@@ -155,7 +155,7 @@ def list_models(
         out.append({"name": d.name, "versions": vs, "latest": vs[-1], "aliases": al})
     return out
 
-# %% ../nbs/31_registry.ipynb #9ee3f315
+# %% ../nbs/31_registry.ipynb #165f7091
 def _read_history(
     model_dir: Path,  # NAME/ directory
     torn: list[int] | None = None,  # if given, the numbers of torn lines are appended to it (and not warned)
@@ -175,7 +175,7 @@ def _read_history(
             )
     return events
 
-
+# %% ../nbs/31_registry.ipynb #00ce0f80
 def _pid_gone(pid: int) -> bool:
     "True when no process `pid` runs on this host."
     try:
@@ -186,24 +186,39 @@ def _pid_gone(pid: int) -> bool:
         return False
     return False
 
-# %% ../nbs/31_registry.ipynb #683a672e
-def reconcile(
-    model_dir: Path,  # NAME/ directory; call while holding `registry_lock(model_dir)`
+# %% ../nbs/31_registry.ipynb #fd434eda
+def _drop_leftovers(
+    model_dir: Path,  # NAME/ directory
 ) -> list[str]:
-    "Repair what killed publishes/promotes left behind; return what was repaired (see above)."
-    fixed: list[str] = []
+    "Remove the temporary directories of publishers that are gone; return what was removed."
+    fixed = []
     for tmp in (model_dir / "versions").glob(".publish-*.tmp"):
         m = re.match(r"\.publish-(\d+)-", tmp.name)
         if m and _pid_gone(int(m.group(1))):
             shutil.rmtree(tmp, ignore_errors=True)
             fixed.append(f"removed {tmp.name}")
+    return fixed
+
+# %% ../nbs/31_registry.ipynb #f10eb15a
+def _drop_torn_lines(
+    model_dir: Path,  # NAME/ directory
+) -> tuple[list[dict], list[str]]:
+    "The history's events, rewritten without its torn lines when there are some; and what was repaired."
     torn: list[int] = []
     events = _read_history(model_dir, torn)
-    if torn:  # rewrite the history without the torn lines (every append holds the lock)
-        atomic_write_text(
-            model_dir / "history.jsonl", "".join(json.dumps(e, default=str) + "\n" for e in events)
-        )
-        fixed.append(f"history: dropped torn line(s) {torn}")
+    if not torn:
+        return events, []
+    # rewrite the history without the torn lines (every append holds the lock)
+    atomic_write_text(model_dir / "history.jsonl", "".join(json.dumps(e, default=str) + "\n" for e in events))
+    return events, [f"history: dropped torn line(s) {torn}"]
+
+# %% ../nbs/31_registry.ipynb #b4a4dbf9
+def _recover_events(
+    model_dir: Path,  # NAME/ directory
+    events: list[dict],  # its history
+) -> list[str]:
+    "Append the publish and promote events a killed writer did not record; return what was recovered."
+    fixed = []
     published = {e["version"] for e in events if e.get("event") == "publish"}
     for v in (v for v in _versions(model_dir) if v not in published):
         rec = _version_record(model_dir, v)
@@ -220,6 +235,15 @@ def reconcile(
             _append_history(model_dir, ev | {"previous": held.get(alias), "by": _user(), "recovered": True})
             fixed.append(f"history: {alias} -> version {a['version']}")
     return fixed
+
+# %% ../nbs/31_registry.ipynb #b415e76f
+def reconcile(
+    model_dir: Path,  # NAME/ directory; call while holding `registry_lock(model_dir)`
+) -> list[str]:
+    "Repair what killed publishes/promotes left behind; return what was repaired (see above)."
+    fixed = _drop_leftovers(model_dir)
+    events, repaired = _drop_torn_lines(model_dir)
+    return fixed + repaired + _recover_events(model_dir, events)
 
 # %% ../nbs/31_registry.ipynb #e64ce994
 def consistency_problems(
@@ -287,7 +311,30 @@ def _wandb_env(
             else:
                 os.environ[k] = v
 
-# %% ../nbs/31_registry.ipynb #d8393d53
+# %% ../nbs/31_registry.ipynb #19a00e03
+def _wandb_run(
+    area: Path,  # the directory W&B writes into
+    project: str,  # W&B project
+    name: str,  # registry name
+    version: int,  # registry version
+    event: str,  # publish | promote
+    tracking: str,  # offline | online
+) -> Any:
+    "A W&B run of one registry event (silent, no system stats, no code saved)."
+    import wandb
+
+    return wandb.init(
+        project=project,
+        name=f"{name}-v{version}-{event}",
+        job_type=f"registry-{event}",
+        mode=tracking,
+        dir=str(area),
+        reinit="create_new",
+        config={"registry_name": name, "registry_version": version, "event": event},
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
+    )
+
+# %% ../nbs/31_registry.ipynb #8f015827
 def _wandb_log(
     root: Path,  # registry directory
     name: str,  # registry name = artifact name
@@ -306,26 +353,10 @@ def _wandb_log(
         try:
             import wandb
 
-            run = wandb.init(
-                project=project,
-                name=f"{name}-v{version}-{event}",
-                job_type=f"registry-{event}",
-                mode=tracking,
-                dir=str(area),
-                reinit="create_new",
-                config={"registry_name": name, "registry_version": version, "event": event},
-                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
-            )
+            run = _wandb_run(area, project, name, version, event, tracking)
             info = json.loads((bundle_dir / "bundle.json").read_text())
-            art = wandb.Artifact(
-                name,
-                type="model",
-                metadata={
-                    "registry_version": version,
-                    "run_id": info.get("run_id"),
-                    "model": info.get("model"),
-                },
-            )
+            meta = {"registry_version": version, "run_id": info.get("run_id"), "model": info.get("model")}
+            art = wandb.Artifact(name, type="model", metadata=meta)
             art.add_dir(str(bundle_dir))
             run.log_artifact(art, aliases=aliases)
             run_file = Path(run.dir).parent / f"run-{run.id}.wandb"
@@ -476,7 +507,23 @@ def _published_version(
         raise HsmlError(f"{name}@{v} does not match its published digest; refusing to promote it")
     return v
 
-# %% ../nbs/31_registry.ipynb #904df3f7
+# %% ../nbs/31_registry.ipynb #b1e54708
+def _move_alias(
+    d: Path,  # NAME/ directory; call while holding `registry_lock(d)`
+    alias: str,  # alias to move
+    v: int,  # the verified version it points at
+) -> dict:
+    "Point `alias` at version `v` in aliases.json and append the promote event; return the event."
+    al = _aliases(d)
+    prev = al.get(alias, {}).get("version")
+    ts = _now()
+    al[alias] = {"version": v, "since": ts}
+    atomic_write_json(d / "aliases.json", al)
+    event = {"ts": ts, "event": "promote", "alias": alias, "version": v, "previous": prev, "by": _user()}
+    _append_history(d, event)
+    return event
+
+# %% ../nbs/31_registry.ipynb #5bc37bf3
 def promote(
     name: str,  # registry name
     version: int | str,  # version to point the alias at (3 or "v3")
@@ -495,20 +542,7 @@ def promote(
     bdir = d / "versions" / str(v) / "model"
     with registry_lock(d):
         reconcile(d)
-        al = _aliases(d)
-        prev = al.get(alias, {}).get("version")
-        ts = _now()
-        al[alias] = {"version": v, "since": ts}
-        atomic_write_json(d / "aliases.json", al)
-        event = {
-            "ts": ts,
-            "event": "promote",
-            "alias": alias,
-            "version": v,
-            "previous": prev,
-            "by": _user(),
-        }
-        _append_history(d, event)
+        event = _move_alias(d, alias, v)
     run_file = _wandb_log(root_p, name, v, bdir, [alias, f"hsml-v{v}"], tracking, wandb_project, "promote")
     if run_file:
         event["wandb_run_file"] = run_file
@@ -568,19 +602,50 @@ class ModelRef:
             "digest": self.digest,
         }
 
-# %% ../nbs/31_registry.ipynb #d9fd8822
+# %% ../nbs/31_registry.ipynb #1524da85
+def _path_ref(
+    ref: str | Path,  # a model reference
+) -> ModelRef | None:
+    "The bundle a path reference names (a run directory stands for its model/); None for a registry reference."
+    s, p = str(ref), Path(ref)
+    looks_like_path = "/" in s or os.sep in s or s.startswith(".") or isinstance(ref, Path)
+    is_bundle = p.is_dir() and ((p / HASHES_FILE).exists() or (p / "model" / HASHES_FILE).exists())
+    if "@" in s or not (looks_like_path or is_bundle):
+        return None
+    return ModelRef(path=p / "model" if (p / "model" / HASHES_FILE).exists() else p)
+
+# %% ../nbs/31_registry.ipynb #de2725ae
+def _select_version(
+    d: Path,  # NAME/ directory
+    name: str,  # registry name
+    sel: str,  # what follows `@`: "", latest, 3, v3 or an alias
+    vs: list[int],  # its versions
+) -> tuple[str | None, int]:
+    "(alias, version) a selector names."
+    if sel in ("", "latest"):
+        return None, vs[-1]
+    if re.fullmatch(r"v?\d+", sel):
+        version = int(sel.lstrip("v"))
+        if version not in vs:
+            raise HsmlError(f"{name} has no version {version}", hint=f"versions: {vs}")
+        return None, version
+    al = _aliases(d)
+    if sel not in al:
+        raise HsmlError(
+            f"{name} has no alias {sel!r}",
+            hint=f"aliases: {sorted(al) or 'none'}; promote a version first",
+        )
+    return sel, int(al[sel]["version"])
+
+# %% ../nbs/31_registry.ipynb #75fc30d1
 def resolve(
     ref: str | Path,  # NAME@ALIAS | NAME@VERSION | NAME | PATH (a bundle or run directory)
     root: str | Path | None = None,  # registry directory
 ) -> ModelRef:
     "Resolve a model reference to a bundle directory (and its registry name/version/alias)."
+    if (m := _path_ref(ref)) is not None:
+        return m
     s = str(ref)
-    p = Path(s)
-    looks_like_path = "/" in s or os.sep in s or s.startswith(".") or isinstance(ref, Path)
-    is_bundle = p.is_dir() and ((p / HASHES_FILE).exists() or (p / "model" / HASHES_FILE).exists())
-    if "@" not in s and (looks_like_path or is_bundle):
-        bp = p / "model" if (p / "model" / HASHES_FILE).exists() else p
-        return ModelRef(path=bp)
     name, _, sel = s.partition("@")
     if not NAME_RE.match(name):
         raise HsmlError(
@@ -595,29 +660,9 @@ def resolve(
             f"no model named {name!r} in the registry {registry_root(root)}",
             hint=f"known models: {', '.join(known) or 'none'}; publish one with `hsml registry publish` or train with register=True",
         )
-    alias = None
-    if sel in ("", "latest"):
-        version = vs[-1]
-    elif re.fullmatch(r"v?\d+", sel):
-        version = int(sel.lstrip("v"))
-        if version not in vs:
-            raise HsmlError(f"{name} has no version {version}", hint=f"versions: {vs}")
-    else:
-        al = _aliases(d)
-        if sel not in al:
-            raise HsmlError(
-                f"{name} has no alias {sel!r}",
-                hint=f"aliases: {sorted(al) or 'none'}; promote a version first",
-            )
-        alias, version = sel, int(al[sel]["version"])
+    alias, version = _select_version(d, name, sel, vs)
     rec = _version_record(d, version)
-    return ModelRef(
-        path=d / "versions" / str(version) / "model",
-        name=name,
-        version=version,
-        alias=alias,
-        digest=rec["digest"],
-    )
+    return ModelRef(d / "versions" / str(version) / "model", name, version, alias, rec["digest"])
 
 # %% ../nbs/31_registry.ipynb #9589bb2c
 def load_model(
