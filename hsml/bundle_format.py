@@ -107,7 +107,23 @@ def _categories(
     if closed and not cats:
         raise HsmlError(f"feature {f['name']!r} is an Enum but its levels are unknown: pass train_frame")
 
-# %% ../nbs/30_bundle_format.ipynb #f0250174
+# %% ../nbs/30_bundle_format.ipynb #4b77706b
+def _numeric_stats(
+    col: pl.Series,  # a number or integer training column
+) -> dict:
+    "min, max, mean and median of a column's finite values (None when it has none)."
+    c = col.cast(pl.Float64)
+    c = c.filter(c.is_finite())
+    if not len(c):
+        return {"min": None, "max": None, "mean": None, "median": None}
+    return {
+        "min": _finite(c.min()),
+        "max": _finite(c.max()),
+        "mean": _finite(c.mean()),
+        "median": _finite(c.median()),
+    }
+
+# %% ../nbs/30_bundle_format.ipynb #2ac99a35
 def _observe(
     f: dict,  # the field, completed in place
     col: pl.Series,  # its training column
@@ -117,16 +133,8 @@ def _observe(
     f["nullable"] = bool(nulls > 0)
     obs: dict[str, Any] = {"n": n, "null_fraction": (nulls / n) if n else 0.0}
     if f["type"] in ("number", "integer"):
-        c = col.cast(pl.Float64)
-        c = c.filter(c.is_finite())
-        lo, hi = (c.min(), c.max()) if len(c) else (None, None)
-        obs.update(
-            min=_finite(lo),
-            max=_finite(hi),
-            mean=_finite(c.mean()) if len(c) else None,
-            median=_finite(c.median()) if len(c) else None,
-        )
-        if lo is not None and lo >= 0:
+        obs |= _numeric_stats(col)
+        if obs["min"] is not None and obs["min"] >= 0:
             f["minimum"] = 0
     elif f["type"] == "boolean":
         obs["true_fraction"] = _finite(col.cast(pl.Float64).mean())
@@ -246,13 +254,13 @@ def card_windows_and_attributes(
     "Model card lines: the evaluated and the bundled model's training windows, and the snapshot-attribute risk."
     return _card_windows(meta) + _card_attribute_risk(metrics)
 
-# %% ../nbs/30_bundle_format.ipynb #263fb1c3
+# %% ../nbs/30_bundle_format.ipynb #94bde795
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
 
-
+# %% ../nbs/30_bundle_format.ipynb #11cb6711
 def _metric_rows(metrics: dict) -> list[tuple[str, str]]:
     "Flatten {name: {value, ci_low, ci_high}} or {name: number} into (name, 'v [lo, hi]') rows."
     rows = []

@@ -23,7 +23,19 @@ __all__ = ['SRM_ALARM', 'SRM_WARNING', 'PSI_WARN', 'PSI_ALARM', 'JS_WARN', 'JS_A
 def _ci(value: float, lo: float, hi: float, **kw) -> dict:
     return Metric(float(value), float(lo), float(hi)).as_dict() | kw
 
-# %% ../nbs/41_impact_stats.ipynb #0108cce8
+# %% ../nbs/41_impact_stats.ipynb #bcab5f19
+def _srm_message(
+    alarm: bool,  # p < SRM_ALARM
+    warning: bool,  # p < SRM_WARNING
+) -> str:
+    "What an SRM result means for the reader of the report."
+    if alarm:
+        return "SAMPLE RATIO MISMATCH: the arms do not match the design; the result is void until the cause is found"
+    if warning:
+        return "arm counts look off: check the logging before trusting the result"
+    return "arm counts match the design"
+
+# %% ../nbs/41_impact_stats.ipynb #57a09202
 SRM_ALARM, SRM_WARNING = 1e-3, 1e-2
 
 
@@ -45,13 +57,7 @@ def srm_test(
     }
     out |= {"observed_holdout_share": n_holdout / n, "chi2": float(stat), "p_value": p}
     out |= {"alarm": p < SRM_ALARM, "warning": p < SRM_WARNING}
-    out["message"] = (
-        "SAMPLE RATIO MISMATCH: the arms do not match the design; the result is void until the cause is found"
-        if out["alarm"]
-        else "arm counts look off: check the logging before trusting the result"
-        if out["warning"]
-        else "arm counts match the design"
-    )
+    out["message"] = _srm_message(out["alarm"], out["warning"])
     return out
 
 # %% ../nbs/41_impact_stats.ipynb #c009ad89
