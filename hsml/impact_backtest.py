@@ -289,22 +289,32 @@ def _echo_backtest(
     if out is not None:
         typer.echo(f"wrote {out / 'backtest.json'} and {out / 'backtest.png'}")
 
-# %% ../nbs/44_impact_backtest.ipynb #ba416a74
+# %% ../nbs/44_impact_backtest.ipynb #641ea66e
+_Model = Annotated[str, typer.Option(help="NAME@ALIAS | NAME@VERSION | PATH of a bundle")]
+_DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="the extract to replay (CSV directory or catalog)")
+]
+_K = Annotated[int, typer.Option("--k", help="companies called per week")]
+_EveryDays = Annotated[int, typer.Option("--every-days", help="days between weeks")]
+_Out = Annotated[Path | None, typer.Option(help="directory for backtest.json and backtest.png")]
+_Start = Annotated[str | None, typer.Option(help="first week YYYY-MM-DD")]
+_End = Annotated[str | None, typer.Option(help="last week YYYY-MM-DD (its horizon must have passed)")]
+_Registry = Annotated[Path | None, typer.Option(help="registry directory")]
+_NBoot = Annotated[int, typer.Option("--n-boot", help="bootstrap resamples")]
+_Json = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+# %% ../nbs/44_impact_backtest.ipynb #c2f6fc24
 def backtest_cmd(
-    model: Annotated[str, typer.Option(help="NAME@ALIAS | NAME@VERSION | PATH of a bundle")],
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="the extract to replay (CSV directory or catalog)")
-    ],
-    k: Annotated[int, typer.Option("--k", help="companies called per week")],
-    every_days: Annotated[int, typer.Option("--every-days", help="days between weeks")] = 7,
-    out: Annotated[Path | None, typer.Option(help="directory for backtest.json and backtest.png")] = None,
-    start: Annotated[str | None, typer.Option(help="first week YYYY-MM-DD")] = None,
-    end: Annotated[
-        str | None, typer.Option(help="last week YYYY-MM-DD (its horizon must have passed)")
-    ] = None,
-    registry: Annotated[Path | None, typer.Option(help="registry directory")] = None,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="bootstrap resamples")] = 2000,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    model: _Model,
+    data_dir: _DataDir,
+    k: _K,
+    every_days: _EveryDays = 7,
+    out: _Out = None,
+    start: _Start = None,
+    end: _End = None,
+    registry: _Registry = None,
+    n_boot: _NBoot = 2000,
+    as_json: _Json = False,
 ) -> None:
     """Replay history: each week the model's top-K vs a random K and the activity heuristic.
 

@@ -41,7 +41,18 @@ def _recover(raw: bytes) -> dict | None:
         return None
     return rec if isinstance(rec, dict) else None
 
-# %% ../nbs/43_impact_report.ipynb #1128278b
+# %% ../nbs/43_impact_report.ipynb #44dcfa81
+def _parse_line(
+    raw: bytes,  # one line of a JSONL log
+) -> tuple[dict | None, bool]:
+    "(record, intact): the line's record, or the complete record recovered from a torn line."
+    try:
+        rec = json.loads(raw)
+        return rec, isinstance(rec, dict)
+    except ValueError:
+        return _recover(raw), False
+
+# %% ../nbs/43_impact_report.ipynb #d43591ce
 def read_log_file(
     path: str | Path,  # one JSONL prediction log
 ) -> tuple[list[dict], int]:
@@ -54,11 +65,7 @@ def read_log_file(
     for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            rec = json.loads(raw)
-            ok = isinstance(rec, dict)
-        except ValueError:
-            rec, ok = _recover(raw), False
+        rec, ok = _parse_line(raw)
         if not ok:
             damaged += 1
             where = "its last line" if i == len(lines) else f"line {i}"
@@ -193,14 +200,12 @@ def experiment_cohort(
     first = first.with_columns(as_of=day)
     return first, {"experiment": experiment, "arm_conflicts": conflicts}
 
-# %% ../nbs/43_impact_report.ipynb #71298f3c
-def attach_outcomes(
-    cohort: pl.DataFrame,  # experiment_cohort output
+# %% ../nbs/43_impact_report.ipynb #9c164fba
+def _extract_end(
     tables: Any,  # hsml.contracts.Tables of the later extract
-    horizon_days: int,  # the model's horizon
-) -> tuple[pl.DataFrame, dict]:
-    "Adds converted, mrr, matured; and the extract's end and data problems."
-    comp = tables.companies().select(pl.col("id").cast(pl.String), "CLOSEDATE", "MRR")
+    comp: pl.DataFrame,  # its companies (id, CLOSEDATE, MRR)
+) -> dt.date:
+    "The last day the extract saw: its last usage stamp or close date, whichever is later."
     ends = [
         tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").max()).collect().item(),
         comp["CLOSEDATE"].max(),
@@ -208,7 +213,17 @@ def attach_outcomes(
     ends = [e.date() if isinstance(e, dt.datetime) else e for e in ends if e is not None]
     if not ends:
         raise HsmlError("the later extract has no usage stamps and no close dates: no end to measure from")
-    end = max(ends)
+    return max(ends)
+
+# %% ../nbs/43_impact_report.ipynb #75925469
+def attach_outcomes(
+    cohort: pl.DataFrame,  # experiment_cohort output
+    tables: Any,  # hsml.contracts.Tables of the later extract
+    horizon_days: int,  # the model's horizon
+) -> tuple[pl.DataFrame, dict]:
+    "Adds converted, mrr, matured; and the extract's end and data problems."
+    comp = tables.companies().select(pl.col("id").cast(pl.String), "CLOSEDATE", "MRR")
+    end = _extract_end(tables, comp)
     h = pl.duration(days=horizon_days)
     df = cohort.join(comp, on="id", how="left").with_columns(
         converted=(pl.col("CLOSEDATE") > pl.col("as_of")) & (pl.col("CLOSEDATE") <= pl.col("as_of") + h),
