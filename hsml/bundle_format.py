@@ -37,7 +37,7 @@ FORMAT_VERSION = 1  # bundle.json `format_version`: bumped on an incompatible ch
 SCHEMA_VERSION = 1
 DEFAULT_MAX_RECORDS = 10_000  # records per /predict request
 
-# %% ../nbs/30_bundle_format.ipynb #002064d1
+# %% ../nbs/30_bundle_format.ipynb #b6b1cbc7
 def _kind(dtype: str) -> str:
     "Map a polars dtype name (as in feature_spec.json) to a schema kind."
     d = str(dtype).lower()
@@ -51,7 +51,7 @@ def _kind(dtype: str) -> str:
         return "category"
     raise HsmlError(f"feature dtype {dtype!r} is not supported in a bundle input schema")
 
-
+# %% ../nbs/30_bundle_format.ipynb #479be9a3
 def _finite(x: Any) -> float | None:
     "A JSON-safe float (None for null/NaN/inf)."
     if x is None:
@@ -107,7 +107,23 @@ def _categories(
     if closed and not cats:
         raise HsmlError(f"feature {f['name']!r} is an Enum but its levels are unknown: pass train_frame")
 
-# %% ../nbs/30_bundle_format.ipynb #f0250174
+# %% ../nbs/30_bundle_format.ipynb #4b77706b
+def _numeric_stats(
+    col: pl.Series,  # a number or integer training column
+) -> dict:
+    "min, max, mean and median of a column's finite values (None when it has none)."
+    c = col.cast(pl.Float64)
+    c = c.filter(c.is_finite())
+    if not len(c):
+        return {"min": None, "max": None, "mean": None, "median": None}
+    return {
+        "min": _finite(c.min()),
+        "max": _finite(c.max()),
+        "mean": _finite(c.mean()),
+        "median": _finite(c.median()),
+    }
+
+# %% ../nbs/30_bundle_format.ipynb #2ac99a35
 def _observe(
     f: dict,  # the field, completed in place
     col: pl.Series,  # its training column
@@ -117,16 +133,8 @@ def _observe(
     f["nullable"] = bool(nulls > 0)
     obs: dict[str, Any] = {"n": n, "null_fraction": (nulls / n) if n else 0.0}
     if f["type"] in ("number", "integer"):
-        c = col.cast(pl.Float64)
-        c = c.filter(c.is_finite())
-        lo, hi = (c.min(), c.max()) if len(c) else (None, None)
-        obs.update(
-            min=_finite(lo),
-            max=_finite(hi),
-            mean=_finite(c.mean()) if len(c) else None,
-            median=_finite(c.median()) if len(c) else None,
-        )
-        if lo is not None and lo >= 0:
+        obs |= _numeric_stats(col)
+        if obs["min"] is not None and obs["min"] >= 0:
             f["minimum"] = 0
     elif f["type"] == "boolean":
         obs["true_fraction"] = _finite(col.cast(pl.Float64).mean())
@@ -135,7 +143,21 @@ def _observe(
         obs["top"] = {str(k): int(v) for k, v in zip(vc[col.name].to_list(), vc["count"].to_list())}
     f["observed"] = obs
 
-# %% ../nbs/30_bundle_format.ipynb #015b3cef
+# %% ../nbs/30_bundle_format.ipynb #0711cb57
+def _training_frame(
+    train_frame: pl.DataFrame | Any | None,  # training frame (polars or pandas), or None
+    names: list[str],  # the feature names it must hold
+) -> pl.DataFrame | None:
+    "The training frame as polars, checked to hold every feature column."
+    if train_frame is None:
+        return None
+    df = train_frame if isinstance(train_frame, pl.DataFrame) else pl.from_pandas(train_frame)
+    missing = [n for n in names if n not in df.columns]
+    if missing:
+        raise HsmlError(f"train_frame lacks the feature columns {missing}")
+    return df
+
+# %% ../nbs/30_bundle_format.ipynb #5704b521
 def make_input_schema(
     training_set_spec: Sequence[dict],  # feature spec: list of {name, dtype, description, window}
     train_frame: pl.DataFrame | Any | None = None,  # training frame (polars or pandas) for statistics
@@ -144,12 +166,7 @@ def make_input_schema(
     "Derive `input_schema.json` from the feature spec and (optionally) the training frame's statistics."
     if not training_set_spec:
         raise HsmlError("the feature spec is empty: a bundle needs at least one feature")
-    df = None
-    if train_frame is not None:
-        df = train_frame if isinstance(train_frame, pl.DataFrame) else pl.from_pandas(train_frame)
-        missing = [s["name"] for s in training_set_spec if s["name"] not in df.columns]
-        if missing:
-            raise HsmlError(f"train_frame lacks the feature columns {missing}")
+    df = _training_frame(train_frame, [s["name"] for s in training_set_spec])
     fields = []
     for s in training_set_spec:
         f, col = _base_field(s), (df[s["name"]] if df is not None else None)
@@ -166,14 +183,14 @@ def make_input_schema(
         "nan_policy": "NaN and infinity are refused; send null for a missing value where the field is nullable",
     }
 
-# %% ../nbs/30_bundle_format.ipynb #8ca6ac24
+# %% ../nbs/30_bundle_format.ipynb #6f91f5ea
 TRAINING_DEFAULTS = {
     "population": "active_unconverted",
     "usage_period_days": 7,
     "usage_anchor_weekday": "Monday",
 }  # what a bundle without these fields was trained with
 
-
+# %% ../nbs/30_bundle_format.ipynb #6574a193
 def training_context(
     info: dict,  # bundle.json content (or the meta passed to save_bundle)
 ) -> dict:
@@ -189,46 +206,61 @@ def training_context(
     out["horizon_days"] = int(h) if isinstance(h, int | float) and not isinstance(h, bool) else None
     return out
 
-# %% ../nbs/30_bundle_format.ipynb #59639d79
+# %% ../nbs/30_bundle_format.ipynb #8e505e0a
+def _card_windows(
+    meta: dict,  # bundle.json content
+) -> list[str]:
+    "Model card lines on the evaluated and the bundled model's training windows."
+    windows = [("evaluated model (the test metrics)", meta.get("evaluated_model_train_window")),
+               ("this bundle's model", meta.get("deployed_model_train_window"))]  # fmt: skip
+    if not any(w for _, w in windows):
+        return []
+    out = ["", "## Training windows", ""]
+    for label, w in windows:
+        if w:
+            cal = ", ".join(w.get("calibrated_on") or []) or "-"
+            out.append(f"- {label}: as_of {w.get('as_of_from')}..{w.get('as_of_to')}, {w.get('n_rows')} rows, "
+                       f"{w.get('n_positive')} positives; estimator fitted through {w.get('estimator_fit_until')}, "
+                       f"calibrated on {cal}")  # fmt: skip
+    if meta.get("test_metrics_estimate"):
+        out += ["", f"Note: {meta['test_metrics_estimate']}."]
+    return out
+
+# %% ../nbs/30_bundle_format.ipynb #37b5c6a3
+def _card_attribute_risk(
+    metrics: dict,  # metrics.json content
+) -> list[str]:
+    "Model card lines on the attribute check: which attributes, the risk, and their missing rates by class."
+    ac = metrics.get("attribute_check")
+    if not (isinstance(ac, dict) and ac):
+        return []
+    attrs = ac.get("attributes") or {}
+    out = ["", "## Snapshot attributes", "",
+           f"{', '.join(attrs) or 'No feature'} {'are' if len(attrs) != 1 else 'is'} read at extraction time, which "
+           "for customers is after they converted; CRMs often fill such values in during the sale, so a model can "
+           "learn that a filled-in value means a customer, and the test metrics (from the same extract) would not "
+           f"show it. The training run's check: {ac.get('verdict')}.", ""]  # fmt: skip
+    rows = [(a, v.get("missing_rate")) for a, v in attrs.items() if v.get("missing_rate")]
+    if rows:
+        out += ["| attribute | missing, converted | missing, others |", "| --- | --- | --- |"]
+        out += [f"| {a} | {m['positives']:.1%} | {m['negatives']:.1%} |" for a, m in rows]
+    return out
+
+# %% ../nbs/30_bundle_format.ipynb #839efbe6
 def card_windows_and_attributes(
     meta: dict,  # bundle.json content
     metrics: dict,  # metrics.json content
 ) -> list[str]:
     "Model card lines: the evaluated and the bundled model's training windows, and the snapshot-attribute risk."
-    out = []
-    windows = [("evaluated model (the test metrics)", meta.get("evaluated_model_train_window")),
-               ("this bundle's model", meta.get("deployed_model_train_window"))]  # fmt: skip
-    if any(w for _, w in windows):
-        out += ["", "## Training windows", ""]
-        for label, w in windows:
-            if w:
-                cal = ", ".join(w.get("calibrated_on") or []) or "-"
-                out.append(f"- {label}: as_of {w.get('as_of_from')}..{w.get('as_of_to')}, {w.get('n_rows')} rows, "
-                           f"{w.get('n_positive')} positives; estimator fitted through {w.get('estimator_fit_until')}, "
-                           f"calibrated on {cal}")  # fmt: skip
-        if meta.get("test_metrics_estimate"):
-            out += ["", f"Note: {meta['test_metrics_estimate']}."]
-    ac = metrics.get("attribute_check")
-    if isinstance(ac, dict) and ac:
-        attrs = ac.get("attributes") or {}
-        out += ["", "## Snapshot attributes", "",
-                f"{', '.join(attrs) or 'No feature'} {'are' if len(attrs) != 1 else 'is'} read at extraction time, which "
-                "for customers is after they converted; CRMs often fill such values in during the sale, so a model can "
-                "learn that a filled-in value means a customer, and the test metrics (from the same extract) would not "
-                f"show it. The training run's check: {ac.get('verdict')}.", ""]  # fmt: skip
-        rows = [(a, v.get("missing_rate")) for a, v in attrs.items() if v.get("missing_rate")]
-        if rows:
-            out += ["| attribute | missing, converted | missing, others |", "| --- | --- | --- |"]
-            out += [f"| {a} | {m['positives']:.1%} | {m['negatives']:.1%} |" for a, m in rows]
-    return out
+    return _card_windows(meta) + _card_attribute_risk(metrics)
 
-# %% ../nbs/30_bundle_format.ipynb #263fb1c3
+# %% ../nbs/30_bundle_format.ipynb #94bde795
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
 
-
+# %% ../nbs/30_bundle_format.ipynb #11cb6711
 def _metric_rows(metrics: dict) -> list[tuple[str, str]]:
     "Flatten {name: {value, ci_low, ci_high}} or {name: number} into (name, 'v [lo, hi]') rows."
     rows = []
@@ -242,7 +274,7 @@ def _metric_rows(metrics: dict) -> list[tuple[str, str]]:
             rows.append((k, _fmt(v)))
     return rows
 
-# %% ../nbs/30_bundle_format.ipynb #c5135619
+# %% ../nbs/30_bundle_format.ipynb #de3f0a5a
 def _policy_text(name: str) -> str:
     "The population policy's one-sentence description ('' when hsml.snapshots does not know it)."
     try:
@@ -252,7 +284,7 @@ def _policy_text(name: str) -> str:
     except Exception:
         return ""
 
-
+# %% ../nbs/30_bundle_format.ipynb #594775fd
 def _snapshot_section(schema: dict, metrics: dict) -> list[str]:
     "The card's words on snapshot attributes: which features are, the risk, and the attribute check's verdict."
     snap = [f["name"] for f in schema["fields"] if f.get("known_at") == "snapshot"]
@@ -278,17 +310,15 @@ def _snapshot_section(schema: dict, metrics: dict) -> list[str]:
                   "before trusting it)."]  # fmt: skip
     return lines
 
-# %% ../nbs/30_bundle_format.ipynb #17e4ecd9
-def model_card(
+# %% ../nbs/30_bundle_format.ipynb #13401fae
+def _card_head(
     meta: dict,  # bundle.json content
-    metrics: dict,  # metrics.json content
-    schema: dict,  # input_schema.json content
-) -> str:
-    "Render model_card.md: intended use, data, features, metrics with 95% intervals, baselines, caveats."
+) -> list[str]:
+    "Model card title, provenance, intended use, data and population."
+    horizon, ctx = meta.get("horizon_days"), training_context(meta)
     name = meta.get("name") or meta.get("model") or "model"
-    horizon = meta.get("horizon_days")
-    ctx = training_context(meta)
-    lines = [
+    policy = _policy_text(ctx["population"])
+    return [
         f"# Model card: {name}",
         "",
         f"- model: `{meta.get('model')}`  run: `{meta.get('run_id')}`  created: {meta.get('created_at')}",
@@ -313,16 +343,22 @@ def model_card(
         "a conversion in `(as_of, as_of + horizon]`; companies already converted at `as_of` are excluded.",
         "",
         f"Training population: `{ctx['population']}`"
-        + (f": {_policy_text(ctx['population'])}" if _policy_text(ctx["population"]) else "")
+        + (f": {policy}" if policy else "")
         + ". Scoring and serving default to the same population: a company outside it is listed without a score, "
         "with the reason, because the model has never seen its kind.",
         "",
         "Data fingerprints (sha256 of each source table):",
         "",
-    ]
-    fps = meta.get("data_fingerprints") or {}
-    lines += [f"- `{k}`: `{v}`" for k, v in fps.items()] or ["- (not recorded)"]
-    lines += [
+    ] + (
+        [f"- `{k}`: `{v}`" for k, v in (meta.get("data_fingerprints") or {}).items()] or ["- (not recorded)"]
+    )
+
+# %% ../nbs/30_bundle_format.ipynb #a5cfe911
+def _card_features(
+    schema: dict,  # input_schema.json content
+) -> list[str]:
+    "Model card table of the features: type, what each knows when, nullability, window, description."
+    lines = [
         "",
         "## Features",
         "",
@@ -337,48 +373,61 @@ def model_card(
             f"| `{f['name']}` | {f['type']} | {f.get('known_at') or ''} | {'yes' if f['nullable'] else 'no'} | "
             f"{f.get('window') or ''} | {f.get('description') or ''} |"
         )
-    lines += _snapshot_section(schema, metrics)
-    lines += ["", "## Metrics (test period, bootstrap 95% intervals)", ""]
-    test = metrics.get("test", metrics if "baselines" not in metrics else {})
-    rows = _metric_rows(test)
+    return lines
+
+# %% ../nbs/30_bundle_format.ipynb #88432f1c
+def _card_metrics(
+    metrics: dict,  # metrics.json content
+) -> list[str]:
+    "Model card tables of the test metrics with their intervals, the test counts, and each baseline's metrics."
+    lines = ["", "## Metrics (test period, bootstrap 95% intervals)", ""]
+    rows = _metric_rows(metrics.get("test", metrics if "baselines" not in metrics else {}))
     if rows:
         lines += ["| metric | value [95% CI] |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows]
     else:
         lines.append("(no test metrics recorded)")
     counts = [f"- {k}: {metrics[k]}" for k in ("n_test", "n_test_positive") if k in metrics]
-    if counts:
-        lines += ["", *counts]
+    lines += ["", *counts] if counts else []
     lines += ["", "## Baselines", ""]
-    base = metrics.get("baselines") or {}
-    if base:
-        for bname, bm in base.items():
-            rows = _metric_rows(bm if isinstance(bm, dict) else {})
-            lines += [f"**{bname}**", "", "| metric | value [95% CI] |", "| --- | --- |"]
-            lines += [f"| {k} | {v} |" for k, v in rows] + [""]
-    else:
+    for bname, bm in (metrics.get("baselines") or {}).items():
+        lines += [f"**{bname}**", "", "| metric | value [95% CI] |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in _metric_rows(bm if isinstance(bm, dict) else {})] + [""]
+    if not metrics.get("baselines"):
         lines.append("(no baselines recorded: compare against the base rate before trusting the model)")
-    lines += card_windows_and_attributes(meta, metrics)
-    lines += [
-        "",
-        "## Caveats",
-        "",
-        "- Positives are rare (a few per thousand): intervals are wide; read them before the point values.",
-        "- Scores drift as product usage, marketing and the prospect mix change: monitor the prediction log and "
-        "retrain on a schedule; compare served inputs with the training statistics in `input_schema.json`.",
-        "- Ranking companies for outreach changes who converts: measuring impact needs a holdout, not this "
-        "card's test metrics.",
-        "- Identifiers, close dates and MRR are never features; a feature computed with data from after "
-        "`as_of` would leak the label (the training set's leakage audit guards this).",
-        "",
-        "## Files",
-        "",
-        "`model.joblib` (sklearn Pipeline), `feature_spec.json`, `input_schema.json`, `metrics.json`, "
-        "`bundle.json`, `hashes.json` (sha256 of every other file, verified before loading).",
-        "",
-    ]
+    return lines
+
+# %% ../nbs/30_bundle_format.ipynb #054a47b2
+_CARD_CAVEATS = [
+    "",
+    "## Caveats",
+    "",
+    "- Positives are rare (a few per thousand): intervals are wide; read them before the point values.",
+    "- Scores drift as product usage, marketing and the prospect mix change: monitor the prediction log and "
+    "retrain on a schedule; compare served inputs with the training statistics in `input_schema.json`.",
+    "- Ranking companies for outreach changes who converts: measuring impact needs a holdout, not this "
+    "card's test metrics.",
+    "- Identifiers, close dates and MRR are never features; a feature computed with data from after "
+    "`as_of` would leak the label (the training set's leakage audit guards this).",
+    "",
+    "## Files",
+    "",
+    "`model.joblib` (sklearn Pipeline), `feature_spec.json`, `input_schema.json`, `metrics.json`, "
+    "`bundle.json`, `hashes.json` (sha256 of every other file, verified before loading).",
+    "",
+]  # the card's closing sections, the same for every bundle
+
+# %% ../nbs/30_bundle_format.ipynb #c046af59
+def model_card(
+    meta: dict,  # bundle.json content
+    metrics: dict,  # metrics.json content
+    schema: dict,  # input_schema.json content
+) -> str:
+    "Render model_card.md: intended use, data, features, metrics with 95% intervals, baselines, caveats."
+    lines = _card_head(meta) + _card_features(schema) + _snapshot_section(schema, metrics)
+    lines += _card_metrics(metrics) + card_windows_and_attributes(meta, metrics) + _CARD_CAVEATS
     return "\n".join(lines)
 
-# %% ../nbs/30_bundle_format.ipynb #9950f43c
+# %% ../nbs/30_bundle_format.ipynb #3f4b85b0
 def _hsml_version() -> str:
     try:
         import hsml
@@ -392,7 +441,7 @@ def _hsml_version() -> str:
     except Exception:
         return "unknown"
 
-
+# %% ../nbs/30_bundle_format.ipynb #0e990785
 def _spec_and_timing(spec: Sequence[dict] | dict, meta: dict) -> tuple[list[dict], dict]:
     "(entries, timing) of a spec: the feature_spec.json object's timing, else meta's, else weekly on Monday."
     from hsml.features import read_feature_spec
@@ -430,7 +479,17 @@ def _bundle_info(
     } | {k: v for k, v in meta.items() if k != "name" and v is not None}
     return info | {k: v for k, v in training_context(info | timing).items() if k != "horizon_days"}
 
-# %% ../nbs/30_bundle_format.ipynb #9265061b
+# %% ../nbs/30_bundle_format.ipynb #7a72b6d6
+def _close_enum_levels(
+    spec: list[dict],  # the feature spec entries, completed in place
+    schema: dict,  # the input schema made from them
+) -> None:
+    "Copy closed category levels into the spec, so the spec alone rebuilds the dtypes."
+    for s, f in zip(spec, schema["fields"]):
+        if f["type"] == "category" and f.get("unknown_categories") == "reject":
+            s.setdefault("categories", f["categories"])
+
+# %% ../nbs/30_bundle_format.ipynb #ad25ba08
 def save_bundle(
     out_dir: str | Path,  # the bundle directory to create (e.g. <run>/model); replaced atomically
     pipeline: Any,  # a fitted sklearn Pipeline (predict_proba on a pandas frame of the features)
@@ -448,33 +507,25 @@ def save_bundle(
 
     spec, timing = _spec_and_timing(training_set_spec, meta)
     schema = make_input_schema(spec, train_frame, max_records=max_records)
-    for s, f in zip(
-        spec, schema["fields"]
-    ):  # Enum levels in the spec too: the spec alone rebuilds the dtypes
-        if f["type"] == "category" and f.get("unknown_categories") == "reject":
-            s.setdefault("categories", f["categories"])
+    _close_enum_levels(spec, schema)
     info, out = _bundle_info(meta, spec, timing), Path(out_dir)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         joblib.dump(pipeline, tmp / "model.joblib")
-
-        def dump(name: str, obj: Any) -> None:
+        docs = {"feature_spec.json": feature_spec_document(spec, timing), "input_schema.json": schema,
+                "metrics.json": metrics or {}, "bundle.json": info}  # fmt: skip
+        for name, obj in docs.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-        dump("feature_spec.json", feature_spec_document(spec, timing))
-        dump("input_schema.json", schema)
-        dump("metrics.json", metrics or {})
-        dump("bundle.json", info)
         (tmp / "model_card.md").write_text(model_card(info, metrics or {}, schema))
-        dump(HASHES_FILE, {n: sha256_file(tmp / n) for n in sorted(p.name for p in tmp.iterdir())})
+        hashes = {n: sha256_file(tmp / n) for n in sorted(p.name for p in tmp.iterdir())}
+        (tmp / HASHES_FILE).write_text(json.dumps(hashes, indent=2, default=str) + "\n")
     return out
 
-# %% ../nbs/30_bundle_format.ipynb #6177607a
-def verify_bundle(
-    path: str | Path,  # a bundle directory
+# %% ../nbs/30_bundle_format.ipynb #f17161d0
+def _read_hashes(
+    p: Path,  # a bundle directory
 ) -> dict[str, str]:
-    "Check every file of a bundle against hashes.json; return the hashes or raise HsmlError."
-    p = Path(path)
+    "A bundle's hashes.json, checked to be a {file: sha256} object."
     if not p.is_dir():
         raise HsmlError(
             f"{p} is not a model bundle directory",
@@ -490,6 +541,14 @@ def verify_bundle(
         assert isinstance(hashes, dict) and all(isinstance(v, str) for v in hashes.values())
     except Exception:
         raise HsmlError(f"bundle {p}: {HASHES_FILE} is not a valid {{file: sha256}} JSON object") from None
+    return hashes
+
+# %% ../nbs/30_bundle_format.ipynb #4d767d84
+def _check_file_set(
+    p: Path,  # a bundle directory
+    hashes: dict[str, str],  # its hashes.json
+) -> None:
+    "Refuse a bundle missing a file, or holding a file hashes.json does not list."
     missing = [f for f in BUNDLE_FILES if f not in hashes or not (p / f).exists()]
     missing += [f for f in hashes if f not in missing and not (p / f).exists()]
     if missing:
@@ -503,6 +562,15 @@ def verify_bundle(
             f"bundle {p} holds files not listed in {HASHES_FILE}: {extra}",
             hint="the bundle was modified after it was written",
         )
+
+# %% ../nbs/30_bundle_format.ipynb #182f7885
+def verify_bundle(
+    path: str | Path,  # a bundle directory
+) -> dict[str, str]:
+    "Check every file of a bundle against hashes.json; return the hashes or raise HsmlError."
+    p = Path(path)
+    hashes = _read_hashes(p)
+    _check_file_set(p, hashes)
     bad = [f for f, h in hashes.items() if (p / f).is_dir() or sha256_file(p / f) != h]
     if bad:
         raise HsmlError(
@@ -511,12 +579,12 @@ def verify_bundle(
         )
     return hashes
 
-
+# %% ../nbs/30_bundle_format.ipynb #8537c472
 def bundle_digest(path: str | Path) -> str:
     "sha256 of a bundle's hashes.json: one fingerprint of every byte of the bundle."
     return sha256_file(Path(path) / HASHES_FILE)
 
-# %% ../nbs/30_bundle_format.ipynb #0428fce5
+# %% ../nbs/30_bundle_format.ipynb #2ce97b18
 def bundle_dir(
     path: str | Path,  # a bundle directory, or a run directory holding model/
 ) -> Path:
@@ -526,7 +594,7 @@ def bundle_dir(
         p = p / "model"
     return p
 
-
+# %% ../nbs/30_bundle_format.ipynb #fa4c355b
 def _read_json(p: Path, name: str) -> Any:
     try:
         return json.loads((p / name).read_text())
@@ -559,7 +627,27 @@ def read_bundle(
     return dict(path=p, pipeline=pipeline, feature_spec=entries, input_schema=schema, metrics=_read_json(p, "metrics.json"),
                 info=info, hashes=hashes, digest=bundle_digest(p))  # fmt: skip
 
-# %% ../nbs/30_bundle_format.ipynb #14c8e848
+# %% ../nbs/30_bundle_format.ipynb #68831e38
+def _probe_values(
+    f: dict,  # a schema field
+    n: int,  # rows
+    rng: np.random.Generator,  # random numbers
+) -> list:
+    "A probe column's values before nulls: the observed extremes first, then random values (unseen levels too)."
+    kind, obs = f["type"], f.get("observed") or {}
+    if kind == "boolean":
+        return rng.integers(0, 2, n).astype(bool).tolist()
+    if kind not in ("number", "integer"):
+        cats = f.get("categories") or ["a"]
+        pool = cats + (["__unseen__"] if f.get("unknown_categories") == "accept" else [])
+        return [pool[i] for i in rng.integers(0, len(pool), n)]
+    lo = obs.get("min") if obs.get("min") is not None else (f.get("minimum") or 0.0)
+    hi = obs.get("max") if obs.get("max") is not None else lo + 100.0
+    v = rng.uniform(lo, hi * 1.5 if hi > 0 else hi + 1, n)
+    v[: min(4, n)] = [lo, hi, (lo + hi) / 2, hi * 2 + 1][: min(4, n)]
+    return [int(x) for x in np.round(v).tolist()] if kind == "integer" else v.tolist()
+
+# %% ../nbs/30_bundle_format.ipynb #6ffc8c0f
 def probe_frame(
     schema: dict,  # input_schema.json content
     n: int = 64,  # rows
@@ -569,21 +657,7 @@ def probe_frame(
     rng = np.random.default_rng(seed)
     cols: dict[str, pl.Series] = {}
     for f in schema["fields"]:
-        kind, obs = f["type"], f.get("observed") or {}
-        if kind in ("number", "integer"):
-            lo = obs.get("min") if obs.get("min") is not None else (f.get("minimum") or 0.0)
-            hi = obs.get("max") if obs.get("max") is not None else lo + 100.0
-            v = rng.uniform(lo, hi * 1.5 if hi > 0 else hi + 1, n)
-            v[: min(4, n)] = [lo, hi, (lo + hi) / 2, hi * 2 + 1][: min(4, n)]
-            vals: list = (np.round(v) if kind == "integer" else v).tolist()
-            if kind == "integer":
-                vals = [int(x) for x in vals]
-        elif kind == "boolean":
-            vals = rng.integers(0, 2, n).astype(bool).tolist()
-        else:
-            cats = f.get("categories") or ["a"]
-            pool = cats + (["__unseen__"] if f.get("unknown_categories") == "accept" else [])
-            vals = [pool[i] for i in rng.integers(0, len(pool), n)]
+        vals = _probe_values(f, n, rng)
         if f.get("nullable"):
             for i in rng.choice(n, size=max(1, n // 8), replace=False):
                 vals[int(i)] = None

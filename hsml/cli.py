@@ -48,7 +48,22 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "impact": ("hsml.impact_cli", "impact_app", "Holdout experiments: design, simulate, report, backtest."),
 }
 
-# %% ../nbs/90_cli.ipynb #b37bee36
+# %% ../nbs/90_cli.ipynb #e5ccc7f5
+def _lazy_command(
+    name: str,  # a key of LAZY_COMMANDS
+) -> Any:
+    "Import a lazy subcommand's module and return its click command (a bare function becomes a one-command app)."
+    module, attr, short = LAZY_COMMANDS[name]
+    obj = getattr(importlib.import_module(module), attr)
+    if not isinstance(obj, typer.Typer):
+        single = typer.Typer(add_completion=False, rich_markup_mode=None)
+        single.command(name)(obj)
+        obj = single
+    cmd = typer.main.get_command(obj)
+    cmd.help = cmd.help or short
+    return cmd
+
+# %% ../nbs/90_cli.ipynb #212a24aa
 class LazyGroup(TyperGroup):
     "A command group that imports heavy subcommands (LightGBM, FastAPI, W&B) only when they are used."
 
@@ -58,15 +73,7 @@ class LazyGroup(TyperGroup):
     def get_command(self, ctx: Any, name: str) -> Any:
         if name not in LAZY_COMMANDS:
             return super().get_command(ctx, name)
-        module, attr, short = LAZY_COMMANDS[name]
-        obj = getattr(importlib.import_module(module), attr)
-        if not isinstance(obj, typer.Typer):
-            single = typer.Typer(add_completion=False, rich_markup_mode=None)
-            single.command(name)(obj)
-            obj = single
-        cmd = typer.main.get_command(obj)
-        cmd.help = cmd.help or short
-        return cmd
+        return _lazy_command(name)
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         eager = []
@@ -75,7 +82,7 @@ class LazyGroup(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl(eager + [(n, h) for n, (_, _, h) in LAZY_COMMANDS.items()])
 
-# %% ../nbs/90_cli.ipynb #2f45501f
+# %% ../nbs/90_cli.ipynb #d6fe0380
 app = typer.Typer(
     name="hsml",
     cls=LazyGroup,
@@ -87,6 +94,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# %% ../nbs/90_cli.ipynb #4498ccda
 data_app = typer.Typer(
     help="Generate sample data and validate data through the contracts.\n\n"
     "Example: hsml data generate --out data/sample && hsml data check data/sample --json",

@@ -38,7 +38,7 @@ def resolve_source(
         s = s.replace(":", "@", 1)
     return load_model(s, root=registry, fast=True)
 
-# %% ../nbs/34_export.ipynb #c7e7f408
+# %% ../nbs/34_export.ipynb #16a8b298
 MLFLOW_TYPES = {"number": "double", "integer": "long", "boolean": "boolean", "category": "string"}
 
 
@@ -49,7 +49,7 @@ def mlflow_type(
     t = MLFLOW_TYPES[field["type"]]
     return "double" if t == "long" and field.get("nullable") else t
 
-
+# %% ../nbs/34_export.ipynb #4554f440
 def mlflow_signature(
     schema: dict,  # input_schema.json content
     scores: np.ndarray,  # example scores, for the output spec
@@ -61,7 +61,7 @@ def mlflow_signature(
     cols = [ColSpec(mlflow_type(f), f["name"]) for f in schema["fields"]]
     return ModelSignature(inputs=Schema(cols), outputs=infer_signature(model_output=scores).outputs)
 
-# %% ../nbs/34_export.ipynb #9d7e9e04
+# %% ../nbs/34_export.ipynb #79d219de
 _TRACE = """
 import json, sys
 sys.modules["mlflow"] = None  # MLflow's own dependencies are MLflow's business
@@ -75,7 +75,25 @@ tops = {m.split(".")[0] for m in list(sys.modules)}
 print(json.dumps(sorted(t for t in tops if getattr(sys.modules.get(t), "__file__", None))))
 """
 
+# %% ../nbs/34_export.ipynb #39c1834f
+def _pins(
+    modules: list[str],  # top-level modules a process imported
+) -> list[str]:
+    "Pinned requirements (`dist==version`) of the installed distributions that provide `modules`, with mlflow-skinny."
+    dists, reqs = packages_distributions(), {"mlflow-skinny"}
+    unknown = []
+    for m in modules:
+        if m in sys.stdlib_module_names or m == "hsml" or m.startswith("_"):  # private parts of packages
+            continue
+        reqs.update(dists.get(m) or unknown.append(m) or [])
+    if unknown:
+        raise HsmlError(
+            f"the model imports {unknown}, which belong to no installed package",
+            hint="package your own modules (pip install -e .) so the export can pin them",
+        )
+    return sorted(f"{d}=={version(d)}" for d in reqs)
 
+# %% ../nbs/34_export.ipynb #69943414
 def predict_requirements(
     bundle_dir: str | Path,  # a verified bundle directory
 ) -> list[str]:
@@ -88,18 +106,7 @@ def predict_requirements(
         raise HsmlError(
             f"loading the bundle {bundle_dir} in a fresh interpreter failed: {out.stderr[-2000:]}"
         )
-    dists, reqs = packages_distributions(), {"mlflow-skinny"}
-    unknown = []
-    for m in json.loads(out.stdout.strip().splitlines()[-1]):
-        if m in sys.stdlib_module_names or m == "hsml" or m.startswith("_"):  # private parts of packages
-            continue
-        reqs.update(dists.get(m) or unknown.append(m) or [])
-    if unknown:
-        raise HsmlError(
-            f"the model imports {unknown}, which belong to no installed package",
-            hint="package your own modules (pip install -e .) so the export can pin them",
-        )
-    return sorted(f"{d}=={version(d)}" for d in reqs)
+    return _pins(json.loads(out.stdout.strip().splitlines()[-1]))
 
 # %% ../nbs/34_export.ipynb #62eb368b
 def input_example(
@@ -120,7 +127,7 @@ def input_example(
         rows.to_pandas()
     )  # categories as plain strings: MLflow's `string` columns refuse pandas categoricals
 
-# %% ../nbs/34_export.ipynb #571ddc56
+# %% ../nbs/34_export.ipynb #25ad3d90
 @contextmanager
 def _env(**values: str):
     "Set environment variables for the duration of a block."
@@ -132,7 +139,7 @@ def _env(**values: str):
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
-
+# %% ../nbs/34_export.ipynb #e3a31df6
 def _mlflow() -> Any:
     "The mlflow module, or a clear error naming the extra to install."
     try:
@@ -145,7 +152,17 @@ def _mlflow() -> Any:
         ) from None
     return mlflow
 
-# %% ../nbs/34_export.ipynb #4ad59392
+# %% ../nbs/34_export.ipynb #21c0eff6
+def _check_out_dir(
+    out: Path,  # the directory an export will write
+) -> None:
+    "Refuse an existing file or non-empty directory: an export never writes over anything."
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HsmlError(
+            f"{out} already exists and is not an empty directory", hint="export to a new directory"
+        )
+
+# %% ../nbs/34_export.ipynb #3ad0884b
 def export_mlflow(
     source: str | Path,  # a bundle/run directory or a registry reference (see resolve_source)
     out_dir: str | Path,  # the MLflow model directory to write; must not exist or be empty
@@ -157,10 +174,7 @@ def export_mlflow(
     from hsml.pyfunc import BundleModel
 
     b, out = resolve_source(source, registry), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HsmlError(
-            f"{out} already exists and is not an empty directory", hint="export to a new directory"
-        )
+    _check_out_dir(out)
     example = input_example(b)
     meta = {
         "name": b.name,

@@ -89,15 +89,30 @@ def backtest_weeks(
         )
     return as_of_grid(s, e, every_days)
 
-# %% ../nbs/44_impact_backtest.ipynb #268fd661
+# %% ../nbs/44_impact_backtest.ipynb #57393fb1
+def _bundle_inputs(
+    bundle: Any,  # a loaded bundle
+    tables: Any,  # clean tables
+    keys: pl.DataFrame,  # id, as_of of the panel
+    period: int,  # usage period in days
+) -> pl.DataFrame:
+    "The bundle's input columns for `keys`, computed point in time and cast to its schema's dtypes."
+    from hsml.bundle import polars_dtype
+    from hsml.features import compute_features
+
+    fs = bundle.info.get("feature_set") or "default"
+    feats = compute_features(tables.companies(), tables.usage, keys, feature_set=fs, usage_period_days=period)
+    fields = bundle.input_schema["fields"]
+    X = keys.join(feats, on=["id", "as_of"], how="left", maintain_order="left")
+    return X.select("id", "as_of", *[pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in fields])
+
+# %% ../nbs/44_impact_backtest.ipynb #2ecb6103
 def backtest_panel(
     bundle: Any,  # a loaded bundle
     tables: Any,  # clean tables
     weeks: list[dt.date],  # as-of dates (backtest_weeks)
 ) -> pl.DataFrame:
     "`id, as_of, label, mrr, score, activity` for the model's population at every week."
-    from hsml.bundle import polars_dtype
-    from hsml.features import compute_features
     from hsml.snapshots import build_snapshots
 
     bundle.check_features()
@@ -111,27 +126,18 @@ def backtest_panel(
             f"nobody in the population {bundle.population!r} in the weeks {weeks[0]}..{weeks[-1]}"
         )
     keys = panel.select("id", "as_of")
-    fs = bundle.info.get("feature_set") or "default"
-    feats = compute_features(comp, tables.usage, keys, feature_set=fs, usage_period_days=period)
-    fields = bundle.input_schema["fields"]
-    X = keys.join(feats, on=["id", "as_of"], how="left", maintain_order="left")
-    X = X.select("id", "as_of", *[pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in fields])
     act = keys.join(baseline_frame(tables, keys), on=["id", "as_of"], how="left", maintain_order="left")
-    return panel.select(
-        "id",
-        "as_of",
-        "label",
-        mrr=pl.when(pl.col("label") == 1).then(pl.col("conversion_mrr").fill_null(0.0)),
-    ).with_columns(
+    mrr = pl.when(pl.col("label") == 1).then(pl.col("conversion_mrr").fill_null(0.0))
+    return panel.select("id", "as_of", "label", mrr=mrr).with_columns(
         pl.col("mrr").fill_null(0.0),
-        score=pl.Series(bundle.predict(X)),
+        score=pl.Series(bundle.predict(_bundle_inputs(bundle, tables, keys, period))),
         activity=pl.Series(activity_feature(act)),
     )
 
-# %% ../nbs/44_impact_backtest.ipynb #16b8f039
+# %% ../nbs/44_impact_backtest.ipynb #1a44ca16
 POLICIES = ("model", "random", "activity_heuristic")
 
-
+# %% ../nbs/44_impact_backtest.ipynb #0c5e9eae
 def backtest_by_week(
     panel: pl.DataFrame,  # backtest_panel output
     k: int,  # companies called per week
@@ -150,7 +156,7 @@ def backtest_by_week(
         rows.append(r | {"in_sample": None if in_sample_until is None else week <= in_sample_until})
     return pl.DataFrame(rows)
 
-# %% ../nbs/44_impact_backtest.ipynb #c39e54ac
+# %% ../nbs/44_impact_backtest.ipynb #636417b8
 def _totals(byw: pl.DataFrame, block: int, n_boot: int, seed: int) -> dict:
     cols = [f"{m}_{p}" for m in ("conversions", "mrr") for p in POLICIES]
     x = byw.select(cols).to_numpy().astype(float)
@@ -168,7 +174,7 @@ def _totals(byw: pl.DataFrame, block: int, n_boot: int, seed: int) -> dict:
     out["precision_at_k"] = {p: interval(tot[j] / calls, boot[:, j] / calls) for j, p in enumerate(POLICIES)}
     return out
 
-
+# %% ../nbs/44_impact_backtest.ipynb #124e488d
 def backtest_summary(
     byw: pl.DataFrame,  # backtest_by_week output
     horizon_days: int,  # label window (sets the block length)
@@ -206,7 +212,21 @@ def plot_backtest(
     ax.text(0.01, -0.27, "targeting accuracy, not causal impact", transform=ax.transAxes, fontsize=7)
     return ax
 
-# %% ../nbs/44_impact_backtest.ipynb #aceb32d4
+# %% ../nbs/44_impact_backtest.ipynb #198d783a
+def _write_backtest(
+    rep: dict,  # the backtest report
+    byw: pl.DataFrame,  # backtest_by_week output
+    out: Path,  # the directory to write
+) -> None:
+    "DIR/backtest.json and DIR/backtest.png, drawn without pyplot: the caller's backend is left alone."
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backtest.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    from matplotlib.figure import Figure
+
+    ax = plot_backtest(byw, Figure(figsize=(6.4, 3.4)).subplots())
+    ax.figure.savefig(out / "backtest.png", dpi=100, bbox_inches="tight")
+
+# %% ../nbs/44_impact_backtest.ipynb #2f0a9ae4
 def run_backtest(
     model: str | Path,  # NAME@ALIAS | NAME@VERSION | PATH
     data_dir: str | Path,  # the extract (directory of the three CSVs or a catalog YAML)
@@ -229,23 +249,15 @@ def run_backtest(
     h = int(bundle.info.get("horizon_days") or bundle.training["horizon_days"] or 28)
     weeks = backtest_weeks(bundle, tables, every_days, start, end)
     win = (bundle.info.get("deployed_model_train_window") or {}).get("as_of_to")
-    byw = backtest_by_week(
-        backtest_panel(bundle, tables, weeks),
-        k,
-        to_date(win, "deployed_model_train_window.as_of_to") if win else None,
-    )
+    until = to_date(win, "deployed_model_train_window.as_of_to") if win else None
+    byw = backtest_by_week(backtest_panel(bundle, tables, weeks), k, until)
     ref = f"{bundle.name}@{bundle.version}" if bundle.version is not None else str(model)
     head = {"measures": NOT_CAUSAL, "model": ref, "k": k, "every_days": every_days, "horizon_days": h}
     head |= {"population": bundle.population, "weeks": [str(weeks[0]), str(weeks[-1])], "trained_until": win}
     rep = head | backtest_summary(byw, h, every_days, n_boot, seed)
     rep["by_week"] = byw.with_columns(pl.col("week").cast(pl.String)).to_dicts()
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "backtest.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-        from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-
-        ax = plot_backtest(byw, Figure(figsize=(6.4, 3.4)).subplots())
-        ax.figure.savefig(out / "backtest.png", dpi=100, bbox_inches="tight")
+        _write_backtest(rep, byw, out)
     return rep
 
 # %% ../nbs/44_impact_backtest.ipynb #c88038da
@@ -259,22 +271,50 @@ def _line(name: str, t: dict) -> str:
         f"model - heuristic {f(e)}"
     )
 
-# %% ../nbs/44_impact_backtest.ipynb #b51b716a
+# %% ../nbs/44_impact_backtest.ipynb #dbc21161
+def _echo_backtest(
+    rep: dict,  # run_backtest output
+    out: Path | None,  # where it was written, if anywhere
+) -> None:
+    "The backtest in a few lines: what it measures, all weeks, the in-sample warning, out of sample."
+    typer.echo(
+        f"BACKTEST of {rep['model']}, K={rep['k']} every {rep['every_days']} days, {rep['weeks'][0]}..{rep['weeks'][1]}"
+    )
+    typer.echo(f"it measures {NOT_CAUSAL}")
+    typer.echo(_line("all weeks", rep["all_weeks"]))
+    if rep["in_sample_weeks"]:
+        typer.echo(f"{rep['in_sample_weeks']} weeks are in the model's training window: flattered")
+    if rep["out_of_sample"]:
+        typer.echo(_line("out of sample", rep["out_of_sample"]))
+    if out is not None:
+        typer.echo(f"wrote {out / 'backtest.json'} and {out / 'backtest.png'}")
+
+# %% ../nbs/44_impact_backtest.ipynb #641ea66e
+_Model = Annotated[str, typer.Option(help="NAME@ALIAS | NAME@VERSION | PATH of a bundle")]
+_DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="the extract to replay (CSV directory or catalog)")
+]
+_K = Annotated[int, typer.Option("--k", help="companies called per week")]
+_EveryDays = Annotated[int, typer.Option("--every-days", help="days between weeks")]
+_Out = Annotated[Path | None, typer.Option(help="directory for backtest.json and backtest.png")]
+_Start = Annotated[str | None, typer.Option(help="first week YYYY-MM-DD")]
+_End = Annotated[str | None, typer.Option(help="last week YYYY-MM-DD (its horizon must have passed)")]
+_Registry = Annotated[Path | None, typer.Option(help="registry directory")]
+_NBoot = Annotated[int, typer.Option("--n-boot", help="bootstrap resamples")]
+_Json = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+# %% ../nbs/44_impact_backtest.ipynb #c2f6fc24
 def backtest_cmd(
-    model: Annotated[str, typer.Option(help="NAME@ALIAS | NAME@VERSION | PATH of a bundle")],
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="the extract to replay (CSV directory or catalog)")
-    ],
-    k: Annotated[int, typer.Option("--k", help="companies called per week")],
-    every_days: Annotated[int, typer.Option("--every-days", help="days between weeks")] = 7,
-    out: Annotated[Path | None, typer.Option(help="directory for backtest.json and backtest.png")] = None,
-    start: Annotated[str | None, typer.Option(help="first week YYYY-MM-DD")] = None,
-    end: Annotated[
-        str | None, typer.Option(help="last week YYYY-MM-DD (its horizon must have passed)")
-    ] = None,
-    registry: Annotated[Path | None, typer.Option(help="registry directory")] = None,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="bootstrap resamples")] = 2000,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    model: _Model,
+    data_dir: _DataDir,
+    k: _K,
+    every_days: _EveryDays = 7,
+    out: _Out = None,
+    start: _Start = None,
+    end: _End = None,
+    registry: _Registry = None,
+    n_boot: _NBoot = 2000,
+    as_json: _Json = False,
 ) -> None:
     """Replay history: each week the model's top-K vs a random K and the activity heuristic.
 
@@ -289,15 +329,5 @@ def backtest_cmd(
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(rep, indent=2, default=str))
-        return
-    typer.echo(
-        f"BACKTEST of {rep['model']}, K={k} every {every_days} days, {rep['weeks'][0]}..{rep['weeks'][1]}"
-    )
-    typer.echo(f"it measures {NOT_CAUSAL}")
-    typer.echo(_line("all weeks", rep["all_weeks"]))
-    if rep["in_sample_weeks"]:
-        typer.echo(f"{rep['in_sample_weeks']} weeks are in the model's training window: flattered")
-    if rep["out_of_sample"]:
-        typer.echo(_line("out of sample", rep["out_of_sample"]))
-    if out is not None:
-        typer.echo(f"wrote {out / 'backtest.json'} and {out / 'backtest.png'}")
+    else:
+        _echo_backtest(rep, out)

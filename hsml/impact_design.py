@@ -94,7 +94,7 @@ def design_experiment(
         )
     return out
 
-# %% ../nbs/40_impact_design.ipynb #0eaebc0a
+# %% ../nbs/40_impact_design.ipynb #7c78b71e
 def arm_uniform(
     experiment: str,  # the experiment's name: its salt
     ids: Iterable,  # company ids (int or str; hashed as str(id))
@@ -104,7 +104,7 @@ def arm_uniform(
     b = b"".join(sha(f"{experiment}:{i}".encode()).digest()[:8] for i in ids)
     return np.frombuffer(b, dtype=">u8").astype(np.float64) / 2.0**64
 
-
+# %% ../nbs/40_impact_design.ipynb #7ce0e033
 def assign_arm(
     experiment: str,  # the experiment's name: its salt
     ids: Iterable,  # company ids
@@ -116,7 +116,25 @@ def assign_arm(
     _check_share(holdout_share)
     return np.where(arm_uniform(experiment, ids) < holdout_share, "holdout", "treatment").tolist()
 
-# %% ../nbs/40_impact_design.ipynb #a9e0204f
+# %% ../nbs/40_impact_design.ipynb #c2ed6935
+def _echo_design(
+    d: dict,  # design_experiment output
+    k: int,  # companies called per week
+    as_json: bool,  # print JSON instead of two lines
+) -> None:
+    "Print a design: companies per arm and weeks (or JSON), and its warning on stderr."
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+    else:
+        c = d["companies_per_arm"]
+        typer.echo(
+            f"companies per arm: treatment {c['treatment']}, holdout {c['holdout']} (total {d['companies_total']})"
+        )
+        typer.echo(f"weeks needed at K={k} per week: {d['weeks']}")
+    if d["warning"]:
+        typer.echo(f"warning: {d['warning']}", err=True)
+
+# %% ../nbs/40_impact_design.ipynb #a15af02a
 def design_cmd(
     baseline_rate: Annotated[
         float, typer.Option("--baseline-rate", help="holdout conversion rate within the horizon")
@@ -140,13 +158,4 @@ def design_cmd(
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if as_json:
-        typer.echo(json.dumps(d, indent=2))
-    else:
-        c = d["companies_per_arm"]
-        typer.echo(
-            f"companies per arm: treatment {c['treatment']}, holdout {c['holdout']} (total {d['companies_total']})"
-        )
-        typer.echo(f"weeks needed at K={k} per week: {d['weeks']}")
-    if d["warning"]:
-        typer.echo(f"warning: {d['warning']}", err=True)
+    _echo_design(d, k, as_json)

@@ -31,7 +31,7 @@ __all__ = ['LOOKUP_ENDPOINT', 'read_log_file', 'read_prediction_logs', 'normalis
            'experiment_cohort', 'attach_outcomes', 'impact_report', 'current_features', 'plot_sequential',
            'plot_calibration', 'write_impact_report', 'report_cmd']
 
-# %% ../nbs/43_impact_report.ipynb #e1b3f381
+# %% ../nbs/43_impact_report.ipynb #51dabe61
 def _recover(raw: bytes) -> dict | None:
     "The complete flat record after a torn fragment, if there is one."
     j = raw.rfind(b'{"')
@@ -41,7 +41,18 @@ def _recover(raw: bytes) -> dict | None:
         return None
     return rec if isinstance(rec, dict) else None
 
+# %% ../nbs/43_impact_report.ipynb #44dcfa81
+def _parse_line(
+    raw: bytes,  # one line of a JSONL log
+) -> tuple[dict | None, bool]:
+    "(record, intact): the line's record, or the complete record recovered from a torn line."
+    try:
+        rec = json.loads(raw)
+        return rec, isinstance(rec, dict)
+    except ValueError:
+        return _recover(raw), False
 
+# %% ../nbs/43_impact_report.ipynb #d43591ce
 def read_log_file(
     path: str | Path,  # one JSONL prediction log
 ) -> tuple[list[dict], int]:
@@ -54,11 +65,7 @@ def read_log_file(
     for i, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
-        try:
-            rec = json.loads(raw)
-            ok = isinstance(rec, dict)
-        except ValueError:
-            rec, ok = _recover(raw), False
+        rec, ok = _parse_line(raw)
         if not ok:
             damaged += 1
             where = "its last line" if i == len(lines) else f"line {i}"
@@ -67,7 +74,7 @@ def read_log_file(
             recs.append(rec)
     return recs, damaged
 
-# %% ../nbs/43_impact_report.ipynb #a7c1e911
+# %% ../nbs/43_impact_report.ipynb #2599eb45
 _LOG_COLUMNS = {
     "request_id": pl.String,
     "model": pl.String,
@@ -83,7 +90,7 @@ _LOG_COLUMNS = {
     "endpoint": pl.String,
 }
 
-
+# %% ../nbs/43_impact_report.ipynb #a12506c6
 def _canonical(
     df: pl.DataFrame,  # log rows with the _LOG_COLUMNS columns and dtypes
 ) -> pl.DataFrame:
@@ -93,7 +100,7 @@ def _canonical(
     key = pl.coalesce("request_id", pl.concat_str("as_of", "timestamp", separator="|", ignore_nulls=True))
     return df.with_columns(_key=key).unique(["_key", "id"], keep="first", maintain_order=True).drop("_key")
 
-
+# %% ../nbs/43_impact_report.ipynb #41c6fd6d
 def read_prediction_logs(
     paths: list[str | Path] | str | Path,  # one or more JSONL logs (rotated, per worker, concatenated)
 ) -> tuple[pl.DataFrame, dict]:
@@ -113,7 +120,7 @@ def read_prediction_logs(
     info = {"files": [str(p) for p in paths], "records": len(recs), "torn_lines": torn}
     return out, info | {"duplicates": len(recs) - out.height, "predictions": out.height}
 
-# %% ../nbs/43_impact_report.ipynb #1a83ce4f
+# %% ../nbs/43_impact_report.ipynb #4adef086
 def normalise_log_frame(
     frame: pl.DataFrame,  # rows of a log table: the JSON lines' keys as columns (others are ignored)
 ) -> pl.DataFrame:
@@ -132,7 +139,7 @@ def normalise_log_frame(
         cols.append(e.cast(t, strict=False).alias(c))
     return frame.select(cols)
 
-
+# %% ../nbs/43_impact_report.ipynb #aa852b9d
 def read_log_sink(
     sink: Any,  # an hsml.sinks sink (e.g. `Catalog.sink("predictions")`)
 ) -> tuple[pl.DataFrame, dict]:
@@ -147,16 +154,15 @@ def read_log_sink(
     info = {"sink": sink.describe(), "records": raw.height, "torn_lines": 0}
     return out, info | {"duplicates": raw.height - out.height, "predictions": out.height}
 
-# %% ../nbs/43_impact_report.ipynb #d3e60aea
+# %% ../nbs/43_impact_report.ipynb #079daa35
 LOOKUP_ENDPOINT = "predict/company"  # the service's one-company endpoint
 
-
-def experiment_cohort(
+# %% ../nbs/43_impact_report.ipynb #d66a6d3e
+def _experiment_rows(
     log: pl.DataFrame,  # read_prediction_logs output
-    experiment: str | None = None,  # the experiment to report (default: the only one in the log)
-    k: int | None = None,  # keep only rows ranked within the top-K
-) -> tuple[pl.DataFrame, dict]:
-    "One row per company (id, as_of, arm, score, rank, model, version) at its first top-K appearance."
+    experiment: str | None,  # the experiment to report (None: the only one in the log)
+) -> tuple[pl.DataFrame, str]:
+    "The log's rows of one experiment (with an arm and an as_of), and its name; checks the arm values."
     exp = log.filter(pl.col("arm").is_not_null() & pl.col("as_of").is_not_null())
     names = sorted(exp["experiment"].drop_nulls().unique().to_list())
     if experiment is None:
@@ -173,6 +179,16 @@ def experiment_cohort(
     bad = sorted(set(exp["arm"].unique().to_list()) - {"treatment", "holdout"})
     if bad:
         raise HsmlError(f"experiment {experiment!r}: arm values {bad} are neither 'treatment' nor 'holdout'")
+    return exp, experiment
+
+# %% ../nbs/43_impact_report.ipynb #42a722bd
+def experiment_cohort(
+    log: pl.DataFrame,  # read_prediction_logs output
+    experiment: str | None = None,  # the experiment to report (default: the only one in the log)
+    k: int | None = None,  # keep only rows ranked within the top-K
+) -> tuple[pl.DataFrame, dict]:
+    "One row per company (id, as_of, arm, score, rank, model, version) at its first top-K appearance."
+    exp, experiment = _experiment_rows(log, experiment)
     if k is not None:  # a one-company lookup's rank (1 in its request) is no place in a list
         exp = exp.filter((pl.col("rank") <= k) & (pl.col("endpoint").fill_null("") != LOOKUP_ENDPOINT))
     conflicts = exp.group_by("id").agg(pl.col("arm").n_unique()).filter(pl.col("arm") > 1).height
@@ -184,14 +200,12 @@ def experiment_cohort(
     first = first.with_columns(as_of=day)
     return first, {"experiment": experiment, "arm_conflicts": conflicts}
 
-# %% ../nbs/43_impact_report.ipynb #71298f3c
-def attach_outcomes(
-    cohort: pl.DataFrame,  # experiment_cohort output
+# %% ../nbs/43_impact_report.ipynb #9c164fba
+def _extract_end(
     tables: Any,  # hsml.contracts.Tables of the later extract
-    horizon_days: int,  # the model's horizon
-) -> tuple[pl.DataFrame, dict]:
-    "Adds converted, mrr, matured; and the extract's end and data problems."
-    comp = tables.companies().select(pl.col("id").cast(pl.String), "CLOSEDATE", "MRR")
+    comp: pl.DataFrame,  # its companies (id, CLOSEDATE, MRR)
+) -> dt.date:
+    "The last day the extract saw: its last usage stamp or close date, whichever is later."
     ends = [
         tables.usage.lazy().select(pl.col("WHEN_TIMESTAMP").max()).collect().item(),
         comp["CLOSEDATE"].max(),
@@ -199,7 +213,17 @@ def attach_outcomes(
     ends = [e.date() if isinstance(e, dt.datetime) else e for e in ends if e is not None]
     if not ends:
         raise HsmlError("the later extract has no usage stamps and no close dates: no end to measure from")
-    end = max(ends)
+    return max(ends)
+
+# %% ../nbs/43_impact_report.ipynb #75925469
+def attach_outcomes(
+    cohort: pl.DataFrame,  # experiment_cohort output
+    tables: Any,  # hsml.contracts.Tables of the later extract
+    horizon_days: int,  # the model's horizon
+) -> tuple[pl.DataFrame, dict]:
+    "Adds converted, mrr, matured; and the extract's end and data problems."
+    comp = tables.companies().select(pl.col("id").cast(pl.String), "CLOSEDATE", "MRR")
+    end = _extract_end(tables, comp)
     h = pl.duration(days=horizon_days)
     df = cohort.join(comp, on="id", how="left").with_columns(
         converted=(pl.col("CLOSEDATE") > pl.col("as_of")) & (pl.col("CLOSEDATE") <= pl.col("as_of") + h),
@@ -212,7 +236,7 @@ def attach_outcomes(
     info["converted_before_as_of"] = int((df["CLOSEDATE"] <= df["as_of"]).sum())
     return df.drop("CLOSEDATE", "MRR"), info
 
-# %% ../nbs/43_impact_report.ipynb #cbd2af4c
+# %% ../nbs/43_impact_report.ipynb #fe246e23
 def _finite(o: Any) -> Any:
     "NaN and infinities as null, numpy scalars as Python numbers: JSON other teams can read."
     if isinstance(o, dict):
@@ -225,17 +249,17 @@ def _finite(o: Any) -> Any:
         return None
     return o
 
-
+# %% ../nbs/43_impact_report.ipynb #8a4d175f
 def _arms(df: pl.DataFrame) -> tuple[np.ndarray, ...]:
     t = (df["arm"] == "treatment").to_numpy()
     return t, df["converted"].to_numpy().astype(float), df["mrr"].to_numpy(), df["score"].to_numpy()
 
-
+# %% ../nbs/43_impact_report.ipynb #69b1f3ac
 def _matured(df: pl.DataFrame, reached: np.ndarray | None, n_boot: int, seed: int) -> dict:
     t, y, m, s = _arms(df)
     return itt_summary(y, t, mrr=m, score=s, reached=reached, n_boot=n_boot, seed=seed)
 
-# %% ../nbs/43_impact_report.ipynb #515db5b3
+# %% ../nbs/43_impact_report.ipynb #5bebebe6
 def _by_week(mat: pl.DataFrame, n_boot: int, seed: int) -> list[dict]:
     out = []
     for (week,), g in mat.group_by("as_of", maintain_order=True):
@@ -249,7 +273,7 @@ def _by_week(mat: pl.DataFrame, n_boot: int, seed: int) -> list[dict]:
         out.append({"week": str(week)} | r)
     return out
 
-
+# %% ../nbs/43_impact_report.ipynb #429285ca
 def _sequential(mat: pl.DataFrame, share: float, planned: int) -> dict:
     mat = mat.sort("as_of", "id")
     t, y, _, _ = _arms(mat)
@@ -262,7 +286,7 @@ def _sequential(mat: pl.DataFrame, share: float, planned: int) -> dict:
     ]
     return {"method": cs["method"], "parameters": cs["parameters"], "by_week": rows}
 
-
+# %% ../nbs/43_impact_report.ipynb #78ba207b
 def _immature(imm: pl.DataFrame) -> list[dict]:
     out = []
     for (week,), g in imm.group_by("as_of", maintain_order=True):
@@ -273,7 +297,49 @@ def _immature(imm: pl.DataFrame) -> list[dict]:
         out.append({"week": str(week), "label": "estimate, not observed: the horizon has not passed"} | arms)
     return out
 
-# %% ../nbs/43_impact_report.ipynb #956b0e62
+# %% ../nbs/43_impact_report.ipynb #8a7b2e0c
+def _design_share(
+    cohort: pl.DataFrame,  # experiment_cohort output
+    holdout_share: float | None,  # the share given by the caller, if any
+) -> float:
+    "The design's holdout share: the caller's, else the one share the log records."
+    if holdout_share is not None:
+        return holdout_share
+    shares = cohort["holdout_share"].drop_nulls().unique().to_list()
+    if len(shares) != 1:
+        raise HsmlError(f"the log gives holdout shares {shares}: pass the design's with --holdout-share")
+    return float(shares[0])
+
+# %% ../nbs/43_impact_report.ipynb #bc88744d
+def _reached(
+    mat: pl.DataFrame,  # the matured cohort
+    calls: pl.DataFrame | None,  # call log: `id` and optionally `reached` (0/1; default 1)
+) -> np.ndarray | None:
+    "Whether each matured company was reached by a call (None without a call log)."
+    if calls is None:
+        return None
+    ids = calls.with_columns(pl.col("id").cast(pl.String))
+    ids = ids.filter(pl.col("reached").cast(pl.Boolean)) if "reached" in ids.columns else ids
+    return mat["id"].is_in(ids["id"].implode()).to_numpy()
+
+# %% ../nbs/43_impact_report.ipynb #e1fce62f
+def _matured_sections(
+    mat: pl.DataFrame,  # the matured cohort, with outcomes
+    reached: np.ndarray | None,  # _reached output
+    share: float,  # the design's holdout share
+    planned: int,  # t* of the confidence sequence
+    n_boot: int,  # bootstrap resamples
+    seed: int,  # bootstrap seed
+) -> dict:
+    "The report's matured, sequential and calibration sections."
+    h = mat.filter(pl.col("arm") == "holdout")
+    return {
+        "matured": _matured(mat, reached, n_boot, seed) | {"by_week": _by_week(mat, n_boot, seed)},
+        "sequential": _sequential(mat, share, planned),
+        "calibration": calibration(h["converted"].to_numpy(), h["score"].to_numpy()) | {"arm": "holdout"},
+    }
+
+# %% ../nbs/43_impact_report.ipynb #57180bb1
 def impact_report(
     log: pl.DataFrame,  # read_prediction_logs output
     tables: Any,  # the later extract (hsml.contracts.Tables)
@@ -289,28 +355,14 @@ def impact_report(
 ) -> dict:
     "The impact.json sections: srm, matured (with by_week), sequential, immature, drift, calibration."
     cohort, cinfo = experiment_cohort(log, experiment, k)
-    if holdout_share is None:
-        shares = cohort["holdout_share"].drop_nulls().unique().to_list()
-        if len(shares) != 1:
-            raise HsmlError(f"the log gives holdout shares {shares}: pass the design's with --holdout-share")
-        holdout_share = float(shares[0])
+    holdout_share = _design_share(cohort, holdout_share)
     df, oinfo = attach_outcomes(cohort, tables, horizon_days)
     nt, nh = int((df["arm"] == "treatment").sum()), int((df["arm"] == "holdout").sum())
     out: dict = {"experiment": cinfo["experiment"], "outcomes": oinfo}
     out["srm"] = srm_test(nt, nh, holdout_share) | {"arm_conflicts": cinfo["arm_conflicts"]}
     mat, imm = df.filter("matured"), df.filter(~pl.col("matured"))
-    reached = None
-    if calls is not None:
-        ids = calls.with_columns(pl.col("id").cast(pl.String))
-        ids = ids.filter(pl.col("reached").cast(pl.Boolean)) if "reached" in ids.columns else ids
-        reached = mat["id"].is_in(ids["id"].implode()).to_numpy()
     if mat.height and mat["arm"].n_unique() == 2:
-        out["matured"] = _matured(mat, reached, n_boot, seed) | {"by_week": _by_week(mat, n_boot, seed)}
-        out["sequential"] = _sequential(mat, holdout_share, planned_companies)
-        h = mat.filter(pl.col("arm") == "holdout")
-        out["calibration"] = calibration(h["converted"].to_numpy(), h["score"].to_numpy()) | {
-            "arm": "holdout"
-        }
+        out |= _matured_sections(mat, _reached(mat, calls), holdout_share, planned_companies, n_boot, seed)
     else:
         note = f"no matured cohort with both arms yet (extract ends {oinfo['data_end']})"
         out |= {
@@ -384,13 +436,13 @@ def plot_calibration(
     ax.set(xlabel="mean score", ylabel="observed rate", title=f"O/E {oe.get('value') or float('nan'):.2f}")
     return ax
 
-# %% ../nbs/43_impact_report.ipynb #bfa4b2de
+# %% ../nbs/43_impact_report.ipynb #167cd3c3
 def _read_table(path: Path) -> pl.DataFrame:
     if not path.is_file():
         raise HsmlError(f"{path} does not exist")
     return pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema_length=None)
 
-
+# %% ../nbs/43_impact_report.ipynb #94728f34
 def _bundle_drift(bundle: Any, log: pl.DataFrame, tables: Any, training_set: Path) -> dict:
     names = bundle.feature_names
     train = _read_table(training_set)
@@ -511,60 +563,58 @@ def _echo_report(
         typer.echo(f"drift alarms: {', '.join(rep['drift']['alarms'])}")
     typer.echo(f"wrote {out / 'impact.json'}")
 
-# %% ../nbs/43_impact_report.ipynb #0a5487a6
+# %% ../nbs/43_impact_report.ipynb #abf88b7f
+_Log = Annotated[
+    list[Path] | None, typer.Option("--log", help="prediction log JSONL (repeat for several files)")
+]
+_LogSink = Annotated[
+    str | None, typer.Option("--log-sink", help="read the log from this catalog output instead of --log")
+]
+_Catalog = Annotated[Path | None, typer.Option(help="catalog YAML whose outputs: holds --log-sink")]
+_DataDir = Annotated[
+    Path, typer.Option("--data-dir", help="a LATER extract: conversions observed after scoring")
+]
+_Calls = Annotated[Path | None, typer.Option(help="call log CSV: id[, reached]")]
+_Out = Annotated[Path, typer.Option(help="directory for impact.json and plots")]
+
+# %% ../nbs/43_impact_report.ipynb #0afbb12e
+_Experiment = Annotated[str | None, typer.Option(help="experiment name (default: the only one in the log)")]
+_HoldoutShare = Annotated[
+    float | None, typer.Option("--holdout-share", help="design share (default: from the log)")
+]
+_K = Annotated[int | None, typer.Option("--k", help="keep ranks within the top-K")]
+_Planned = Annotated[int, typer.Option("--planned-companies", help="t* of the confidence sequence")]
+_Horizon = Annotated[int | None, typer.Option("--horizon-days", help="override the bundle's horizon")]
+_Model = Annotated[str | None, typer.Option(help="override the logged model: NAME@VERSION | PATH")]
+_TrainingSet = Annotated[
+    Path | None, typer.Option("--training-set", help="the bundle's training set (drift)")
+]
+_Registry = Annotated[Path | None, typer.Option(help="registry directory")]
+
+# %% ../nbs/43_impact_report.ipynb #621df164
 def report_cmd(
-    data_dir: Annotated[
-        Path, typer.Option("--data-dir", help="a LATER extract: conversions observed after scoring")
-    ],
-    out: Annotated[Path, typer.Option(help="directory for impact.json and plots")],
-    log: Annotated[
-        list[Path] | None, typer.Option("--log", help="prediction log JSONL (repeat for several files)")
-    ] = None,
-    calls: Annotated[Path | None, typer.Option(help="call log CSV: id[, reached]")] = None,
-    experiment: Annotated[
-        str | None, typer.Option(help="experiment name (default: the only one in the log)")
-    ] = None,
-    holdout_share: Annotated[
-        float | None, typer.Option("--holdout-share", help="design share (default: from the log)")
-    ] = None,
-    k: Annotated[int | None, typer.Option("--k", help="keep ranks within the top-K")] = None,
-    horizon_days: Annotated[
-        int | None, typer.Option("--horizon-days", help="override the bundle's horizon")
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="override the logged model: NAME@VERSION | PATH")] = None,
-    training_set: Annotated[
-        Path | None, typer.Option("--training-set", help="the bundle's training set (drift)")
-    ] = None,
-    registry: Annotated[Path | None, typer.Option(help="registry directory")] = None,
-    planned_companies: Annotated[
-        int, typer.Option("--planned-companies", help="t* of the confidence sequence")
-    ] = 10_000,
-    log_sink: Annotated[
-        str | None, typer.Option("--log-sink", help="read the log from this catalog output instead of --log")
-    ] = None,
-    catalog: Annotated[Path | None, typer.Option(help="catalog YAML whose outputs: holds --log-sink")] = None,
+    data_dir: _DataDir,
+    out: _Out,
+    log: _Log = None,
+    calls: _Calls = None,
+    experiment: _Experiment = None,
+    holdout_share: _HoldoutShare = None,
+    k: _K = None,
+    horizon_days: _Horizon = None,
+    model: _Model = None,
+    training_set: _TrainingSet = None,
+    registry: _Registry = None,
+    planned_companies: _Planned = 10_000,
+    log_sink: _LogSink = None,
+    catalog: _Catalog = None,
 ) -> None:
     """Join prediction logs with later conversions and write DIR/impact.json (SRM first).
 
     Example: hsml impact report --log predictions.jsonl --data-dir data/later --out impact/ --horizon-days 28
     """
     try:
-        rep = write_impact_report(
-            log or [],
-            data_dir,
-            out,
-            calls,
-            experiment,
-            holdout_share,
-            k,
-            horizon_days,
-            model,
-            training_set,
-            registry,
-            planned_companies,
-            log_sink,
-            catalog,
-        )
+        rep = write_impact_report(log or [], data_dir, out, calls, experiment, holdout_share, k, horizon_days,
+                                  model, training_set, registry, planned_companies, log_sink, catalog)  # fmt: skip
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

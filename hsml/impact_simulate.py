@@ -62,7 +62,25 @@ def simulate_run(
         "miscalibrated": calibration(y[~t], np.minimum(1.5 * d["score"][~t], 1.0), alpha)["alarm"],
     }
 
-# %% ../nbs/42_impact_simulate.ipynb #efbe914b
+# %% ../nbs/42_impact_simulate.ipynb #5a999137
+_SIM_RATES = {
+    "coverage": "covered",
+    "mean_estimate": "estimate",
+    "aa_false_positive_rate": "aa_rejected",
+    "srm_alarm_rate_clean": "srm_clean",
+    "srm_detected_dropped_holdout": "srm_dropped",
+    "psi_detected_shifted_feature": "psi_shifted",
+    "miscalibration_detected": "miscalibrated",
+}  # the simulation's report key: the simulate_run verdict it averages
+
+
+def _rates(
+    runs: list[dict],  # simulate_run outputs
+) -> dict:
+    "The mean of each verdict over the runs, under its report key."
+    return {key: float(np.mean([r[v] for r in runs])) for key, v in _SIM_RATES.items()}
+
+# %% ../nbs/42_impact_simulate.ipynb #62226dc2
 def simulate(
     runs: int = 1000,  # simulated deployments
     seed: int = 0,  # seed of the whole simulation
@@ -78,21 +96,7 @@ def simulate(
         )
     rng = np.random.default_rng(seed)
     rs = [simulate_run(rng, companies, holdout_share, true_lift, alpha) for _ in range(runs)]
-
-    def rate(k: str) -> float:
-        return float(np.mean([r[k] for r in rs]))
-
-    return {
-        "runs": runs,
-        "true_lift": true_lift,
-        "coverage": rate("covered"),
-        "mean_estimate": rate("estimate"),
-        "aa_false_positive_rate": rate("aa_rejected"),
-        "srm_alarm_rate_clean": rate("srm_clean"),
-        "srm_detected_dropped_holdout": rate("srm_dropped"),
-        "psi_detected_shifted_feature": rate("psi_shifted"),
-        "miscalibration_detected": rate("miscalibrated"),
-    }
+    return {"runs": runs, "true_lift": true_lift} | _rates(rs)
 
 # %% ../nbs/42_impact_simulate.ipynb #ddefd1c6
 def simulate_cmd(

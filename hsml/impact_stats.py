@@ -19,12 +19,24 @@ __all__ = ['SRM_ALARM', 'SRM_WARNING', 'PSI_WARN', 'PSI_ALARM', 'JS_WARN', 'JS_A
            'winsorize', 'bootstrap_means', 'cuped_diff', 'effect_on_reached', 'itt_summary', 'confidence_sequence',
            'expected_conversions', 'psi', 'js_distance', 'drift_report', 'calibration']
 
-# %% ../nbs/41_impact_stats.ipynb #78a59f93
-SRM_ALARM, SRM_WARNING = 1e-3, 1e-2
-
-
+# %% ../nbs/41_impact_stats.ipynb #0c381ec3
 def _ci(value: float, lo: float, hi: float, **kw) -> dict:
     return Metric(float(value), float(lo), float(hi)).as_dict() | kw
+
+# %% ../nbs/41_impact_stats.ipynb #bcab5f19
+def _srm_message(
+    alarm: bool,  # p < SRM_ALARM
+    warning: bool,  # p < SRM_WARNING
+) -> str:
+    "What an SRM result means for the reader of the report."
+    if alarm:
+        return "SAMPLE RATIO MISMATCH: the arms do not match the design; the result is void until the cause is found"
+    if warning:
+        return "arm counts look off: check the logging before trusting the result"
+    return "arm counts match the design"
+
+# %% ../nbs/41_impact_stats.ipynb #57a09202
+SRM_ALARM, SRM_WARNING = 1e-3, 1e-2
 
 
 def srm_test(
@@ -45,16 +57,10 @@ def srm_test(
     }
     out |= {"observed_holdout_share": n_holdout / n, "chi2": float(stat), "p_value": p}
     out |= {"alarm": p < SRM_ALARM, "warning": p < SRM_WARNING}
-    out["message"] = (
-        "SAMPLE RATIO MISMATCH: the arms do not match the design; the result is void until the cause is found"
-        if out["alarm"]
-        else "arm counts look off: check the logging before trusting the result"
-        if out["warning"]
-        else "arm counts match the design"
-    )
+    out["message"] = _srm_message(out["alarm"], out["warning"])
     return out
 
-# %% ../nbs/41_impact_stats.ipynb #8f20de77
+# %% ../nbs/41_impact_stats.ipynb #c009ad89
 def wilson(
     x: np.ndarray | int,  # successes
     n: np.ndarray | int,  # trials
@@ -69,7 +75,7 @@ def wilson(
     half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / den
     return centre - half, centre + half
 
-
+# %% ../nbs/41_impact_stats.ipynb #1808c227
 def newcombe_diff(
     x1: np.ndarray | int,  # conversions, arm 1 (called)
     n1: np.ndarray | int,  # companies, arm 1
@@ -84,7 +90,7 @@ def newcombe_diff(
     d = p1 - p0
     return d, d - np.sqrt((p1 - l1) ** 2 + (u0 - p0) ** 2), d + np.sqrt((u1 - p1) ** 2 + (p0 - l0) ** 2)
 
-# %% ../nbs/41_impact_stats.ipynb #5803bc2d
+# %% ../nbs/41_impact_stats.ipynb #c6cf88da
 def winsorize(
     v: np.ndarray,  # values
     q: float = 0.999,  # upper quantile to clip at
@@ -93,7 +99,7 @@ def winsorize(
     cap = float(np.quantile(v, q)) if len(v) else 0.0
     return np.minimum(v, cap), cap
 
-
+# %% ../nbs/41_impact_stats.ipynb #6f63e860
 def bootstrap_means(
     v: np.ndarray,  # one arm's values (mostly zeros)
     n_boot: int,  # resamples
@@ -148,7 +154,43 @@ def effect_on_reached(
     z = norm.ppf(1 - alpha / 2)
     return _ci(beta, beta - z * se, beta + z * se, reach_difference=float(dr))
 
-# %% ../nbs/41_impact_stats.ipynb #83a9f0bf
+# %% ../nbs/41_impact_stats.ipynb #69f26785
+def _conversion_bootstrap(
+    y: np.ndarray,  # converted, 0/1
+    t: np.ndarray,  # True for the called arm
+    d: float,  # the lift (difference of rates)
+    rng: np.random.Generator,  # random source (drawn from: treatment, then holdout)
+    n_boot: int,  # resamples
+    alpha: float,  # two-sided level
+) -> tuple[dict, dict]:
+    "Relative lift and incremental conversions, with percentile-bootstrap intervals within arms."
+    nt, xh, nh = int(t.sum()), y[~t].sum(), int((~t).sum())
+    bt, bh = bootstrap_means(y[t], n_boot, rng), bootstrap_means(y[~t], n_boot, rng)
+    q = [alpha / 2, 1 - alpha / 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.quantile((bt - bh) / bh, q) if (bh > 0).all() else [np.nan, np.nan]
+    inc = np.quantile((bt - bh) * nt, q)
+    return (
+        _ci(d / (xh / nh) if xh else np.nan, *rel, method="percentile bootstrap"),
+        _ci(d * nt, *inc, method="percentile bootstrap within arms"),
+    )
+
+# %% ../nbs/41_impact_stats.ipynb #c9c9d299
+def _incremental_mrr(
+    mrr: np.ndarray,  # MRR per company (0 for non-converters)
+    t: np.ndarray,  # True for the called arm
+    rng: np.random.Generator,  # random source
+    n_boot: int,  # resamples
+    alpha: float,  # two-sided level
+) -> dict:
+    "MRR the calls added (winsorized at the 99.9th percentile), with a bootstrap interval."
+    m, cap = winsorize(np.asarray(mrr, float))
+    mt, mh = bootstrap_means(m[t], n_boot, rng), bootstrap_means(m[~t], n_boot, rng)
+    nt, q = int(t.sum()), [alpha / 2, 1 - alpha / 2]
+    dm = (m[t].mean() - m[~t].mean()) * nt
+    return _ci(dm, *np.quantile((mt - mh) * nt, q), winsorized_at=cap, quantile=0.999)
+
+# %% ../nbs/41_impact_stats.ipynb #10f2ecf0
 def itt_summary(
     converted: np.ndarray,  # 0/1 per company: converted within the horizon
     treated: np.ndarray,  # True for the called arm
@@ -167,28 +209,18 @@ def itt_summary(
     xt, xh = y[t].sum(), y[~t].sum()
     d, lo, hi = newcombe_diff(xt, nt, xh, nh, alpha)
     rng = np.random.default_rng(seed)
-    bt, bh = bootstrap_means(y[t], n_boot, rng), bootstrap_means(y[~t], n_boot, rng)
-    q = [alpha / 2, 1 - alpha / 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.quantile((bt - bh) / bh, q) if (bh > 0).all() else [np.nan, np.nan]
-    inc = np.quantile((bt - bh) * nt, q)
-    pl_, ph = wilson(xt, nt, alpha)
     out = {
         "companies": {"treatment": nt, "holdout": nh},
         "conversions": {"treatment": int(xt), "holdout": int(xh)},
     }
     out["conversion_rate"] = {"treatment": xt / nt, "holdout": xh / nh}
     out["lift"] = _ci(d, lo, hi, method="Newcombe hybrid score (method 10)")
-    out["relative_lift"] = _ci(d / (xh / nh) if xh else np.nan, *rel, method="percentile bootstrap")
-    out["incremental_conversions"] = _ci(d * nt, *inc, method="percentile bootstrap within arms")
+    out["relative_lift"], out["incremental_conversions"] = _conversion_bootstrap(y, t, d, rng, n_boot, alpha)
     if mrr is not None:
-        m, cap = winsorize(np.asarray(mrr, float))
-        mt, mh = bootstrap_means(m[t], n_boot, rng), bootstrap_means(m[~t], n_boot, rng)
-        dm = (m[t].mean() - m[~t].mean()) * nt
-        out["incremental_mrr"] = _ci(dm, *np.quantile((mt - mh) * nt, q), winsorized_at=cap, quantile=0.999)
+        out["incremental_mrr"] = _incremental_mrr(mrr, t, rng, n_boot, alpha)
     if score is not None:
         out["cuped_lift"] = cuped_diff(y, score, t, alpha) | {"covariate": "logged score"}
-    out["precision_at_k"] = _ci(xt / nt, pl_, ph, method="Wilson")
+    out["precision_at_k"] = _ci(xt / nt, *wilson(xt, nt, alpha), method="Wilson")
     if reached is not None:
         out["effect_on_reached"] = effect_on_reached(y, reached, t, alpha)
     return out
@@ -237,7 +269,7 @@ def expected_conversions(
         "ci_high": e + z * sd,
     } | {"label": "estimate: sum of calibrated scores, not observed conversions"}
 
-# %% ../nbs/41_impact_stats.ipynb #06d5f998
+# %% ../nbs/41_impact_stats.ipynb #79367121
 PSI_WARN, PSI_ALARM = 0.1, 0.25
 JS_WARN, JS_ALARM = 0.1, 0.2
 
@@ -245,7 +277,7 @@ JS_WARN, JS_ALARM = 0.1, 0.2
 def _status(v: float, warn: float, alarm: float) -> str:
     return "alarm" if v >= alarm else "warn" if v >= warn else "ok"
 
-
+# %% ../nbs/41_impact_stats.ipynb #a9e7bad1
 def psi(
     expected: np.ndarray,  # the training set's values (defines the decile bins)
     actual: np.ndarray,  # the current cohort's values
@@ -262,7 +294,7 @@ def psi(
     pa = np.maximum(np.r_[ca, len(a) - len(fa)] / len(a), floor)
     return float(((pa - pe) * np.log(pa / pe)).sum())
 
-
+# %% ../nbs/41_impact_stats.ipynb #038b631c
 def js_distance(
     expected: list | np.ndarray,  # the training set's categories (None for missing)
     actual: list | np.ndarray,  # the current cohort's categories
@@ -323,7 +355,22 @@ def _logit_slope(y: np.ndarray, x: np.ndarray, iters: int = 50) -> tuple[float, 
         return np.nan, np.nan
     return (float(w[1]), float(math.sqrt(var))) if np.isfinite(w).all() and var > 0 else (np.nan, np.nan)
 
-# %% ../nbs/41_impact_stats.ipynb #76978cbf
+# %% ../nbs/41_impact_stats.ipynb #add804ed
+def _calibration_bins(
+    y: np.ndarray,  # 0/1 outcome
+    p: np.ndarray,  # predicted probability
+    bins: int,  # equal-count bins
+) -> tuple[list[dict], float]:
+    "Equal-count bins of the score (companies, mean predicted, observed rate) and the expected calibration error."
+    groups = [g for g in np.array_split(np.argsort(p, kind="stable"), bins) if len(g)]
+    table = [
+        {"companies": len(g), "mean_predicted": float(p[g].mean()), "observed_rate": float(y[g].mean())}
+        for g in groups
+    ]
+    ece = sum(r["companies"] * abs(r["observed_rate"] - r["mean_predicted"]) for r in table) / len(y)
+    return table, float(ece)
+
+# %% ../nbs/41_impact_stats.ipynb #d90999df
 def calibration(
     converted: np.ndarray,  # 0/1 outcome within the horizon
     score: np.ndarray,  # the calibrated probability the model gave
@@ -337,16 +384,11 @@ def calibration(
     hi = chi2.ppf(1 - alpha / 2, 2 * o + 2) / 2 / e
     z = norm.ppf(1 - alpha / 2)
     b, se = _logit_slope(y, np.log(p / (1 - p))) if 0 < o < len(y) else (np.nan, np.nan)
-    groups = [g for g in np.array_split(np.argsort(p, kind="stable"), bins) if len(g)]
-    table = [
-        {"companies": len(g), "mean_predicted": float(p[g].mean()), "observed_rate": float(y[g].mean())}
-        for g in groups
-    ]
-    ece = sum(r["companies"] * abs(r["observed_rate"] - r["mean_predicted"]) for r in table) / len(y)
+    table, ece = _calibration_bins(y, p, bins)
     out = {"companies": len(y), "observed": int(o), "expected": float(e)}
     out["observed_over_expected"] = _ci(o / e, lo, hi, method="exact Poisson")
     out["slope"] = _ci(b, b - z * se, b + z * se, method="logistic regression on logit(score)")
-    out["ece"] = float(ece)
+    out["ece"] = ece
     out["alarm"] = not lo <= 1 <= hi
     out["bins"] = table
     return out

@@ -46,7 +46,7 @@ def registry_root(
     "The registry directory."
     return Path(root or os.environ.get("HSML_REGISTRY") or "registry")
 
-# %% ../nbs/31_registry.ipynb #1b222a34
+# %% ../nbs/31_registry.ipynb #8f7d81b0
 def _user() -> str | None:
     try:
         return getpass.getuser()
@@ -57,7 +57,7 @@ def _user() -> str | None:
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
-
+# %% ../nbs/31_registry.ipynb #f587f8e1
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise HsmlError(
@@ -66,7 +66,7 @@ def _check_name(name: str) -> str:
         )
     return name
 
-
+# %% ../nbs/31_registry.ipynb #a4fcf7e1
 def _check_alias(alias: str) -> str:
     if not ALIAS_RE.match(alias or "") or alias in RESERVED_ALIASES or re.fullmatch(r"v?\d+", alias):
         raise HsmlError(
@@ -155,7 +155,7 @@ def list_models(
         out.append({"name": d.name, "versions": vs, "latest": vs[-1], "aliases": al})
     return out
 
-# %% ../nbs/31_registry.ipynb #9ee3f315
+# %% ../nbs/31_registry.ipynb #165f7091
 def _read_history(
     model_dir: Path,  # NAME/ directory
     torn: list[int] | None = None,  # if given, the numbers of torn lines are appended to it (and not warned)
@@ -175,7 +175,7 @@ def _read_history(
             )
     return events
 
-
+# %% ../nbs/31_registry.ipynb #00ce0f80
 def _pid_gone(pid: int) -> bool:
     "True when no process `pid` runs on this host."
     try:
@@ -186,24 +186,39 @@ def _pid_gone(pid: int) -> bool:
         return False
     return False
 
-# %% ../nbs/31_registry.ipynb #683a672e
-def reconcile(
-    model_dir: Path,  # NAME/ directory; call while holding `registry_lock(model_dir)`
+# %% ../nbs/31_registry.ipynb #fd434eda
+def _drop_leftovers(
+    model_dir: Path,  # NAME/ directory
 ) -> list[str]:
-    "Repair what killed publishes/promotes left behind; return what was repaired (see above)."
-    fixed: list[str] = []
+    "Remove the temporary directories of publishers that are gone; return what was removed."
+    fixed = []
     for tmp in (model_dir / "versions").glob(".publish-*.tmp"):
         m = re.match(r"\.publish-(\d+)-", tmp.name)
         if m and _pid_gone(int(m.group(1))):
             shutil.rmtree(tmp, ignore_errors=True)
             fixed.append(f"removed {tmp.name}")
+    return fixed
+
+# %% ../nbs/31_registry.ipynb #f10eb15a
+def _drop_torn_lines(
+    model_dir: Path,  # NAME/ directory
+) -> tuple[list[dict], list[str]]:
+    "The history's events, rewritten without its torn lines when there are some; and what was repaired."
     torn: list[int] = []
     events = _read_history(model_dir, torn)
-    if torn:  # rewrite the history without the torn lines (every append holds the lock)
-        atomic_write_text(
-            model_dir / "history.jsonl", "".join(json.dumps(e, default=str) + "\n" for e in events)
-        )
-        fixed.append(f"history: dropped torn line(s) {torn}")
+    if not torn:
+        return events, []
+    # rewrite the history without the torn lines (every append holds the lock)
+    atomic_write_text(model_dir / "history.jsonl", "".join(json.dumps(e, default=str) + "\n" for e in events))
+    return events, [f"history: dropped torn line(s) {torn}"]
+
+# %% ../nbs/31_registry.ipynb #b4a4dbf9
+def _recover_events(
+    model_dir: Path,  # NAME/ directory
+    events: list[dict],  # its history
+) -> list[str]:
+    "Append the publish and promote events a killed writer did not record; return what was recovered."
+    fixed = []
     published = {e["version"] for e in events if e.get("event") == "publish"}
     for v in (v for v in _versions(model_dir) if v not in published):
         rec = _version_record(model_dir, v)
@@ -221,7 +236,30 @@ def reconcile(
             fixed.append(f"history: {alias} -> version {a['version']}")
     return fixed
 
-# %% ../nbs/31_registry.ipynb #e64ce994
+# %% ../nbs/31_registry.ipynb #b415e76f
+def reconcile(
+    model_dir: Path,  # NAME/ directory; call while holding `registry_lock(model_dir)`
+) -> list[str]:
+    "Repair what killed publishes/promotes left behind; return what was repaired (see above)."
+    fixed = _drop_leftovers(model_dir)
+    events, repaired = _drop_torn_lines(model_dir)
+    return fixed + repaired + _recover_events(model_dir, events)
+
+# %% ../nbs/31_registry.ipynb #a1fe0857
+def _alias_problems(
+    d: Path,  # NAME/ directory
+    events: list[dict],  # its history
+    vs: list[int],  # its versions
+) -> list[str]:
+    "Aliases that point at no version, or at another version than the history's last promote says."
+    held = {e["alias"]: e["version"] for e in events if e.get("event") == "promote"}
+    return [
+        f"alias {alias} -> {a['version']} (history says {held.get(alias)}, versions {vs})"
+        for alias, a in _aliases(d).items()
+        if a["version"] not in vs or held.get(alias) != a["version"]
+    ]
+
+# %% ../nbs/31_registry.ipynb #ee0ea0ab
 def consistency_problems(
     name: str,  # registry name
     root: str | Path | None = None,  # registry directory
@@ -239,10 +277,7 @@ def consistency_problems(
             verify_bundle(d / "versions" / str(v) / "model")
         except HsmlError as e:
             bad.append(f"version {v}: {e.message}")
-    held = {e["alias"]: e["version"] for e in events if e.get("event") == "promote"}
-    for alias, a in _aliases(d).items():
-        if a["version"] not in vs or held.get(alias) != a["version"]:
-            bad.append(f"alias {alias} -> {a['version']} (history says {held.get(alias)}, versions {vs})")
+    bad += _alias_problems(d, events, vs)
     leftovers = [
         p.name for p in (d / "versions").glob(".publish-*.tmp") if _pid_gone(int(p.name.split("-")[1]))
     ]
@@ -259,14 +294,13 @@ def _check_tracking(tracking: str) -> str:
         )
     return tracking
 
-# %% ../nbs/31_registry.ipynb #e6208fde
-@contextlib.contextmanager
-def _wandb_env(
+# %% ../nbs/31_registry.ipynb #774c0cbd
+def _wandb_vars(
     area: Path,  # the directory W&B writes into (runs, cache, data, config)
     tracking: str,  # offline | online
-) -> Iterator[None]:
-    "W&B's directories and mode under `area` for the block; the environment is restored after it."
-    env = {
+) -> dict[str, str]:
+    "The W&B environment variables that keep every file W&B writes under `area`."
+    return {
         "WANDB_DIR": str(area),
         "WANDB_CACHE_DIR": str(area / "cache"),
         "WANDB_DATA_DIR": str(area / "data"),
@@ -274,6 +308,15 @@ def _wandb_env(
         "WANDB_MODE": tracking,
         "WANDB_SILENT": "true",
     }
+
+# %% ../nbs/31_registry.ipynb #579c5cdd
+@contextlib.contextmanager
+def _wandb_env(
+    area: Path,  # the directory W&B writes into (runs, cache, data, config)
+    tracking: str,  # offline | online
+) -> Iterator[None]:
+    "W&B's directories and mode under `area` for the block; the environment is restored after it."
+    env = _wandb_vars(area, tracking)
     for k in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
         Path(env[k]).mkdir(parents=True, exist_ok=True)
     old = {k: os.environ.get(k) for k in env}
@@ -287,7 +330,30 @@ def _wandb_env(
             else:
                 os.environ[k] = v
 
-# %% ../nbs/31_registry.ipynb #d8393d53
+# %% ../nbs/31_registry.ipynb #19a00e03
+def _wandb_run(
+    area: Path,  # the directory W&B writes into
+    project: str,  # W&B project
+    name: str,  # registry name
+    version: int,  # registry version
+    event: str,  # publish | promote
+    tracking: str,  # offline | online
+) -> Any:
+    "A W&B run of one registry event (silent, no system stats, no code saved)."
+    import wandb
+
+    return wandb.init(
+        project=project,
+        name=f"{name}-v{version}-{event}",
+        job_type=f"registry-{event}",
+        mode=tracking,
+        dir=str(area),
+        reinit="create_new",
+        config={"registry_name": name, "registry_version": version, "event": event},
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
+    )
+
+# %% ../nbs/31_registry.ipynb #8f015827
 def _wandb_log(
     root: Path,  # registry directory
     name: str,  # registry name = artifact name
@@ -306,26 +372,10 @@ def _wandb_log(
         try:
             import wandb
 
-            run = wandb.init(
-                project=project,
-                name=f"{name}-v{version}-{event}",
-                job_type=f"registry-{event}",
-                mode=tracking,
-                dir=str(area),
-                reinit="create_new",
-                config={"registry_name": name, "registry_version": version, "event": event},
-                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, save_code=False),
-            )
+            run = _wandb_run(area, project, name, version, event, tracking)
             info = json.loads((bundle_dir / "bundle.json").read_text())
-            art = wandb.Artifact(
-                name,
-                type="model",
-                metadata={
-                    "registry_version": version,
-                    "run_id": info.get("run_id"),
-                    "model": info.get("model"),
-                },
-            )
+            meta = {"registry_version": version, "run_id": info.get("run_id"), "model": info.get("model")}
+            art = wandb.Artifact(name, type="model", metadata=meta)
             art.add_dir(str(bundle_dir))
             run.log_artifact(art, aliases=aliases)
             run_file = Path(run.dir).parent / f"run-{run.id}.wandb"
@@ -352,7 +402,18 @@ def _source_bundle(source: Path) -> tuple[Path, Path | None]:
         f"{source} is neither a run directory (with model/) nor a bundle directory (with hashes.json)"
     )
 
-# %% ../nbs/31_registry.ipynb #3afb9e5c
+# %% ../nbs/31_registry.ipynb #c5ced18e
+def _copy_run_files(
+    run_dir: Path | None,  # the run directory of a published bundle, if any
+    tmp: Path,  # the temporary version directory
+) -> None:
+    "Keep the run's manifest.json and config.yaml beside the version, in run/."
+    for f in ("manifest.json", "config.yaml") if run_dir is not None else ():
+        if (run_dir / f).exists():
+            (tmp / "run").mkdir(exist_ok=True)
+            shutil.copy2(run_dir / f, tmp / "run" / f)
+
+# %% ../nbs/31_registry.ipynb #60075772
 def _stage(
     bundle_dir: Path,  # the verified source bundle
     run_dir: Path | None,  # its run directory (its manifest.json and config.yaml are kept), if any
@@ -363,11 +424,7 @@ def _stage(
     "Copy the bundle (and its run's manifest and config) into `tmp` and verify the copy; the version record without its number."
     shutil.copytree(bundle_dir, tmp / "model")
     hashes = verify_bundle(tmp / "model")  # the copy is what we promise
-    if run_dir is not None:
-        for f in ("manifest.json", "config.yaml"):
-            if (run_dir / f).exists():
-                (tmp / "run").mkdir(exist_ok=True)
-                shutil.copy2(run_dir / f, tmp / "run" / f)
+    _copy_run_files(run_dir, tmp)
     info = json.loads((tmp / "model" / "bundle.json").read_text())
     return {
         "name": name,
@@ -381,7 +438,7 @@ def _stage(
         "files": sorted(hashes),
     }
 
-# %% ../nbs/31_registry.ipynb #1df655b6
+# %% ../nbs/31_registry.ipynb #246f7ccd
 def _commit(
     d: Path,  # NAME/ directory
     tmp: Path,  # the staged version directory
@@ -397,19 +454,22 @@ def _commit(
         if final.exists():  # a leftover without version.json from a crash in an older hsml
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _append_history(
-            d,
-            {
-                "ts": rec["published_at"],
-                "event": "publish",
-                "version": version,
-                "digest": rec["digest"],
-                "source": rec["source"],
-            },
-        )
+        event = {"ts": rec["published_at"], "event": "publish", "version": version}
+        _append_history(d, event | {k: rec[k] for k in ("digest", "source")})
     return version
 
-# %% ../nbs/31_registry.ipynb #da0182ce
+# %% ../nbs/31_registry.ipynb #890aa908
+def _verified_source(
+    src: Path,  # what is published: a run or bundle directory
+) -> tuple[Path, Path | None]:
+    "(bundle dir, run dir or None) of a publish source whose bundle verifies."
+    if not src.is_dir():
+        raise HsmlError(f"{src} does not exist or is not a directory")
+    bundle_dir, run_dir = _source_bundle(src)
+    verify_bundle(bundle_dir)  # refuse to publish a tampered or incomplete bundle
+    return bundle_dir, run_dir
+
+# %% ../nbs/31_registry.ipynb #92f5b6b7
 def publish(
     source: str | Path,  # a run directory (holding model/) or a bundle directory
     name: str,  # registry name, e.g. conversion-lgbm
@@ -425,10 +485,7 @@ def publish(
     if alias is not None:
         _check_alias(alias)
     src = Path(source)
-    if not src.is_dir():
-        raise HsmlError(f"{src} does not exist or is not a directory")
-    bundle_dir, run_dir = _source_bundle(src)
-    verify_bundle(bundle_dir)  # refuse to publish a tampered or incomplete bundle
+    bundle_dir, run_dir = _verified_source(src)
     root_p = registry_root(root)
     d = root_p / name
     (d / "versions").mkdir(parents=True, exist_ok=True)
@@ -438,15 +495,9 @@ def publish(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    bdir = d / "versions" / str(version) / "model"
     run_file = _wandb_log(
-        root_p,
-        name,
-        version,
-        d / "versions" / str(version) / "model",
-        [f"hsml-v{version}"],
-        tracking,
-        wandb_project,
-        "publish",
+        root_p, name, version, bdir, [f"hsml-v{version}"], tracking, wandb_project, "publish"
     )
     if alias is not None:
         promote(name, version, alias, root=root, tracking=tracking, wandb_project=wandb_project)
@@ -476,7 +527,23 @@ def _published_version(
         raise HsmlError(f"{name}@{v} does not match its published digest; refusing to promote it")
     return v
 
-# %% ../nbs/31_registry.ipynb #904df3f7
+# %% ../nbs/31_registry.ipynb #b1e54708
+def _move_alias(
+    d: Path,  # NAME/ directory; call while holding `registry_lock(d)`
+    alias: str,  # alias to move
+    v: int,  # the verified version it points at
+) -> dict:
+    "Point `alias` at version `v` in aliases.json and append the promote event; return the event."
+    al = _aliases(d)
+    prev = al.get(alias, {}).get("version")
+    ts = _now()
+    al[alias] = {"version": v, "since": ts}
+    atomic_write_json(d / "aliases.json", al)
+    event = {"ts": ts, "event": "promote", "alias": alias, "version": v, "previous": prev, "by": _user()}
+    _append_history(d, event)
+    return event
+
+# %% ../nbs/31_registry.ipynb #5bc37bf3
 def promote(
     name: str,  # registry name
     version: int | str,  # version to point the alias at (3 or "v3")
@@ -495,20 +562,7 @@ def promote(
     bdir = d / "versions" / str(v) / "model"
     with registry_lock(d):
         reconcile(d)
-        al = _aliases(d)
-        prev = al.get(alias, {}).get("version")
-        ts = _now()
-        al[alias] = {"version": v, "since": ts}
-        atomic_write_json(d / "aliases.json", al)
-        event = {
-            "ts": ts,
-            "event": "promote",
-            "alias": alias,
-            "version": v,
-            "previous": prev,
-            "by": _user(),
-        }
-        _append_history(d, event)
+        event = _move_alias(d, alias, v)
     run_file = _wandb_log(root_p, name, v, bdir, [alias, f"hsml-v{v}"], tracking, wandb_project, "promote")
     if run_file:
         event["wandb_run_file"] = run_file
@@ -568,19 +622,50 @@ class ModelRef:
             "digest": self.digest,
         }
 
-# %% ../nbs/31_registry.ipynb #d9fd8822
+# %% ../nbs/31_registry.ipynb #1524da85
+def _path_ref(
+    ref: str | Path,  # a model reference
+) -> ModelRef | None:
+    "The bundle a path reference names (a run directory stands for its model/); None for a registry reference."
+    s, p = str(ref), Path(ref)
+    looks_like_path = "/" in s or os.sep in s or s.startswith(".") or isinstance(ref, Path)
+    is_bundle = p.is_dir() and ((p / HASHES_FILE).exists() or (p / "model" / HASHES_FILE).exists())
+    if "@" in s or not (looks_like_path or is_bundle):
+        return None
+    return ModelRef(path=p / "model" if (p / "model" / HASHES_FILE).exists() else p)
+
+# %% ../nbs/31_registry.ipynb #de2725ae
+def _select_version(
+    d: Path,  # NAME/ directory
+    name: str,  # registry name
+    sel: str,  # what follows `@`: "", latest, 3, v3 or an alias
+    vs: list[int],  # its versions
+) -> tuple[str | None, int]:
+    "(alias, version) a selector names."
+    if sel in ("", "latest"):
+        return None, vs[-1]
+    if re.fullmatch(r"v?\d+", sel):
+        version = int(sel.lstrip("v"))
+        if version not in vs:
+            raise HsmlError(f"{name} has no version {version}", hint=f"versions: {vs}")
+        return None, version
+    al = _aliases(d)
+    if sel not in al:
+        raise HsmlError(
+            f"{name} has no alias {sel!r}",
+            hint=f"aliases: {sorted(al) or 'none'}; promote a version first",
+        )
+    return sel, int(al[sel]["version"])
+
+# %% ../nbs/31_registry.ipynb #75fc30d1
 def resolve(
     ref: str | Path,  # NAME@ALIAS | NAME@VERSION | NAME | PATH (a bundle or run directory)
     root: str | Path | None = None,  # registry directory
 ) -> ModelRef:
     "Resolve a model reference to a bundle directory (and its registry name/version/alias)."
+    if (m := _path_ref(ref)) is not None:
+        return m
     s = str(ref)
-    p = Path(s)
-    looks_like_path = "/" in s or os.sep in s or s.startswith(".") or isinstance(ref, Path)
-    is_bundle = p.is_dir() and ((p / HASHES_FILE).exists() or (p / "model" / HASHES_FILE).exists())
-    if "@" not in s and (looks_like_path or is_bundle):
-        bp = p / "model" if (p / "model" / HASHES_FILE).exists() else p
-        return ModelRef(path=bp)
     name, _, sel = s.partition("@")
     if not NAME_RE.match(name):
         raise HsmlError(
@@ -595,29 +680,9 @@ def resolve(
             f"no model named {name!r} in the registry {registry_root(root)}",
             hint=f"known models: {', '.join(known) or 'none'}; publish one with `hsml registry publish` or train with register=True",
         )
-    alias = None
-    if sel in ("", "latest"):
-        version = vs[-1]
-    elif re.fullmatch(r"v?\d+", sel):
-        version = int(sel.lstrip("v"))
-        if version not in vs:
-            raise HsmlError(f"{name} has no version {version}", hint=f"versions: {vs}")
-    else:
-        al = _aliases(d)
-        if sel not in al:
-            raise HsmlError(
-                f"{name} has no alias {sel!r}",
-                hint=f"aliases: {sorted(al) or 'none'}; promote a version first",
-            )
-        alias, version = sel, int(al[sel]["version"])
+    alias, version = _select_version(d, name, sel, vs)
     rec = _version_record(d, version)
-    return ModelRef(
-        path=d / "versions" / str(version) / "model",
-        name=name,
-        version=version,
-        alias=alias,
-        digest=rec["digest"],
-    )
+    return ModelRef(d / "versions" / str(version) / "model", name, version, alias, rec["digest"])
 
 # %% ../nbs/31_registry.ipynb #9589bb2c
 def load_model(
@@ -639,7 +704,27 @@ def load_model(
         b.registry["aliases"] = sorted(aliases)
     return b
 
-# %% ../nbs/31_registry.ipynb #cfe0dc3e
+# %% ../nbs/31_registry.ipynb #40401d76
+def _check_published(
+    path: Path,  # a version's bundle directory
+    digest: str,  # the digest recorded at publish time
+) -> tuple[bool, str | None]:
+    "(verified, problem): the files against hashes.json, and hashes.json against the published digest."
+    try:
+        verify_bundle(path)
+    except HsmlError as e:
+        return False, e.message
+    ok = bundle_digest(path) == digest
+    return ok, None if ok else "hashes.json does not match the published digest"
+
+# %% ../nbs/31_registry.ipynb #1590b56c
+def _json_or_none(
+    p: Path,  # a JSON file that may be missing
+) -> Any:
+    "The file's JSON, or None when it does not exist."
+    return json.loads(p.read_text()) if p.exists() else None
+
+# %% ../nbs/31_registry.ipynb #91b51df1
 def show(
     ref: str,  # NAME, NAME@VERSION or NAME@ALIAS
     root: str | Path | None = None,  # registry directory
@@ -652,23 +737,14 @@ def show(
         )
     d = registry_root(root) / m.name
     rec = _version_record(d, m.version)
-    try:
-        verify_bundle(m.path)
-        ok = bundle_digest(m.path) == rec["digest"]
-        problem = None if ok else "hashes.json does not match the published digest"
-    except HsmlError as e:
-        ok, problem = False, e.message
+    ok, problem = _check_published(m.path, rec["digest"])
     return rec | {
         "aliases": sorted(a for a, v in _aliases(d).items() if v["version"] == m.version),
         "path": str(m.path),
         "verified": ok,
         "problem": problem,
-        "bundle": json.loads((m.path / "bundle.json").read_text())
-        if (m.path / "bundle.json").exists()
-        else None,
-        "metrics": json.loads((m.path / "metrics.json").read_text())
-        if (m.path / "metrics.json").exists()
-        else None,
+        "bundle": _json_or_none(m.path / "bundle.json"),
+        "metrics": _json_or_none(m.path / "metrics.json"),
     }
 
 # %% ../nbs/31_registry.ipynb #0ff853f2
@@ -711,7 +787,22 @@ def list_cmd(
         al = ", ".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) or "-"
         typer.echo(f"{r['name']:<30} {'v' + str(r['latest']):>6}  {len(r['versions']):>8}  {al}")
 
-# %% ../nbs/31_registry.ipynb #d5d36b20
+# %% ../nbs/31_registry.ipynb #812a60ec
+def _echo_version(
+    s: dict,  # show output
+) -> None:
+    "One version for people: aliases, provenance, digest, verification, path, test metrics."
+    typer.echo(f"{s['name']} v{s['version']}  aliases: {', '.join(s['aliases']) or '-'}")
+    typer.echo(f"  published  {s['published_at']}  from {s['source']}")
+    typer.echo(f"  run        {s.get('run_id')}  model {s.get('model')}")
+    typer.echo(f"  digest     {s['digest']}")
+    typer.echo(f"  verified   {'yes' if s['verified'] else 'NO: ' + str(s['problem'])}")
+    typer.echo(f"  path       {s['path']}")
+    for k, v in ((s.get("metrics") or {}).get("test") or {}).items():
+        if isinstance(v, dict) and "value" in v:
+            typer.echo(f"  {k:<18} {Metric.of(v):.4g}")
+
+# %% ../nbs/31_registry.ipynb #ea601754
 @registry_app.command("show")
 def show_cmd(
     ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME@ALIAS"),
@@ -729,15 +820,7 @@ def show_cmd(
     if as_json:
         typer.echo(json.dumps(s, indent=2, default=str))
         return
-    typer.echo(f"{s['name']} v{s['version']}  aliases: {', '.join(s['aliases']) or '-'}")
-    typer.echo(f"  published  {s['published_at']}  from {s['source']}")
-    typer.echo(f"  run        {s.get('run_id')}  model {s.get('model')}")
-    typer.echo(f"  digest     {s['digest']}")
-    typer.echo(f"  verified   {'yes' if s['verified'] else 'NO: ' + str(s['problem'])}")
-    typer.echo(f"  path       {s['path']}")
-    for k, v in ((s.get("metrics") or {}).get("test") or {}).items():
-        if isinstance(v, dict) and "value" in v:
-            typer.echo(f"  {k:<18} {Metric.of(v):.4g}")
+    _echo_version(s)
 
 # %% ../nbs/31_registry.ipynb #93f1e085
 @registry_app.command("promote")
@@ -759,7 +842,22 @@ def promote_cmd(
     prev = f" (was v{e['previous']})" if e["previous"] is not None else ""
     typer.echo(f"{name}@{alias} -> v{e['version']}{prev}")
 
-# %% ../nbs/31_registry.ipynb #0a00d91b
+# %% ../nbs/31_registry.ipynb #d6a3e859
+def _echo_history(
+    events: list[dict],  # history output
+    rows: list[dict],  # alias_history output
+) -> None:
+    "Which version held which alias, and when; then every publish."
+    typer.echo(f"{'ALIAS':<14} {'VERSION':>7}  {'FROM':<29} UNTIL")
+    for r in rows:
+        typer.echo(
+            f"{r['alias']:<14} {'v' + str(r['version']):>7}  {r['from']:<29} {r['until'] or '(current)'}"
+        )
+    for ev in events:
+        if ev["event"] == "publish":
+            typer.echo(f"published v{ev['version']} at {ev['ts']} from {ev['source']}")
+
+# %% ../nbs/31_registry.ipynb #d7f5e110
 @registry_app.command("history")
 def history_cmd(
     name: str = typer.Argument(..., help="model name"),
@@ -779,14 +877,7 @@ def history_cmd(
         for ev in events:
             typer.echo(json.dumps(ev))
         return
-    typer.echo(f"{'ALIAS':<14} {'VERSION':>7}  {'FROM':<29} UNTIL")
-    for r in rows:
-        typer.echo(
-            f"{r['alias']:<14} {'v' + str(r['version']):>7}  {r['from']:<29} {r['until'] or '(current)'}"
-        )
-    for ev in events:
-        if ev["event"] == "publish":
-            typer.echo(f"published v{ev['version']} at {ev['ts']} from {ev['source']}")
+    _echo_history(events, rows)
 
 # %% ../nbs/31_registry.ipynb #cc7db38c
 @registry_app.command("publish")
