@@ -45,7 +45,7 @@ class ColumnSpec:
     required: bool  # a blank value quarantines the row; an unparseable one stops with HsmlError
     doc: str = ""  # what it means
 
-
+# %% ../nbs/02_contracts.ipynb #805f36d9s0
 _ID = ColumnSpec("id", "id", True, "company / portal id")
 _RANK = ColumnSpec("ALEXA_RANK", "int", False, "web-traffic rank, 1 = most visited; sentinel = unknown")
 _EMP = ColumnSpec("EMPLOYEE_RANGE", "employee_range", False, "company size bucket")
@@ -70,7 +70,7 @@ RAW_CONTRACTS: dict[str, list[ColumnSpec]] = {
 def _col(dtype: Any, nullable: bool = True, unique: bool = False, checks: list | None = None) -> pa.Column:
     return pa.Column(dtype, nullable=nullable, unique=unique, checks=checks or [])
 
-
+# %% ../nbs/02_contracts.ipynb #0d3493e6s0
 _COMPANY_COLS = {
     "ALEXA_RANK": _col(pl.Int64, checks=[pa.Check.ge(1)]),
     "ALEXA_RANK_UNKNOWN": _col(pl.Boolean, nullable=False),
@@ -224,7 +224,7 @@ def _emp_key(label: str) -> str:
 
 _EMP_INDEX = {_emp_key(level): level for level in EMPLOYEE_LEVELS}
 
-
+# %% ../nbs/02_contracts.ipynb #1f6f87efs0
 def employee_level(
     raw: str | None,  # raw EMPLOYEE_RANGE value
 ) -> tuple[str | None, str]:
@@ -397,7 +397,7 @@ def _parse_int(s: pl.Expr) -> pl.Expr:
     as_float = pl.when(f.is_finite() & (f == f.floor()) & (f.abs() < 2.0**53)).then(f).cast(pl.Int64)
     return pl.coalesce(s.cast(pl.Int64, strict=False), as_float)
 
-
+# %% ../nbs/02_contracts.ipynb #9f7fffb6s0
 _THOUSANDS = r"^-?\d{1,3}(,\d{3})+(\.\d+)?$"
 
 
@@ -418,7 +418,7 @@ def _parse(kind: str, s: pl.Expr) -> pl.Expr:
         )
     raise ValueError(kind)
 
-
+# %% ../nbs/02_contracts.ipynb #9f7fffb6s1
 def _parse_series(kind: str, v: pl.Series) -> pl.Series:
     "Parse stripped strings: a fast strict-format pass, and the full `_parse` only when some value needs it."
     fast = {
@@ -432,7 +432,7 @@ def _parse_series(kind: str, v: pl.Series) -> pl.Series:
         return pl.select(_parse(kind, pl.lit(v))).to_series().alias(v.name)
     return fast
 
-
+# %% ../nbs/02_contracts.ipynb #9f7fffb6s2
 def _blank_to_null(s: pl.Expr) -> pl.Expr:
     t = s.cast(pl.Utf8).str.strip_chars()
     return pl.when(t != "").then(t)
@@ -449,7 +449,7 @@ def _rules_schema(table: str) -> pa.DataFrameSchema:
 
 RULE_SCHEMAS: dict[str, pa.DataFrameSchema] = {t: _rules_schema(t) for t in RAW_CONTRACTS}
 
-
+# %% ../nbs/02_contracts.ipynb #4e4a8a52s0
 def _row_rule_failures(table: str, typed: pl.DataFrame) -> pl.DataFrame:
     "(_row, _rule, _column) for each row failing a pandera row rule: the first rule in column order."
     try:
@@ -507,7 +507,7 @@ class _Ctx:
                 )
             )
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64s0
 def _without(df: pl.DataFrame, rows: pl.DataFrame | pl.Series) -> pl.DataFrame:
     "`df` minus the rows whose `_row` is in `rows` (a filter: cheaper than an anti-join on big frames)."
     rows = rows["_row"] if isinstance(rows, pl.DataFrame) else rows
@@ -519,7 +519,7 @@ def _rejected_rows(ctx: _Ctx) -> pl.DataFrame:
         return pl.DataFrame(schema={"_row": pl.UInt32})
     return pl.concat([r.select("_row") for r in ctx.rejected])
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64s1
 def _check_header(table: str, columns: list[str], name: str) -> None:
     missing = [c.name for c in RAW_CONTRACTS[table] if c.name not in columns]
     if missing:
@@ -682,7 +682,7 @@ def _timing_counts(
     return {"gaps": gaps.group_by("gap").len(), "days": u.select(day=pl.col(time).dt.weekday()).group_by("day").len(),
             "stamps": u.height}  # fmt: skip
 
-
+# %% ../nbs/02_contracts.ipynb #ec4c18e3s0
 def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     "Period, anchor, and the counts behind them, from the `_timing_counts` of disjoint sets of companies."
     from hsml.snapshots import WEEKDAYS
@@ -701,7 +701,7 @@ def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "usage_stamps": stamps, "usage_stamps_off_anchor": stamps - count(days, anchor),
             "usage_gaps": int(gaps["len"].sum()), "usage_gaps_at_period": count(gaps, period)}  # fmt: skip
 
-
+# %% ../nbs/02_contracts.ipynb #ec4c18e3s1
 def _usage_timing(
     usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
     time: str = "WHEN_TIMESTAMP",  # stamp column
@@ -786,7 +786,7 @@ def _prepare(table: str, raw: pl.LazyFrame, name: str) -> pl.LazyFrame:
         [pl.col(c).cast(pl.Utf8) for c, d in schema.items() if c != "_line" and d != pl.Utf8]
     )
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c01s0
 def _collect(lf: pl.LazyFrame, name: str) -> pl.DataFrame:
     "Collect a raw scan; a reader's error becomes an HsmlError naming the source."
     try:
@@ -872,7 +872,7 @@ def _usage_chunk(
         (spool / "typed" / f"b{b:04d}").mkdir(parents=True, exist_ok=True)
         part.write_parquet(spool / "typed" / f"b{b:04d}" / f"c{i:06d}.parquet", **_SPOOL)
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c03s0
 def _buckets(
     ids: pl.Series,  # the known company ids
     per_bucket: int,  # companies per bucket
@@ -963,7 +963,7 @@ def _validate_usage(
         report.issues.append(Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info"))
     return parts, quarantine, report, _timing_from_counts(timing or [_timing_counts(_empty_usage())])
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c05s0
 def _merged(issues: list[Issue]) -> list[Issue]:
     "The issues of every chunk, one per (column, rule, action) with the counts added, in first-seen order."
     out: dict[tuple, Issue] = {}
@@ -1014,7 +1014,7 @@ def _validate(
     report.timing.update(_data_end_json(tables))
     return tables
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c06s0
 def validate_frames(
     raw: Mapping[str, pl.DataFrame],  # customers / noncustomers / usage, all-string columns as read
     names: Mapping[str, str] | None = None,  # table -> label for messages (file path); default the table name
@@ -1029,7 +1029,7 @@ def validate_frames(
     fps = {t: (fingerprints or {}).get(t) or sha256_bytes(raw[t].write_csv().encode()) for t in TABLES}
     return _validate({t: raw[t].lazy() for t in TABLES}, names, fps, policy or Policy())
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c06s1
 def _data_end_json(tables: Tables) -> dict[str, Any]:
     "The data-end facts (`hsml.snapshots.data_end`) as JSON values for the report."
     from hsml.snapshots import data_end
@@ -1059,7 +1059,7 @@ def load_tables(
             )
     return tables
 
-
+# %% ../nbs/02_contracts.ipynb #fbebbd83s0
 def check(
     source: Catalog | str | Path,  # a directory of the three CSVs, a catalog YAML, or a Catalog
 ) -> Report:

@@ -18,3 +18,14 @@ def sample_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sample")
     synth.generate(d, companies=5200, seed=0)
     return d
+
+
+@pytest.fixture(scope="session")
+def score_data(tmp_path_factory) -> dict:
+    "The scoring tests' data (600 companies, seed 4; test_cli, test_score_sink): its directory and clean tables."
+    from hsml import synth
+    from hsml.contracts import load_tables
+
+    d = tmp_path_factory.mktemp("score-data") / "data"
+    synth.generate(d, companies=600, seed=4)
+    return {"data": d, "tables": load_tables(d)}
