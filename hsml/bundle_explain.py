@@ -5,6 +5,7 @@
 # %% ../nbs/30_bundle_explain.ipynb #5acb78c6
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -15,8 +16,9 @@ from .bundle_format import polars_dtype
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['TREE_METHODS', 'path_contributions', 'baseline', 'occlusion', 'contribution_method', 'tree_contributions',
-           'contributions']
+__all__ = ['TREE_METHODS', 'PATH_HOW', 'path_from_leaves', 'path_contributions', 'raw_from_leaves', 'proba_from_leaves',
+           'baseline', 'occlusion', 'contribution_method', 'tree_contributions', 'contributions', 'one_pass',
+           'score_and_path']
 
 # %% ../nbs/30_bundle_explain.ipynb #a71ed41d
 _PATH_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # booster -> its tables, built once
@@ -55,6 +57,35 @@ def _path_tables(booster: Any, n_features: int) -> tuple[np.ndarray, np.ndarray,
     return out
 
 # %% ../nbs/30_bundle_explain.ipynb #ff5355b6
+_ONES = np.ones(
+    0
+)  # the sparse rows' values, kept between calls (a fresh array of ones per call is page faults)
+
+
+def path_from_leaves(
+    booster: Any,  # a LightGBM Booster
+    leaves: np.ndarray,  # n x trees leaf index of each row in each tree (`pred_leaf`)
+    n_features: int,  # columns of the model matrix
+    chunk: int = 16_384,  # rows per sparse product (memory)
+) -> np.ndarray:
+    "Tree path (Saabas) contributions from the rows' leaves: n x (features + 1), the last column the bias."
+    from scipy import sparse
+
+    global _ONES
+    G, offsets, bias = _path_tables(booster, n_features)
+    (n, T), idx = leaves.shape, leaves + offsets.astype(leaves.dtype)  # the row of G of each (row, tree)
+    if len(_ONES) < min(n, chunk) * T:
+        _ONES = np.ones(min(n, chunk) * T)
+    out = np.empty((n, n_features + 1))
+    out[:, n_features] = bias
+    for s in range(0, n, chunk):
+        m = len(idx[s : s + chunk]) * T
+        ptr = np.arange(0, m + 1, T, dtype=idx.dtype)
+        A = sparse.csr_matrix((_ONES[:m], idx[s : s + chunk].ravel(), ptr), shape=(m // T, len(G)))
+        out[s : s + m // T, :n_features] = A @ G
+    return out
+
+# %% ../nbs/30_bundle_explain.ipynb #pc1code
 def path_contributions(
     booster: Any,  # a LightGBM Booster
     Z: np.ndarray,  # the model's input matrix
@@ -62,23 +93,50 @@ def path_contributions(
     threads: int = 1,  # LightGBM threads for pred_leaf
 ) -> np.ndarray:
     "Tree path (Saabas) contributions: n x (features + 1), the last column the bias, like pred_contrib."
-    from scipy import sparse
-
     nf = Z.shape[1]
-    G, offsets, bias = _path_tables(booster, nf)
     out = np.empty((len(Z), nf + 1))
-    out[:, nf] = bias
     for s in range(0, len(Z), chunk):
-        leaves = np.asarray(
-            booster.predict(Z[s : s + chunk], pred_leaf=True, num_threads=threads), dtype=np.int64
-        )
-        leaves = leaves.reshape(-1, len(offsets))
-        n, T = leaves.shape
-        A = sparse.csr_matrix(
-            (np.ones(n * T), (leaves + offsets).ravel(), np.arange(0, n * T + 1, T)), shape=(n, len(G))
-        )
-        out[s : s + n, :nf] = A @ G
+        leaves = booster.predict(Z[s : s + chunk], pred_leaf=True, num_threads=threads)
+        out[s : s + len(leaves)] = path_from_leaves(booster, leaves.reshape(len(leaves), -1), nf)
     return out
+
+# %% ../nbs/30_bundle_explain.ipynb #lv1code
+_LEAF_VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # booster -> (leaf outputs, objective)
+
+
+def _leaf_values(booster: Any) -> tuple[np.ndarray, str]:
+    "(trees x max leaves: each leaf's output as LightGBM stores it, not the rounded dump; the objective)."
+    if booster not in _LEAF_VALUES:
+        dump = booster.dump_model()
+        n_leaves = [t["num_leaves"] for t in dump["tree_info"]]
+        V = np.zeros((len(n_leaves), max(n_leaves, default=1)))
+        for t, k in enumerate(n_leaves):
+            V[t, :k] = [booster.get_leaf_output(t, j) for j in range(k)]
+        _LEAF_VALUES[booster] = (V, str(dump.get("objective", "")))
+    return _LEAF_VALUES[booster]
+
+# %% ../nbs/30_bundle_explain.ipynb #lv2code
+def raw_from_leaves(
+    booster: Any,  # a LightGBM Booster (one tree per iteration: binary or regression)
+    leaves: np.ndarray,  # n x trees leaf indices (`pred_leaf`)
+) -> np.ndarray:
+    "The raw score, as `booster.predict(Z, raw_score=True)`: leaf values added in tree order from 0."
+    V, by_tree = _leaf_values(booster)[0], np.ascontiguousarray(leaves.T)
+    raw = np.zeros(len(leaves))
+    for t in range(len(by_tree)):
+        raw += V[t].take(by_tree[t])
+    return raw
+
+
+def proba_from_leaves(
+    booster: Any,  # a binary LightGBM Booster (objective `binary`)
+    leaves: np.ndarray,  # n x trees leaf indices (`pred_leaf`)
+) -> np.ndarray:
+    "The probability, as `booster.predict(Z)`: LightGBM's sigmoid of the raw score with the C library's exp."
+    objective = _leaf_values(booster)[1].split()
+    sig = next((float(o.split(":")[1]) for o in objective if o.startswith("sigmoid:")), 1.0)
+    neg = -sig * raw_from_leaves(booster, leaves)
+    return 1.0 / (1.0 + np.frompyfunc(math.exp, 1, 1)(neg).astype(np.float64))
 
 # %% ../nbs/30_bundle_explain.ipynb #ce6be4fa
 def baseline(
@@ -131,6 +189,21 @@ def contribution_method(
     return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
 
 # %% ../nbs/30_bundle_explain.ipynb #16e42596
+PATH_HOW = "tree path attribution (Saabas): log-odds of the uncalibrated model"
+
+
+def _per_input(
+    compiled: Any,  # a Compiled path with z_inputs
+    contrib: np.ndarray,  # n x (Z columns [+ bias]) contributions
+    names: list[str],  # the features, in output column order
+) -> np.ndarray:
+    "n x features: the Z columns' contributions added up per input feature."
+    out = np.zeros((len(contrib), len(names)))
+    for j, zn in enumerate(compiled.z_inputs):
+        out[:, names.index(zn)] += contrib[:, j]
+    return out
+
+
 def tree_contributions(
     compiled: Any,  # a Compiled path with a booster
     Z: np.ndarray,  # the model matrix
@@ -142,12 +215,8 @@ def tree_contributions(
         contrib = np.asarray(compiled.booster.predict(Z, pred_contrib=True, num_threads=compiled.threads))
         how = "lightgbm pred_contrib: TreeSHAP, log-odds of the uncalibrated model"
     else:
-        contrib = path_contributions(compiled.booster, Z, threads=compiled.threads)
-        how = "tree path attribution (Saabas): log-odds of the uncalibrated model"
-    out = np.zeros((len(Z), len(names)))
-    for j, zn in enumerate(compiled.z_inputs):
-        out[:, names.index(zn)] += contrib[:, j]
-    return out, how
+        contrib, how = path_contributions(compiled.booster, Z, threads=compiled.threads), PATH_HOW
+    return _per_input(compiled, contrib, names), how
 
 # %% ../nbs/30_bundle_explain.ipynb #77b9541a
 def contributions(
@@ -168,4 +237,48 @@ def contributions(
         occlusion(bundle, frame),
         names,
         "occlusion: score minus the score with the feature at its training median/mode",
+    )
+
+# %% ../nbs/30_bundle_explain.ipynb #sp1code
+def one_pass(
+    bundle: Any,  # a loaded hsml.bundle.Bundle
+) -> bool:
+    "Whether `score_and_path` serves this bundle (a compiled binary LightGBM classifier, one Z column per input)."
+    from hsml.bundle_compile import BoosterProba
+
+    c = bundle.compiled
+    if c is None or c.booster is None or c.z_inputs is None or not isinstance(c.raw_fn, BoosterProba):
+        return False
+    return c.raw_fn.booster is c.booster and _leaf_values(c.booster)[1].split()[:1] == ["binary"]
+
+
+def _scores_given_proba(bundle: Any, Z: np.ndarray, p: np.ndarray) -> np.ndarray:
+    "The bundle's scores of Z when its booster's probability is `p`: the compiled path's own calibration code."
+    from hsml.bundle_compile import _final_score, _inputs_and_steps
+
+    c = bundle.compiled
+    if c.score_fn is c.raw_fn:  # no calibration
+        return p
+    final = _inputs_and_steps(bundle.pipeline, bundle.input_schema)[2][-1][1]
+    fn, _, _ = _final_score(final, lambda est: ((lambda _: p), None))
+    return np.asarray(fn(Z), dtype=np.float64)
+
+# %% ../nbs/30_bundle_explain.ipynb #sp2code
+def score_and_path(
+    bundle: Any,  # a loaded hsml.bundle.Bundle that `one_pass` serves
+    frame: pl.DataFrame,  # the feature columns
+    check_rows: int = 64,  # rows also scored the usual way, to hold the shortcut to `Bundle.predict`
+) -> tuple[np.ndarray, np.ndarray, str]:
+    "(scores as `bundle.predict`, n x features path contributions as `contributions(..., 'path')`, how)."
+    c = bundle.compiled
+    Z = c.transform(*bundle.split_frame(frame))
+    leaves = c.booster.predict(Z, pred_leaf=True, num_threads=c.threads).reshape(len(Z), -1)
+    scores = _scores_given_proba(bundle, Z, proba_from_leaves(c.booster, leaves))
+    k = min(len(Z), check_rows)
+    if not np.array_equal(scores[:k], np.asarray(c.score_fn(Z[:k]), dtype=np.float64)):
+        scores = np.asarray(c.score_fn(Z), dtype=np.float64)
+    return (
+        scores,
+        _per_input(c, path_from_leaves(c.booster, leaves, Z.shape[1]), bundle.feature_names),
+        PATH_HOW,
     )

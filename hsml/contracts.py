@@ -18,6 +18,7 @@ from typing import Any
 
 import pandera.polars as pa
 import polars as pl
+from fastcore.basics import patch
 
 from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, sha256_bytes
 from .sources import TABLES, Catalog
@@ -44,7 +45,7 @@ class ColumnSpec:
     required: bool  # a blank value quarantines the row; an unparseable one stops with HsmlError
     doc: str = ""  # what it means
 
-
+# %% ../nbs/02_contracts.ipynb #805f36d9s0
 _ID = ColumnSpec("id", "id", True, "company / portal id")
 _RANK = ColumnSpec("ALEXA_RANK", "int", False, "web-traffic rank, 1 = most visited; sentinel = unknown")
 _EMP = ColumnSpec("EMPLOYEE_RANGE", "employee_range", False, "company size bucket")
@@ -69,7 +70,7 @@ RAW_CONTRACTS: dict[str, list[ColumnSpec]] = {
 def _col(dtype: Any, nullable: bool = True, unique: bool = False, checks: list | None = None) -> pa.Column:
     return pa.Column(dtype, nullable=nullable, unique=unique, checks=checks or [])
 
-
+# %% ../nbs/02_contracts.ipynb #0d3493e6s0
 _COMPANY_COLS = {
     "ALEXA_RANK": _col(pl.Int64, checks=[pa.Check.ge(1)]),
     "ALEXA_RANK_UNKNOWN": _col(pl.Boolean, nullable=False),
@@ -223,7 +224,7 @@ def _emp_key(label: str) -> str:
 
 _EMP_INDEX = {_emp_key(level): level for level in EMPLOYEE_LEVELS}
 
-
+# %% ../nbs/02_contracts.ipynb #1f6f87efs0
 def employee_level(
     raw: str | None,  # raw EMPLOYEE_RANGE value
 ) -> tuple[str | None, str]:
@@ -268,17 +269,17 @@ class Issue:
     def to_dict(self) -> dict[str, Any]:
         return {"table": self.table, "column": self.column, "rule": self.rule, "count": int(self.count)}
 
-
+# %% ../nbs/02_contracts.ipynb #8ab9e100e
 @dataclass
 class TableReport:
     "Row accounting and issues of one table."
 
-    table: str
+    table: str  # customers | noncustomers | usage
     source: str  # the source's description (file path, query)
-    rows_in: int
-    rows_clean: int
-    rows_quarantined: int
-    issues: list[Issue] = field(default_factory=list)
+    rows_in: int  # rows read
+    rows_clean: int  # rows in the clean table
+    rows_quarantined: int  # rows in the quarantine (rows_in = rows_clean + rows_quarantined)
+    issues: list[Issue] = field(default_factory=list)  # what was found, quarantined or changed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -293,8 +294,8 @@ class TableReport:
 class Report:
     "The validation report of the three tables: `to_dict()` is `hsml data check --json`."
 
-    tables: dict[str, TableReport]
-    max_quarantine_fraction: float = 0.5
+    tables: dict[str, TableReport]  # table -> its accounting
+    max_quarantine_fraction: float = 0.5  # above this share of quarantined rows a table is not usable
     timing: dict[str, Any] = field(default_factory=dict)  # usage period and anchor, data end (JSON values)
 
     @property
@@ -318,65 +319,66 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {**{t: r.to_dict() for t, r in self.tables.items()}, **self.timing}
 
-    def _timing_lines(self) -> list[str]:
-        t = self.timing
-        if not t:
-            return []
-        out = [f"usage logged every {t['usage_period_days']} days, stamped on {t['usage_anchor_weekday']}s "
-               f"({t['usage_stamps_off_anchor']} of {t['usage_stamps']} stamps off that weekday)",
-               f"last usage stamp {t['last_usage_stamp']}, last close date {t['last_close_date']}: data ends "
-               f"{t['data_end']} (labels observed through it); latest as-of date {t['latest_as_of']}"]  # fmt: skip
-        return out + [f"! {w}" for w in t.get("data_end_warnings", [])]
+# %% ../nbs/02_contracts.ipynb #8ab9e100h
+@patch
+def _timing_lines(self: Report) -> list[str]:
+    "The usage period, anchor and data end in words (none without timing)."
+    t = self.timing
+    if not t:
+        return []
+    out = [f"usage logged every {t['usage_period_days']} days, stamped on {t['usage_anchor_weekday']}s "
+           f"({t['usage_stamps_off_anchor']} of {t['usage_stamps']} stamps off that weekday)",
+           f"last usage stamp {t['last_usage_stamp']}, last close date {t['last_close_date']}: data ends "
+           f"{t['data_end']} (labels observed through it); latest as-of date {t['latest_as_of']}"]  # fmt: skip
+    return out + [f"! {w}" for w in t.get("data_end_warnings", [])]
 
-    def _problems(self) -> list[str]:
-        out = []
-        for t in self.tables.values():
-            if t.rows_clean == 0:
-                out.append(f"{t.table}: no clean rows")
-            elif t.rows_quarantined > self.max_quarantine_fraction * t.rows_in:
-                out.append(f"{t.table}: {t.rows_quarantined} of {t.rows_in} rows quarantined")
-        lost = self.count("customers", "conversion_quarantined")
-        if lost:
-            out.append(f"customers: {lost} conversion(s) quarantined -- see tables.quarantine['customers']")
-        return out
 
-    def __str__(self) -> str:
-        lines = [f"data {'USABLE' if self.usable else 'NOT USABLE'}", ""]
-        lines.append(f"{'table':13s} {'rows_in':>9s} {'clean':>9s} {'quarantined':>11s}  source")
-        for t in self.tables.values():
-            lines.append(
-                f"{t.table:13s} {t.rows_in:9d} {t.rows_clean:9d} {t.rows_quarantined:11d}  {t.source}"
-            )
-        if self.issues:
-            lines += ["", f"{'table':13s} {'column':22s} {'rule':24s} {'count':>8s}  action"]
-            lines += [
-                f"{i.table:13s} {i.column:22s} {i.rule:24s} {i.count:8d}  {i.action}" for i in self.issues
-            ]
-        if timing := self._timing_lines():
-            lines += ["", *timing]
-        if probs := self._problems():
-            lines += ["", *[f"! {p}" for p in probs]]
-        return "\n".join(lines)
+@patch
+def _problems(self: Report) -> list[str]:
+    "Why the data is not usable, and the conversions lost to the quarantine."
+    out = []
+    for t in self.tables.values():
+        if t.rows_clean == 0:
+            out.append(f"{t.table}: no clean rows")
+        elif t.rows_quarantined > self.max_quarantine_fraction * t.rows_in:
+            out.append(f"{t.table}: {t.rows_quarantined} of {t.rows_in} rows quarantined")
+    lost = self.count("customers", "conversion_quarantined") if "customers" in self.tables else 0
+    if lost:
+        out.append(f"customers: {lost} conversion(s) quarantined -- see tables.quarantine['customers']")
+    return out
 
-    def _repr_markdown_(self) -> str:
-        md = [
-            f"**data {'usable' if self.usable else 'NOT usable'}**",
-            "",
-            "| table | rows in | clean | quarantined |",
-            "|---|--:|--:|--:|",
-        ]
-        md += [
-            f"| {t.table} | {t.rows_in} | {t.rows_clean} | {t.rows_quarantined} |"
-            for t in self.tables.values()
-        ]
-        if self.issues:
-            md += ["", "| table | column | rule | count | action |", "|---|---|---|--:|---|"]
-            md += [f"| {i.table} | {i.column} | `{i.rule}` | {i.count} | {i.action} |" for i in self.issues]
-        if timing := self._timing_lines():
-            md += ["", *[f"- {x}" for x in timing]]
-        if probs := self._problems():
-            md += ["", *[f"- **{p}**" for p in probs]]
-        return "\n".join(md)
+# %% ../nbs/02_contracts.ipynb #8ab9e100j
+@patch
+def __str__(self: Report) -> str:
+    lines = [f"data {'USABLE' if self.usable else 'NOT USABLE'}", ""]
+    lines.append(f"{'table':13s} {'rows_in':>9s} {'clean':>9s} {'quarantined':>11s}  source")
+    for t in self.tables.values():
+        lines.append(f"{t.table:13s} {t.rows_in:9d} {t.rows_clean:9d} {t.rows_quarantined:11d}  {t.source}")
+    if self.issues:
+        lines += ["", f"{'table':13s} {'column':22s} {'rule':24s} {'count':>8s}  action"]
+        lines += [f"{i.table:13s} {i.column:22s} {i.rule:24s} {i.count:8d}  {i.action}" for i in self.issues]
+    if timing := self._timing_lines():
+        lines += ["", *timing]
+    if probs := self._problems():
+        lines += ["", *[f"! {p}" for p in probs]]
+    return "\n".join(lines)
+
+# %% ../nbs/02_contracts.ipynb #8ab9e100l
+@patch
+def _repr_markdown_(self: Report) -> str:
+    md = [f"**data {'usable' if self.usable else 'NOT usable'}**", "",
+          "| table | rows in | clean | quarantined |", "|---|--:|--:|--:|"]  # fmt: skip
+    md += [
+        f"| {t.table} | {t.rows_in} | {t.rows_clean} | {t.rows_quarantined} |" for t in self.tables.values()
+    ]
+    if self.issues:
+        md += ["", "| table | column | rule | count | action |", "|---|---|---|--:|---|"]
+        md += [f"| {i.table} | {i.column} | `{i.rule}` | {i.count} | {i.action} |" for i in self.issues]
+    if timing := self._timing_lines():
+        md += ["", *[f"- {x}" for x in timing]]
+    if probs := self._problems():
+        md += ["", *[f"- **{p}**" for p in probs]]
+    return "\n".join(md)
 
 # %% ../nbs/02_contracts.ipynb #9f7fffb6
 _DT_FORMATS = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d"]
@@ -395,7 +397,7 @@ def _parse_int(s: pl.Expr) -> pl.Expr:
     as_float = pl.when(f.is_finite() & (f == f.floor()) & (f.abs() < 2.0**53)).then(f).cast(pl.Int64)
     return pl.coalesce(s.cast(pl.Int64, strict=False), as_float)
 
-
+# %% ../nbs/02_contracts.ipynb #9f7fffb6s0
 _THOUSANDS = r"^-?\d{1,3}(,\d{3})+(\.\d+)?$"
 
 
@@ -416,7 +418,7 @@ def _parse(kind: str, s: pl.Expr) -> pl.Expr:
         )
     raise ValueError(kind)
 
-
+# %% ../nbs/02_contracts.ipynb #9f7fffb6s1
 def _parse_series(kind: str, v: pl.Series) -> pl.Series:
     "Parse stripped strings: a fast strict-format pass, and the full `_parse` only when some value needs it."
     fast = {
@@ -430,7 +432,7 @@ def _parse_series(kind: str, v: pl.Series) -> pl.Series:
         return pl.select(_parse(kind, pl.lit(v))).to_series().alias(v.name)
     return fast
 
-
+# %% ../nbs/02_contracts.ipynb #9f7fffb6s2
 def _blank_to_null(s: pl.Expr) -> pl.Expr:
     t = s.cast(pl.Utf8).str.strip_chars()
     return pl.when(t != "").then(t)
@@ -447,7 +449,7 @@ def _rules_schema(table: str) -> pa.DataFrameSchema:
 
 RULE_SCHEMAS: dict[str, pa.DataFrameSchema] = {t: _rules_schema(t) for t in RAW_CONTRACTS}
 
-
+# %% ../nbs/02_contracts.ipynb #4e4a8a52s0
 def _row_rule_failures(table: str, typed: pl.DataFrame) -> pl.DataFrame:
     "(_row, _rule, _column) for each row failing a pandera row rule: the first rule in column order."
     try:
@@ -505,7 +507,7 @@ class _Ctx:
                 )
             )
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64s0
 def _without(df: pl.DataFrame, rows: pl.DataFrame | pl.Series) -> pl.DataFrame:
     "`df` minus the rows whose `_row` is in `rows` (a filter: cheaper than an anti-join on big frames)."
     rows = rows["_row"] if isinstance(rows, pl.DataFrame) else rows
@@ -517,7 +519,7 @@ def _rejected_rows(ctx: _Ctx) -> pl.DataFrame:
         return pl.DataFrame(schema={"_row": pl.UInt32})
     return pl.concat([r.select("_row") for r in ctx.rejected])
 
-
+# %% ../nbs/02_contracts.ipynb #54187c64s1
 def _check_header(table: str, columns: list[str], name: str) -> None:
     missing = [c.name for c in RAW_CONTRACTS[table] if c.name not in columns]
     if missing:
@@ -529,42 +531,66 @@ def _check_header(table: str, columns: list[str], name: str) -> None:
             hint=f"{table} needs the columns {', '.join(c.name for c in RAW_CONTRACTS[table])}",
         )
 
+# %% ../nbs/02_contracts.ipynb #54187c64b0
+def _fast_parse(kind: str, s: pl.Expr) -> pl.Expr:
+    "The strict-format parse `_parse_series` tries first: null where a value needs the full `_parse`."
+    if kind == "float":
+        f = s.cast(pl.Float64, strict=False)
+        return pl.when(f.is_finite()).then(f)
+    if kind == "datetime":
+        return s.str.to_datetime(_DT_FORMATS[0], strict=False, time_unit="ms")
+    if kind == "date":
+        return s.str.to_date("%Y-%m-%d", strict=False)
+    return s.cast(pl.Int64, strict=False)
+
+
+def _typed_columns(
+    table: str,  # customers | noncustomers | usage
+    raw: pl.DataFrame,  # its raw string columns
+) -> tuple[pl.DataFrame, dict[str, pl.Series], dict[str, int]]:
+    "(parsed columns, unparseable-value mask per typed column, blanks per column): all columns at once, then the few odd values."
+    specs = RAW_CONTRACTS[table]
+    typed = [c for c in specs if c.kind in _EXPECTED]
+    fast = [
+        _fast_parse(c.kind, pl.col(c.name)) if c.kind in _EXPECTED else _blank_to_null(pl.col(c.name))
+        for c in specs
+    ]
+    p = raw.select(fast)
+    bad, blank = {}, {c.name: p[c.name].null_count() for c in specs if c.kind not in _EXPECTED}
+    for c, need in zip(typed, raw.select(pl.col(c.name).is_not_null() & p[c.name].is_null() for c in typed)):
+        rows = (
+            need.arg_true()
+        )  # padded, blank, or a format only the full parse reads: strip and parse only these
+        v = raw.select(_blank_to_null(pl.col(c.name).gather(rows))).to_series()
+        full = _parse_series(c.kind, v)
+        if len(rows):
+            p = p.with_columns(p[c.name].clone().scatter(rows, full))
+            need = need.clone().scatter(rows, v.is_not_null() & full.is_null())
+        bad[c.name], blank[c.name] = need, raw[c.name].null_count() + v.null_count()
+    return p, bad, blank
+
 # %% ../nbs/02_contracts.ipynb #54187c64b
 def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.DataFrame:
     "Strip and parse every contract column in one pass; stop on unparseable required values."
     specs = RAW_CONTRACTS[table]
-    cols, bad_cols, blank = {}, {}, {}
-    for c in specs:
-        v = raw.select(_blank_to_null(pl.col(c.name))).to_series()
-        blank[c.name] = v.is_null()
-        if c.kind in _EXPECTED:
-            p = _parse_series(c.kind, v)
-            bad_cols[c.name] = v.is_not_null() & p.is_null()
-            v = p
-        cols[c.name] = v
-    parsed = pl.DataFrame(
-        [raw["_row"], raw["_line"], *cols.values(), *[b.alias(f"__bad_{n}") for n, b in bad_cols.items()]]
-    )
+    p, bad_cols, blank = _typed_columns(table, raw)
     for c in specs:
         if c.kind not in _EXPECTED:
             continue
-        bad = parsed[f"__bad_{c.name}"]
+        bad = bad_cols[c.name]
         n_bad = int(bad.sum())
-        if not n_bad:
-            continue
-        if c.required:
-            first = parsed.filter(bad).row(0, named=True)
-            value = raw[c.name][first["_row"]]
+        if n_bad and c.required:
+            first = raw.filter(bad).row(0, named=True)
             more = f" ({n_bad - 1} more such value(s) in this column)" if n_bad > 1 else ""
             raise HsmlError(
-                f"{name}: column {c.name}, line {first['_line']}: {value.strip()!r} is not {_EXPECTED[c.kind]}{more}",
+                f"{name}: column {c.name}, line {first['_line']}: {first[c.name].strip()!r} is not {_EXPECTED[c.kind]}{more}",
                 hint="fix the value (or the file's columns, if they are shifted) and run again",
             )
         ctx.issue(c.name, "unparseable_value", n_bad, "set null")
     for c in specs:  # blanks in optional columns; id: quarantined as missing_id; categories: the normaliser
         if not c.required and c.kind not in ("industry", "employee_range"):
-            ctx.issue(c.name, "missing_value", int(blank[c.name].sum()), "set null")
-    return parsed.select("_row", "_line", *[c.name for c in specs])
+            ctx.issue(c.name, "missing_value", blank[c.name], "set null")
+    return pl.concat([raw.select("_row", "_line"), p], how="horizontal")
 
 # %% ../nbs/02_contracts.ipynb #54187c64c
 def _normalise_company(df: pl.DataFrame, ctx: _Ctx, policy: Policy) -> pl.DataFrame:
@@ -656,7 +682,7 @@ def _timing_counts(
     return {"gaps": gaps.group_by("gap").len(), "days": u.select(day=pl.col(time).dt.weekday()).group_by("day").len(),
             "stamps": u.height}  # fmt: skip
 
-
+# %% ../nbs/02_contracts.ipynb #ec4c18e3s0
 def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     "Period, anchor, and the counts behind them, from the `_timing_counts` of disjoint sets of companies."
     from hsml.snapshots import WEEKDAYS
@@ -675,7 +701,7 @@ def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "usage_stamps": stamps, "usage_stamps_off_anchor": stamps - count(days, anchor),
             "usage_gaps": int(gaps["len"].sum()), "usage_gaps_at_period": count(gaps, period)}  # fmt: skip
 
-
+# %% ../nbs/02_contracts.ipynb #ec4c18e3s1
 def _usage_timing(
     usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
     time: str = "WHEN_TIMESTAMP",  # stamp column
@@ -760,7 +786,7 @@ def _prepare(table: str, raw: pl.LazyFrame, name: str) -> pl.LazyFrame:
         [pl.col(c).cast(pl.Utf8) for c, d in schema.items() if c != "_line" and d != pl.Utf8]
     )
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c01s0
 def _collect(lf: pl.LazyFrame, name: str) -> pl.DataFrame:
     "Collect a raw scan; a reader's error becomes an HsmlError naming the source."
     try:
@@ -846,7 +872,7 @@ def _usage_chunk(
         (spool / "typed" / f"b{b:04d}").mkdir(parents=True, exist_ok=True)
         part.write_parquet(spool / "typed" / f"b{b:04d}" / f"c{i:06d}.parquet", **_SPOOL)
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c03s0
 def _buckets(
     ids: pl.Series,  # the known company ids
     per_bucket: int,  # companies per bucket
@@ -937,7 +963,7 @@ def _validate_usage(
         report.issues.append(Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info"))
     return parts, quarantine, report, _timing_from_counts(timing or [_timing_counts(_empty_usage())])
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c05s0
 def _merged(issues: list[Issue]) -> list[Issue]:
     "The issues of every chunk, one per (column, rule, action) with the counts added, in first-seen order."
     out: dict[tuple, Issue] = {}
@@ -988,7 +1014,7 @@ def _validate(
     report.timing.update(_data_end_json(tables))
     return tables
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c06s0
 def validate_frames(
     raw: Mapping[str, pl.DataFrame],  # customers / noncustomers / usage, all-string columns as read
     names: Mapping[str, str] | None = None,  # table -> label for messages (file path); default the table name
@@ -1003,7 +1029,7 @@ def validate_frames(
     fps = {t: (fingerprints or {}).get(t) or sha256_bytes(raw[t].write_csv().encode()) for t in TABLES}
     return _validate({t: raw[t].lazy() for t in TABLES}, names, fps, policy or Policy())
 
-
+# %% ../nbs/02_contracts.ipynb #5a1e0c06s1
 def _data_end_json(tables: Tables) -> dict[str, Any]:
     "The data-end facts (`hsml.snapshots.data_end`) as JSON values for the report."
     from hsml.snapshots import data_end
@@ -1033,7 +1059,7 @@ def load_tables(
             )
     return tables
 
-
+# %% ../nbs/02_contracts.ipynb #fbebbd83s0
 def check(
     source: Catalog | str | Path,  # a directory of the three CSVs, a catalog YAML, or a Catalog
 ) -> Report:

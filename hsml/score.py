@@ -22,9 +22,10 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path, to_date
 
 # %% auto #0
-__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'SCORE_KEYS', 'off_anchor_warning', 'outside_reason', 'population_split',
-           'top_reasons', 'rank_scores', 'score_frame', 'write_scores', 'sink_scores', 'scores_sink', 'add_arms',
-           'prediction_log', 'log_scores', 'prepare_delivery', 'deliver', 'score', 'score_cmd']
+__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'SCORE_KEYS', 'SCORE_OPTIONS', 'off_anchor_warning', 'outside_reason',
+           'population_split', 'top_reasons', 'rank_scores', 'score_frame', 'write_scores', 'sink_scores',
+           'scores_sink', 'add_arms', 'prediction_log', 'log_scores', 'prepare_delivery', 'deliver', 'score',
+           'score_cmd']
 
 # %% ../nbs/33_score.ipynb #0c8a495f
 def _resolve_as_of(
@@ -127,23 +128,39 @@ def rank_scores(
 
 # %% ../nbs/33_score.ipynb #7eecf52b
 def _score_chunks(
-    bundle: Bundle, X: pl.DataFrame, how: str | None, chunk_size: int, show: bool
+    bundle: Bundle,  # the loaded bundle
+    X: pl.DataFrame,  # id, as_of and the input schema's fields
+    how: str | None,  # reasons method (`_reasons_how`), None: no reasons
+    chunk_size: int,  # rows per step
+    show: bool,  # progress bar
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
     "(scores, reason indices, reason contributions, method) in chunks, with a progress bar."
-    n = X.height
-    scores = np.empty(n)
-    r_idx = np.zeros((n, N_REASONS), dtype=np.int64)
-    r_val = np.full((n, N_REASONS), np.nan)
-    method = None
-    steps = range(0, n, chunk_size)
-    for s in tqdm(steps, desc=f"scoring {n:,} prospects", unit="chunk", disable=not show, file=sys.stderr):
+    from hsml.bundle_explain import one_pass, score_and_path
+
+    n, method, one = X.height, None, how == "path" and one_pass(bundle)
+    scores, r_idx, r_val = (
+        np.empty(n),
+        np.zeros((n, N_REASONS), dtype=np.int64),
+        np.full((n, N_REASONS), np.nan),
+    )
+    for s in tqdm(
+        range(0, n, chunk_size),
+        desc=f"scoring {n:,} prospects",
+        unit="chunk",
+        disable=not show,
+        file=sys.stderr,
+    ):
         part = X.slice(s, chunk_size)
-        scores[s : s + part.height] = bundle.predict(part)
-        if how is not None:
-            contrib, _, method = bundle.contributions(part, method=how)
+        if one:  # one pass over the trees gives both
+            scores[s : s + part.height], contrib, method = score_and_path(bundle, part)
+        else:
+            scores[s : s + part.height] = bundle.predict(part)
+            contrib, _, method = (
+                bundle.contributions(part, method=how) if how is not None else (None, None, None)
+            )
+        if contrib is not None:
             i, v = top_reasons(contrib)
-            k = i.shape[1]
-            r_idx[s : s + part.height, :k], r_val[s : s + part.height, :k] = i, v
+            r_idx[s : s + part.height, : i.shape[1]], r_val[s : s + part.height, : i.shape[1]] = i, v
     return scores, r_idx, r_val, method
 
 # %% ../nbs/33_score.ipynb #f750ef21
@@ -175,20 +192,30 @@ def _reasons_how(bundle: Bundle, how: str, n: int) -> str:
     return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
 
 # %% ../nbs/33_score.ipynb #4fcc1bc2
+def _reason_values(
+    X: pl.DataFrame,  # the feature columns
+    names: list[str],  # the features, in contribution column order
+    idx: np.ndarray,  # per row: the index in `names` of the feature whose value is wanted
+) -> pl.Series:
+    "Per row, the value of the feature `names[idx]` as text (null when missing): each feature's rows cast once."
+    order = np.argsort(idx, kind="stable")  # rows grouped by feature
+    cuts = np.flatnonzero(np.diff(idx[order])) + 1
+    parts = [X[names[idx[g[0]]]].gather(g).cast(pl.String) for g in np.split(order, cuts) if len(g)]
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return pl.concat(parts).gather(back) if parts else pl.Series(dtype=pl.String)
+
+
 def _reason_columns(X: pl.DataFrame, names: list[str], r_idx: np.ndarray, r_val: np.ndarray) -> pl.DataFrame:
     "reason_j, reason_j_value (the feature's value as text), reason_j_contribution for j = 1..3, in that order."
-    k = min(N_REASONS, len(names))
     name_s = pl.Series(names, dtype=pl.String)
-    out = X.select(names).with_columns(
-        [name_s.gather(r_idx[:, j]).alias(f"reason_{j + 1}") for j in range(k)]
-    )
-    value = [
-        pl.coalesce([pl.when(pl.col(f"reason_{j + 1}") == c).then(pl.col(c).cast(pl.String)) for c in names])
-        for j in range(k)
-    ]
-    out = out.with_columns([v.alias(f"reason_{j + 1}_value") for j, v in enumerate(value)])
-    out = out.with_columns([pl.Series(f"reason_{j + 1}_contribution", r_val[:, j]) for j in range(k)])
-    return out.select([f"reason_{j + 1}{x}" for j in range(k) for x in ("", "_value", "_contribution")])
+    return pl.DataFrame([
+        s for j in range(min(N_REASONS, len(names))) for s in (
+            name_s.gather(r_idx[:, j]).alias(f"reason_{j + 1}"),
+            _reason_values(X, names, r_idx[:, j]).alias(f"reason_{j + 1}_value"),
+            pl.Series(f"reason_{j + 1}_contribution", r_val[:, j]),
+        )
+    ])  # fmt: skip
 
 
 def _model_columns(bundle: Bundle) -> dict:
@@ -452,56 +479,64 @@ def score(
         warnings.warn(warn, stacklevel=2)
     return fr
 
+# %% ../nbs/33_score.ipynb #6976eea1
+SCORE_OPTIONS = dict(  # `hsml score`'s options, by parameter name (score_cmd's defaults)
+    model=typer.Option(..., "--model", "-m", help="NAME@ALIAS, NAME@VERSION, NAME or a bundle/run directory"),
+    data_dir=typer.Option(None, "--data-dir", help="directory of customers.csv, noncustomers.csv, "
+                          "usage_actions.csv, or a catalog YAML (default: --catalog)"),
+    as_of=typer.Option("latest", "--as-of", help="scoring date YYYY-MM-DD, or 'latest' (the latest anchor day by "
+                       "which the last usage period ended); a date off the anchor weekday is scored and flagged"),
+    out=typer.Option(None, "--out", help="FILE.parquet or FILE.csv"),
+    registry=typer.Option(None, help="registry directory (default $HSML_REGISTRY or ./registry)"),
+    population=typer.Option(None, help="population policy (default: the model's training population, e.g. active_unconverted)"),
+    sink=typer.Option(None, "--sink", help="write the list through this output of the catalog; the same week and "
+                      "model version is replaced"),
+    catalog=typer.Option(None, "--catalog", help="catalog YAML whose `outputs:` name the sinks (default: --data-dir when it is one)"),
+    experiment=typer.Option(None, "--experiment", help="holdout experiment name: adds `experiment` and `arm` to every scored company"),
+    holdout_share=typer.Option(None, "--holdout-share", help="share of scored companies held out (not called), with --experiment"),
+    log=typer.Option(None, "--log", help="append one prediction-log line per scored company to this JSONL file"),
+    engine=typer.Option("local", help="local, or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"),
+    partitions=typer.Option(None, help="with --engine ray: number of partitions (default: the cluster's CPUs)"),
+)  # fmt: skip
+
+# %% ../nbs/33_score.ipynb #6976eea3b
+def _score_engine(
+    engine: str,  # local | ray
+    partitions: int | None,  # Ray partitions (None: the cluster's CPUs)
+    model: str,  # the model reference
+    data_dir: Path | None,  # the data argument
+    as_of: str,  # scoring date or 'latest'
+    out: Path | None,  # FILE.parquet or FILE.csv
+    registry: Path | None,  # registry directory
+    population: str | None,  # population policy
+    **deliver: Any,  # sink, catalog, experiment, holdout_share, log: local only
+) -> tuple[pl.DataFrame, list[str], str | None]:
+    "(the scored list, where it went, an off-anchor warning) from the engine asked for."
+    if engine == "local":
+        return _score(model, data_dir, as_of, out, registry, population, **deliver)
+    from hsml.scale import check_engine, score_ray  # Ray is imported only here
+
+    check_engine(engine)
+    if deliver["sink"] or deliver["experiment"] or deliver["log"]:
+        raise HsmlError("--engine ray writes --out only: run --sink, --experiment and --log locally")
+    fr, p, warn = score_ray(model, data_dir, as_of, out, registry, population, partitions)
+    return fr, [str(p)] if p else [], warn
+
 # %% ../nbs/33_score.ipynb #6976eea3
 def score_cmd(
-    model: str = typer.Option(
-        ..., "--model", "-m", help="NAME@ALIAS, NAME@VERSION, NAME or a bundle/run directory"
-    ),
-    data_dir: Path | None = typer.Option(
-        None,
-        "--data-dir",
-        help="directory of customers.csv, noncustomers.csv, usage_actions.csv, or a catalog YAML (default: --catalog)",
-    ),
-    as_of: str = typer.Option(
-        "latest",
-        "--as-of",
-        help="scoring date YYYY-MM-DD, or 'latest' (the latest anchor day by which the last usage period ended); "
-        "a date off the anchor weekday is scored and flagged",
-    ),
-    out: Path | None = typer.Option(None, "--out", help="FILE.parquet or FILE.csv"),
-    registry: Path | None = typer.Option(
-        None, help="registry directory (default $HSML_REGISTRY or ./registry)"
-    ),
-    population: str | None = typer.Option(
-        None, help="population policy (default: the model's training population, e.g. active_unconverted)"
-    ),
-    sink: str | None = typer.Option(
-        None,
-        "--sink",
-        help="write the list through this output of the catalog; the same week and model version is replaced",
-    ),
-    catalog: Path | None = typer.Option(
-        None,
-        "--catalog",
-        help="catalog YAML whose `outputs:` name the sinks (default: --data-dir when it is one)",
-    ),
-    experiment: str | None = typer.Option(
-        None,
-        "--experiment",
-        help="holdout experiment name: adds `experiment` and `arm` to every scored company",
-    ),
-    holdout_share: float | None = typer.Option(
-        None, "--holdout-share", help="share of scored companies held out (not called), with --experiment"
-    ),
-    log: Path | None = typer.Option(
-        None, "--log", help="append one prediction-log line per scored company to this JSONL file"
-    ),
-    engine: str = typer.Option(
-        "local", help="local, or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"
-    ),
-    partitions: int | None = typer.Option(
-        None, help="with --engine ray: number of partitions (default: the cluster's CPUs)"
-    ),
+    model: str = SCORE_OPTIONS["model"],
+    data_dir: Path | None = SCORE_OPTIONS["data_dir"],
+    as_of: str = SCORE_OPTIONS["as_of"],
+    out: Path | None = SCORE_OPTIONS["out"],
+    registry: Path | None = SCORE_OPTIONS["registry"],
+    population: str | None = SCORE_OPTIONS["population"],
+    sink: str | None = SCORE_OPTIONS["sink"],
+    catalog: Path | None = SCORE_OPTIONS["catalog"],
+    experiment: str | None = SCORE_OPTIONS["experiment"],
+    holdout_share: float | None = SCORE_OPTIONS["holdout_share"],
+    log: Path | None = SCORE_OPTIONS["log"],
+    engine: str = SCORE_OPTIONS["engine"],
+    partitions: int | None = SCORE_OPTIONS["partitions"],
 ) -> None:
     """Rank the prospects in the model's training population at --as-of: score, rank, decile, top three reasons.
 
@@ -517,19 +552,8 @@ def score_cmd(
     """
     t0 = time.perf_counter()
     try:
-        if engine != "local":  # hsml.scale: Ray is imported only here
-            from hsml.scale import check_engine, score_ray
-
-            check_engine(engine)
-            if sink or experiment or log:
-                raise HsmlError("--engine ray writes --out only: run --sink, --experiment and --log locally")
-            fr, p, warn = score_ray(model, data_dir, as_of, out, registry, population, partitions)
-            done = [str(p)] if p else []
-        else:
-            fr, done, warn = _score(
-                model, data_dir, as_of, out, registry, population, sink=sink, catalog=catalog,
-                experiment=experiment, holdout_share=holdout_share, log=log,
-            )  # fmt: skip
+        fr, done, warn = _score_engine(engine, partitions, model, data_dir, as_of, out, registry, population, sink=sink,
+                                       catalog=catalog, experiment=experiment, holdout_share=holdout_share, log=log)  # fmt: skip
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

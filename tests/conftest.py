@@ -26,3 +26,14 @@ def demo_lgbm_dir(tmp_path_factory) -> Path:
     from hsml.bundle import demo_bundle
 
     return demo_bundle(tmp_path_factory.mktemp("demo-lgbm") / "model", "lgbm", n=2000)
+
+
+@pytest.fixture(scope="session")
+def score_data(tmp_path_factory) -> dict:
+    "The scoring tests' data (600 companies, seed 4; test_cli, test_score_sink): its directory and clean tables."
+    from hsml import synth
+    from hsml.contracts import load_tables
+
+    d = tmp_path_factory.mktemp("score-data") / "data"
+    synth.generate(d, companies=600, seed=4)
+    return {"data": d, "tables": load_tables(d)}

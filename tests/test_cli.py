@@ -75,22 +75,19 @@ def test_bad_date_is_one_clear_message(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def industry_model(tmp_path_factory) -> dict:
+def industry_model(tmp_path_factory, score_data) -> dict:
     "Generated data and a bundle whose reasons include the industry (a category) beside numeric features."
     import datetime as dt
 
     import numpy as np
     import polars as pl
 
-    from hsml import synth
     from hsml.bundle import save_bundle
-    from hsml.contracts import load_tables
     from hsml.models import columns_from_spec, fit_model, make_model
     from hsml.trainset import build_training_set
 
     d = tmp_path_factory.mktemp("cli-score")
-    synth.generate(d / "data", companies=600, seed=4)
-    tables = load_tables(d / "data")
+    tables = score_data["tables"]
     last = tables.usage["WHEN_TIMESTAMP"].max().date()
     ts = build_training_set(tables, last - dt.timedelta(days=84), last - dt.timedelta(days=28), 28, 28)
     f = ts.frame
@@ -105,7 +102,7 @@ def industry_model(tmp_path_factory) -> dict:
     pipe = fit_model(make_model("lgbm", num, cat, seed=0, n_estimators=30, min_child_samples=5), f)
     meta = {"name": "cat-reasons", "model": "lgbm", "feature_set": "default", "horizon_days": 28}
     bundle = save_bundle(d / "model", pipe, ts.spec, {}, meta, train_frame=f)
-    return {"data": d / "data", "bundle": bundle, "industry": str(top), "tables": tables}
+    return {"data": score_data["data"], "bundle": bundle, "industry": str(top), "tables": tables}
 
 
 def test_score_csv_with_a_category_among_the_reasons(industry_model, tmp_path):

@@ -18,21 +18,18 @@ TABLE = "prospect_scores"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def world(tmp_path_factory, score_data) -> dict:
     "Generated data, a small LightGBM published twice (v1, v2: two versions of one model) in a registry."
     import numpy as np
 
-    from hsml import synth
     from hsml.bundle import save_bundle
-    from hsml.contracts import load_tables
     from hsml.models import columns_from_spec, fit_model, make_model
     from hsml.registry import publish
     from hsml.snapshots import data_end
     from hsml.trainset import build_training_set
 
     d = tmp_path_factory.mktemp("score-sink")
-    synth.generate(d / "data", companies=600, seed=4)
-    tables = load_tables(d / "data")
+    tables = score_data["tables"]
     last = tables.usage["WHEN_TIMESTAMP"].max().date()
     ts = build_training_set(tables, last - dt.timedelta(days=140), last - dt.timedelta(days=56), 28, 28)
     f = ts.frame
@@ -48,7 +45,13 @@ def world(tmp_path_factory) -> dict:
     for _ in (1, 2):
         publish(d / "run", NAME, root=d / "registry", tracking="disabled")
     latest = data_end(tables)["latest_as_of"]
-    return {"tmp": d, "data": d / "data", "registry": d / "registry", "tables": tables, "latest": latest}
+    return {
+        "tmp": d,
+        "data": score_data["data"],
+        "registry": d / "registry",
+        "tables": tables,
+        "latest": latest,
+    }
 
 
 def run(world: dict, *args: str) -> subprocess.CompletedProcess:
