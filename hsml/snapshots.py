@@ -257,6 +257,19 @@ def _gap_warning(what: str, s: pl.Series, limit_days: int) -> list[str]:
                 "if it is an outlier it moves the data's end"]  # fmt: skip
     return []
 
+# %% ../nbs/10_snapshots.ipynb #95b7fe73
+def _last_stamps(
+    usage: pl.DataFrame | pl.LazyFrame,  # the usage table (a lazy scan is read once, the stamp column only)
+    time: str = "WHEN_TIMESTAMP",  # its stamp column
+) -> tuple[datetime | None, pl.Series]:
+    "The last stamp, and the days of the two latest stamp days (latest first; what `_gap_warning` needs)."
+    x = pl.col(time).cast(pl.Datetime("ms"))
+    before_last_day = x.filter(x < x.max().dt.truncate("1d")).max()  # the latest stamp on an earlier day
+    last, before = (
+        usage.lazy().select(x.max().alias("last"), before_last_day.alias("before")).collect().row(0)
+    )
+    return last, pl.Series([last, before], dtype=pl.Datetime("ms")).cast(pl.Date)
+
 # %% ../nbs/10_snapshots.ipynb #33b0902fd34d4ace834912fa1002cf8e
 def data_end(
     tables: Any,  # clean tables (`hsml.contracts.Tables`): `.usage` and `.companies()`
@@ -269,16 +282,9 @@ def data_end(
     "The data's end (later of the last usage stamp's day and the last close date), both dates, the latest as-of."
     period = _check_period(usage_period_days or getattr(tables, "usage_period_days", None) or 7)
     anchor = usage_anchor_weekday or getattr(tables, "usage_anchor_weekday", None) or "Monday"
-    # the last stamp and the two latest stamp days, in one pass: the stamp column is never collected
-    x = pl.col(time).cast(pl.Datetime("ms"))
-    day = x.cast(pl.Date)
-    top = tables.usage.lazy().select(
-        x.max(), day.max().alias("d1"), day.filter(day < day.max()).max().alias("d2")
-    )
-    top = top.collect().row(0)
-    stamps = pl.Series(top[1:], dtype=pl.Date)  # all `_gap_warning` needs of the stamps
+    last_stamp, stamps = _last_stamps(tables.usage, time)
     closes = tables.companies()[close].cast(pl.Date)
-    last_stamp, last_close = top[0], closes.max()
+    last_close = closes.max()
     days = [to_date(d) for d in (last_stamp, last_close) if d is not None]
     if not days:
         raise HsmlError("the data has no usage stamp and no close date: it has no end")
