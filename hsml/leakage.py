@@ -170,21 +170,38 @@ def _spearman(a: pl.Series, b: pl.Series) -> float | None:
         return None
     return df.select(pl.corr("a", "b", method="spearman")).item()
 
+# %% ../nbs/12_leakage.ipynb #7c0b6711
+def _spearman_exprs(
+    a: str,  # first column
+    b: str,  # second column
+    complete: bool,  # neither has a null or NaN: use their ranks `<col>\0r`, computed once per column
+    i: int,  # the pair's number: the outputs are r{i} (the correlation), n{i} (rows), a{i}, b{i} (distinct values)
+) -> list[pl.Expr]:
+    "Spearman's correlation of two columns over the rows where both are numbers, and what says whether it means anything."
+    if complete:  # Pearson on average ranks is Spearman
+        ra, rb = pl.col(f"{a}\0r"), pl.col(f"{b}\0r")
+        return [pl.corr(ra, rb).alias(f"r{i}"), pl.len().alias(f"n{i}"), ra.n_unique().alias(f"a{i}"), rb.n_unique().alias(f"b{i}")]  # fmt: skip
+    x, y = pl.col(a).cast(pl.Float64), pl.col(b).cast(pl.Float64)
+    ok = x.is_not_null() & y.is_not_null() & x.is_not_nan() & y.is_not_nan()
+    x, y = x.filter(ok), y.filter(ok)
+    return [pl.corr(x, y, method="spearman").alias(f"r{i}"), ok.sum().alias(f"n{i}"), x.n_unique().alias(f"a{i}"), y.n_unique().alias(f"b{i}")]  # fmt: skip
+
 # %% ../nbs/12_leakage.ipynb #dfe2d950
 def _spearmans(
     df: pl.DataFrame,  # holds every column named in `pairs`
     pairs: list[tuple[str, str]],  # (a, b) column pairs
 ) -> dict[tuple[str, str], float | None]:
-    "`_spearman(df[a], df[b])` for every pair, in one pass over `df`."
+    "`_spearman(df[a], df[b])` for every pair, in one pass over `df`; a column without nulls or NaN is ranked once."
     if not pairs:
         return {}
-    exprs = []
-    for i, (a, b) in enumerate(pairs):
-        x, y = pl.col(a).cast(pl.Float64), pl.col(b).cast(pl.Float64)
-        ok = x.is_not_null() & y.is_not_null() & x.is_not_nan() & y.is_not_nan()
-        x, y = x.filter(ok), y.filter(ok)
-        exprs += [pl.corr(x, y, method="spearman").alias(f"r{i}"), ok.sum().alias(f"n{i}"),
-                  x.n_unique().alias(f"a{i}"), y.n_unique().alias(f"b{i}")]  # fmt: skip
+    cols = list(dict.fromkeys(c for p in pairs for c in p))
+    num = {c: pl.col(c).cast(pl.Float64) for c in cols}
+    full = df.select((num[c].is_not_null() & num[c].is_not_nan()).all().alias(c) for c in cols).row(
+        0, named=True
+    )
+    ranked = df.select(num[c].rank("average").alias(f"{c}\0r") for c in cols if full[c])
+    df = pl.concat([df.select(cols), ranked], how="horizontal")
+    exprs = [e for i, (a, b) in enumerate(pairs) for e in _spearman_exprs(a, b, full[a] and full[b], i)]
     row = df.select(exprs).row(0, named=True)
     return {p: row[f"r{i}"] if row[f"n{i}"] >= 3 and min(row[f"a{i}"], row[f"b{i}"]) >= 2 else None
             for i, p in enumerate(pairs)}  # fmt: skip
@@ -345,11 +362,11 @@ def _probe_rows(d: AuditData) -> pl.DataFrame:
     "The rows the probe recomputes: key, as_of and the features, at most `probe_rows` per probed date."
     dates = d.frame["as_of"].unique().sort().to_list()
     at = np.linspace(0, len(dates) - 1, min(d.limits.probe_dates, len(dates))).astype(int)
-    probe = (  # picked on (key, as_of) alone
+    probe = (  # picked on (key, as_of) alone: the smallest id hashes at each date, without sorting them all
         d.frame.select(d.key, "as_of").with_row_index("__i")
         .filter(pl.col("as_of").is_in(sorted({dates[i] for i in at})))
-        .with_columns(pl.col(d.key).hash(7).alias("__h")).sort("as_of", "__h")
-        .group_by("as_of", maintain_order=True).head(d.limits.probe_rows)
+        .with_columns(pl.col(d.key).hash(7).alias("__h"))
+        .filter(pl.col("__h").rank("ordinal").over("as_of") <= d.limits.probe_rows).sort("as_of", "__h")
     )  # fmt: skip
     return d.frame[probe["__i"]].select(d.key, "as_of", *d.features)
 
@@ -460,7 +477,9 @@ def check_outcome_tracking(d: AuditData) -> list[Finding]:
     "Guard `outcome_derived`: on the positives, no feature tracks the conversion MRR or the days to conversion."
     if d.n_pos < d.limits.min_positives:
         raise GuardSkipped(f"only {d.n_pos} positive(s) to correlate with the outcome")
-    pos = d.frame.filter(pl.col("label") == 1)
+    pos = (d.sample if d.n_pos <= d.limits.auc_sample else d.frame).filter(
+        pl.col("label") == 1
+    )  # all of them
     targets = [("conversion_mrr", "the conversion MRR")] if "conversion_mrr" in pos.columns else []
     if d.outcome_dates is not None:
         days = (pl.col("__od") - pl.col("as_of")).dt.total_days().alias("__days")
