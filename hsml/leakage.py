@@ -307,16 +307,22 @@ def _sample(self: AuditData) -> pl.DataFrame:
 @_view
 def _entities(self: AuditData) -> tuple[pl.DataFrame, list[str]]:
     "A hash sample of entities (key, `__rows`: as-of dates, first value of each) and the canary features constant per entity."
-    h = pl.col(self.key).hash(11)  # the `id_sample` entities of smallest hash: one filter, no join
-    cut = self.frame.select(pl.col(self.key).unique().hash(11).bottom_k(self.limits.id_sample).max()).item()
-    sub = self.frame.filter(h <= cut).with_columns(
-        pl.col(c).to_physical() for c in self.canary if not _is_numeric(self.frame.schema[c])
+    k, h = pl.col(self.key), pl.col(self.key).hash(11)  # the `id_sample` smallest hashes: one filter, no join
+    cut = self.frame.select(k.unique().hash(11).bottom_k(self.limits.id_sample).max()).item()
+    sub = self.frame.filter(h <= cut).select(
+        self.key, "as_of", *[pl.col(c).to_physical() for c in self.canary]
     )
-    per = sub.group_by(self.key).agg(pl.col("as_of").n_unique().alias("__rows"),
-                                     *[pl.col(c).n_unique().alias(f"{c}\0n") for c in self.canary],
-                                     *[pl.col(c).first() for c in self.canary])  # fmt: skip
-    const = [c for c in self.canary if per[f"{c}\0n"].max() == 1]
-    return per.select(self.key, "__rows", *const).sort(self.key), const
+    sub, same = (
+        sub.sort(self.key, maintain_order=True),
+        k == k.shift(),
+    )  # an entity's rows together, in frame order
+    changes = sub.select((pl.col(c).ne_missing(pl.col(c).shift()) & same).any().alias(c) for c in self.canary)
+    const = [
+        c for c, changed in changes.row(0, named=True).items() if not changed
+    ]  # one value (or null) per entity
+    rows = sub.group_by(self.key).agg(pl.col("as_of").n_unique().alias("__rows"))
+    first = sub.filter(~same.fill_null(False)).select(self.key, *const).join(rows, on=self.key)
+    return first.select(self.key, "__rows", *const).sort(self.key), const
 
 # %% ../nbs/12_leakage.ipynb #9e5fc1f4
 @_view
