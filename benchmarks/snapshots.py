@@ -2,17 +2,22 @@
 
 For each size (usage rows) it generates sample data with `hsml.synth` (cached under --data-root), stores the clean
 companies and usage as Parquet, then builds the same training set (12 weekly as-of dates, 56-day horizon, the
-`default` feature set) twice, each in its own subprocess so that peak memory (ru_maxrss) is per run:
+`default` feature set) four ways, each in its own subprocess so that peak memory (ru_maxrss) is per run:
 
-- hsml: `build_training_set` over a lazy Parquet scan of the usage (leakage audit and content hash included);
-- hsml_panel: the same panel and features alone (`build_snapshots` + `compute_features`, no audit, no hash,
-  no censoring check): the same work as the two references below;
-- pandas: `benchmarks/pandas_reference.py` (a loop over as-of dates and windows, masks and groupby);
-- duckdb: `benchmarks/duckdb_reference.py` (the same panel as idiomatic DuckDB SQL: a range join aggregated with
-  FILTER clauses per window, an ASOF join for the last activity), the tool a data scientist would reach for.
+| side | what it computes | timed from |
+| --- | --- | --- |
+| `hsml` | `build_training_set` over a lazy Parquet scan of the usage: censoring check (`data_end`), panel, features, leakage audit (10 guards, the probe re-reads the probed companies' usage) and content hash (sha256 of every column, in a thread beside the audit) | the Parquet files |
+| `hsml_panel` | `build_snapshots` + `compute_features` only: no audit, no hash, no censoring check | the Parquet files |
+| `pandas` | `benchmarks/pandas_reference.py`: panel + default features only (a loop over as-of dates and windows with masks and groupby) | the Parquet files |
+| `duckdb` | `benchmarks/duckdb_reference.py`: panel + default features only, as idiomatic DuckDB SQL (a range join aggregated with FILTER clauses per window, an ASOF join for the last activity) | the Parquet files |
 
-The pandas reference is a plain implementation, written to be obviously right rather than fast: `ratio` says
-how much hsml gains over straightforward pandas code, not over a tuned engine. Every line says so
+Like with like: the references compute what `hsml_panel` computes (the same rows and values, checked on the first
+size), so the issue's goal "as-of panel + default features at least 10x the pandas reference and no slower than
+DuckDB" is `ratio_panel` and `ratio_duckdb_panel`. `ratio` and `ratio_duckdb` divide by the whole build, which also
+runs the audit and the hash that neither reference has: they say what the guarantees cost, not how fast the panel is.
+
+The pandas reference is a plain implementation, written to be obviously right rather than fast: `ratio_panel` says
+how much hsml gains over straightforward pandas code, not over a tuned engine (DuckDB is that). Every line says so
 (`pandas_reference`).
 
 On the smallest size the three results are checked to agree value for value (`tests/test_benchmarks.py` runs that
@@ -20,7 +25,7 @@ check with `--smoke` in `make test`). One JSON line per size:
 
     {"usage_rows": ..., "companies": ..., "train_rows": ..., "hsml_s": ..., "pandas_s": ..., "ratio": ...,
      "duckdb_s": ..., "ratio_duckdb": ..., "hsml_panel_s": ..., "ratio_panel": ..., "ratio_duckdb_panel": ...,
-     "hsml_cpu_s": ..., "pandas_cpu_s": ..., "duckdb_cpu_s": ..., "repeat": n, "load_avg_start": ..., "load_avg": ...,
+     "hsml_cpu_s": ..., "hsml_panel_cpu_s": ..., "pandas_cpu_s": ..., "duckdb_cpu_s": ..., "repeat": n, "load_avg_start": ..., "load_avg": ...,
      "hsml_peak_mib": ..., "pandas_peak_mib": ..., "duckdb_peak_mib": ...,
      "agree": true|null, "agree_duckdb": true|null, "agree_panel": true|null, "pandas_reference": "plain ..."}
 
@@ -55,7 +60,8 @@ HERE = Path(__file__).resolve().parent
 AS_OF_START, AS_OF_END, EVERY, HORIZON = "2020-02-10", "2020-04-27", 7, 56  # 12 weekly as-of dates
 PANDAS_REFERENCE = (
     "plain: benchmarks/pandas_reference.py loops over as-of dates and windows with masks and groupby; "
-    "written to be obviously right, not tuned for speed"
+    "written to be obviously right, not tuned for speed; panel + default features only (no leakage audit, "
+    "content hash or censoring check), like hsml_panel_s: ratio_panel compares like with like"
 )
 
 
@@ -271,6 +277,7 @@ def main() -> None:
             "ratio_panel": round(p["seconds"] / hp["seconds"], 2) if p else None,
             "ratio_duckdb_panel": round(q["seconds"] / hp["seconds"], 2),
             "hsml_cpu_s": round(h["cpu_seconds"], 3),
+            "hsml_panel_cpu_s": round(hp["cpu_seconds"], 3),
             "pandas_cpu_s": round(p["cpu_seconds"], 3) if p else None,
             "duckdb_cpu_s": round(q["cpu_seconds"], 3),
             "repeat": max(a.repeat, 1),

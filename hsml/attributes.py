@@ -47,7 +47,7 @@ def snapshot_features(
             out[s["name"]] = reads or [s["name"]]
     return out
 
-
+# %% ../nbs/14_attributes.ipynb #0f0bc483
 def snapshot_attributes(
     spec: Sequence[dict],  # a feature spec
 ) -> dict[str, list[str]]:
@@ -58,21 +58,31 @@ def snapshot_attributes(
             out.setdefault(c, []).append(f)
     return dict(sorted(out.items()))
 
+# %% ../nbs/14_attributes.ipynb #968a7ca1
+def _pl(frame: Any) -> pl.DataFrame:
+    "A polars frame from a polars or pandas one (the check accepts both)."
+    return frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+
+# %% ../nbs/14_attributes.ipynb #b395ab68
+MISSING, OTHER_LEVEL = "(missing)", "(other)"  # the level of a blank value; of the pooled rare levels
+
 # %% ../nbs/14_attributes.ipynb #2ec1f881
-MISSING, OTHER_LEVEL = "(missing)", "(other)"
-
-
-def _level_labels(
-    s: pl.Series,  # one attribute's values
-    max_levels: int,  # most frequent levels kept (categorical)
+def _decades(
+    s: pl.Series,  # a numeric attribute's values
 ) -> pl.Series:
-    "Readable level of each value: decades for numbers (`1e4-1e5`), the frequent levels for categories, `(missing)`."
-    if s.dtype.is_numeric():
-        v = pl.col("v")
-        d = v.clip(1e-9).log10().floor().cast(pl.Int64)
-        lab = pl.when(v.is_null()).then(pl.lit(MISSING)).when(v <= 0).then(pl.lit("<= 0"))
-        lab = lab.otherwise(pl.format("1e{}-1e{}", d, d + 1))
-        return pl.DataFrame({"v": s.cast(pl.Float64).fill_nan(None)}).select(lab.alias(s.name)).to_series()
+    "Each value's decade (`1e4-1e5`: ranks are heavy-tailed), `<= 0`, or `(missing)` for null and NaN."
+    v = pl.col("v")
+    d = v.clip(1e-9).log10().floor().cast(pl.Int64)
+    lab = pl.when(v.is_null()).then(pl.lit(MISSING)).when(v <= 0).then(pl.lit("<= 0"))
+    lab = lab.otherwise(pl.format("1e{}-1e{}", d, d + 1))
+    return pl.DataFrame({"v": s.cast(pl.Float64).fill_nan(None)}).select(lab.alias(s.name)).to_series()
+
+# %% ../nbs/14_attributes.ipynb #9f833a5d
+def _frequent_levels(
+    s: pl.Series,  # a categorical attribute's values
+    max_levels: int,  # most frequent levels kept
+) -> pl.Series:
+    "Each value as text, `(missing)` when blank, `(other)` when not among the `max_levels` most frequent."
     t = s.cast(pl.String).str.strip_chars()
     t = pl.select(pl.when(t.is_null() | (t == "")).then(pl.lit(MISSING)).otherwise(t)).to_series()
     top = t.filter(t != MISSING).value_counts(sort=True).head(max_levels)[t.name].to_list()
@@ -82,17 +92,24 @@ def _level_labels(
         .alias(s.name)
     )
 
+# %% ../nbs/14_attributes.ipynb #e6837e29
+def _level_labels(
+    s: pl.Series,  # one attribute's values
+    max_levels: int,  # most frequent levels kept (categorical)
+) -> pl.Series:
+    "Readable level of each value: decades for numbers (`1e4-1e5`), the frequent levels for categories, `(missing)`."
+    return _decades(s) if s.dtype.is_numeric() else _frequent_levels(s, max_levels)
+
 # %% ../nbs/14_attributes.ipynb #9183f4f5
 def attribute_values(
     frame: Any,  # training-set rows (polars or pandas): `id`, the label, maybe the attribute columns
     attributes: Sequence[str],  # attribute (entity) columns
-    companies: pl.DataFrame
-    | None = None,  # the entity table (`Tables.companies()`): raw attribute values by id
+    companies: pl.DataFrame | None = None,  # the entity table (`Tables.companies()`): raw values by id
     id_col: str = "id",  # company id column
     label: str = "label",  # 0/1 label column
 ) -> pl.DataFrame:
     "The rows' id, label and raw attribute values (from `companies` by id, else from the frame itself)."
-    fr = frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+    fr = _pl(frame)
     out = fr.select(id_col, label)
     for a in attributes:
         if companies is not None and a in companies.columns:
@@ -104,6 +121,22 @@ def attribute_values(
     return out
 
 # %% ../nbs/14_attributes.ipynb #7a385624
+def _level_shares(
+    levels: pl.Series,  # one attribute's level per row (`_level_labels`)
+    y: pl.Series,  # 0/1 labels of the same rows
+) -> pl.DataFrame:
+    "Per level: converted and not-converted rows, and their shares of all converted / not-converted rows."
+    t = (
+        pl.DataFrame({"level": levels, "y": y})
+        .group_by("level")
+        .agg(n_converted=(pl.col("y") == 1).sum(), n_not_converted=(pl.col("y") == 0).sum())
+    )
+    return t.with_columns(
+        converted=pl.col("n_converted") / max(int((y == 1).sum()), 1),
+        not_converted=pl.col("n_not_converted") / max(int((y == 0).sum()), 1),
+    )
+
+# %% ../nbs/14_attributes.ipynb #b4c3e2d1
 def attribute_distribution(
     values: pl.DataFrame,  # from `attribute_values`
     attributes: Sequence[str],  # attribute columns of `values`
@@ -112,27 +145,14 @@ def attribute_distribution(
 ) -> pl.DataFrame:
     "Per attribute and level: the share of converted rows and of not-converted rows in that level."
     y = values[label].cast(pl.Int8)
-    parts = []
-    for a in attributes:
-        lv = _level_labels(values[a], max_levels)
-        t = (
-            pl.DataFrame({"level": lv, "y": y})
-            .group_by("level")
-            .agg(n_converted=(pl.col("y") == 1).sum(), n_not_converted=(pl.col("y") == 0).sum())
-        )
-        parts.append(
-            t.with_columns(
-                attribute=pl.lit(a),
-                converted=pl.col("n_converted") / max(int((y == 1).sum()), 1),
-                not_converted=pl.col("n_not_converted") / max(int((y == 0).sum()), 1),
-            )
-        )
     cols = ["attribute", "level", "converted", "not_converted", "n_converted", "n_not_converted"]
-    return (
-        pl.concat(parts).select(cols).sort(["attribute", "level"])
-        if parts
-        else pl.DataFrame(schema=dict.fromkeys(cols, pl.String))
-    )
+    if not attributes:
+        return pl.DataFrame(schema=dict.fromkeys(cols, pl.String))
+    parts = [
+        _level_shares(_level_labels(values[a], max_levels), y).with_columns(attribute=pl.lit(a))
+        for a in attributes
+    ]
+    return pl.concat(parts).select(cols).sort(["attribute", "level"])
 
 # %% ../nbs/14_attributes.ipynb #2f04b5a9
 def missing_rates(
@@ -207,6 +227,21 @@ def _precision_draws(
         return tp / sel
 
 # %% ../nbs/14_attributes.ipynb #12e3762f
+def _company_weights(
+    ids: Any,  # company id of each row
+    n_boot: int,  # resamples
+    seed: int,  # bootstrap seed
+) -> np.ndarray:
+    "(1 + n_boot, rows) row weights: row 0 all ones, then how often each row's company is drawn in each resample."
+    codes = np.unique(np.asarray(ids), return_inverse=True)[1].ravel()
+    n_c = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    counts = np.vstack(
+        [np.ones(n_c), *(np.bincount(rng.integers(0, n_c, n_c), minlength=n_c) for _ in range(n_boot))]
+    )
+    return counts[:, codes]
+
+# %% ../nbs/14_attributes.ipynb #61d1ebb8
 def paired_draws(
     y: Any,  # 0/1 labels of the test rows
     scores: Mapping[str, Any],  # name -> scores of the same rows
@@ -217,15 +252,8 @@ def paired_draws(
     n_boot: int = 200,  # resamples
 ) -> dict[str, dict[str, np.ndarray]]:
     "{name: {metric: array}}: element 0 the point value, then one value per company resample, the same resamples for every score."
-    yv = np.asarray(y, dtype=float)
-    codes = np.unique(np.asarray(ids), return_inverse=True)[1].ravel()
+    yv, W = np.asarray(y, dtype=float), _company_weights(ids, n_boot, seed)
     seg = np.unique(np.asarray(as_of), return_inverse=True)[1].ravel()
-    n_c = int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    counts = np.vstack(
-        [np.ones(n_c), *(np.bincount(rng.integers(0, n_c, n_c), minlength=n_c) for _ in range(n_boot))]
-    )
-    W = counts[:, codes]
     out = {}
     for name, s in scores.items():
         sv = np.asarray(s, dtype=float)
@@ -234,7 +262,7 @@ def paired_draws(
             out[name][f"precision_at_{int(k)}"] = _precision_draws(yv, sv, W, seg, int(k))
     return out
 
-
+# %% ../nbs/14_attributes.ipynb #a3a1b5a0
 def _summary(
     d: np.ndarray,  # point value then resample values
     ci: float = 0.95,  # interval coverage
@@ -255,6 +283,24 @@ def _lopsided(
     return gap >= 0.10 or (gap >= 0.05 and max(p, n) >= 2 * min(p, n))
 
 # %% ../nbs/14_attributes.ipynb #fdcbf4e3
+def _missing_note(
+    missing: dict,  # {attribute: {positives, negatives}} missing rates
+) -> str:
+    "The clause naming the attributes missing at lopsided rates ('' when none is)."
+    lop = {a: m for a, m in missing.items() if _lopsided(m["positives"], m["negatives"])}
+    if not lop:
+        return ""
+    said = ", ".join(
+        f"{a} {m['positives']:.0%} of converted vs {m['negatives']:.0%} of others" for a, m in lop.items()
+    )
+    filled = any(m["positives"] < m["negatives"] for m in lop.values())
+    return f"; missing for {said}" + (
+        " (fewer blanks among the converted: values filled in during the sale look like this)"
+        if filled
+        else ""
+    )
+
+# %% ../nbs/14_attributes.ipynb #a30f7dc5
 def _verdict(
     full: dict,  # {metric: summary} of the full model
     without: dict,  # the same without the snapshot attributes
@@ -270,20 +316,69 @@ def _verdict(
         v = f"the model is better without the snapshot attributes: {span}"
     else:
         v = f"the snapshot attributes add no measurable skill: {span}"
-    lop = {a: m for a, m in missing.items() if _lopsided(m["positives"], m["negatives"])}
-    if not lop:
-        return v
-    said = ", ".join(
-        f"{a} {m['positives']:.0%} of converted vs {m['negatives']:.0%} of others" for a, m in lop.items()
-    )
-    filled = any(m["positives"] < m["negatives"] for m in lop.values())
-    return f"{v}; missing for {said}" + (
-        " (fewer blanks among the converted: values filled in during the sale look like this)"
-        if filled
-        else ""
-    )
+    return v + _missing_note(missing)
 
 # %% ../nbs/14_attributes.ipynb #7284d785
+def _attribute_rows(
+    train: Any,  # training rows (polars/pandas)
+    test: Any,  # test rows
+    spec: Sequence[dict],  # the feature spec
+    companies: pl.DataFrame | None,  # the entity table, for the raw attribute values
+    label: str,  # label column
+) -> dict[str, Any]:
+    "The report's first part: the snapshot features, and per attribute the features reading it and its missing rates."
+    feats, attrs = snapshot_features(spec), snapshot_attributes(spec)
+    frame = pl.concat([_pl(train), _pl(test)], how="diagonal_relaxed")
+    values = attribute_values(frame, list(attrs), companies, label=label)
+    missing = missing_rates(attribute_distribution(values, list(attrs), label))
+    return {
+        "snapshot_features": sorted(feats),
+        "attributes": {a: {"features": fs, "missing_rate": missing.get(a)} for a, fs in attrs.items()},
+        "rows": "training and test rows; positives are rows labelled 1 (converted within the horizon)",
+    }
+
+# %% ../nbs/14_attributes.ipynb #02472856
+def _scores_without(
+    train: Any,  # training rows
+    test: Any,  # test rows
+    rest: Sequence[dict],  # the spec entries that are not snapshot attributes
+    model: str,  # the registered model the run trained
+    model_params: Mapping[str, Any] | None,  # its hyper-parameters
+    horizon_days: int | None,  # label horizon (the calibration gap)
+    seed: int,  # model seed
+) -> np.ndarray:
+    "The test rows' scores from the run's model refitted on the features that are not snapshot attributes."
+    from hsml.models import columns_from_spec, feature_columns, fit_model, make_model, to_pandas
+
+    num, cat = columns_from_spec(rest)
+    pipe = fit_model(
+        make_model(model, num, cat, seed=seed, **dict(model_params or {})), train, horizon_days=horizon_days
+    )
+    te = to_pandas(test)
+    return pipe.predict_proba(te[feature_columns(pipe)])[:, 1]
+
+# %% ../nbs/14_attributes.ipynb #57095b08
+def _paired_comparison(
+    test: Any,  # test rows: label, id, as_of
+    full_scores: Any,  # the full model's scores
+    without: Any,  # the scores without the snapshot attributes
+    capacities: Sequence[int],  # capacities K for precision@K
+    seed: int,  # bootstrap seed
+    n_boot: int,  # company resamples
+    label: str,  # label column
+) -> dict[str, Any]:
+    "The report's second part: both models' metrics and their paired differences, with intervals."
+    te = _pl(test)
+    draws = paired_draws(te[label].to_numpy(), {"full": full_scores, "without": without}, te["id"].to_numpy(),
+                         te["as_of"].to_numpy(), capacities, seed, n_boot)  # fmt: skip
+    return {
+        "full_model": {m: _summary(v) for m, v in draws["full"].items()},
+        "without_attributes": {m: _summary(v) for m, v in draws["without"].items()},
+        "difference": {m: _summary(draws["full"][m] - draws["without"][m]) for m in draws["full"]},
+        "bootstrap": {"n_boot": int(n_boot), "unit": "company", "paired": True, "seed": int(seed)},
+    }
+
+# %% ../nbs/14_attributes.ipynb #0255399e
 def attribute_check(
     train: Any,  # training rows (polars/pandas): the features, label, id, as_of
     test: Any,  # test rows
@@ -301,55 +396,14 @@ def attribute_check(
     label: str = "label",  # label column
 ) -> dict[str, Any]:
     "`metrics.json`'s `attribute_check`: missing rates, a model without the snapshot attributes, paired differences, a verdict."
-    from hsml.models import columns_from_spec, feature_columns, fit_model, make_model, to_pandas
-
-    feats = snapshot_features(spec)
-    attrs = snapshot_attributes(spec)
-    frame = pl.concat([_pl(train), _pl(test)], how="diagonal_relaxed")
-    dist = attribute_distribution(
-        attribute_values(frame, list(attrs), companies, label=label), list(attrs), label
-    )
-    missing = missing_rates(dist)
-    out: dict[str, Any] = {
-        "snapshot_features": sorted(feats),
-        "attributes": {a: {"features": fs, "missing_rate": missing.get(a)} for a, fs in attrs.items()},
-        "rows": "training and test rows; positives are rows labelled 1 (converted within the horizon)",
-    }
-    rest = [s for s in spec if s["name"] not in feats]
-    if not feats or not rest:
-        out["verdict"] = (
-            "no snapshot attributes among the features: nothing to compare"
-            if not feats
-            else "every feature is a snapshot attribute: there is no model without them; do not trust this one"
-        )
+    out = _attribute_rows(train, test, spec, companies, label)
+    rest = [s for s in spec if s["name"] not in out["snapshot_features"]]
+    if not out["snapshot_features"] or not rest:
+        out["verdict"] = ("no snapshot attributes among the features: nothing to compare" if not out["snapshot_features"]
+                          else "every feature is a snapshot attribute: there is no model without them; do not trust this one")  # fmt: skip
         return out
-    num, cat = columns_from_spec(rest)
-    pipe = fit_model(
-        make_model(model, num, cat, seed=seed, **dict(model_params or {})), train, horizon_days=horizon_days
-    )
-    te = to_pandas(test)
-    s_wo = pipe.predict_proba(te[feature_columns(pipe)])[:, 1]
-    draws = paired_draws(
-        te[label].to_numpy(),
-        {"full": full_scores, "without": s_wo},
-        te["id"].to_numpy(),
-        te["as_of"].to_numpy(),
-        capacities,
-        seed,
-        n_boot,
-    )
-    full = {m: _summary(v) for m, v in draws["full"].items()}
-    wo = {m: _summary(v) for m, v in draws["without"].items()}
-    diff = {m: _summary(draws["full"][m] - draws["without"][m]) for m in draws["full"]}
-    out.update(
-        full_model=full,
-        without_attributes=wo,
-        difference=diff,
-        bootstrap={"n_boot": int(n_boot), "unit": "company", "paired": True, "seed": int(seed)},
-    )
-    out["verdict"] = _verdict(full, wo, diff, missing)
+    without = _scores_without(train, test, rest, model, model_params, horizon_days, seed)
+    out.update(_paired_comparison(test, full_scores, without, capacities, seed, n_boot, label))
+    missing = {a: v["missing_rate"] for a, v in out["attributes"].items()}
+    out["verdict"] = _verdict(out["full_model"], out["without_attributes"], out["difference"], missing)
     return out
-
-# %% ../nbs/14_attributes.ipynb #2ca80af2
-def _pl(frame: Any) -> pl.DataFrame:
-    return frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)

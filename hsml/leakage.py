@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -32,7 +33,7 @@ class LeakageError(HsmlError):
 class GuardSkipped(Exception):
     "Raised by a guard that cannot run on this training set; the message says why."
 
-
+# %% ../nbs/12_leakage.ipynb #838197b6
 @dataclass
 class Finding:
     "One failed check."
@@ -58,25 +59,23 @@ class AuditReport:
     def ok(self) -> bool:
         return not self.findings
 
-    def run(self, guard: str, check: Callable[..., list[Finding]], *args) -> AuditReport:
-        "Run one guard: record it as checked with its findings, or as skipped with the reason."
-        try:
-            found = check(*args)
-        except GuardSkipped as e:
-            self.skipped.setdefault(guard, str(e))
-            return self
-        self.checked += [] if guard in self.checked else [guard]
-        self.findings += found
+# %% ../nbs/12_leakage.ipynb #b42f63ea
+@patch
+def run(
+    self: AuditReport,
+    guard: str,  # the guard's name in the report
+    check: Callable[..., list[Finding]],  # the guard: returns its findings or raises GuardSkipped
+    *args,  # passed to `check`
+) -> AuditReport:
+    "Run one guard: record it as checked with its findings, or as skipped with the reason."
+    try:
+        found = check(*args)
+    except GuardSkipped as e:
+        self.skipped.setdefault(guard, str(e))
         return self
-
-    def to_dict(self) -> dict:
-        return {
-            "ok": self.ok,
-            "checked": self.checked,
-            "skipped": self.skipped,
-            "findings": [{"guard": f.guard, "column": f.column, "detail": f.detail} for f in self.findings],
-            "max_single_feature_auc": max(self.auc.values(), default=None),
-        }
+    self.checked += [] if guard in self.checked else [guard]
+    self.findings += found
+    return self
 
 # %% ../nbs/12_leakage.ipynb #f8fe81ee
 @patch
@@ -91,7 +90,7 @@ def raise_if_failed(self: AuditReport) -> AuditReport:
         )
     return self
 
-
+# %% ../nbs/12_leakage.ipynb #942a1b5a
 @patch
 def __str__(self: AuditReport) -> str:
     head = "leakage audit: OK" if self.ok else f"leakage audit: {len(self.findings)} finding(s)"
@@ -102,11 +101,24 @@ def __str__(self: AuditReport) -> str:
         lines.append(f"  strongest single feature: {top[0]} (AUC {top[1]:.3f})")
     return "\n".join(lines + [f"  - {f}" for f in self.findings])
 
-# %% ../nbs/12_leakage.ipynb #efcb5f85
+# %% ../nbs/12_leakage.ipynb #3f238fa1
+@patch
+def to_dict(self: AuditReport) -> dict:
+    "The report as the training set's manifest stores it."
+    return {
+        "ok": self.ok,
+        "checked": self.checked,
+        "skipped": self.skipped,
+        "findings": [{"guard": f.guard, "column": f.column, "detail": f.detail} for f in self.findings],
+        "max_single_feature_auc": max(self.auc.values(), default=None),
+    }
+
+# %% ../nbs/12_leakage.ipynb #235e2f43
 def _is_numeric(dtype: pl.DataType) -> bool:
+    "Numbers and booleans are scored by value; anything else by its category."
     return dtype.is_numeric() or dtype == pl.Boolean
 
-
+# %% ../nbs/12_leakage.ipynb #efcb5f85
 def single_feature_auc(
     x: pl.Series,  # one feature column
     y: pl.Series,  # 0/1 labels
@@ -158,21 +170,38 @@ def _spearman(a: pl.Series, b: pl.Series) -> float | None:
         return None
     return df.select(pl.corr("a", "b", method="spearman")).item()
 
+# %% ../nbs/12_leakage.ipynb #7c0b6711
+def _spearman_exprs(
+    a: str,  # first column
+    b: str,  # second column
+    complete: bool,  # neither has a null or NaN: use their ranks `<col>\0r`, computed once per column
+    i: int,  # the pair's number: the outputs are r{i} (the correlation), n{i} (rows), a{i}, b{i} (distinct values)
+) -> list[pl.Expr]:
+    "Spearman's correlation of two columns over the rows where both are numbers, and what says whether it means anything."
+    if complete:  # Pearson on average ranks is Spearman
+        ra, rb = pl.col(f"{a}\0r"), pl.col(f"{b}\0r")
+        return [pl.corr(ra, rb).alias(f"r{i}"), pl.len().alias(f"n{i}"), ra.n_unique().alias(f"a{i}"), rb.n_unique().alias(f"b{i}")]  # fmt: skip
+    x, y = pl.col(a).cast(pl.Float64), pl.col(b).cast(pl.Float64)
+    ok = x.is_not_null() & y.is_not_null() & x.is_not_nan() & y.is_not_nan()
+    x, y = x.filter(ok), y.filter(ok)
+    return [pl.corr(x, y, method="spearman").alias(f"r{i}"), ok.sum().alias(f"n{i}"), x.n_unique().alias(f"a{i}"), y.n_unique().alias(f"b{i}")]  # fmt: skip
+
 # %% ../nbs/12_leakage.ipynb #dfe2d950
 def _spearmans(
     df: pl.DataFrame,  # holds every column named in `pairs`
     pairs: list[tuple[str, str]],  # (a, b) column pairs
 ) -> dict[tuple[str, str], float | None]:
-    "`_spearman(df[a], df[b])` for every pair, in one pass over `df`."
+    "`_spearman(df[a], df[b])` for every pair, in one pass over `df`; a column without nulls or NaN is ranked once."
     if not pairs:
         return {}
-    exprs = []
-    for i, (a, b) in enumerate(pairs):
-        x, y = pl.col(a).cast(pl.Float64), pl.col(b).cast(pl.Float64)
-        ok = x.is_not_null() & y.is_not_null() & x.is_not_nan() & y.is_not_nan()
-        x, y = x.filter(ok), y.filter(ok)
-        exprs += [pl.corr(x, y, method="spearman").alias(f"r{i}"), ok.sum().alias(f"n{i}"),
-                  x.n_unique().alias(f"a{i}"), y.n_unique().alias(f"b{i}")]  # fmt: skip
+    cols = list(dict.fromkeys(c for p in pairs for c in p))
+    num = {c: pl.col(c).cast(pl.Float64) for c in cols}
+    full = df.select((num[c].is_not_null() & num[c].is_not_nan()).all().alias(c) for c in cols).row(
+        0, named=True
+    )
+    ranked = df.select(num[c].rank("average").alias(f"{c}\0r") for c in cols if full[c])
+    df = pl.concat([df.select(cols), ranked], how="horizontal")
+    exprs = [e for i, (a, b) in enumerate(pairs) for e in _spearman_exprs(a, b, full[a] and full[b], i)]
     row = df.select(exprs).row(0, named=True)
     return {p: row[f"r{i}"] if row[f"n{i}"] >= 3 and min(row[f"a{i}"], row[f"b{i}"]) >= 2 else None
             for i, p in enumerate(pairs)}  # fmt: skip
@@ -198,7 +227,7 @@ class AuditLimits:
 # %% ../nbs/12_leakage.ipynb #93790114
 @dataclass
 class AuditData:
-    "One training set as the guards see it; derived views are computed once, on first use."
+    "One training set as the guards see it; its views (below) are computed once, on first use."
 
     frame: pl.DataFrame  # key, as_of, label (conversion_mrr), the features
     features: list[str]  # features checked by the point-in-time guards
@@ -211,53 +240,6 @@ class AuditData:
     )
     auc_threshold: float = 0.95  # single-feature AUC at or above this is a leak
     limits: AuditLimits = field(default_factory=AuditLimits)  # the other thresholds
-
-    @cached_property
-    def numeric(self) -> list[str]:
-        "The canary features that are numbers (or booleans)."
-        return [c for c in self.canary if _is_numeric(self.frame.schema[c])]
-
-    @cached_property
-    def n_pos(self) -> int:
-        return int(self.frame["label"].cast(pl.Int64).sum())
-
-    def need_classes(self) -> None:
-        "Raise `GuardSkipped` when either class has fewer than `limits.min_class` rows."
-        n_neg = self.frame.height - self.n_pos
-        if min(self.n_pos, n_neg) < self.limits.min_class:
-            raise GuardSkipped(f"only {self.n_pos} positive(s) and {n_neg} negative(s)")
-
-    @cached_property
-    def sample(self) -> pl.DataFrame:
-        "All positives and negatives, each class capped at `limits.auc_sample` rows (AUC is unchanged by that)."
-        lab, cap = self.frame["label"].to_numpy(), self.limits.auc_sample
-        rng = np.random.default_rng(0)
-        pick = lambda i: i if len(i) <= cap else np.sort(rng.choice(i, cap, replace=False))  # noqa: E731
-        return self.frame[
-            np.sort(np.concatenate([pick(np.flatnonzero(lab == 1)), pick(np.flatnonzero(lab != 1))]))
-        ]
-
-    @cached_property
-    def entities(self) -> tuple[pl.DataFrame, list[str]]:
-        "A hash sample of entities (key, `__rows`: as-of dates, first value of each) and the canary features constant per entity."
-        ents = self.frame.select(pl.col(self.key).unique()).with_columns(
-            pl.col(self.key).hash(11).alias("__h")
-        )
-        sub = self.frame.join(ents.sort("__h").head(self.limits.id_sample), on=self.key, how="semi")
-        sub = sub.with_columns(
-            [pl.col(c).to_physical() for c in self.canary if not _is_numeric(sub.schema[c])]
-        )
-        per = sub.group_by(self.key).agg([pl.col(c).n_unique() for c in self.canary])
-        const = [c for c in self.canary if per[c].max() == 1]
-        first = sub.group_by(self.key).agg(
-            pl.col("as_of").n_unique().alias("__rows"), *[pl.col(c).first() for c in const]
-        )
-        return first.sort(self.key), const
-
-    @cached_property
-    def aucs(self) -> dict[str, float]:
-        "max(AUC, 1 - AUC) of every canary feature against the label, on `sample`."
-        return feature_aucs(self.sample, self.canary)
 
 # %% ../nbs/12_leakage.ipynb #9eee751f
 @patch(cls_method=True)
@@ -281,9 +263,76 @@ def of(
         od = od.filter(pl.col("__od").is_not_null()).group_by(key).agg(pl.col("__od").min())
     return cls(frame, feats, [c for c in feats if c not in set(allow)], outcome_dates=od, **kw)
 
+# %% ../nbs/12_leakage.ipynb #83d8b8a2
+def _view(fn: Callable[[AuditData], Any]) -> cached_property:
+    "Attach `fn` to `AuditData` as a property computed once: named like `fn` without its leading underscore."
+    name = fn.__name__.lstrip("_")
+    prop = cached_property(fn)
+    prop.__set_name__(AuditData, name)
+    setattr(AuditData, name, prop)
+    return prop
 
+# %% ../nbs/12_leakage.ipynb #bd585fbb
+@_view
+def _numeric(self: AuditData) -> list[str]:
+    "The canary features that are numbers (or booleans)."
+    return [c for c in self.canary if _is_numeric(self.frame.schema[c])]
+
+
+@_view
+def _n_pos(self: AuditData) -> int:
+    "How many rows are positive."
+    return int(self.frame["label"].cast(pl.Int64).sum())
+
+# %% ../nbs/12_leakage.ipynb #df770c6a
 @patch
-def outcome_rows(self: AuditData) -> pl.DataFrame:
+def need_classes(self: AuditData) -> None:
+    "Raise `GuardSkipped` when either class has fewer than `limits.min_class` rows."
+    n_neg = self.frame.height - self.n_pos
+    if min(self.n_pos, n_neg) < self.limits.min_class:
+        raise GuardSkipped(f"only {self.n_pos} positive(s) and {n_neg} negative(s)")
+
+# %% ../nbs/12_leakage.ipynb #c8645212
+@_view
+def _sample(self: AuditData) -> pl.DataFrame:
+    "All positives and negatives, each class capped at `limits.auc_sample` rows (AUC is unchanged by that)."
+    lab, cap = self.frame["label"].to_numpy(), self.limits.auc_sample
+    rng = np.random.default_rng(0)
+    pick = lambda i: i if len(i) <= cap else np.sort(rng.choice(i, cap, replace=False))  # noqa: E731
+    return self.frame[
+        np.sort(np.concatenate([pick(np.flatnonzero(lab == 1)), pick(np.flatnonzero(lab != 1))]))
+    ]
+
+# %% ../nbs/12_leakage.ipynb #4d92e245
+@_view
+def _entities(self: AuditData) -> tuple[pl.DataFrame, list[str]]:
+    "A hash sample of entities (key, `__rows`: as-of dates, first value of each) and the canary features constant per entity."
+    k, h = pl.col(self.key), pl.col(self.key).hash(11)  # the `id_sample` smallest hashes: one filter, no join
+    cut = self.frame.select(k.unique().hash(11).bottom_k(self.limits.id_sample).max()).item()
+    sub = self.frame.filter(h <= cut).select(
+        self.key, "as_of", *[pl.col(c).to_physical() for c in self.canary]
+    )
+    sub, same = (
+        sub.sort(self.key, maintain_order=True),
+        k == k.shift(),
+    )  # an entity's rows together, in frame order
+    changes = sub.select((pl.col(c).ne_missing(pl.col(c).shift()) & same).any().alias(c) for c in self.canary)
+    const = [
+        c for c, changed in changes.row(0, named=True).items() if not changed
+    ]  # one value (or null) per entity
+    rows = sub.group_by(self.key).agg(pl.col("as_of").n_unique().alias("__rows"))
+    first = sub.filter(~same.fill_null(False)).select(self.key, *const).join(rows, on=self.key)
+    return first.select(self.key, "__rows", *const).sort(self.key), const
+
+# %% ../nbs/12_leakage.ipynb #9e5fc1f4
+@_view
+def _aucs(self: AuditData) -> dict[str, float]:
+    "max(AUC, 1 - AUC) of every canary feature against the label, on `sample`."
+    return feature_aucs(self.sample, self.canary)
+
+# %% ../nbs/12_leakage.ipynb #34f0e895
+@_view
+def _outcome_rows(self: AuditData) -> pl.DataFrame:
     "key, as_of, label and `__od` (the entity's first outcome date, null when it never converts), in frame order."
     if self.outcome_dates is None:
         raise GuardSkipped("no outcome table given")
@@ -293,17 +342,17 @@ def outcome_rows(self: AuditData) -> pl.DataFrame:
 # %% ../nbs/12_leakage.ipynb #4f824cc8
 def check_population(d: AuditData) -> list[Finding]:
     "Guard `population_unconverted`: no row's entity converted on or before its as_of."
-    bad = d.outcome_rows().filter(pl.col("__od") <= pl.col("as_of"))
+    bad = d.outcome_rows.filter(pl.col("__od") <= pl.col("as_of"))
     if not bad.height:
         return []
     ex = bad.head(3).select(d.key, "as_of", "__od").rows()
     return [Finding("population_unconverted", None, f"{bad.height} row(s) already converted at their as_of, "
                     f"e.g. ({d.key}, as_of, converted) = {ex}")]  # fmt: skip
 
-
+# %% ../nbs/12_leakage.ipynb #9faa5ac6
 def check_labels(d: AuditData) -> list[Finding]:
     "Guard `labels_point_in_time`: every label is 'converted in (as_of, as_of + horizon]'."
-    rows = d.outcome_rows()
+    rows = d.outcome_rows
     if d.horizon_days is None:
         raise GuardSkipped("no horizon given")
     h = pl.duration(days=d.horizon_days)
@@ -315,25 +364,42 @@ def check_labels(d: AuditData) -> list[Finding]:
                     f"(as_of, as_of + {d.horizon_days} days]', e.g. {wrong.head(3).rows()}")]  # fmt: skip
 
 # %% ../nbs/12_leakage.ipynb #e8dfd77f
-def _differs(old: pl.Expr, new: pl.Expr, numeric: bool) -> pl.Expr:
+def _probe_rows(d: AuditData) -> pl.DataFrame:
+    "The rows the probe recomputes: key, as_of and the features, at most `probe_rows` per probed date."
+    dates = d.frame["as_of"].unique().sort().to_list()
+    at = np.linspace(0, len(dates) - 1, min(d.limits.probe_dates, len(dates))).astype(int)
+    probe = (  # picked on (key, as_of) alone: the smallest id hashes at each date, without sorting them all
+        d.frame.select(d.key, "as_of").with_row_index("__i")
+        .filter(pl.col("as_of").is_in(sorted({dates[i] for i in at})))
+        .with_columns(pl.col(d.key).hash(7).alias("__h"))
+        .filter(pl.col("__h").rank("ordinal").over("as_of") <= d.limits.probe_rows).sort("as_of", "__h")
+    )  # fmt: skip
+    return d.frame[probe["__i"]].select(d.key, "as_of", *d.features)
+
+# %% ../nbs/12_leakage.ipynb #74f143ce
+def _differs(
+    old: pl.Expr,  # the training set's value
+    new: pl.Expr,  # the value recomputed from the past alone
+    numeric: bool,  # compare as numbers (else as text)
+) -> pl.Expr:
     "Row-wise: the two values differ (nulls compared as values, numbers up to 1e-9 relative)."
     if not numeric:
         return old.cast(pl.String).ne_missing(new.cast(pl.String))
     old, new = old.cast(pl.Float64), new.cast(pl.Float64)
     return (old.is_null() != new.is_null()) | ((old - new).abs() > 1e-9 * (1 + new.abs())).fill_null(False)
 
-
-def _probe_rows(d: AuditData) -> pl.DataFrame:
-    "The rows the probe recomputes: key, as_of and the features, at most `probe_rows` per probed date."
-    dates = d.frame["as_of"].unique().sort().to_list()
-    at = np.linspace(0, len(dates) - 1, min(d.limits.probe_dates, len(dates))).astype(int)
-    probe = (  # picked on (key, as_of) alone
-        d.frame.select(d.key, "as_of").with_row_index("__i")
-        .filter(pl.col("as_of").is_in(sorted({dates[i] for i in at})))
-        .with_columns(pl.col(d.key).hash(7).alias("__h")).sort("as_of", "__h")
-        .group_by("as_of", maintain_order=True).head(d.limits.probe_rows)
-    )  # fmt: skip
-    return d.frame[probe["__i"]].select(d.key, "as_of", *d.features)
+# %% ../nbs/12_leakage.ipynb #625d299c
+def _probe_diffs(
+    d: AuditData,  # the training set
+    rows: pl.DataFrame,  # the probed rows (`_probe_rows`)
+    fresh: pl.DataFrame,  # key, as_of and the features recomputed from the past alone
+) -> pl.DataFrame:
+    "The probed rows, their recomputed values (`<feature>__fresh`) and one flag per feature (`<feature>\\0d`): changed."
+    both = rows.join(fresh, on=[d.key, "as_of"], how="left", suffix="__fresh")
+    return both.with_columns(
+        _differs(pl.col(c), pl.col(f"{c}__fresh"), _is_numeric(d.frame.schema[c])).alias(f"{c}\0d")
+        for c in d.features
+    )
 
 # %% ../nbs/12_leakage.ipynb #792cd2b3
 def probe_cutoff(d: AuditData) -> list[Finding]:
@@ -341,16 +407,11 @@ def probe_cutoff(d: AuditData) -> list[Finding]:
     if d.recompute is None:
         raise GuardSkipped("no recompute function given")
     rows = _probe_rows(d)
-    fresh = d.recompute(rows.select(d.key, "as_of")).select(d.key, "as_of", *d.features)
-    both = rows.join(fresh, on=[d.key, "as_of"], how="left", suffix="__fresh")
-    differs = {
-        c: _differs(pl.col(c), pl.col(f"{c}__fresh"), _is_numeric(d.frame.schema[c])) for c in d.features
-    }
-    n_at = dict(both.group_by("as_of").len().iter_rows())
-    out = []
-    for c, differ in differs.items():
-        bad = both.filter(differ)
-        for (a,), at in bad.group_by("as_of", maintain_order=True):
+    both = _probe_diffs(d, rows, d.recompute(rows.select(d.key, "as_of")).select(d.key, "as_of", *d.features))
+    n_at, out = dict(both.group_by("as_of").len().iter_rows()), []
+    changed = both.select(pl.col(f"{c}\0d").any() for c in d.features).row(0)
+    for c in (c for c, hit in zip(d.features, changed) if hit):
+        for (a,), at in both.filter(pl.col(f"{c}\0d")).group_by("as_of", maintain_order=True):
             k, was, now = at.select(d.key, c, f"{c}__fresh").row(0)
             out.append(Finding("events_before_as_of", c, f"{at.height} of {n_at[a]} probed rows at as_of {a} change "
                 f"when recomputed from the past alone (e.g. {d.key} {k}: {was} in the training set, {now} from the "
@@ -368,7 +429,7 @@ def ended_by(
     end = period_end(event_time, usage.schema[event_time], period_days)
     return usage.filter(end <= pl.lit(as_of).cast(pl.Datetime("ms")))
 
-
+# %% ../nbs/12_leakage.ipynb #b8cf3733
 def past_only(
     companies: pl.DataFrame | pl.LazyFrame,  # entity table (e.g. `Tables.companies()`)
     usage: pl.DataFrame | pl.LazyFrame,  # event table (e.g. `Tables.usage`)
@@ -396,8 +457,11 @@ def check_outcome_names(d: AuditData) -> list[Finding]:
     bad = [c for c in d.canary if c in FORBIDDEN_COLUMNS or set(c.lower().split("_")) & FORBIDDEN_NAME_TOKENS]
     return [Finding("outcome_derived", c, "named like the id, close date, MRR or the outcome") for c in bad]
 
-
-def _class_patterns(df: pl.DataFrame, cols: list[str]) -> list[tuple[str, str, str]]:
+# %% ../nbs/12_leakage.ipynb #7cb582a3
+def _class_patterns(
+    df: pl.DataFrame,  # has `label` and the columns
+    cols: list[str],  # numeric columns to check
+) -> list[tuple[str, str, str]]:
     "(column, 'non-zero' | 'null', 'positive' | 'negative') for each column that is so exactly on that class."
     nz = lambda c: (pl.col(c).cast(pl.Float64).fill_nan(0).fill_null(0) != 0).cast(pl.Int8)  # noqa: E731
     nu = lambda c: pl.col(c).is_null().cast(pl.Int8)  # noqa: E731
@@ -406,7 +470,7 @@ def _class_patterns(df: pl.DataFrame, cols: list[str]) -> list[tuple[str, str, s
     row = df.select([e.alias(str(i)) for i, e in enumerate(exprs.values())]).row(0)
     return [k for k, hit in zip(exprs, row) if hit]
 
-
+# %% ../nbs/12_leakage.ipynb #ed3d78e4
 def check_class_patterns(d: AuditData) -> list[Finding]:
     "Guard `outcome_derived`: no feature is non-zero (or null) exactly on one class (sample first, then all rows)."
     d.need_classes()
@@ -419,7 +483,9 @@ def check_outcome_tracking(d: AuditData) -> list[Finding]:
     "Guard `outcome_derived`: on the positives, no feature tracks the conversion MRR or the days to conversion."
     if d.n_pos < d.limits.min_positives:
         raise GuardSkipped(f"only {d.n_pos} positive(s) to correlate with the outcome")
-    pos = d.frame.filter(pl.col("label") == 1)
+    pos = (d.sample if d.n_pos <= d.limits.auc_sample else d.frame).filter(
+        pl.col("label") == 1
+    )  # all of them
     targets = [("conversion_mrr", "the conversion MRR")] if "conversion_mrr" in pos.columns else []
     if d.outcome_dates is not None:
         days = (pl.col("__od") - pl.col("as_of")).dt.total_days().alias("__days")
@@ -438,23 +504,28 @@ def auc_canary(d: AuditData) -> list[Finding]:
                     "almost certainly leakage") for c, auc in d.aucs.items() if auc >= d.auc_threshold]  # fmt: skip
 
 # %% ../nbs/12_leakage.ipynb #a166324a
+def _missing_rates(
+    d: AuditData,  # the training set
+    group: pl.Expr,  # True for the rows of the first group
+) -> tuple[int, dict[str, tuple[float, float]]]:
+    "Rows in the first group, and each canary feature's missing rate (null or NaN) in the first group and in the other."
+    miss = lambda c: pl.col(c).is_null() | (pl.col(c).is_nan() if d.frame.schema[c].is_float() else False)  # noqa: E731
+    df, g = d.frame.select(group.alias("__g"), *d.canary), pl.col("__g")  # the group computed once
+    row = df.select(g.sum().alias("\0n"), *[miss(c).filter(g).mean().alias(f"{c}\0a") for c in d.canary],
+                         *[miss(c).filter(~g).mean().alias(f"{c}\0b") for c in d.canary]).row(0, named=True)  # fmt: skip
+    return row["\0n"], {c: (row[f"{c}\0a"], row[f"{c}\0b"]) for c in d.canary}
+
+# %% ../nbs/12_leakage.ipynb #91a4a0e1
 def check_existence(d: AuditData) -> list[Finding]:
     "Guard `existence_by_outcome`: no feature is missing for (almost) all of one group and present for the other."
     if d.outcome_dates is not None:
-        group, names = (
-            pl.col(d.key).is_in(d.outcome_dates[d.key].implode()),
-            ("entities that convert", "the others"),
-        )
+        group = pl.col(d.key).is_in(d.outcome_dates[d.key].implode())
+        names = ("entities that convert", "the others")
     else:
         group, names = pl.col("label") == 1, ("positive rows", "negative rows")
-    df = d.frame.select(group.alias("__g"), *[pl.col(c) for c in d.canary])
-    n_in = int(df["__g"].sum())
-    if min(n_in, df.height - n_in) < d.limits.min_class:
-        raise GuardSkipped(f"only {n_in} row(s) of {names[0]} and {df.height - n_in} of {names[1]}")
-    miss = lambda c: pl.col(c).is_null() | (pl.col(c).is_nan() if d.frame.schema[c].is_float() else False)  # noqa: E731
-    rates = df.select(*[miss(c).filter(pl.col("__g")).mean().alias(f"{c}\0a") for c in d.canary],
-                      *[miss(c).filter(~pl.col("__g")).mean().alias(f"{c}\0b") for c in d.canary]).row(0, named=True)  # fmt: skip
-    gaps = {c: (rates[f"{c}\0a"], rates[f"{c}\0b"]) for c in d.canary}
+    n_in, gaps = _missing_rates(d, group)
+    if min(n_in, d.frame.height - n_in) < d.limits.min_class:
+        raise GuardSkipped(f"only {n_in} row(s) of {names[0]} and {d.frame.height - n_in} of {names[1]}")
     return [Finding("existence_by_outcome", c, f"missing for {a:.0%} of the rows of {names[0]} and {b:.0%} of "
                     f"{names[1]}: it exists for one group only") for c, (a, b) in gaps.items()
             if abs(a - b) >= d.limits.existence_gap]  # fmt: skip
@@ -477,7 +548,7 @@ def check_id_like(d: AuditData) -> list[Finding]:
                                f"{d.key} (Spearman {r:.3f})"))  # fmt: skip
     return out
 
-
+# %% ../nbs/12_leakage.ipynb #956eaabf
 def check_id_correlation(d: AuditData) -> list[Finding]:
     "Guard `id_correlated`: no feature constant per entity tracks the id (|Spearman| >= `id_trend_threshold`)."
     first, const = d.entities

@@ -174,6 +174,48 @@ def _as_date_expr(col: str, dtype: pl.DataType) -> pl.Expr:
         return pl.col(col).str.to_date()
     raise HsmlError(f"column {col!r} has type {dtype}, expected a date or a timestamp")
 
+# %% ../nbs/10_snapshots.ipynb #de98cbf3
+def _check_columns(
+    tables: list[
+        tuple[pl.LazyFrame, list[str], str]
+    ],  # (table, the columns it needs, its name in the message)
+) -> None:
+    "Raise `HsmlError` naming the first table that lacks a needed column, and the columns it lacks."
+    for frame, cols, what in tables:
+        missing = [c for c in cols if c not in frame.collect_schema().names()]
+        if missing:
+            raise HsmlError(f"{what} table has no column(s) {missing}")
+
+# %% ../nbs/10_snapshots.ipynb #c12c1d7d
+def _first_outcome(
+    out: pl.LazyFrame,  # the table holding the outcome date (and value)
+    outcome_key: str,  # its key column
+    outcome_time: str,  # its outcome date column (null: no outcome)
+    outcome_value: str | None,  # its outcome value column (None: all null)
+    entity_key: str,  # the output key column
+) -> pl.LazyFrame:
+    "Each entity's first outcome date (`OUTCOME_DATE`) and that outcome's value (the largest on a tie of dates)."
+    val = pl.col(outcome_value).cast(pl.Float64) if outcome_value else pl.lit(None, dtype=pl.Float64)
+    return (
+        out.select(pl.col(outcome_key).alias(entity_key),
+                   _as_date_expr(outcome_time, out.collect_schema()[outcome_time]).alias(OUTCOME_DATE),
+                   val.alias("_outcome_value"))
+        .filter(pl.col(OUTCOME_DATE).is_not_null())
+        .sort(OUTCOME_DATE, "_outcome_value", nulls_last=True).group_by(entity_key).first()
+    )  # fmt: skip
+
+# %% ../nbs/10_snapshots.ipynb #e248eb27
+def _first_event(
+    ev: pl.LazyFrame,  # the events (usage rows)
+    event_key: str,  # their key column
+    event_time: str,  # their stamp column
+    usage_period_days: int,  # each event stands for this many days from its stamp
+    entity_key: str,  # the output key column
+) -> pl.LazyFrame:
+    "Each entity's first day on which one of its events had ended (`FIRST_EVENT_DATE`): from then on it has history."
+    end = period_end_day(event_time, ev.collect_schema()[event_time], usage_period_days)
+    return ev.group_by(pl.col(event_key).alias(entity_key)).agg(end.min().alias(FIRST_EVENT_DATE))
+
 # %% ../nbs/10_snapshots.ipynb #4dd4641cc4064e0191573fe9c69df29b
 def build_snapshots(
     entities: Frame,  # one row per entity (duplicates of the key are collapsed)
@@ -200,40 +242,17 @@ def build_snapshots(
     event_key, outcome_key = event_key or entity_key, outcome_key or entity_key
     ent, ev = entities.lazy(), events.lazy()
     out = ent if outcomes is None else outcomes.lazy()
-    for frame, cols, what in ((ent, [entity_key], "entities"), (ev, [event_key, event_time], "events"),
-                              (out, [outcome_key, outcome_time], "outcomes")):  # fmt: skip
-        missing = [c for c in cols if c not in frame.collect_schema().names()]
-        if missing:
-            raise HsmlError(f"{what} table has no column(s) {missing}")
+    _check_columns([(ent, [entity_key], "entities"), (ev, [event_key, event_time], "events"),
+                    (out, [outcome_key, outcome_time], "outcomes")])  # fmt: skip
     dates = pl.LazyFrame(
         {"as_of": sorted({to_date(d, "as_of") for d in as_of_dates})}, schema={"as_of": pl.Date}
     )
-    keys = ent.select(pl.col(entity_key)).unique()
-    first_event = ev.group_by(pl.col(event_key).alias(entity_key)).agg(
-        period_end_day(event_time, ev.collect_schema()[event_time], usage_period_days)
-        .min()
-        .alias(FIRST_EVENT_DATE)
-    )
-    val = pl.col(outcome_value).cast(pl.Float64) if outcome_value else pl.lit(None, dtype=pl.Float64)
-    first_outcome = (
-        out.select(
-            pl.col(outcome_key).alias(entity_key),
-            _as_date_expr(outcome_time, out.collect_schema()[outcome_time]).alias(OUTCOME_DATE),
-            val.alias("_outcome_value"),
-        )
-        .filter(pl.col(OUTCOME_DATE).is_not_null())
-        .sort(OUTCOME_DATE, "_outcome_value", nulls_last=True)
-        .group_by(entity_key)
-        .first()
-    )
-    in_window = (pl.col(OUTCOME_DATE) > pl.col("as_of")) & (
-        pl.col(OUTCOME_DATE) <= pl.col("as_of") + pl.duration(days=horizon_days)
-    )
     per_entity = (  # joined once per entity, then crossed with the dates: already in (as_of, key) order
-        keys.sort(entity_key)
-        .join(first_outcome, on=entity_key, how="left", maintain_order="left")
-        .join(first_event, on=entity_key, how="left", maintain_order="left")
-    )
+        ent.select(pl.col(entity_key)).unique().sort(entity_key)
+        .join(_first_outcome(out, outcome_key, outcome_time, outcome_value, entity_key), on=entity_key, how="left", maintain_order="left")
+        .join(_first_event(ev, event_key, event_time, usage_period_days, entity_key), on=entity_key, how="left", maintain_order="left")
+    )  # fmt: skip
+    in_window = (pl.col(OUTCOME_DATE) > pl.col("as_of")) & (pl.col(OUTCOME_DATE) <= pl.col("as_of") + pl.duration(days=horizon_days))  # fmt: skip
     panel = (
         dates.join(per_entity, how="cross", maintain_order="left_right")
         .filter(policy.fn())
@@ -257,6 +276,19 @@ def _gap_warning(what: str, s: pl.Series, limit_days: int) -> list[str]:
                 "if it is an outlier it moves the data's end"]  # fmt: skip
     return []
 
+# %% ../nbs/10_snapshots.ipynb #95b7fe73
+def _last_stamps(
+    usage: pl.DataFrame | pl.LazyFrame,  # the usage table (a lazy scan is read once, the stamp column only)
+    time: str = "WHEN_TIMESTAMP",  # its stamp column
+) -> tuple[datetime | None, pl.Series]:
+    "The last stamp, and the days of the two latest stamp days (latest first; what `_gap_warning` needs)."
+    x = pl.col(time).cast(pl.Datetime("ms"))
+    before_last_day = x.filter(x < x.max().dt.truncate("1d")).max()  # the latest stamp on an earlier day
+    last, before = (
+        usage.lazy().select(x.max().alias("last"), before_last_day.alias("before")).collect().row(0)
+    )
+    return last, pl.Series([last, before], dtype=pl.Datetime("ms")).cast(pl.Date)
+
 # %% ../nbs/10_snapshots.ipynb #33b0902fd34d4ace834912fa1002cf8e
 def data_end(
     tables: Any,  # clean tables (`hsml.contracts.Tables`): `.usage` and `.companies()`
@@ -269,16 +301,9 @@ def data_end(
     "The data's end (later of the last usage stamp's day and the last close date), both dates, the latest as-of."
     period = _check_period(usage_period_days or getattr(tables, "usage_period_days", None) or 7)
     anchor = usage_anchor_weekday or getattr(tables, "usage_anchor_weekday", None) or "Monday"
-    # the last stamp and the two latest stamp days, in one pass: the stamp column is never collected
-    x = pl.col(time).cast(pl.Datetime("ms"))
-    day = x.cast(pl.Date)
-    top = tables.usage.lazy().select(
-        x.max(), day.max().alias("d1"), day.filter(day < day.max()).max().alias("d2")
-    )
-    top = top.collect().row(0)
-    stamps = pl.Series(top[1:], dtype=pl.Date)  # all `_gap_warning` needs of the stamps
+    last_stamp, stamps = _last_stamps(tables.usage, time)
     closes = tables.companies()[close].cast(pl.Date)
-    last_stamp, last_close = top[0], closes.max()
+    last_close = closes.max()
     days = [to_date(d) for d in (last_stamp, last_close) if d is not None]
     if not days:
         raise HsmlError("the data has no usage stamp and no close date: it has no end")
