@@ -22,6 +22,12 @@ import polars as pl
 import typer
 from fastcore.basics import patch
 
+# %% auto #0
+__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'scan_training_set', 'write_parts',
+           'usage_timing', 'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame',
+           'audit_by_columns', 'build_training_set_parts', 'features_build']
+
+# %% ../nbs/13_trainset.ipynb #83c9c9d8
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
 from hsml.features import (
     DEFAULT_TIMING,
@@ -52,15 +58,10 @@ from hsml.snapshots import (
     to_date,
 )
 
-# %% auto #0
-__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'scan_training_set', 'write_parts',
-           'usage_timing', 'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame',
-           'audit_by_columns', 'build_training_set_parts', 'features_build']
-
 # %% ../nbs/13_trainset.ipynb #c071aed1
 LEAD_COLUMNS = ["id", "as_of", "label", "conversion_mrr"]
 
-
+# %% ../nbs/13_trainset.ipynb #28fc1818
 def _column_digest(
     s: pl.Series,  # one column
     rows: int = 1 << 20,  # hashed this many rows at a time (same bytes, bounded memory)
@@ -96,7 +97,7 @@ def _in_order(
         or keys.select(((step > pl.duration(days=0)) | (same & (pl.col("id").diff() > 0))).all()).item()
     )
 
-
+# %% ../nbs/13_trainset.ipynb #bd395bf6
 def content_hash(
     frame: pl.DataFrame
     | pl.LazyFrame,  # the training-set frame, or a lazy scan of its parts (read a column at a time)
@@ -235,7 +236,7 @@ def manifest(self: TrainingSet) -> dict:
     }
     return m if self.parts is None else {**m, "parts": self.parts}
 
-
+# %% ../nbs/13_trainset.ipynb #ac6e7cea
 @patch
 def publish(
     self: TrainingSet,
@@ -291,7 +292,7 @@ def usage_timing(
         p, a = p or inferred["usage_period_days"], a or inferred["usage_anchor_weekday"]
     return {"usage_period_days": int(p), "usage_anchor_weekday": str(a)}
 
-
+# %% ../nbs/13_trainset.ipynb #fb8ec0cd
 def check_labels_observed(
     tables: Any,  # clean tables
     last_as_of: DateLike,  # the latest as-of date to be labelled
@@ -598,7 +599,7 @@ def _cli_tables(
         typer.echo(f"! {w}")
     return tables
 
-
+# %% ../nbs/13_trainset.ipynb #7f1dfb78
 def _echo_summary(ts: TrainingSet) -> None:
     "The population and positives per as-of date, then the total."
     typer.echo(f"{'as_of':<12}{'population':>12}{'positives':>11}")
