@@ -182,19 +182,29 @@ def scan_training_set(
     return pl.scan_parquet(files)
 
 # %% ../nbs/13_trainset.ipynb #831209b6
+def _sink_dates(
+    frame: pl.DataFrame
+    | pl.LazyFrame,  # training-set rows in any order (a scan of many files: read a date at a time)
+    root: Path,  # an existing directory
+) -> list[str]:
+    "Write each as-of date's rows, sorted by id, as `root/<as_of>.parquet`; return the file names in row order."
+    lf = frame.lazy()
+    dates = lf.select(pl.col("as_of").unique().sort()).collect()["as_of"].to_list()
+    for d in dates:
+        lf.filter(pl.col("as_of") == d).sort("id").sink_parquet(root / f"{d}.parquet", statistics=True)
+    return [f"{d}.parquet" for d in dates]
+
+
 def write_parts(
     frame: pl.DataFrame | pl.LazyFrame,  # a training-set frame
     path: str | Path,  # the directory to write (replaced as a whole, atomically)
 ) -> list[str]:
     "Write one `<as_of>.parquet` per as-of date, rows sorted by id; return the file names in row order."
-    path, lf = Path(path), frame.lazy()
-    dates = lf.select(pl.col("as_of").unique().sort()).collect()["as_of"].to_list()
+    path = Path(path)
     if path.is_file():  # one file written there before
         path.unlink()
     with atomic_path(path, is_dir=True) as tmp:
-        for d in dates:
-            lf.filter(pl.col("as_of") == d).sort("id").sink_parquet(tmp / f"{d}.parquet", statistics=True)
-    return [f"{d}.parquet" for d in dates]
+        return _sink_dates(frame, tmp)
 
 # %% ../nbs/13_trainset.ipynb #c0edf97b
 @patch
@@ -638,7 +648,7 @@ def features_build(
     parts: Annotated[
         bool,
         typer.Option(
-            help="build a date at a time and write one Parquet file per as-of date under --out: for usage larger than memory"
+            help="write one Parquet file per as-of date under --out, never holding the whole training set (local: a date at a time; ray: tasks write their slices)"
         ),
     ] = False,
 ) -> None:
@@ -651,8 +661,6 @@ def features_build(
     \b
         hsml features build --data-dir data/sample --as-of-start 2019-07-01 --as-of-end 2020-03-30 --every-days 7 --horizon-days 56 --out data/train.parquet
     """
-    if parts and engine == "ray":
-        raise HsmlError("--parts builds locally, a date at a time", hint="drop --parts or --engine ray")
     tables = _cli_tables(data_dir, catalog, engine)
     dates = (
         to_date(as_of_start, "--as-of-start"),
@@ -660,7 +668,13 @@ def features_build(
         every_days,
         horizon_days,
     )
-    if parts:
+    if parts and engine == "ray":  # tasks write their slices; the driver cuts them by date
+        from hsml.scale import build_training_set_ray_parts
+
+        ts = build_training_set_ray_parts(
+            tables, *dates, out, feature_set=feature_set, population=population, partitions=partitions
+        )
+    elif parts:
         ts = build_training_set_parts(tables, *dates, out, feature_set=feature_set, population=population)
     elif engine == "ray":  # hsml.scale: Ray is imported only here
         from hsml.scale import build_training_set_ray

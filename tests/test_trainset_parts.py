@@ -95,8 +95,6 @@ def test_cli_parts_same_hash_as_one_file(sample, whole, tmp_path):
     again = _cli(*args, "--out", str(tmp_path / "one.parquet"), "--parts")
     assert again.returncode == 0 and TrainingSet.load(tmp_path / "one.parquet").parts is not None
     assert pl.read_parquet(tmp_path / "one.parquet").equals(whole.frame)
-    ray = _cli(*args, "--out", str(tmp_path / "r.parquet"), "--parts", "--engine", "ray")
-    assert ray.returncode == 2 and "--parts builds locally" in ray.stderr and "Traceback" not in ray.stderr
 
 
 def test_audit_by_columns_reports_what_the_audit_reports(sample, whole):
