@@ -617,6 +617,31 @@ def _echo_summary(ts: TrainingSet) -> None:
         typer.echo(f"{r['as_of']!s:<12}{r['population']:>12}{r['positives']:>11}")
     typer.echo(f"{'total':<12}{ts.rows:>12}{int(ts.summary['positives'].sum()):>11}")
 
+# %% ../nbs/13_trainset.ipynb #593c8cff
+def _cli_build(
+    tables: Any,  # the loaded tables
+    dates: tuple,  # as_of_start, as_of_end, every_days, horizon_days
+    out: Path,  # --out (a build in parts writes it as it goes)
+    engine: str,  # --engine: local or ray
+    parts: bool,  # --parts: one file per as-of date, never the whole set in memory
+    **kw,  # feature_set, population, partitions (Ray only)
+) -> TrainingSet:
+    "The training set built by the engine and in the layout asked for."
+    if engine == "ray":  # hsml.scale: Ray is imported only here
+        from hsml.scale import build_training_set_ray, build_training_set_ray_parts
+
+        return (
+            build_training_set_ray_parts(tables, *dates, out, **kw)
+            if parts
+            else build_training_set_ray(tables, *dates, **kw)
+        )
+    kw.pop("partitions", None)
+    return (
+        build_training_set_parts(tables, *dates, out, **kw)
+        if parts
+        else build_training_set(tables, *dates, **kw)
+    )
+
 # %% ../nbs/13_trainset.ipynb #4efb4b9c
 @features_app.command("build")
 def features_build(
@@ -668,22 +693,8 @@ def features_build(
         every_days,
         horizon_days,
     )
-    if parts and engine == "ray":  # tasks write their slices; the driver cuts them by date
-        from hsml.scale import build_training_set_ray_parts
-
-        ts = build_training_set_ray_parts(
-            tables, *dates, out, feature_set=feature_set, population=population, partitions=partitions
-        )
-    elif parts:
-        ts = build_training_set_parts(tables, *dates, out, feature_set=feature_set, population=population)
-    elif engine == "ray":  # hsml.scale: Ray is imported only here
-        from hsml.scale import build_training_set_ray
-
-        ts = build_training_set_ray(
-            tables, *dates, feature_set=feature_set, population=population, partitions=partitions
-        )
-    else:
-        ts = build_training_set(tables, *dates, feature_set=feature_set, population=population)
+    ts = _cli_build(tables, dates, out, engine, parts, feature_set=feature_set, population=population,
+                    partitions=partitions)  # fmt: skip
     _echo_summary(ts)
     path = out if parts else ts.save(out)
     typer.echo(
