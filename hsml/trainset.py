@@ -107,7 +107,8 @@ def content_hash(
     "Deterministic sha256 of a training set's content: spec, timing, schema, then each column's validity and values."
     lf, schema = frame.lazy(), frame.lazy().collect_schema()
     keys = lf.select("as_of", "id").collect()
-    canon = lambda c: c if _in_order(keys) else c.sort_by("as_of", "id")  # noqa: E731
+    ordered = _in_order(keys)
+    canon = lambda c: c if ordered else c.sort_by("as_of", "id")  # noqa: E731
     column = lambda c: lf.select(canon(pl.col(c))).collect().to_series()  # noqa: E731
     head = {"spec": spec, "schema": {c: str(t) for c, t in schema.items()}, "rows": keys.height}
     head = sha256_json(head if timing is None else {**head, "timing": timing})
