@@ -10,9 +10,16 @@ included) twice, each in its own subprocess so that peak memory is per run:
 
 One JSON line per size:
 
-    {"usage_rows": ..., "companies": ..., "train_rows": ..., "partitions": ..., "cpus": ...,
+    {"usage_rows": ..., "companies": ..., "train_rows": ..., "partitions": ..., "cpus": ..., "in_parts": ...,
      "local_s": ..., "ray_s": ..., "ray_start_s": ..., "local_peak_mib": ..., "ray_driver_peak_mib": ...,
-     "ray_worker_peak_mib": ..., "hashes_agree": true|false, "load_avg": ...}
+     "ray_worker_peak_mib": ..., "hashes_agree": true|false, "load_avg": ..., "load_avg_before_ray": ...}
+
+At 50M usage rows (--big) the training set (about ten million rows, 3.4 GB as one frame) is built in parts, one
+Parquet file per as-of date: `build_training_set_parts` locally, `build_training_set_ray_parts` on Ray (tasks
+write their slices, the driver never holds the whole frame); --in-parts does the same at every size
+(`"in_parts"` says which). A local Ray does not start its raylet on this two-core machine when the 1-minute load
+average is above --max-load (8): the Ray side is then not started, and the line says so in `"ray_skipped"` beside
+the local figures. A Ray run that fails is reported in `"ray_error"`.
 
 `ray_s` is the build's wall time on a running Ray (partitioned write included); starting the local Ray is
 `ray_start_s`, apart. `ray_worker_peak_mib` is the largest peak resident memory of any worker process. The
@@ -26,7 +33,9 @@ its own process watched with psutil (peak resident memory sampled every 0.1 s; t
      "features_build_s": ..., "features_build_peak_mib": ..., "train_rows": ..., "as_of_dates": ...,
      "limit_mib": ..., "goal_peak_mib": 4096, "load_avg": [1, 5, 15 min]}
 
-Usage: python benchmarks/scale.py [--sizes 5M] [--big] [--partitions 4] [--cpus 2] [--data-root DIR]
+`hsml features build` runs with --parts (one file per as-of date, a date at a time).
+
+Usage: python benchmarks/scale.py [--sizes 5M] [--big] [--partitions 4] [--cpus 2] [--in-parts] [--data-root DIR]
        python benchmarks/scale.py --ingest [--sizes 5M] [--big] [--every-days 7] [--limit-mib 6000]
 """
 
@@ -66,36 +75,39 @@ def tables(d: Path):
     return T()
 
 
-def run(which: str, d: Path, partitions: int, cpus: int) -> dict:
+def run(which: str, d: Path, partitions: int, cpus: int, parts: bool) -> dict:
     b = snapshots_bench()
     args = (tables(d), b.AS_OF_START, b.AS_OF_END, b.EVERY, b.HORIZON)
+    out = (d / f"train_{which}" / "train.parquet",) if parts else ()  # the parts builds write as they go
     if which == "local":
-        from hsml.trainset import build_training_set
+        from hsml.trainset import build_training_set, build_training_set_parts
 
         t0 = time.perf_counter()
-        ts = build_training_set(*args)
+        ts = (build_training_set_parts if parts else build_training_set)(*args, *out)
         res = {"seconds": time.perf_counter() - t0}
     else:
-        from hsml.scale import build_training_set_ray, ray_session
+        from hsml.scale import build_training_set_ray, build_training_set_ray_parts, ray_session
 
         t0 = time.perf_counter()
         with ray_session(num_cpus=cpus):
             started = time.perf_counter()
             stats: dict = {}
-            ts = build_training_set_ray(*args, partitions=partitions, stats=stats)
+            build = build_training_set_ray_parts if parts else build_training_set_ray
+            ts = build(*args, *out, partitions=partitions, stats=stats)
             res = {"seconds": time.perf_counter() - started, "start_s": started - t0, **stats}
-    res.update(hash=ts.content_hash, train_rows=ts.frame.height,
+    res.update(hash=ts.content_hash, train_rows=ts.rows,
                peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
     return res
 
 
-def spawn(which: str, d: Path, partitions: int, cpus: int) -> dict:
+def spawn(which: str, d: Path, partitions: int, cpus: int, parts: bool) -> dict:
+    "One build in its own process (peak memory is per run); a failed run gives {'error': the end of its stderr}."
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, __file__, "--child", which, "--dir", str(d), "--partitions", str(partitions),
-           "--cpus", str(cpus)]  # fmt: skip
+           "--cpus", str(cpus), *(["--in-parts"] if parts else [])]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise SystemExit(f"{which} run failed:\n{r.stderr[-3000:]}")
+        return {"error": r.stderr.strip()[-600:]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -135,7 +147,7 @@ def ingest(n: int, root: Path, every_days: int, limit_mib: float) -> dict:
     out = root / f"rows_{n}" / "train" / "train.parquet"
     build = watched([exe, "features", "build", "--data-dir", str(raw), "--as-of-start", b.AS_OF_START,
                      "--as-of-end", b.AS_OF_END, "--every-days", str(every_days), "--horizon-days", str(b.HORIZON),
-                     "--out", str(out)], limit_mib)  # fmt: skip
+                     "--out", str(out), "--parts"], limit_mib)  # fmt: skip
     rows = None
     if build["code"] == 0:
         import polars as pl
@@ -153,6 +165,7 @@ def ingest(n: int, root: Path, every_days: int, limit_mib: float) -> dict:
         "features_build_exit": build["code"],
         "train_rows": rows,
         "as_of_dates": len(range(0, (_days(b.AS_OF_END) - _days(b.AS_OF_START)) + 1, every_days)),
+        "in_parts": True,
         "killed_above_limit": [k for k, r in (("data_check", chk), ("features_build", build)) if r["killed"]],
         "limit_mib": limit_mib,
         "goal_peak_mib": 4096,
@@ -162,6 +175,11 @@ def ingest(n: int, root: Path, every_days: int, limit_mib: float) -> dict:
         if r["code"] != 0 and not r["killed"]:
             line[f"{k}_error"] = r["stderr"].strip()[-500:]
     return line
+
+
+def _r(x: float | None, nd: int | None = None) -> float | None:
+    "round(x, nd), None for a run that did not give x."
+    return None if x is None else round(x, nd)
 
 
 def _days(d: str) -> int:
@@ -174,7 +192,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5M", help="usage-row counts, e.g. 1M,5M")
     ap.add_argument("--big", action="store_true", help="add 50M usage rows (generating them takes a while)")
-    ap.add_argument("--partitions", type=int, default=4, help="partitions of the Ray build")
+    ap.add_argument("--partitions", type=int, help="partitions of the Ray build (default 4; 16 at 50M)")
+    ap.add_argument("--in-parts", action="store_true", help="build in parts at every size (always at 50M)")
+    ap.add_argument("--max-load", type=float, default=8.0, help="do not start a local Ray above this load")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--data-root", default="/tmp/hsml_bench", help="where generated data is cached")
     ap.add_argument(
@@ -188,7 +208,7 @@ def main() -> None:
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(run(a.child, Path(a.dir), a.partitions, a.cpus)))
+        print(json.dumps(run(a.child, Path(a.dir), a.partitions, a.cpus, a.in_parts)))
         return
     b = snapshots_bench()
     sizes = sorted({b.parse_size(s) for s in a.sizes.split(",")} | ({50_000_000} if a.big else set()))
@@ -204,23 +224,24 @@ def main() -> None:
 
         usage_rows = pl.scan_parquet(d / "usage.parquet").select(pl.len()).collect().item()
         companies = pl.scan_parquet(d / "companies.parquet").select(pl.len()).collect().item()
-        loc = spawn("local", d, a.partitions, a.cpus)
-        ray = spawn("ray", d, a.partitions, a.cpus)
-        line = {
-            "usage_rows": usage_rows,
-            "companies": companies,
-            "train_rows": loc["train_rows"],
-            "partitions": ray["partitions"],
-            "cpus": a.cpus,
-            "local_s": round(loc["seconds"], 2),
-            "ray_s": round(ray["seconds"], 2),
-            "ray_start_s": round(ray["start_s"], 2),
-            "local_peak_mib": round(loc["peak_mib"]),
-            "ray_driver_peak_mib": round(ray["peak_mib"]),
-            "ray_worker_peak_mib": max(ray["worker_peak_mib"]),
-            "hashes_agree": loc["hash"] == ray["hash"],
-            "load_avg": round(os.getloadavg()[0], 2),
-        }
+        parts, partitions = a.in_parts or n >= 20_000_000, a.partitions or (16 if n >= 20_000_000 else 4)
+        loc = spawn("local", d, partitions, a.cpus, parts)
+        line = {"usage_rows": usage_rows, "companies": companies, "train_rows": loc.get("train_rows"),
+                "partitions": partitions, "cpus": a.cpus, "in_parts": parts, "local_s": _r(loc.get("seconds"), 2),
+                "local_peak_mib": _r(loc.get("peak_mib")), **({"local_error": loc["error"]} if "error" in loc else {})}  # fmt: skip
+        load = os.getloadavg()[0]
+        if load > a.max_load and not os.environ.get("RAY_ADDRESS"):
+            line["ray_skipped"] = (f"1-minute load average {load:.1f} > {a.max_load:g}: a local Ray does not start its "
+                                   "raylet on this shared 2-core machine at that load; rerun when it is quieter "
+                                   "(or set RAY_ADDRESS to a cluster)")  # fmt: skip
+        else:
+            ray = spawn("ray", d, partitions, a.cpus, parts)
+            line.update(ray_s=_r(ray.get("seconds"), 2), ray_start_s=_r(ray.get("start_s"), 2),
+                        ray_driver_peak_mib=_r(ray.get("peak_mib")),
+                        ray_worker_peak_mib=max(ray.get("worker_peak_mib") or [None], key=lambda m: m or 0),
+                        hashes_agree=("hash" in loc and loc.get("hash") == ray.get("hash")),
+                        **({"ray_error": ray["error"]} if "error" in ray else {}))  # fmt: skip
+        line.update(load_avg=round(os.getloadavg()[0], 2), load_avg_before_ray=round(load, 2))
         print(json.dumps(line), flush=True)
 
 

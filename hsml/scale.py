@@ -24,7 +24,7 @@ from .core import HsmlError
 # %% auto #0
 __all__ = ['ENGINES', 'PART', 'splitmix64', 'partition_of', 'PartitionTables', 'Partitioned', 'write_partitions', 'remote',
            'ray_session', 'ship_features', 'install_features', 'gather', 'partitioned_past_only',
-           'build_training_set_ray', 'score_frame_ray', 'score_ray', 'check_engine']
+           'build_training_set_ray', 'build_training_set_ray_parts', 'score_frame_ray', 'score_ray', 'check_engine']
 
 # %% ../nbs/50_scale.ipynb #bd4432f6
 ENGINES = ("local", "ray")  # what --engine accepts
@@ -346,6 +346,81 @@ def _workdir(workdir: str | Path | None) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+# %% ../nbs/50_scale.ipynb #9cafe4c0
+def _trainset_slice(data: Partitioned, p: int, dates: list, horizon_days: int, shipped: tuple, population: str,
+                    dest: str) -> tuple[str | None, int, float]:  # fmt: skip
+    "Task: `_trainset_part` written to `dest` (None when empty) instead of returned; its rows and this worker's peak MiB."
+    frame, peak = _trainset_part(data, p, dates, horizon_days, shipped, population)
+    if frame.height:
+        frame.write_parquet(dest, statistics=True)
+    return (dest if frame.height else None), frame.height, max(peak, _peak_mib())
+
+# %% ../nbs/50_scale.ipynb #0dfcf91e
+def build_training_set_ray_parts(
+    tables: Any,  # clean tables (hsml.contracts.Tables)
+    as_of_start: Any,  # first as-of date
+    as_of_end: Any,  # last possible as-of date (inclusive)
+    every_days: int,  # days between as-of dates
+    horizon_days: int,  # label: converts in (as_of, as_of + horizon_days]
+    out: str
+    | Path,  # the directory `<name>.parquet` to write; feature_spec.json and the manifest go beside it
+    feature_set: str | list[str] = "default",  # registered feature set name, or a list of feature names
+    population: str
+    | None = None,  # registered population policy (default: hsml.snapshots.DEFAULT_POPULATION)
+    audit: bool = True,  # run the leakage audit (raises LeakageError)
+    auc_threshold: float = 0.95,  # the audit's single-feature AUC canary
+    allow: Sequence[str] = (),  # features exempt from the audit's canaries
+    partitions: int | None = None,  # number of partitions (default: the Ray cluster's CPUs)
+    workdir: str | Path | None = None,  # partitions and slices (default: a temporary dir in $HSML_SCALE_DIR)
+    stats: dict | None = None,  # filled with partitions, per-task rows and worker peak memory (MiB)
+    columns_per_pass: int = 8,  # features the audit reads at a time
+) -> Any:
+    "`build_training_set_ray` written in parts: the same files, content hash and audit as `build_training_set_parts`."
+    from hsml import trainset as T
+    from hsml.core import atomic_path
+    from hsml.features import feature_spec
+    from hsml.snapshots import DEFAULT_POPULATION, as_of_grid
+
+    population, dates, out = (
+        population or DEFAULT_POPULATION,
+        as_of_grid(as_of_start, as_of_end, every_days),
+        Path(out),
+    )
+    timing = T.usage_timing(tables)
+    T.check_labels_observed(tables, dates[-1], horizon_days, timing)
+    shipped = ship_features(feature_set)
+    names = [f.name for f in shipped[1]]
+    T.manifest_path(out).unlink(missing_ok=True)
+    if out.is_file():
+        out.unlink()
+    with ray_session() as ray, _workdir(workdir) as root, atomic_path(out, is_dir=True) as tmp:
+        n = partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        data = write_partitions(tables, root, n, timing)
+        (root / "slices").mkdir(exist_ok=True)
+        refs = [remote(_trainset_slice).remote(data, p, dates, horizon_days, shipped, population,
+                                               str(root / "slices" / f"{p}.parquet")) for p in range(n)]  # fmt: skip
+        files, rows, peaks = zip(*gather(refs))
+        if not any(files):
+            raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
+                            hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+        parts = T._sink_dates(pl.scan_parquet([f for f in files if f]), tmp)
+        scan = pl.scan_parquet([tmp / p for p in parts])
+        spec = feature_spec(scan.head(0).collect(), names)
+        report = T.audit_by_columns(scan, names, columns_per_pass, partitioned_past_only(data, shipped),
+                                    outcomes=tables.companies(), horizon_days=horizon_days,
+                                    auc_threshold=auc_threshold, allow=allow) if audit else None  # fmt: skip
+        h = T.content_hash(scan, spec, timing)
+    if stats is not None:
+        stats.update(partitions=n, rows=list(rows), worker_peak_mib=[round(m) for m in peaks])
+    config = T._build_config(
+        tables, dates, as_of_end, every_days, horizon_days, feature_set, names, population, timing
+    )
+    scan = T.scan_training_set(out, parts)
+    ts = T.TrainingSet(scan, spec, h, T._summary(scan), {**config, "engine": {"name": "ray", "partitions": n}},
+                       report.to_dict() if report else None, timing, parts)  # fmt: skip
+    ts.publish(out)
+    return ts
 
 # %% ../nbs/50_scale.ipynb #3bca4714
 def _population_part(data: Partitioned, p: int, day: Any, horizon_days: int, population: str) -> int:

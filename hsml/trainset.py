@@ -8,17 +8,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Protocol
+from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
 import typer
 from fastcore.basics import patch
 
+# %% auto #0
+__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'scan_training_set', 'write_parts',
+           'usage_timing', 'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame',
+           'audit_by_columns', 'build_training_set_parts', 'features_build']
+
+# %% ../nbs/13_trainset.ipynb #83c9c9d8
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
 from hsml.features import (
     DEFAULT_TIMING,
@@ -29,7 +38,16 @@ from hsml.features import (
     read_feature_spec,
     resolve_features,
 )
-from .leakage import AuditReport, audit_training_set, past_only
+from hsml.leakage import (
+    GUARDS,
+    AuditData,
+    AuditReport,
+    audit_training_set,
+    check_class_patterns,
+    check_labels,
+    check_population,
+    past_only,
+)
 from hsml.snapshots import (
     DEFAULT_POPULATION,
     DateLike,
@@ -40,14 +58,10 @@ from hsml.snapshots import (
     to_date,
 )
 
-# %% auto #0
-__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'usage_timing',
-           'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame', 'features_build']
-
 # %% ../nbs/13_trainset.ipynb #c071aed1
 LEAD_COLUMNS = ["id", "as_of", "label", "conversion_mrr"]
 
-
+# %% ../nbs/13_trainset.ipynb #28fc1818
 def _column_digest(
     s: pl.Series,  # one column
     rows: int = 1 << 20,  # hashed this many rows at a time (same bytes, bounded memory)
@@ -73,20 +87,33 @@ def _column_digest(
     return h.digest()
 
 # %% ../nbs/13_trainset.ipynb #7dbbd1bc
+def _in_order(
+    keys: pl.DataFrame,  # the as_of and id columns
+) -> bool:
+    "The rows are sorted by as_of, then id, without ties: the canonical order."
+    step, same = pl.col("as_of").diff(), pl.col("as_of").diff() == pl.duration(days=0)
+    return (
+        keys.height < 2
+        or keys.select(((step > pl.duration(days=0)) | (same & (pl.col("id").diff() > 0))).all()).item()
+    )
+
+# %% ../nbs/13_trainset.ipynb #bd395bf6
 def content_hash(
-    frame: pl.DataFrame,  # the training-set frame
+    frame: pl.DataFrame
+    | pl.LazyFrame,  # the training-set frame, or a lazy scan of its parts (read a column at a time)
     spec: list[dict],  # its feature spec entries
     timing: dict | None = None,  # usage period and anchor the features used (None: a spec from before timing)
 ) -> str:
     "Deterministic sha256 of a training set's content: spec, timing, schema, then each column's validity and values."
-    in_order = frame.select(
-        ((pl.col("as_of").diff() > pl.duration(days=0)) | ((pl.col("as_of").diff() == pl.duration(days=0)) & (pl.col("id").diff() > 0))).all()
-    ).item()  # fmt: skip
-    canon = frame if frame.height < 2 or in_order else frame.sort("as_of", "id")
-    head = {"spec": spec, "schema": {c: str(t) for c, t in frame.schema.items()}, "rows": canon.height}
+    lf, schema = frame.lazy(), frame.lazy().collect_schema()
+    keys = lf.select("as_of", "id").collect()
+    ordered = _in_order(keys)
+    canon = lambda c: c if ordered else c.sort_by("as_of", "id")  # noqa: E731
+    column = lambda c: lf.select(canon(pl.col(c))).collect().to_series()  # noqa: E731
+    head = {"spec": spec, "schema": {c: str(t) for c, t in schema.items()}, "rows": keys.height}
     head = sha256_json(head if timing is None else {**head, "timing": timing})
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(_column_digest, canon.get_columns()))
+        digests = list(pool.map(lambda c: _column_digest(column(c)), schema.names()))
     return hashlib.sha256(head.encode() + b"".join(digests)).hexdigest()
 
 # %% ../nbs/13_trainset.ipynb #98463413
@@ -94,7 +121,9 @@ def content_hash(
 class TrainingSet:
     "A point-in-time training set: the frame, its feature spec, content hash, per-date summary and config."
 
-    frame: pl.DataFrame  # id, as_of, label, conversion_mrr, then the features
+    frame: (
+        pl.DataFrame | pl.LazyFrame
+    )  # id, as_of, label, conversion_mrr, then the features (lazy: its parts)
     spec: list[dict]  # feature_spec.json entries: name, dtype, description, window, known_at, definition_hash
     content_hash: str  # sha256 of the canonical content (see `content_hash`)
     summary: pl.DataFrame  # as_of, population, positives
@@ -105,11 +134,17 @@ class TrainingSet:
     timing: dict = field(
         default_factory=lambda: dict(DEFAULT_TIMING)
     )  # usage_period_days, usage_anchor_weekday
+    parts: list[str] | None = None  # stored in parts: its file names, in row order (None: one file)
 
     @property
     def feature_names(self) -> list[str]:
         "Feature columns, in order."
         return [s["name"] for s in self.spec]
+
+    @property
+    def rows(self) -> int:
+        "Number of rows, from the per-date summary (a lazy frame is not read for it)."
+        return int(self.summary["population"].sum())
 
 # %% ../nbs/13_trainset.ipynb #02de8096
 def manifest_path(path: str | Path) -> Path:
@@ -118,50 +153,119 @@ def manifest_path(path: str | Path) -> Path:
     return path.with_name(path.stem + ".manifest.json")
 
 
-def _summary(frame: pl.DataFrame) -> pl.DataFrame:
+def _summary(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     return (
-        frame.group_by("as_of")
+        frame.lazy()
+        .group_by("as_of")
         .agg(pl.len().alias("population"), pl.col("label").cast(pl.Int64).sum().alias("positives"))
         .sort("as_of")
+        .collect()
     )
+
+# %% ../nbs/13_trainset.ipynb #caa5286f
+def scan_training_set(
+    path: str | Path,  # a training set's .parquet: one file, or a directory of parts
+    parts: list[str]
+    | None = None,  # its files in row order (default: the manifest's `parts`, else every *.parquet)
+) -> pl.LazyFrame:
+    "A lazy scan of a training set, whichever its layout: nothing is read until collected."
+    path = Path(path)
+    if not path.is_dir():
+        return pl.scan_parquet(path)
+    m = manifest_path(path)
+    if parts is None and m.exists():
+        parts = json.loads(m.read_text()).get("parts")
+    files = [path / p for p in parts] if parts is not None else sorted(path.glob("*.parquet"))
+    missing = [f.name for f in files if not f.exists()]
+    if missing or not files:
+        raise HsmlError(f"{path}: a training set in parts misses {missing or 'every *.parquet'}",
+                        hint="rebuild it with hsml features build --parts")  # fmt: skip
+    return pl.scan_parquet(files)
+
+# %% ../nbs/13_trainset.ipynb #831209b6
+def _sink_dates(
+    frame: pl.DataFrame
+    | pl.LazyFrame,  # training-set rows in any order (a scan of many files: read a date at a time)
+    root: Path,  # an existing directory
+) -> list[str]:
+    "Write each as-of date's rows, sorted by id, as `root/<as_of>.parquet`; return the file names in row order."
+    lf = frame.lazy()
+    dates = lf.select(pl.col("as_of").unique().sort()).collect()["as_of"].to_list()
+    for d in dates:
+        lf.filter(pl.col("as_of") == d).sort("id").sink_parquet(root / f"{d}.parquet", statistics=True)
+    return [f"{d}.parquet" for d in dates]
+
+
+def write_parts(
+    frame: pl.DataFrame | pl.LazyFrame,  # a training-set frame
+    path: str | Path,  # the directory to write (replaced as a whole, atomically)
+) -> list[str]:
+    "Write one `<as_of>.parquet` per as-of date, rows sorted by id; return the file names in row order."
+    path = Path(path)
+    if path.is_file():  # one file written there before
+        path.unlink()
+    with atomic_path(path, is_dir=True) as tmp:
+        return _sink_dates(frame, tmp)
 
 # %% ../nbs/13_trainset.ipynb #c0edf97b
 @patch
 def save(
     self: TrainingSet,
-    path: str | Path,  # the .parquet file to write; feature_spec.json and <name>.manifest.json go beside it
+    path: str
+    | Path,  # the .parquet to write (a directory of parts when `self.parts`); the spec and manifest go beside it
 ) -> Path:
-    "Write the Parquet file, `feature_spec.json` and the manifest (with the content hash) atomically."
+    "Write the data (one Parquet file, or one per as-of date), `feature_spec.json`, then the manifest, atomically."
     path = Path(path)
     if path.suffix != ".parquet":
         raise HsmlError(f"{path}: a training set is written as a .parquet file")
+    manifest_path(path).unlink(missing_ok=True)  # never a manifest beside data it does not describe
+    if self.parts is not None:
+        self.parts = write_parts(self.frame, path)
+        return self.publish(path)
+    if path.is_dir():  # parts written there before
+        shutil.rmtree(path)
     with atomic_path(path) as tmp:
-        self.frame.write_parquet(tmp, statistics=True)
-    atomic_write_json(path.parent / "feature_spec.json", feature_spec_document(self.spec, self.timing))
-    atomic_write_json(manifest_path(path), self.manifest())
-    return path
+        if isinstance(self.frame, pl.DataFrame):
+            self.frame.write_parquet(tmp, statistics=True)
+        else:
+            self.frame.sink_parquet(tmp, statistics=True)
+    return self.publish(path)
 
 # %% ../nbs/13_trainset.ipynb #e3006ad4
 @patch
 def manifest(self: TrainingSet) -> dict:
-    "The manifest written beside the Parquet file."
-    return {
+    "The manifest written beside the data; `parts` lists the files of a training set stored in parts."
+    m = {
         "content_hash": self.content_hash,
-        "rows": self.frame.height,
-        "positives": int(self.frame["label"].sum()),
+        "rows": self.rows,
+        "positives": int(self.summary["positives"].sum()),
         "features": len(self.spec),
         "timing": self.timing,
         "config": self.config,
         "summary": [{**r, "as_of": str(r["as_of"])} for r in self.summary.to_dicts()],
         "audit": self.audit,
     }
+    return m if self.parts is None else {**m, "parts": self.parts}
+
+# %% ../nbs/13_trainset.ipynb #ac6e7cea
+@patch
+def publish(
+    self: TrainingSet,
+    path: Path,  # the training set's data, already written
+) -> Path:
+    "Write `feature_spec.json` and the manifest beside the data at `path`, the manifest last."
+    atomic_write_json(path.parent / "feature_spec.json", feature_spec_document(self.spec, self.timing))
+    atomic_write_json(manifest_path(path), self.manifest())
+    return path
 
 # %% ../nbs/13_trainset.ipynb #dd216683
 @patch(cls_method=True)
 def load(
     cls: TrainingSet,
-    path: str | Path,  # a .parquet written by `save`
+    path: str
+    | Path,  # a .parquet (file or directory of parts) written by `save` or `build_training_set_parts`
     verify: bool = True,  # recompute the content hash and refuse a modified file
+    lazy: bool = False,  # keep the frame a `LazyFrame` over the file(s): nothing is read but a column at a time
 ) -> TrainingSet:
     "Read a saved training set back; the content hash is checked against the manifest."
     path = Path(path)
@@ -171,15 +275,17 @@ def load(
             raise HsmlError(
                 f"{p} is missing", hint="write training sets with TrainingSet.save / hsml features build"
             )
-    frame = pl.read_parquet(path)
     raw, man = json.loads(spec_p.read_text()), json.loads(man_p.read_text())
+    frame = scan_training_set(path, man.get("parts"))
+    frame = frame if lazy else frame.collect()
     spec, timing = read_feature_spec(raw)
     h = content_hash(frame, spec, None if isinstance(raw, list) else timing)  # an old list: hashed without
     if verify and h != man["content_hash"]:
         raise HsmlError(f"{path}: content hash {h[:12]} does not match its manifest ({man['content_hash'][:12]})",
                         hint="the file or its feature_spec.json was modified after it was written")  # fmt: skip
-    summary = _summary(frame)
-    return cls(frame, spec, h, summary, man.get("config", {}), man.get("audit"), timing)
+    return cls(
+        frame, spec, h, _summary(frame), man.get("config", {}), man.get("audit"), timing, man.get("parts")
+    )
 
 # %% ../nbs/13_trainset.ipynb #ee6c7fb9
 def usage_timing(
@@ -197,7 +303,7 @@ def usage_timing(
         p, a = p or inferred["usage_period_days"], a or inferred["usage_anchor_weekday"]
     return {"usage_period_days": int(p), "usage_anchor_weekday": str(a)}
 
-
+# %% ../nbs/13_trainset.ipynb #fb8ec0cd
 def check_labels_observed(
     tables: Any,  # clean tables
     last_as_of: DateLike,  # the latest as-of date to be labelled
@@ -252,6 +358,27 @@ def _build_config(
         "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
     }
 
+# %% ../nbs/13_trainset.ipynb #40cf34cb
+def _frame(
+    companies: pl.DataFrame,  # clean companies
+    usage: pl.DataFrame | pl.LazyFrame,  # clean usage
+    dates: list,  # as-of dates
+    horizon_days: int,  # label window
+    names: list[str],  # feature names
+    population: str,  # population policy
+    period: int,  # usage period in days
+) -> tuple[pl.DataFrame, list[dict]]:
+    "The population and labels at `dates` beside their features (sorted by as_of, id), and the feature spec."
+    panel = build_snapshots(
+        companies, usage, dates, horizon_days, population=population, usage_period_days=period
+    )
+    if panel.height == 0:
+        return panel, []
+    fx = compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
+    if not (fx["id"].equals(panel["id"]) and fx["as_of"].equals(panel["as_of"])):  # both sorted by as_of, id
+        raise AssertionError("feature rows are not aligned with the population")  # a bug, not a user error
+    return pl.concat([panel, fx.drop("id", "as_of")], how="horizontal"), feature_spec(fx, names)
+
 # %% ../nbs/13_trainset.ipynb #2b994cf6
 def build_training_set(
     tables: TablesLike,  # clean tables (hsml.contracts.Tables)
@@ -273,19 +400,11 @@ def build_training_set(
     timing = usage_timing(tables, usage_period_days, usage_anchor_weekday)
     period = timing["usage_period_days"]
     check_labels_observed(tables, dates[-1], horizon_days, timing)
-    feats = resolve_features(feature_set)
-    names = [f.name for f in feats]
-    panel = build_snapshots(
-        companies, usage, dates, horizon_days, population=population, usage_period_days=period
-    )
-    if panel.height == 0:
+    names = [f.name for f in resolve_features(feature_set)]
+    frame, spec = _frame(companies, usage, dates, horizon_days, names, population, period)
+    if frame.height == 0:
         raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
                         hint="choose as-of dates inside the span of the usage data")  # fmt: skip
-    fx = compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
-    if not (fx["id"].equals(panel["id"]) and fx["as_of"].equals(panel["as_of"])):  # both sorted by as_of, id
-        raise AssertionError("feature rows are not aligned with the population")  # a bug, not a user error
-    frame = pl.concat([panel, fx.drop("id", "as_of")], how="horizontal")
-    spec = feature_spec(fx, names)
     report: AuditReport | None = None
     with ThreadPoolExecutor(
         max_workers=1
@@ -323,6 +442,133 @@ def scoring_frame(
         usage_period_days=period,
     )
     return compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
+
+# %% ../nbs/13_trainset.ipynb #f25897df
+def _build_parts(
+    companies: pl.DataFrame,  # clean companies
+    usage: pl.DataFrame | pl.LazyFrame,  # clean usage (a lazy scan keeps it out of memory)
+    dates: list,  # as-of dates
+    horizon_days: int,  # label window
+    names: list[str],  # feature names
+    population: str,  # population policy
+    period: int,  # usage period in days
+    root: Path,  # the directory the parts go to
+) -> tuple[list[str], list[dict]]:
+    "Build and write each as-of date's rows as `root/<as_of>.parquet` (a date nobody is in has no file)."
+    parts, spec = [], []
+    for d in dates:
+        frame, s = _frame(companies, usage, [d], horizon_days, names, population, period)
+        if frame.height:
+            frame.write_parquet(root / f"{d}.parquet", statistics=True)
+            parts, spec = [*parts, f"{d}.parquet"], spec or s
+    if not parts:
+        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
+                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+    return parts, spec
+
+# %% ../nbs/13_trainset.ipynb #094681d6
+def _once(
+    recompute: Callable[[pl.DataFrame], pl.DataFrame] | None,  # the audit's probe, e.g. `past_only(...)`
+) -> Callable[[pl.DataFrame], pl.DataFrame] | None:
+    "The probe, remembering its last answer: every column pass probes the same rows."
+    last: dict = {}
+
+    def probe(rows: pl.DataFrame) -> pl.DataFrame:
+        if not ("rows" in last and last["rows"].equals(rows)):
+            last.update(rows=rows, out=recompute(rows))
+        return last["out"]
+
+    return probe if recompute else None
+
+# %% ../nbs/13_trainset.ipynb #3f582972
+def _passes(
+    schema: pl.Schema,  # the training set's schema
+    features: list[str],  # its features, in order
+    allow: Sequence[str],  # features exempt from the canaries
+    n: int,  # features per pass
+) -> list[list[str]]:
+    "Runs of about `n` consecutive features, each with a numeric canary feature (the outcome guards need one)."
+    canary = lambda c: c not in allow and (schema[c].is_numeric() or schema[c] == pl.Boolean)  # noqa: E731
+    out: list[list[str]] = [[]]
+    for c in features:
+        if len(out[-1]) >= n and any(map(canary, out[-1])):
+            out.append([])
+        out[-1].append(c)
+    if len(out) > 1 and not any(
+        map(canary, out[-1])
+    ):  # a tail of text or allowed features joins the pass before
+        tail = out.pop()
+        out[-1] += tail
+    return out
+
+# %% ../nbs/13_trainset.ipynb #093bc619
+def audit_by_columns(
+    frame: pl.DataFrame | pl.LazyFrame,  # the training set, or a lazy scan of its parts
+    feature_names: list[str],  # the feature columns to audit
+    columns_per_pass: int = 8,  # features read at a time, beside id, as_of, label, conversion_mrr
+    recompute: Callable[[pl.DataFrame], pl.DataFrame] | None = None,  # the probe, e.g. `past_only(...)`
+    raise_on_failure: bool = True,  # raise LeakageError when anything is found
+    **kw,  # the rest of `audit_training_set`'s: outcomes, horizon_days, auc_threshold, allow, limits
+) -> AuditReport:
+    "`audit_training_set` a few feature columns at a time: the same report, in the memory of a few columns."
+    lf, probe, schema = frame.lazy(), _once(recompute), frame.lazy().collect_schema()
+    lead, reports, auc = [c for c in LEAD_COLUMNS if c in schema], [AuditReport([]) for _ in GUARDS], {}
+    for i, cols in enumerate(_passes(schema, list(feature_names), kw.get("allow", ()), columns_per_pass)):
+        d = AuditData.of(lf.select(*lead, *cols).collect(), cols, recompute=probe, **kw)
+        for rep, (guard, check) in zip(reports, GUARDS):
+            if i == 0 or check not in (check_population, check_labels):  # the row set is checked once
+                rep.run(guard, check, d)
+        auc |= d.aucs if any("auc_canary" in r.checked for r in reports) else {}
+    reports[[c for _, c in GUARDS].index(check_class_patterns)].findings.sort(
+        key=lambda f: f.column
+    )  # as the audit
+    out = AuditReport([], auc=auc)
+    for rep in reports:  # guard by guard, as audit_training_set reports them
+        out.checked += [g for g in rep.checked if g not in out.checked]
+        out.skipped |= {g: why for g, why in rep.skipped.items() if g not in out.skipped}
+        out.findings += rep.findings
+    return out.raise_if_failed() if raise_on_failure else out
+
+# %% ../nbs/13_trainset.ipynb #5b57c341
+def build_training_set_parts(
+    tables: TablesLike,  # clean tables (hsml.contracts.Tables), the usage best a lazy scan
+    as_of_start: DateLike,  # first as-of date
+    as_of_end: DateLike,  # last possible as-of date (inclusive)
+    every_days: int,  # days between as-of dates
+    horizon_days: int,  # label: converts in (as_of, as_of + horizon_days]
+    out: str
+    | Path,  # the directory `<name>.parquet` to write; feature_spec.json and the manifest go beside it
+    feature_set: str | list[str] = "default",  # registered feature set name, or a list of feature names
+    population: str = DEFAULT_POPULATION,  # registered population policy
+    audit: bool = True,  # run the leakage audit (raises LeakageError)
+    auc_threshold: float = 0.95,  # the audit's single-feature AUC canary
+    allow: list[str] | tuple[str, ...] = (),  # features exempt from the audit's canaries
+    columns_per_pass: int = 8,  # features the audit reads at a time
+) -> TrainingSet:
+    "`build_training_set` a date at a time, each date written as a part: the same content hash, in bounded memory."
+    dates, out = as_of_grid(as_of_start, as_of_end, every_days), Path(out)
+    companies, usage, timing = tables.companies(), tables.usage, usage_timing(tables)
+    check_labels_observed(tables, dates[-1], horizon_days, timing)
+    names, period = [f.name for f in resolve_features(feature_set)], timing["usage_period_days"]
+    manifest_path(out).unlink(missing_ok=True)
+    if out.is_file():
+        out.unlink()
+    with atomic_path(out, is_dir=True) as tmp:
+        parts, spec = _build_parts(companies, usage, dates, horizon_days, names, population, period, tmp)
+        scan = pl.scan_parquet([tmp / p for p in parts])
+        report = audit_by_columns(scan, names, columns_per_pass, past_only(companies, usage, names, period),
+                                  outcomes=companies, horizon_days=horizon_days, auc_threshold=auc_threshold,
+                                  allow=allow) if audit else None  # fmt: skip
+        h = content_hash(scan, spec, timing)
+    scan = scan_training_set(out, parts)
+    config = _build_config(
+        tables, dates, as_of_end, every_days, horizon_days, feature_set, names, population, timing
+    )
+    ts = TrainingSet(
+        scan, spec, h, _summary(scan), config, report.to_dict() if report else None, timing, parts
+    )
+    ts.publish(out)
+    return ts
 
 # %% ../nbs/13_trainset.ipynb #c4e9c1c1
 features_app = typer.Typer(
@@ -364,19 +610,47 @@ def _cli_tables(
         typer.echo(f"! {w}")
     return tables
 
-
+# %% ../nbs/13_trainset.ipynb #7f1dfb78
 def _echo_summary(ts: TrainingSet) -> None:
     "The population and positives per as-of date, then the total."
     typer.echo(f"{'as_of':<12}{'population':>12}{'positives':>11}")
     for r in ts.summary.iter_rows(named=True):
         typer.echo(f"{r['as_of']!s:<12}{r['population']:>12}{r['positives']:>11}")
-    typer.echo(f"{'total':<12}{ts.frame.height:>12}{int(ts.frame['label'].sum()):>11}")
+    typer.echo(f"{'total':<12}{ts.rows:>12}{int(ts.summary['positives'].sum()):>11}")
+
+# %% ../nbs/13_trainset.ipynb #593c8cff
+def _cli_build(
+    tables: Any,  # the loaded tables
+    dates: tuple,  # as_of_start, as_of_end, every_days, horizon_days
+    out: Path,  # --out (a build in parts writes it as it goes)
+    engine: str,  # --engine: local or ray
+    parts: bool,  # --parts: one file per as-of date, never the whole set in memory
+    **kw,  # feature_set, population, partitions (Ray only)
+) -> TrainingSet:
+    "The training set built by the engine and in the layout asked for."
+    if engine == "ray":  # hsml.scale: Ray is imported only here
+        from hsml.scale import build_training_set_ray, build_training_set_ray_parts
+
+        return (
+            build_training_set_ray_parts(tables, *dates, out, **kw)
+            if parts
+            else build_training_set_ray(tables, *dates, **kw)
+        )
+    kw.pop("partitions", None)
+    return (
+        build_training_set_parts(tables, *dates, out, **kw)
+        if parts
+        else build_training_set(tables, *dates, **kw)
+    )
 
 # %% ../nbs/13_trainset.ipynb #4efb4b9c
 @features_app.command("build")
 def features_build(
     out: Annotated[
-        Path, typer.Option(help="the training-set .parquet to write (feature_spec.json goes beside it)")
+        Path,
+        typer.Option(
+            help="the training-set .parquet to write (with --parts a directory); feature_spec.json and the manifest go beside it"
+        ),
     ],
     as_of_start: Annotated[str, typer.Option(help="first as-of date, YYYY-MM-DD")],
     as_of_end: Annotated[str, typer.Option(help="last possible as-of date, YYYY-MM-DD")],
@@ -397,6 +671,12 @@ def features_build(
     partitions: Annotated[
         int | None, typer.Option(help="with --engine ray: number of partitions (default: the cluster's CPUs)")
     ] = None,
+    parts: Annotated[
+        bool,
+        typer.Option(
+            help="write one Parquet file per as-of date under --out, never holding the whole training set (local: a date at a time; ray: tasks write their slices)"
+        ),
+    ] = False,
 ) -> None:
     """Build a training set: population and labels per as-of date, features, leakage audit; write it.
 
@@ -414,18 +694,12 @@ def features_build(
         every_days,
         horizon_days,
     )
-    if engine == "ray":  # hsml.scale: Ray is imported only here
-        from hsml.scale import build_training_set_ray
-
-        ts = build_training_set_ray(
-            tables, *dates, feature_set=feature_set, population=population, partitions=partitions
-        )
-    else:
-        ts = build_training_set(tables, *dates, feature_set=feature_set, population=population)
+    ts = _cli_build(tables, dates, out, engine, parts, feature_set=feature_set, population=population,
+                    partitions=partitions)  # fmt: skip
     _echo_summary(ts)
-    path = ts.save(out)
+    path = out if parts else ts.save(out)
     typer.echo(
         f"leakage audit: OK (strongest single-feature AUC {ts.audit['max_single_feature_auc'] or 0:.3f})"
     )
-    typer.echo(f"wrote {path} ({ts.frame.height} rows, {len(ts.spec)} features), {path.parent / 'feature_spec.json'}, "
+    typer.echo(f"wrote {path} ({ts.rows} rows, {len(ts.spec)} features), {path.parent / 'feature_spec.json'}, "
                f"{manifest_path(path)}; content hash {ts.content_hash}")  # fmt: skip
