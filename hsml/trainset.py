@@ -643,6 +643,19 @@ def _cli_build(
         else build_training_set(tables, *dates, **kw)
     )
 
+# %% ../nbs/13_trainset.ipynb #b5e1c9a0
+def _want_parts(
+    tables: Any,  # the loaded tables
+    parts: bool | None,  # --parts / --no-parts, or None when not given
+    out: Path,  # --out, named in the message
+) -> bool:
+    "Whether to build in parts: as asked, else when the usage table is too big to hold (read lazily)."
+    if parts is None and (parts := isinstance(tables.usage, pl.LazyFrame)):
+        typer.echo(
+            f"usage is read lazily (more than 10M rows): writing the training set in parts under {out}/"
+        )
+    return bool(parts)
+
 # %% ../nbs/13_trainset.ipynb #4efb4b9c
 @features_app.command("build")
 def features_build(
@@ -672,11 +685,12 @@ def features_build(
         int | None, typer.Option(help="with --engine ray: number of partitions (default: the cluster's CPUs)")
     ] = None,
     parts: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="write one Parquet file per as-of date under --out, never holding the whole training set (local: a date at a time; ray: tasks write their slices)"
+            "--parts/--no-parts",
+            help="write one Parquet file per as-of date under --out, never holding the whole training set (local: a date at a time; ray: tasks write their slices); default: in parts when the usage table is too big to hold (read lazily, above 10M rows)",
         ),
-    ] = False,
+    ] = None,
 ) -> None:
     """Build a training set: population and labels per as-of date, features, leakage audit; write it.
 
@@ -694,6 +708,7 @@ def features_build(
         every_days,
         horizon_days,
     )
+    parts = _want_parts(tables, parts, out)
     ts = _cli_build(tables, dates, out, engine, parts, feature_set=feature_set, population=population,
                     partitions=partitions)  # fmt: skip
     _echo_summary(ts)
