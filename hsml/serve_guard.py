@@ -47,7 +47,7 @@ def reason(self: Guard) -> str | None:
         return "draining: shutting down, finishing the requests in flight"
     return None if self.started else "starting: the app's startup has not finished"
 
-
+# %% ../nbs/35_serve_guard.ipynb #dee9accf
 @patch
 def __repr__(self: Guard) -> str:
     return (
