@@ -106,7 +106,7 @@ def split_records(
 class _Unsupported(Exception):
     "The pipeline has a part the compiler does not know: use the reference path."
 
-
+# %% ../nbs/30_bundle_compile.ipynb #1b334e55
 def _numpy_copy(est: Any) -> Any:
     "A deep copy of a fitted estimator that takes numpy and returns numpy (no name checks, default output)."
     c = copy.deepcopy(est)
