@@ -137,21 +137,13 @@ class OneRow:
     ):
         from lightgbm.basic import _LIB, _c_str, _safe_call
 
-        self.booster, self.handle, self.lock = (
-            booster,
-            ctypes.c_void_p(),
-            threading.Lock(),
-        )  # keeps the booster
+        self.booster = booster  # kept alive as long as the C handle that refers to it
+        self.handle, self.lock = ctypes.c_void_p(), threading.Lock()
         self.row, self.out, self.n = np.zeros(booster.num_feature()), np.zeros(1), ctypes.c_int64(0)
         self.row_p = self.row.ctypes.data_as(ctypes.c_void_p)
         self.out_p = self.out.ctypes.data_as(ctypes.c_void_p)
-        args = (
-            0,
-            0,
-            booster.best_iteration,
-            1,
-            booster.num_feature(),
-        )  # normal prediction, all trees, float64
+        # normal prediction, all trees, float64
+        args = (0, 0, booster.best_iteration, 1, booster.num_feature())
         init, conf = _LIB.LGBM_BoosterPredictForMatSingleRowFastInit, _c_str("num_threads=1")
         _safe_call(init(booster._handle, *map(ctypes.c_int, args), conf, ctypes.byref(self.handle)))
         self._call, self._free = _LIB.LGBM_BoosterPredictForMatSingleRowFast, _LIB.LGBM_FastConfigFree
