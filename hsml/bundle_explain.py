@@ -20,7 +20,31 @@ __all__ = ['TREE_METHODS', 'PATH_HOW', 'path_from_leaves', 'path_contributions',
            'baseline', 'occlusion', 'contribution_method', 'tree_contributions', 'contributions', 'one_pass',
            'score_and_path']
 
-# %% ../nbs/30_bundle_explain.ipynb #a71ed41d
+# %% ../nbs/30_bundle_explain.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
+def _tree_table(
+    tree: dict,  # one entry of the model dump's `tree_info`
+    n_features: int,  # columns of the model matrix
+) -> tuple[np.ndarray, float]:
+    "(leaves x features: each leaf's contribution per feature, the tree's root value for the bias)."
+    root = tree["tree_structure"]
+    L = np.zeros((max(tree["num_leaves"], 1), n_features))
+    if "leaf_value" in root and "split_feature" not in root:
+        return L, root["leaf_value"]
+    stack = [(root, np.zeros(n_features))]
+    while stack:
+        node, acc = stack.pop()
+        f, v = node["split_feature"], node["internal_value"]
+        for child in (node["left_child"], node["right_child"]):
+            leaf = "leaf_index" in child
+            a = acc.copy()
+            a[f] += (child["leaf_value"] if leaf else child["internal_value"]) - v
+            if leaf:
+                L[child["leaf_index"]] = a
+            else:
+                stack.append((child, a))
+    return L, root["internal_value"]
+
+# %% ../nbs/30_bundle_explain.ipynb #8edb47106e1a46a883d545849b8ab81b
 _PATH_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # booster -> its tables, built once
 
 
@@ -31,35 +55,17 @@ def _path_tables(booster: Any, n_features: int) -> tuple[np.ndarray, np.ndarray,
         return cached
     rows, offsets, bias = [], [], 0.0
     for t in booster.dump_model()["tree_info"]:
-        root = t["tree_structure"]
-        L = np.zeros((max(t["num_leaves"], 1), n_features))
+        L, v = _tree_table(t, n_features)
         offsets.append(sum(len(r) for r in rows))
-        if "leaf_value" in root and "split_feature" not in root:
-            bias += root["leaf_value"]
-            rows.append(L)
-            continue
-        bias += root["internal_value"]
-        stack = [(root, np.zeros(n_features))]
-        while stack:
-            node, acc = stack.pop()
-            f, v = node["split_feature"], node["internal_value"]
-            for child in (node["left_child"], node["right_child"]):
-                leaf = "leaf_index" in child
-                a = acc.copy()
-                a[f] += (child["leaf_value"] if leaf else child["internal_value"]) - v
-                if leaf:
-                    L[child["leaf_index"]] = a
-                else:
-                    stack.append((child, a))
+        bias += v
         rows.append(L)
     out = (np.vstack(rows), np.asarray(offsets, dtype=np.int64), float(bias))
     _PATH_TABLES[booster] = out
     return out
 
-# %% ../nbs/30_bundle_explain.ipynb #ff5355b6
-_ONES = np.ones(
-    0
-)  # the sparse rows' values, kept between calls (a fresh array of ones per call is page faults)
+# %% ../nbs/30_bundle_explain.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+# the sparse rows' values, kept between calls (a fresh array of ones per call is page faults)
+_ONES = np.ones(0)
 
 
 def path_from_leaves(
@@ -115,7 +121,7 @@ def _leaf_values(booster: Any) -> tuple[np.ndarray, str]:
         _LEAF_VALUES[booster] = (V, str(dump.get("objective", "")))
     return _LEAF_VALUES[booster]
 
-# %% ../nbs/30_bundle_explain.ipynb #lv2code
+# %% ../nbs/30_bundle_explain.ipynb #7cdc8c89c7104fffa095e18ddfef8986
 def raw_from_leaves(
     booster: Any,  # a LightGBM Booster (one tree per iteration: binary or regression)
     leaves: np.ndarray,  # n x trees leaf indices (`pred_leaf`)
@@ -127,7 +133,7 @@ def raw_from_leaves(
         raw += V[t].take(by_tree[t])
     return raw
 
-
+# %% ../nbs/30_bundle_explain.ipynb #504fb2a444614c0babb325280ed9130a
 def proba_from_leaves(
     booster: Any,  # a binary LightGBM Booster (objective `binary`)
     leaves: np.ndarray,  # n x trees leaf indices (`pred_leaf`)
@@ -188,7 +194,7 @@ def contribution_method(
         return method
     return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
 
-# %% ../nbs/30_bundle_explain.ipynb #16e42596
+# %% ../nbs/30_bundle_explain.ipynb #b43b363d81ae4b689946ece5c682cd59
 PATH_HOW = "tree path attribution (Saabas): log-odds of the uncalibrated model"
 
 
@@ -203,7 +209,7 @@ def _per_input(
         out[:, names.index(zn)] += contrib[:, j]
     return out
 
-
+# %% ../nbs/30_bundle_explain.ipynb #4dd4641cc4064e0191573fe9c69df29b
 def tree_contributions(
     compiled: Any,  # a Compiled path with a booster
     Z: np.ndarray,  # the model matrix
@@ -239,7 +245,7 @@ def contributions(
         "occlusion: score minus the score with the feature at its training median/mode",
     )
 
-# %% ../nbs/30_bundle_explain.ipynb #sp1code
+# %% ../nbs/30_bundle_explain.ipynb #cb1e1581032b452c9409d6c6813c49d1
 def one_pass(
     bundle: Any,  # a loaded hsml.bundle.Bundle
 ) -> bool:
@@ -251,7 +257,7 @@ def one_pass(
         return False
     return c.raw_fn.booster is c.booster and _leaf_values(c.booster)[1].split()[:1] == ["binary"]
 
-
+# %% ../nbs/30_bundle_explain.ipynb #277c27b1587741f2af2001be3712ef0d
 def _scores_given_proba(bundle: Any, Z: np.ndarray, p: np.ndarray) -> np.ndarray:
     "The bundle's scores of Z when its booster's probability is `p`: the compiled path's own calibration code."
     from hsml.bundle_compile import _final_score, _inputs_and_steps
