@@ -132,7 +132,7 @@ class FeatureContext:
         "The as-of date (Date)."
         return pl.col("as_of")
 
-# %% ../nbs/11_features.ipynb #af101bf3
+# %% ../nbs/11_features.ipynb #7fb27b941602401d91542211134fc71a
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object reprs carry memory addresses: not part of a definition
 _PLAIN = (str, bytes, int, float, bool, type(None), tuple, list, dict, set, frozenset)
 
@@ -151,7 +151,7 @@ def _global_names(code: types.CodeType) -> set[str]:
             out |= _global_names(c)
     return out
 
-
+# %% ../nbs/11_features.ipynb #8dd0d8092fe74a7c96281538738b07e2
 def _value_text(v: Any, seen: set[int]) -> str:
     if inspect.isfunction(v):
         return _definition_text(v, seen)
@@ -159,7 +159,7 @@ def _value_text(v: Any, seen: set[int]) -> str:
         return "{" + ", ".join(sorted(_value_text(x, seen) for x in v)) + "}"
     return _ADDRESS.sub("", repr(v))
 
-
+# %% ../nbs/11_features.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def _definition_text(fn: Callable, seen: set[int]) -> str:
     "A function's source, then every value it is bound to (defaults, closure, module data and helpers)."
     if id(fn) in seen:
@@ -229,7 +229,7 @@ class Feature:
 
 KNOWN_AT = ("as_of", "snapshot")
 
-# %% ../nbs/11_features.ipynb #8652fec2
+# %% ../nbs/11_features.ipynb #7cdc8c89c7104fffa095e18ddfef8986
 FEATURES: dict[str, Feature] = {}
 FEATURE_SETS: dict[str, list[str]] = {}
 
@@ -245,7 +245,7 @@ def _check_expr(name: str, expr: pl.Expr) -> pl.Expr:
         )
     return expr
 
-
+# %% ../nbs/11_features.ipynb #504fb2a444614c0babb325280ed9130a
 def feature(
     name: str | None = None,  # feature name (default: the function's name)
     description: str | None = None,  # what it measures (default: the docstring)
@@ -619,7 +619,7 @@ def feature_spec(
     "feature_spec.json entries: name, dtype, description, window, in column order."
     return [f.spec(frame.schema[f.name]) for f in resolve_features(feature_set)]
 
-# %% ../nbs/11_features.ipynb #dc645933
+# %% ../nbs/11_features.ipynb #59bbdb311c014d738909a11f9e486628
 DEFAULT_TIMING = {"usage_period_days": 7, "usage_anchor_weekday": "Monday"}  # what specs without timing used
 
 
@@ -631,7 +631,7 @@ def feature_spec_document(
     return {"usage_period_days": int(timing["usage_period_days"]),
             "usage_anchor_weekday": str(timing["usage_anchor_weekday"]), "features": list(entries)}  # fmt: skip
 
-
+# %% ../nbs/11_features.ipynb #c3933fab20d04ec698c2621248eb3be0
 def read_feature_spec(
     obj: dict | list,  # the parsed feature_spec.json: the object, or the older plain list of entries
 ) -> tuple[list[dict], dict]:
@@ -644,7 +644,7 @@ def read_feature_spec(
     return obj["features"], {"usage_period_days": int(timing["usage_period_days"]),
                              "usage_anchor_weekday": str(timing["usage_anchor_weekday"])}  # fmt: skip
 
-
+# %% ../nbs/11_features.ipynb #3ed186c9a28b402fb0bc4494df01f08d
 def check_feature_definitions(
     entries: list[dict],  # feature_spec entries (with `definition_hash`; entries without one are not checked)
 ) -> None:
