@@ -442,17 +442,9 @@ def scoring_frame(
     "id, as_of, features for the population at `as_of`: what a model trained on a training set scores."
     companies, usage = tables.companies(), tables.usage
     names = [f.name for f in resolve_features(feature_set)]
-    period = usage_timing(tables, usage_period_days, "Monday")[
-        "usage_period_days"
-    ]  # the anchor is not needed
-    panel = build_snapshots(
-        companies,
-        usage,
-        [to_date(as_of, "as_of")],
-        horizon_days=1,
-        population=population,
-        usage_period_days=period,
-    )
+    period = usage_timing(tables, usage_period_days, "Monday")["usage_period_days"]  # no anchor needed
+    panel = build_snapshots(companies, usage, [to_date(as_of, "as_of")], horizon_days=1, population=population,
+                            usage_period_days=period)  # fmt: skip
     return compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
 
 # %% ../nbs/13_trainset.ipynb #f25897df
