@@ -564,6 +564,37 @@ def _usage_aggregates(
         .cast(pl.Datetime("ms")),
     )
 
+# %% ../nbs/11_features.ipynb #b3ec8f42
+def _with_entities(
+    base: pl.DataFrame,  # the spine with its usage aggregates (`KEY`, as_of, ...)
+    companies: pl.LazyFrame,  # the entity table
+    entities: set[str],  # the entity columns the features asked for
+    entity_key: str,  # key column of `companies`
+) -> pl.DataFrame:
+    "`base` with the requested entity columns beside it; only those, allowed by `FeatureContext.entity`, enter."
+    if not entities:
+        return base
+    ent = (
+        companies.select(pl.col(entity_key).alias(KEY), *sorted(entities)).unique(KEY, keep="first").collect()
+    )
+    ent = base.select(KEY).join(ent, on=KEY, how="left", maintain_order="left").drop(KEY)
+    return pl.concat([base, ent], how="horizontal")  # joined on the key column alone: no copy of the sums
+
+# %% ../nbs/11_features.ipynb #9038f4f5
+def _with_frame_features(
+    frame: pl.DataFrame,  # id, as_of and the expression features
+    usage: pl.LazyFrame,  # the event table
+    feats: list[Feature],  # the resolved features; those of kind "frame" are computed here
+    entity_key: str,  # key column
+) -> pl.DataFrame:
+    "Free-form (`kind='frame'`) features joined on (id, as_of); the leakage audit checks their cut-off."
+    for f in (f for f in feats if f.kind == "frame"):
+        part = (
+            f.fn(usage, frame.select(entity_key, "as_of").lazy()).lazy().select(entity_key, "as_of", f.name)
+        )
+        frame = frame.join(part.collect(), on=[entity_key, "as_of"], how="left", maintain_order="left")
+    return frame
+
 # %% ../nbs/11_features.ipynb #8e6fc5a6
 def compute_features(
     companies: pl.DataFrame | pl.LazyFrame,  # entity table (e.g. `Tables.companies()`), one row per id
@@ -584,14 +615,7 @@ def compute_features(
     exprs = {f.name: _check_expr(f.name, f.fn(ctx)) for f in feats if f.kind == "expr"}
     spine = _spine(comp, as_of_dates, entity_key)
     base = _usage_aggregates(ev, spine, ctx.sums, ctx.history, entity_key, event_time, usage_period_days)
-    if ctx.entities:  # only the requested, allowed entity columns enter the frame
-        ent = (
-            comp.select(pl.col(entity_key).alias(KEY), *sorted(ctx.entities))
-            .unique(KEY, keep="first")
-            .collect()
-        )
-        ent = base.select(KEY).join(ent, on=KEY, how="left", maintain_order="left").drop(KEY)
-        base = pl.concat([base, ent], how="horizontal")  # joined on the key column alone: no copy of the sums
+    base = _with_entities(base, comp, ctx.entities, entity_key)
     try:
         frame = (
             base.lazy().with_columns(**exprs).select(pl.col(KEY).alias(entity_key), "as_of", *exprs).collect()
@@ -599,14 +623,7 @@ def compute_features(
     except pl.exceptions.ColumnNotFoundError as e:
         raise HsmlError(f"a feature reads a column that is not available to features: {e}",
                         hint="features see only ctx.sum/count/entity/as_of; the id, close date and MRR are not there") from None  # fmt: skip
-    for f in feats:
-        if (
-            f.kind == "frame"
-        ):  # free-form features: joined on (id, as_of); the leakage audit checks their cut-off
-            part = (
-                f.fn(ev, frame.select(entity_key, "as_of").lazy()).lazy().select(entity_key, "as_of", f.name)
-            )
-            frame = frame.join(part.collect(), on=[entity_key, "as_of"], how="left", maintain_order="left")
+    frame = _with_frame_features(frame, ev, feats, entity_key)
     return frame.select(
         entity_key, "as_of", *[f.name for f in feats]
     )  # sorted by as_of, id (the spine order)
