@@ -132,7 +132,7 @@ class FeatureContext:
         "The as-of date (Date)."
         return pl.col("as_of")
 
-# %% ../nbs/11_features.ipynb #af101bf3
+# %% ../nbs/11_features.ipynb #7fb27b941602401d91542211134fc71a
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object reprs carry memory addresses: not part of a definition
 _PLAIN = (str, bytes, int, float, bool, type(None), tuple, list, dict, set, frozenset)
 
@@ -151,7 +151,7 @@ def _global_names(code: types.CodeType) -> set[str]:
             out |= _global_names(c)
     return out
 
-
+# %% ../nbs/11_features.ipynb #8dd0d8092fe74a7c96281538738b07e2
 def _value_text(v: Any, seen: set[int]) -> str:
     if inspect.isfunction(v):
         return _definition_text(v, seen)
@@ -159,7 +159,7 @@ def _value_text(v: Any, seen: set[int]) -> str:
         return "{" + ", ".join(sorted(_value_text(x, seen) for x in v)) + "}"
     return _ADDRESS.sub("", repr(v))
 
-
+# %% ../nbs/11_features.ipynb #10185d26023b46108eb7d9f57d49d2b3
 def _definition_text(fn: Callable, seen: set[int]) -> str:
     "A function's source, then every value it is bound to (defaults, closure, module data and helpers)."
     if id(fn) in seen:
@@ -229,7 +229,7 @@ class Feature:
 
 KNOWN_AT = ("as_of", "snapshot")
 
-# %% ../nbs/11_features.ipynb #8652fec2
+# %% ../nbs/11_features.ipynb #7cdc8c89c7104fffa095e18ddfef8986
 FEATURES: dict[str, Feature] = {}
 FEATURE_SETS: dict[str, list[str]] = {}
 
@@ -245,7 +245,7 @@ def _check_expr(name: str, expr: pl.Expr) -> pl.Expr:
         )
     return expr
 
-
+# %% ../nbs/11_features.ipynb #504fb2a444614c0babb325280ed9130a
 def feature(
     name: str | None = None,  # feature name (default: the function's name)
     description: str | None = None,  # what it measures (default: the docstring)
@@ -564,6 +564,37 @@ def _usage_aggregates(
         .cast(pl.Datetime("ms")),
     )
 
+# %% ../nbs/11_features.ipynb #b3ec8f42
+def _with_entities(
+    base: pl.DataFrame,  # the spine with its usage aggregates (`KEY`, as_of, ...)
+    companies: pl.LazyFrame,  # the entity table
+    entities: set[str],  # the entity columns the features asked for
+    entity_key: str,  # key column of `companies`
+) -> pl.DataFrame:
+    "`base` with the requested entity columns beside it; only those, allowed by `FeatureContext.entity`, enter."
+    if not entities:
+        return base
+    ent = (
+        companies.select(pl.col(entity_key).alias(KEY), *sorted(entities)).unique(KEY, keep="first").collect()
+    )
+    ent = base.select(KEY).join(ent, on=KEY, how="left", maintain_order="left").drop(KEY)
+    return pl.concat([base, ent], how="horizontal")  # joined on the key column alone: no copy of the sums
+
+# %% ../nbs/11_features.ipynb #9038f4f5
+def _with_frame_features(
+    frame: pl.DataFrame,  # id, as_of and the expression features
+    usage: pl.LazyFrame,  # the event table
+    feats: list[Feature],  # the resolved features; those of kind "frame" are computed here
+    entity_key: str,  # key column
+) -> pl.DataFrame:
+    "Free-form (`kind='frame'`) features joined on (id, as_of); the leakage audit checks their cut-off."
+    for f in (f for f in feats if f.kind == "frame"):
+        part = (
+            f.fn(usage, frame.select(entity_key, "as_of").lazy()).lazy().select(entity_key, "as_of", f.name)
+        )
+        frame = frame.join(part.collect(), on=[entity_key, "as_of"], how="left", maintain_order="left")
+    return frame
+
 # %% ../nbs/11_features.ipynb #8e6fc5a6
 def compute_features(
     companies: pl.DataFrame | pl.LazyFrame,  # entity table (e.g. `Tables.companies()`), one row per id
@@ -584,14 +615,7 @@ def compute_features(
     exprs = {f.name: _check_expr(f.name, f.fn(ctx)) for f in feats if f.kind == "expr"}
     spine = _spine(comp, as_of_dates, entity_key)
     base = _usage_aggregates(ev, spine, ctx.sums, ctx.history, entity_key, event_time, usage_period_days)
-    if ctx.entities:  # only the requested, allowed entity columns enter the frame
-        ent = (
-            comp.select(pl.col(entity_key).alias(KEY), *sorted(ctx.entities))
-            .unique(KEY, keep="first")
-            .collect()
-        )
-        ent = base.select(KEY).join(ent, on=KEY, how="left", maintain_order="left").drop(KEY)
-        base = pl.concat([base, ent], how="horizontal")  # joined on the key column alone: no copy of the sums
+    base = _with_entities(base, comp, ctx.entities, entity_key)
     try:
         frame = (
             base.lazy().with_columns(**exprs).select(pl.col(KEY).alias(entity_key), "as_of", *exprs).collect()
@@ -599,14 +623,7 @@ def compute_features(
     except pl.exceptions.ColumnNotFoundError as e:
         raise HsmlError(f"a feature reads a column that is not available to features: {e}",
                         hint="features see only ctx.sum/count/entity/as_of; the id, close date and MRR are not there") from None  # fmt: skip
-    for f in feats:
-        if (
-            f.kind == "frame"
-        ):  # free-form features: joined on (id, as_of); the leakage audit checks their cut-off
-            part = (
-                f.fn(ev, frame.select(entity_key, "as_of").lazy()).lazy().select(entity_key, "as_of", f.name)
-            )
-            frame = frame.join(part.collect(), on=[entity_key, "as_of"], how="left", maintain_order="left")
+    frame = _with_frame_features(frame, ev, feats, entity_key)
     return frame.select(
         entity_key, "as_of", *[f.name for f in feats]
     )  # sorted by as_of, id (the spine order)
@@ -619,7 +636,7 @@ def feature_spec(
     "feature_spec.json entries: name, dtype, description, window, in column order."
     return [f.spec(frame.schema[f.name]) for f in resolve_features(feature_set)]
 
-# %% ../nbs/11_features.ipynb #dc645933
+# %% ../nbs/11_features.ipynb #59bbdb311c014d738909a11f9e486628
 DEFAULT_TIMING = {"usage_period_days": 7, "usage_anchor_weekday": "Monday"}  # what specs without timing used
 
 
@@ -631,7 +648,7 @@ def feature_spec_document(
     return {"usage_period_days": int(timing["usage_period_days"]),
             "usage_anchor_weekday": str(timing["usage_anchor_weekday"]), "features": list(entries)}  # fmt: skip
 
-
+# %% ../nbs/11_features.ipynb #c3933fab20d04ec698c2621248eb3be0
 def read_feature_spec(
     obj: dict | list,  # the parsed feature_spec.json: the object, or the older plain list of entries
 ) -> tuple[list[dict], dict]:
@@ -644,7 +661,7 @@ def read_feature_spec(
     return obj["features"], {"usage_period_days": int(timing["usage_period_days"]),
                              "usage_anchor_weekday": str(timing["usage_anchor_weekday"])}  # fmt: skip
 
-
+# %% ../nbs/11_features.ipynb #3ed186c9a28b402fb0bc4494df01f08d
 def check_feature_definitions(
     entries: list[dict],  # feature_spec entries (with `definition_hash`; entries without one are not checked)
 ) -> None:

@@ -22,15 +22,24 @@ import polars as pl
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['ENGINES', 'PART', 'splitmix64', 'partition_of', 'PartitionTables', 'Partitioned', 'write_partitions', 'remote',
-           'ray_session', 'ship_features', 'install_features', 'gather', 'partitioned_past_only',
-           'build_training_set_ray', 'build_training_set_ray_parts', 'score_frame_ray', 'score_ray', 'check_engine']
+__all__ = ['ENGINES', 'PART', 'check_engine', 'splitmix64', 'partition_of', 'PartitionTables', 'Partitioned', 'write_partitions',
+           'remote', 'ray_session', 'ship_features', 'install_features', 'gather', 'partitioned_past_only',
+           'build_training_set_ray', 'build_training_set_ray_parts', 'score_frame_ray', 'score_ray']
 
-# %% ../nbs/50_scale.ipynb #bd4432f6
+# %% ../nbs/50_scale.ipynb #7fb27b941602401d91542211134fc71a
 ENGINES = ("local", "ray")  # what --engine accepts
 PART = "_part"  # the partition column (a hive directory name in the partitioned Parquet)
 
+# %% ../nbs/50_scale.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
+def check_engine(
+    engine: str,  # the --engine value
+) -> str:
+    "`engine` when it is one of `ENGINES`, else an `HsmlError` listing them."
+    if engine not in ENGINES:
+        raise HsmlError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+    return engine
 
+# %% ../nbs/50_scale.ipynb #8edb47106e1a46a883d545849b8ab81b
 def splitmix64(x: pl.Expr) -> pl.Expr:
     "The splitmix64 finaliser of a UInt64 expression: a stable 64-bit mix (wrapping arithmetic)."
     x = x + pl.lit(0x9E3779B97F4A7C15, pl.UInt64)
@@ -38,7 +47,7 @@ def splitmix64(x: pl.Expr) -> pl.Expr:
     x = (x ^ (x // 2**27)) * pl.lit(0x94D049BB133111EB, pl.UInt64)
     return x ^ (x // 2**31)
 
-
+# %% ../nbs/50_scale.ipynb #8763a12b2bbd4a93a75aff182afb95dc
 def partition_of(
     key: str,  # an integer id column
     n: int,  # number of partitions
@@ -46,7 +55,7 @@ def partition_of(
     "The partition `0 .. n-1` of each id: splitmix64 of its 64-bit pattern, modulo n."
     return (splitmix64(pl.col(key).cast(pl.Int64).reinterpret(signed=False)) % n).cast(pl.Int64)
 
-# %% ../nbs/50_scale.ipynb #7af6ff96
+# %% ../nbs/50_scale.ipynb #7623eae2785240b9bd12b16a66d81610
 @dataclass
 class PartitionTables:
     "One partition as `Tables`-like input for the library's functions: `.usage` (a lazy scan), `.companies()`."
@@ -73,7 +82,7 @@ class PartitionTables:
         "This partition's companies."
         return self._scan("companies").collect()
 
-
+# %% ../nbs/50_scale.ipynb #938c804e27f84196a10c8828c723f798
 @dataclass
 class Partitioned:
     "Companies and usage written as Parquet partitioned by the id hash: what every task is handed."
@@ -115,7 +124,7 @@ def write_partitions(
     t = timing or usage_timing(tables)
     return Partitioned(str(root), n, dict(t), dict(getattr(tables, "fingerprints", {}) or {}))
 
-# %% ../nbs/50_scale.ipynb #0f7cf940
+# %% ../nbs/50_scale.ipynb #b43b363d81ae4b689946ece5c682cd59
 def _ray():
     "The ray module, or an `HsmlError` saying how to install it."
     try:
@@ -126,7 +135,7 @@ def _ray():
         ) from None
     return ray
 
-
+# %% ../nbs/50_scale.ipynb #4dd4641cc4064e0191573fe9c69df29b
 _REMOTE: dict[Callable, Any] = {}
 
 
@@ -136,7 +145,36 @@ def remote(fn: Callable) -> Any:
         _REMOTE[fn] = _ray().remote(num_cpus=1)(fn)
     return _REMOTE[fn]
 
-# %% ../nbs/50_scale.ipynb #a1a8d50b
+# %% ../nbs/50_scale.ipynb #1852a8fd
+def _children() -> set[int]:
+    "PIDs of this process's direct children (Linux /proc; empty elsewhere)."
+    kids: set[int] = set()
+    for f in Path("/proc/self/task").glob("*/children"):
+        with suppress(OSError):
+            kids |= {int(x) for x in f.read_text().split()}
+    return kids
+
+# %% ../nbs/50_scale.ipynb #277c27b1587741f2af2001be3712ef0d
+def _init_ray(
+    ray: Any,  # the ray module
+    kw: dict,  # `ray.init` arguments
+    tries: int,  # starts to try (a local Ray: 3)
+) -> None:
+    "`ray.init(**kw)`, tried `tries` times; what a failed start left running is killed before the next try."
+    for attempt in range(tries):  # on a loaded machine a local raylet can time out starting its agent
+        before = _children()
+        try:
+            ray.init(log_to_driver=False, logging_level="ERROR", **kw)
+            return
+        except Exception:
+            ray.shutdown()
+            for pid in _children() - before:  # what the failed start left running (gcs_server, ...)
+                with suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if attempt == tries - 1:
+                raise
+
+# %% ../nbs/50_scale.ipynb #db7b79bc585a40fcaf58bf750017e135
 @contextmanager
 def ray_session(
     num_cpus: int | None = None,  # CPUs of a local Ray (default: all); ignored when RAY_ADDRESS is set
@@ -158,26 +196,13 @@ def ray_session(
         "_node_ip_address": "127.0.0.1",
     }
     kw = kw if local else {"address": address}  # a local Ray listens on the loopback only
-    for attempt in range(
-        3 if local else 1
-    ):  # on a loaded machine a local raylet can time out starting its agent
-        before = _children()
-        try:
-            ray.init(log_to_driver=False, logging_level="ERROR", **env, **kw)
-            break
-        except Exception:
-            ray.shutdown()
-            for pid in _children() - before:  # what the failed start left running (gcs_server, ...)
-                with suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-            if attempt == (2 if local else 0):
-                raise
+    _init_ray(ray, {**env, **kw}, 3 if local else 1)
     try:
         yield ray
     finally:
         ray.shutdown()
 
-# %% ../nbs/50_scale.ipynb #6130a1a6
+# %% ../nbs/50_scale.ipynb #916684f9a58a4a2aa5f864670399430d
 def ship_features(
     feature_set: str | Sequence[str],  # a registered set name, or a list of feature names
 ) -> tuple[str | None, list]:
@@ -193,7 +218,7 @@ def ship_features(
             _ray().cloudpickle.register_pickle_by_value(sys.modules[mod])
     return (feature_set if isinstance(feature_set, str) else None), feats
 
-
+# %% ../nbs/50_scale.ipynb #33b0902fd34d4ace834912fa1002cf8e
 def install_features(
     shipped: tuple[str | None, list],  # what `ship_features` returned
 ) -> list[str]:
@@ -205,15 +230,6 @@ def install_features(
     if name is not None:
         FEATURE_SETS[name] = [f.name for f in feats]
     return [f.name for f in feats]
-
-# %% ../nbs/50_scale.ipynb #1852a8fd
-def _children() -> set[int]:
-    "PIDs of this process's direct children (Linux /proc; empty elsewhere)."
-    kids: set[int] = set()
-    for f in Path("/proc/self/task").glob("*/children"):
-        with suppress(OSError):
-            kids |= {int(x) for x in f.read_text().split()}
-    return kids
 
 # %% ../nbs/50_scale.ipynb #143afb4e
 def gather(
@@ -237,7 +253,7 @@ def _peak_mib() -> float:
     "Peak resident memory of this process so far, MiB."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-# %% ../nbs/50_scale.ipynb #476443a0
+# %% ../nbs/50_scale.ipynb #3f9bc0b9dd2c44919cc8dcca39b469f8
 def _trainset_part(data: Partitioned, p: int, dates: list, horizon_days: int, shipped: tuple,
                    population: str) -> tuple[pl.DataFrame, float]:  # fmt: skip
     "Task: panel + features of partition `p` (the calls `build_training_set` makes), and this worker's peak MiB."
@@ -253,7 +269,7 @@ def _trainset_part(data: Partitioned, p: int, dates: list, horizon_days: int, sh
     fx = compute_features(comp, t.usage, panel.select("id", "as_of"), names, usage_period_days=period)
     return pl.concat([panel, fx.drop("id", "as_of")], how="horizontal"), _peak_mib()
 
-
+# %% ../nbs/50_scale.ipynb #a50416e276a0479cbe66534ed1713a40
 def _probe_part(data: Partitioned, p: int, rows: pl.DataFrame, shipped: tuple) -> pl.DataFrame:
     "Task: the audit's probe (`past_only`) for the probed rows of partition `p`."
     from hsml.leakage import past_only
@@ -261,7 +277,7 @@ def _probe_part(data: Partitioned, p: int, rows: pl.DataFrame, shipped: tuple) -
     t, names = data.part(p), install_features(shipped)
     return past_only(t.companies(), t.usage, names, data.timing["usage_period_days"])(rows)
 
-
+# %% ../nbs/50_scale.ipynb #f61877af4e7f4313ad8234302950b331
 def partitioned_past_only(
     data: Partitioned,  # the partitions
     shipped: tuple,  # the features to recompute (`ship_features`)
@@ -275,65 +291,26 @@ def partitioned_past_only(
 
     return recompute
 
-# %% ../nbs/50_scale.ipynb #e8cff06a
-def build_training_set_ray(
-    tables: Any,  # clean tables (hsml.contracts.Tables)
+# %% ../nbs/50_scale.ipynb #35ffc1ce1c7b4df9ace1bc936b8b1dc2
+def _plan(
+    tables: Any,  # clean tables
     as_of_start: Any,  # first as-of date
     as_of_end: Any,  # last possible as-of date (inclusive)
     every_days: int,  # days between as-of dates
-    horizon_days: int,  # label: converts in (as_of, as_of + horizon_days]
-    feature_set: str | list[str] = "default",  # registered feature set name, or a list of feature names
-    population: str
-    | None = None,  # registered population policy (default: hsml.snapshots.DEFAULT_POPULATION)
-    audit: bool = True,  # run the leakage audit (raises LeakageError)
-    auc_threshold: float = 0.95,  # the audit's single-feature AUC canary
-    allow: Sequence[str] = (),  # features exempt from the audit's canaries
-    partitions: int | None = None,  # number of partitions (default: the Ray cluster's CPUs)
-    workdir: str
-    | Path
-    | None = None,  # where the partitioned Parquet goes (default: a temporary dir in $HSML_SCALE_DIR)
-    stats: dict | None = None,  # filled with partitions, per-task rows and worker peak memory (MiB)
-) -> Any:
-    "`build_training_set` as Ray tasks over id-hash partitions: the same frame, content hash and audit verdict."
-    from hsml.features import feature_spec
-    from hsml.leakage import audit_training_set
-    from hsml.snapshots import DEFAULT_POPULATION, as_of_grid, is_on_anchor, to_date
-    from hsml.trainset import TrainingSet, _summary, check_labels_observed, content_hash, usage_timing
+    horizon_days: int,  # label window
+    feature_set: str | list[str],  # feature set name or feature names
+    population: str | None,  # population policy (None: hsml.snapshots.DEFAULT_POPULATION)
+) -> tuple[str, list, dict, tuple, list[str]]:
+    "What the driver settles before any task: (population, as-of dates, usage timing, shipped features, names)."
+    from hsml.snapshots import DEFAULT_POPULATION, as_of_grid
+    from hsml.trainset import check_labels_observed, usage_timing
 
-    population = population or DEFAULT_POPULATION
-    dates = as_of_grid(as_of_start, as_of_end, every_days)
-    timing = usage_timing(tables)
+    dates, timing = as_of_grid(as_of_start, as_of_end, every_days), usage_timing(tables)
     check_labels_observed(tables, dates[-1], horizon_days, timing)
     shipped = ship_features(feature_set)
-    names = [f.name for f in shipped[1]]
-    with ray_session() as ray, _workdir(workdir) as root:
-        n = partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        data = write_partitions(tables, root, n, timing)
-        refs = [
-            remote(_trainset_part).remote(data, p, dates, horizon_days, shipped, population) for p in range(n)
-        ]
-        parts, peaks = zip(*gather(refs))
-        frame = pl.concat([f for f in parts if f.height] or parts[:1]).sort("as_of", "id").rechunk()
-        if frame.height == 0:
-            raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
-                            hint="choose as-of dates inside the span of the usage data")  # fmt: skip
-        spec = feature_spec(frame, names)
-        report = (audit_training_set(frame, names, outcomes=tables.companies(), horizon_days=horizon_days,
-                                     recompute=partitioned_past_only(data, shipped), auc_threshold=auc_threshold,
-                                     allow=allow) if audit else None)  # fmt: skip
-    if stats is not None:
-        stats.update(partitions=n, rows=[f.height for f in parts], worker_peak_mib=[round(m) for m in peaks])
-    config = {"as_of_start": str(dates[0]), "as_of_end": str(to_date(as_of_end, "as_of_end")),
-              "every_days": every_days, "horizon_days": horizon_days, "as_of_dates": [str(d) for d in dates],
-              "feature_set": feature_set if isinstance(feature_set, str) else None, "features": names,
-              "population": population, **timing,
-              "off_anchor_as_of": [str(d) for d in dates if not is_on_anchor(d, timing["usage_anchor_weekday"])],
-              "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
-              "engine": {"name": "ray", "partitions": n}}  # fmt: skip
-    return TrainingSet(frame, spec, content_hash(frame, spec, timing), _summary(frame), config,
-                       report.to_dict() if report else None, timing)  # fmt: skip
+    return population or DEFAULT_POPULATION, dates, timing, shipped, [f.name for f in shipped[1]]
 
-
+# %% ../nbs/50_scale.ipynb #015066fb96f841e5be1e03a9eaadc3b6
 @contextmanager
 def _workdir(workdir: str | Path | None) -> Iterator[Path]:
     "The given directory (kept), or a fresh temporary one under $HSML_SCALE_DIR (removed after)."
@@ -347,6 +324,68 @@ def _workdir(workdir: str | Path | None) -> Iterator[Path]:
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
+# %% ../nbs/50_scale.ipynb #82ca0f16c5be4617b5535c40faa36c79
+def _gather_slices(
+    data: Partitioned,  # the partitions
+    dates: list,  # as-of dates
+    horizon_days: int,  # label window
+    shipped: tuple,  # the features (`ship_features`)
+    population: str,  # population policy
+) -> tuple[pl.DataFrame, list[int], tuple]:
+    "Run `_trainset_part` on every partition: (the rows sorted by as_of, id; rows per task; worker peak MiB)."
+    refs = [
+        remote(_trainset_part).remote(data, p, dates, horizon_days, shipped, population)
+        for p in range(data.n)
+    ]
+    parts, peaks = zip(*gather(refs))
+    frame = pl.concat([f for f in parts if f.height] or parts[:1]).sort("as_of", "id").rechunk()
+    if frame.height == 0:
+        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
+                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+    return frame, [f.height for f in parts], peaks
+
+# %% ../nbs/50_scale.ipynb #9075f00cfa8d463f84130041b1e44ca7
+def build_training_set_ray(
+    tables: Any,  # clean tables (hsml.contracts.Tables)
+    as_of_start: Any,  # first as-of date
+    as_of_end: Any,  # last possible as-of date (inclusive)
+    every_days: int,  # days between as-of dates
+    horizon_days: int,  # label: converts in (as_of, as_of + horizon_days]
+    feature_set: str | list[str] = "default",  # registered feature set name, or a list of feature names
+    population: str | None = None,  # registered population policy (default: DEFAULT_POPULATION)
+    audit: bool = True,  # run the leakage audit (raises LeakageError)
+    auc_threshold: float = 0.95,  # the audit's single-feature AUC canary
+    allow: Sequence[str] = (),  # features exempt from the audit's canaries
+    partitions: int | None = None,  # number of partitions (default: the Ray cluster's CPUs)
+    workdir: str
+    | Path
+    | None = None,  # the partitioned Parquet (default: a temporary dir in $HSML_SCALE_DIR)
+    stats: dict | None = None,  # filled with partitions, per-task rows and worker peak memory (MiB)
+) -> Any:
+    "`build_training_set` as Ray tasks over id-hash partitions: the same frame, content hash and audit verdict."
+    from hsml.features import feature_spec
+    from hsml.leakage import audit_training_set
+    from hsml.trainset import TrainingSet, _build_config, _summary, content_hash
+
+    population, dates, timing, shipped, names = _plan(tables, as_of_start, as_of_end, every_days, horizon_days,
+                                                      feature_set, population)  # fmt: skip
+    with ray_session() as ray, _workdir(workdir) as root:
+        n = partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        data = write_partitions(tables, root, n, timing)
+        frame, rows, peaks = _gather_slices(data, dates, horizon_days, shipped, population)
+        spec = feature_spec(frame, names)
+        report = (audit_training_set(frame, names, outcomes=tables.companies(), horizon_days=horizon_days,
+                                     recompute=partitioned_past_only(data, shipped), auc_threshold=auc_threshold,
+                                     allow=allow) if audit else None)  # fmt: skip
+    if stats is not None:
+        stats.update(partitions=n, rows=rows, worker_peak_mib=[round(m) for m in peaks])
+    config = _build_config(
+        tables, dates, as_of_end, every_days, horizon_days, feature_set, names, population, timing
+    )
+    config["engine"] = {"name": "ray", "partitions": n}
+    return TrainingSet(frame, spec, content_hash(frame, spec, timing), _summary(frame), config,
+                       report.to_dict() if report else None, timing)  # fmt: skip
+
 # %% ../nbs/50_scale.ipynb #9cafe4c0
 def _trainset_slice(data: Partitioned, p: int, dates: list, horizon_days: int, shipped: tuple, population: str,
                     dest: str) -> tuple[str | None, int, float]:  # fmt: skip
@@ -356,18 +395,35 @@ def _trainset_slice(data: Partitioned, p: int, dates: list, horizon_days: int, s
         frame.write_parquet(dest, statistics=True)
     return (dest if frame.height else None), frame.height, max(peak, _peak_mib())
 
-# %% ../nbs/50_scale.ipynb #0dfcf91e
+# %% ../nbs/50_scale.ipynb #5734001bcbac423990a4356310d8df13
+def _write_slices(
+    data: Partitioned,  # the partitions
+    dates: list,  # as-of dates
+    horizon_days: int,  # label window
+    shipped: tuple,  # the features (`ship_features`)
+    population: str,  # population policy
+    root: Path,  # where the slices go, `<partition>.parquet`
+) -> tuple[tuple, tuple, tuple]:
+    "Run `_trainset_slice` on every partition: (files, None for an empty slice; rows; worker peak MiB)."
+    root.mkdir(exist_ok=True)
+    refs = [remote(_trainset_slice).remote(data, p, dates, horizon_days, shipped, population,
+                                           str(root / f"{p}.parquet")) for p in range(data.n)]  # fmt: skip
+    files, rows, peaks = zip(*gather(refs))
+    if not any(files):
+        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
+                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+    return files, rows, peaks
+
+# %% ../nbs/50_scale.ipynb #27531e93873647d9a5bf1112f2051a59
 def build_training_set_ray_parts(
     tables: Any,  # clean tables (hsml.contracts.Tables)
     as_of_start: Any,  # first as-of date
     as_of_end: Any,  # last possible as-of date (inclusive)
     every_days: int,  # days between as-of dates
     horizon_days: int,  # label: converts in (as_of, as_of + horizon_days]
-    out: str
-    | Path,  # the directory `<name>.parquet` to write; feature_spec.json and the manifest go beside it
+    out: str | Path,  # the directory `<name>.parquet` to write; the spec and manifest go beside it
     feature_set: str | list[str] = "default",  # registered feature set name, or a list of feature names
-    population: str
-    | None = None,  # registered population policy (default: hsml.snapshots.DEFAULT_POPULATION)
+    population: str | None = None,  # registered population policy (default: DEFAULT_POPULATION)
     audit: bool = True,  # run the leakage audit (raises LeakageError)
     auc_threshold: float = 0.95,  # the audit's single-feature AUC canary
     allow: Sequence[str] = (),  # features exempt from the audit's canaries
@@ -380,30 +436,17 @@ def build_training_set_ray_parts(
     from hsml import trainset as T
     from hsml.core import atomic_path
     from hsml.features import feature_spec
-    from hsml.snapshots import DEFAULT_POPULATION, as_of_grid
 
-    population, dates, out = (
-        population or DEFAULT_POPULATION,
-        as_of_grid(as_of_start, as_of_end, every_days),
-        Path(out),
-    )
-    timing = T.usage_timing(tables)
-    T.check_labels_observed(tables, dates[-1], horizon_days, timing)
-    shipped = ship_features(feature_set)
-    names = [f.name for f in shipped[1]]
+    population, dates, timing, shipped, names = _plan(tables, as_of_start, as_of_end, every_days, horizon_days,
+                                                      feature_set, population)  # fmt: skip
+    out = Path(out)
     T.manifest_path(out).unlink(missing_ok=True)
     if out.is_file():
         out.unlink()
     with ray_session() as ray, _workdir(workdir) as root, atomic_path(out, is_dir=True) as tmp:
         n = partitions or max(1, int(ray.cluster_resources().get("CPU", 1)))
         data = write_partitions(tables, root, n, timing)
-        (root / "slices").mkdir(exist_ok=True)
-        refs = [remote(_trainset_slice).remote(data, p, dates, horizon_days, shipped, population,
-                                               str(root / "slices" / f"{p}.parquet")) for p in range(n)]  # fmt: skip
-        files, rows, peaks = zip(*gather(refs))
-        if not any(files):
-            raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
-                            hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+        files, rows, peaks = _write_slices(data, dates, horizon_days, shipped, population, root / "slices")
         parts = T._sink_dates(pl.scan_parquet([f for f in files if f]), tmp)
         scan = pl.scan_parquet([tmp / p for p in parts])
         spec = feature_spec(scan.head(0).collect(), names)
@@ -422,7 +465,7 @@ def build_training_set_ray_parts(
     ts.publish(out)
     return ts
 
-# %% ../nbs/50_scale.ipynb #3bca4714
+# %% ../nbs/50_scale.ipynb #f3041e9ffdb2416ea2009d3a6a4c5716
 def _population_part(data: Partitioned, p: int, day: Any, horizon_days: int, population: str) -> int:
     "Task: how many companies of partition `p` are in `population` at `day`."
     from hsml.snapshots import build_snapshots
@@ -431,7 +474,7 @@ def _population_part(data: Partitioned, p: int, day: Any, horizon_days: int, pop
     return build_snapshots(t.companies(), t.usage, [day], horizon_days, population=population,
                            usage_period_days=data.timing["usage_period_days"]).height  # fmt: skip
 
-
+# %% ../nbs/50_scale.ipynb #b427a666a1b549ef9b573d6f946bfc3b
 def _score_part(data: Partitioned, p: int, bundle: Any, shipped: tuple, day: Any, population: str, how: str,
                 scored: bool) -> tuple[pl.DataFrame, float]:  # fmt: skip
     "Task: `score_frame` on partition `p` (or, with nobody to score there, its unscored prospects)."
@@ -449,7 +492,7 @@ def _score_part(data: Partitioned, p: int, bundle: Any, shipped: tuple, day: Any
         "id", as_of=pl.lit(day), unscored_reason=pl.lit(outside_reason(population))
     ), _peak_mib()
 
-# %% ../nbs/50_scale.ipynb #0d045412
+# %% ../nbs/50_scale.ipynb #91f166d9f0ce4939b04b8e9245f75c27
 def _rank(frame: pl.DataFrame) -> pl.DataFrame:
     "Rank and decile over all scored rows, as `score_frame` does: score descending, ties by id."
     n = frame.height
@@ -459,7 +502,38 @@ def _rank(frame: pl.DataFrame) -> pl.DataFrame:
     decile = np.minimum(10, (rank - 1) * 10 // n + 1).astype(np.int8)
     return frame.with_columns(rank=pl.Series(rank), decile=pl.Series(decile)).sort("rank")
 
+# %% ../nbs/50_scale.ipynb #421b839107204e409e0496d3d944026c
+def _reasons_method(
+    bundle: Any,  # the loaded bundle
+    how: str,  # the asked method; 'auto' is settled here
+    total: int,  # rows to score, over every partition
+) -> str:
+    "The reasons method `score_frame` would pick for `total` rows: `how`, or for 'auto' shap / path / occlusion."
+    if how != "auto":
+        return how
+    c = bundle.compiled
+    tree = c is not None and c.booster is not None and c.z_inputs is not None
+    return ("shap" if total <= 20_000 else "path") if tree else "occlusion"
 
+# %% ../nbs/50_scale.ipynb #62234bff
+def _combine_scores(parts: Sequence[pl.DataFrame], bundle: Any, day: Any) -> pl.DataFrame:
+    "The partitions' lists as one `score_frame` list: ranked rows by rank, then the unscored by id."
+    from hsml.score import off_anchor_warning
+
+    scored = [f for f in parts if "score" in f.columns]
+    cols = scored[0].columns
+    allrows = pl.concat(scored, how="vertical_relaxed")
+    ranked = _rank(allrows.filter(pl.col("unscored_reason").is_null())).select(cols)
+    ids = pl.concat([f.filter(pl.col("unscored_reason").is_not_null()).select("id", "as_of", "unscored_reason")
+                     for f in parts]).sort("id")  # fmt: skip
+    t = bundle.training
+    unscored = ids.with_columns(model=pl.lit(bundle.name), model_version=pl.lit(bundle.version, dtype=pl.Int64),
+                                model_digest=pl.lit(bundle.digest))  # fmt: skip
+    off = off_anchor_warning(day, t["usage_anchor_weekday"], t["usage_period_days"]) is not None
+    out = pl.concat([ranked.drop("as_of_off_anchor"), unscored], how="diagonal_relaxed")
+    return out.with_columns(as_of_off_anchor=pl.lit(off))
+
+# %% ../nbs/50_scale.ipynb #71b4158a9f3d49279f06ec9197b84529
 def score_frame_ray(
     bundle: Any,  # a loaded bundle (hsml.registry.load_model)
     tables: Any,  # clean tables (hsml.contracts.Tables)
@@ -486,35 +560,13 @@ def score_frame_ray(
         if sum(sizes) == 0:
             raise HsmlError(f"nobody to score: no company is in the population {population!r} at {day}",
                             hint=outside_reason(population))  # fmt: skip
-        how = reasons_method
-        if how == "auto":
-            c = bundle.compiled
-            tree = c is not None and c.booster is not None and c.z_inputs is not None
-            how = ("shap" if sum(sizes) <= 20_000 else "path") if tree else "occlusion"
+        how = _reasons_method(bundle, reasons_method, sum(sizes))
         b, shipped = ray.put(bundle), ship_features(bundle.info.get("feature_set") or "default")
         parts, peaks = zip(*gather([remote(_score_part).remote(data, p, b, shipped, day, population, how, s > 0)
                                      for p, s in enumerate(sizes)]))  # fmt: skip
     if stats is not None:
         stats.update(partitions=n, rows=list(sizes), worker_peak_mib=[round(m) for m in peaks])
     return _combine_scores(parts, bundle, day)
-
-# %% ../nbs/50_scale.ipynb #62234bff
-def _combine_scores(parts: Sequence[pl.DataFrame], bundle: Any, day: Any) -> pl.DataFrame:
-    "The partitions' lists as one `score_frame` list: ranked rows by rank, then the unscored by id."
-    from hsml.score import off_anchor_warning
-
-    scored = [f for f in parts if "score" in f.columns]
-    cols = scored[0].columns
-    allrows = pl.concat(scored, how="vertical_relaxed")
-    ranked = _rank(allrows.filter(pl.col("unscored_reason").is_null())).select(cols)
-    ids = pl.concat([f.filter(pl.col("unscored_reason").is_not_null()).select("id", "as_of", "unscored_reason")
-                     for f in parts]).sort("id")  # fmt: skip
-    t = bundle.training
-    unscored = ids.with_columns(model=pl.lit(bundle.name), model_version=pl.lit(bundle.version, dtype=pl.Int64),
-                                model_digest=pl.lit(bundle.digest))  # fmt: skip
-    off = off_anchor_warning(day, t["usage_anchor_weekday"], t["usage_period_days"]) is not None
-    out = pl.concat([ranked.drop("as_of_off_anchor"), unscored], how="diagonal_relaxed")
-    return out.with_columns(as_of_off_anchor=pl.lit(off))
 
 # %% ../nbs/50_scale.ipynb #56715294
 def score_ray(
@@ -542,12 +594,3 @@ def score_ray(
         write_scores(fr, out),
         off_anchor_warning(fr["as_of"][0], t["usage_anchor_weekday"], t["usage_period_days"]),
     )
-
-
-def check_engine(
-    engine: str,  # the --engine value
-) -> str:
-    "`engine` when it is one of `ENGINES`, else an `HsmlError` listing them."
-    if engine not in ENGINES:
-        raise HsmlError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
-    return engine

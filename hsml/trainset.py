@@ -23,9 +23,10 @@ import typer
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LEAD_COLUMNS', 'features_app', 'content_hash', 'TrainingSet', 'manifest_path', 'scan_training_set', 'write_parts',
-           'usage_timing', 'check_labels_observed', 'TablesLike', 'build_training_set', 'scoring_frame',
-           'audit_by_columns', 'build_training_set_parts', 'features_build']
+__all__ = ['LEAD_COLUMNS', 'features_app', 'OutOpt', 'DataDirOpt', 'EngineOpt', 'PartitionsOpt', 'PartsOpt', 'content_hash',
+           'TrainingSet', 'manifest_path', 'scan_training_set', 'write_parts', 'usage_timing', 'check_labels_observed',
+           'TablesLike', 'build_training_set', 'scoring_frame', 'audit_by_columns', 'build_training_set_parts',
+           'features_build']
 
 # %% ../nbs/13_trainset.ipynb #83c9c9d8
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
@@ -136,15 +137,17 @@ class TrainingSet:
     )  # usage_period_days, usage_anchor_weekday
     parts: list[str] | None = None  # stored in parts: its file names, in row order (None: one file)
 
-    @property
-    def feature_names(self) -> list[str]:
-        "Feature columns, in order."
-        return [s["name"] for s in self.spec]
+# %% ../nbs/13_trainset.ipynb #bf2435f5
+@patch(as_prop=True)
+def feature_names(self: TrainingSet) -> list[str]:
+    "Feature columns, in order."
+    return [s["name"] for s in self.spec]
 
-    @property
-    def rows(self) -> int:
-        "Number of rows, from the per-date summary (a lazy frame is not read for it)."
-        return int(self.summary["population"].sum())
+
+@patch(as_prop=True)
+def rows(self: TrainingSet) -> int:
+    "Number of rows, from the per-date summary (a lazy frame is not read for it)."
+    return int(self.summary["population"].sum())
 
 # %% ../nbs/13_trainset.ipynb #02de8096
 def manifest_path(path: str | Path) -> Path:
@@ -152,7 +155,7 @@ def manifest_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.stem + ".manifest.json")
 
-
+# %% ../nbs/13_trainset.ipynb #8763a12b2bbd4a93a75aff182afb95dc
 def _summary(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     return (
         frame.lazy()
@@ -195,7 +198,7 @@ def _sink_dates(
         lf.filter(pl.col("as_of") == d).sort("id").sink_parquet(root / f"{d}.parquet", statistics=True)
     return [f"{d}.parquet" for d in dates]
 
-
+# %% ../nbs/13_trainset.ipynb #947a1826
 def write_parts(
     frame: pl.DataFrame | pl.LazyFrame,  # a training-set frame
     path: str | Path,  # the directory to write (replaced as a whole, atomically)
@@ -206,30 +209,6 @@ def write_parts(
         path.unlink()
     with atomic_path(path, is_dir=True) as tmp:
         return _sink_dates(frame, tmp)
-
-# %% ../nbs/13_trainset.ipynb #c0edf97b
-@patch
-def save(
-    self: TrainingSet,
-    path: str
-    | Path,  # the .parquet to write (a directory of parts when `self.parts`); the spec and manifest go beside it
-) -> Path:
-    "Write the data (one Parquet file, or one per as-of date), `feature_spec.json`, then the manifest, atomically."
-    path = Path(path)
-    if path.suffix != ".parquet":
-        raise HsmlError(f"{path}: a training set is written as a .parquet file")
-    manifest_path(path).unlink(missing_ok=True)  # never a manifest beside data it does not describe
-    if self.parts is not None:
-        self.parts = write_parts(self.frame, path)
-        return self.publish(path)
-    if path.is_dir():  # parts written there before
-        shutil.rmtree(path)
-    with atomic_path(path) as tmp:
-        if isinstance(self.frame, pl.DataFrame):
-            self.frame.write_parquet(tmp, statistics=True)
-        else:
-            self.frame.sink_parquet(tmp, statistics=True)
-    return self.publish(path)
 
 # %% ../nbs/13_trainset.ipynb #e3006ad4
 @patch
@@ -257,6 +236,39 @@ def publish(
     atomic_write_json(path.parent / "feature_spec.json", feature_spec_document(self.spec, self.timing))
     atomic_write_json(manifest_path(path), self.manifest())
     return path
+
+# %% ../nbs/13_trainset.ipynb #ee80c64c
+def _write_one(
+    frame: pl.DataFrame | pl.LazyFrame,  # a training-set frame (a scan is streamed, never collected)
+    path: Path,  # the .parquet file to write, atomically
+) -> Path:
+    "Write the frame as one Parquet file, with statistics."
+    with atomic_path(path) as tmp:
+        if isinstance(frame, pl.DataFrame):
+            frame.write_parquet(tmp, statistics=True)
+        else:
+            frame.sink_parquet(tmp, statistics=True)
+    return path
+
+# %% ../nbs/13_trainset.ipynb #c0edf97b
+@patch
+def save(
+    self: TrainingSet,
+    path: str
+    | Path,  # the .parquet to write (a directory of parts when `self.parts`); the spec and manifest go beside it
+) -> Path:
+    "Write the data (one Parquet file, or one per as-of date), `feature_spec.json`, then the manifest, atomically."
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise HsmlError(f"{path}: a training set is written as a .parquet file")
+    manifest_path(path).unlink(missing_ok=True)  # never a manifest beside data it does not describe
+    if self.parts is not None:
+        self.parts = write_parts(self.frame, path)
+        return self.publish(path)
+    if path.is_dir():  # parts written there before
+        shutil.rmtree(path)
+    _write_one(self.frame, path)
+    return self.publish(path)
 
 # %% ../nbs/13_trainset.ipynb #dd216683
 @patch(cls_method=True)
@@ -430,17 +442,9 @@ def scoring_frame(
     "id, as_of, features for the population at `as_of`: what a model trained on a training set scores."
     companies, usage = tables.companies(), tables.usage
     names = [f.name for f in resolve_features(feature_set)]
-    period = usage_timing(tables, usage_period_days, "Monday")[
-        "usage_period_days"
-    ]  # the anchor is not needed
-    panel = build_snapshots(
-        companies,
-        usage,
-        [to_date(as_of, "as_of")],
-        horizon_days=1,
-        population=population,
-        usage_period_days=period,
-    )
+    period = usage_timing(tables, usage_period_days, "Monday")["usage_period_days"]  # no anchor needed
+    panel = build_snapshots(companies, usage, [to_date(as_of, "as_of")], horizon_days=1, population=population,
+                            usage_period_days=period)  # fmt: skip
     return compute_features(companies, usage, panel.select("id", "as_of"), names, usage_period_days=period)
 
 # %% ../nbs/13_trainset.ipynb #f25897df
@@ -585,6 +589,18 @@ features_app = typer.Typer(
 def _features() -> None:
     "Build point-in-time training sets (population, labels, features, leakage audit)."
 
+# %% ../nbs/13_trainset.ipynb #e4ed7fd7
+def _echo_data_end(
+    tables: Any,  # the loaded tables
+) -> None:
+    "Print where the data ends, its usage period, and any warning about it."
+    end = data_end(tables)
+    typer.echo(f"data: last usage stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}, "
+               f"data ends {end['data_end']}; usage every {end['usage_period_days']} days on "
+               f"{end['usage_anchor_weekday']}s")  # fmt: skip
+    for w in end["warnings"]:
+        typer.echo(f"! {w}")
+
 # %% ../nbs/13_trainset.ipynb #51a1ae7e
 def _cli_tables(
     data_dir: Path | None,  # --data-dir
@@ -602,12 +618,7 @@ def _cli_tables(
     if engine not in ("local", "ray"):
         raise HsmlError(f"unknown engine {engine!r}", hint="use local or ray")
     tables = load_tables(source)
-    end = data_end(tables)
-    typer.echo(f"data: last usage stamp {end['last_usage_stamp']}, last close date {end['last_close_date']}, "
-               f"data ends {end['data_end']}; usage every {end['usage_period_days']} days on "
-               f"{end['usage_anchor_weekday']}s")  # fmt: skip
-    for w in end["warnings"]:
-        typer.echo(f"! {w}")
+    _echo_data_end(tables)
     return tables
 
 # %% ../nbs/13_trainset.ipynb #7f1dfb78
@@ -656,41 +667,39 @@ def _want_parts(
         )
     return bool(parts)
 
+# %% ../nbs/13_trainset.ipynb #46a27a456b804aa2a380d5edf15a5daf
+OutOpt = Annotated[Path, typer.Option(help="the training-set .parquet to write (with --parts a directory); feature_spec.json and the manifest go beside it")]  # fmt: skip
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="directory with customers.csv, noncustomers.csv, usage_actions.csv"),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="local (one process), or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)",
+    ),
+]
+PartitionsOpt = Annotated[
+    int | None,
+    typer.Option(help="with --engine ray: number of partitions (default: the cluster's CPUs)"),
+]
+PartsOpt = Annotated[bool | None, typer.Option("--parts/--no-parts", help="write one Parquet file per as-of date under --out, never holding the whole training set (local: a date at a time; ray: tasks write their slices); default: in parts when the usage table is too big to hold (read lazily, above 10M rows)")]  # fmt: skip
+
 # %% ../nbs/13_trainset.ipynb #4efb4b9c
 @features_app.command("build")
 def features_build(
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="the training-set .parquet to write (with --parts a directory); feature_spec.json and the manifest go beside it"
-        ),
-    ],
+    out: OutOpt,
     as_of_start: Annotated[str, typer.Option(help="first as-of date, YYYY-MM-DD")],
     as_of_end: Annotated[str, typer.Option(help="last possible as-of date, YYYY-MM-DD")],
     every_days: Annotated[int, typer.Option(help="days between as-of dates")],
     horizon_days: Annotated[int, typer.Option(help="label: converts within this many days after as_of")],
-    data_dir: Annotated[
-        Path | None, typer.Option(help="directory with customers.csv, noncustomers.csv, usage_actions.csv")
-    ] = None,
+    data_dir: DataDirOpt = None,
     catalog: Annotated[Path | None, typer.Option(help="a catalog YAML instead of --data-dir")] = None,
     feature_set: Annotated[str, typer.Option(help="registered feature set name")] = "default",
     population: Annotated[str, typer.Option(help="population policy name")] = DEFAULT_POPULATION,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help="local (one process), or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"
-        ),
-    ] = "local",
-    partitions: Annotated[
-        int | None, typer.Option(help="with --engine ray: number of partitions (default: the cluster's CPUs)")
-    ] = None,
-    parts: Annotated[
-        bool | None,
-        typer.Option(
-            "--parts/--no-parts",
-            help="write one Parquet file per as-of date under --out, never holding the whole training set (local: a date at a time; ray: tasks write their slices); default: in parts when the usage table is too big to hold (read lazily, above 10M rows)",
-        ),
-    ] = None,
+    engine: EngineOpt = "local",
+    partitions: PartitionsOpt = None,
+    parts: PartsOpt = None,
 ) -> None:
     """Build a training set: population and labels per as-of date, features, leakage audit; write it.
 
