@@ -72,6 +72,20 @@ def _field_type(f: dict) -> Any:
         t = Annotated[str, Field(strict=True, max_length=200)]
     return t | None if f.get("nullable", True) else t
 
+# %% ../nbs/32_serve.ipynb #4d59fedcae41437686ad1a71a1884d48
+def _field_description(
+    f: dict,  # one field of the input schema
+) -> str:
+    "The field's description for `/docs`; a category's adds its training levels (20 at most) and what an unseen one does."
+    desc = f.get("description") or ""
+    if f.get("type") == "category" and f.get("categories"):
+        cats = f["categories"]
+        desc += f" (training categories: {', '.join(map(str, cats[:20]))}{' ...' if len(cats) > 20 else ''}"
+        desc += (
+            "; unseen ones are treated as in training)" if f.get("unknown_categories") == "accept" else ")"
+        )
+    return desc.strip()
+
 # %% ../nbs/32_serve.ipynb #4fa3ad4a
 def record_model(
     schema: dict,  # input_schema.json content
@@ -80,18 +94,7 @@ def record_model(
     "A TypedDict of one input record (validated by pydantic): every feature required, extra keys forbidden but `id`."
     fields: dict[str, Any] = {}
     for f in schema["fields"]:
-        desc = f.get("description") or ""
-        if f.get("type") == "category" and f.get("categories"):
-            cats = f["categories"]
-            desc += (
-                f" (training categories: {', '.join(map(str, cats[:20]))}{' ...' if len(cats) > 20 else ''}"
-            )
-            desc += (
-                "; unseen ones are treated as in training)"
-                if f.get("unknown_categories") == "accept"
-                else ")"
-            )
-        fields[f["name"]] = Annotated[_field_type(f), Field(description=desc.strip())]
+        fields[f["name"]] = Annotated[_field_type(f), Field(description=_field_description(f))]
     if "id" in fields:
         raise HsmlError("a feature is called 'id': ids are never features")
     fields["id"] = NotRequired[
@@ -580,6 +583,22 @@ def _raw(v: RawValue) -> str | None:
         return repr(v) if not v.is_integer() else str(int(v))
     return str(v)
 
+# %% ../nbs/32_serve.ipynb #472c087bdaf047c4bd2daf3102168774
+def _usage_rows(
+    req: CompanyRequest,  # the request
+    ucols: list[str],  # the raw usage table's columns
+) -> list[dict]:
+    "The request's usage rows as raw text rows of its company; an unknown field or another company's id raises."
+    sid, urows = str(req.id), []
+    for i, u in enumerate(req.usage):
+        extra = sorted(set(u) - set(ucols))
+        if extra:
+            raise HsmlError(f"usage[{i}]: unknown field(s) {extra}; expected {ucols}")
+        if "id" in u and _raw(u["id"]) != sid:
+            raise HsmlError(f"usage[{i}].id {u['id']!r} differs from id {req.id}")
+        urows.append({c: _raw(u.get(c)) for c in ucols} | {"id": sid})
+    return urows
+
 # %% ../nbs/32_serve.ipynb #2d6aa37d
 def request_frames(
     req: CompanyRequest,  # the request
@@ -599,14 +618,7 @@ def request_frames(
     comp = {c: [_raw(req.company.get(c))] for c in RAW_COMPANY_COLUMNS} | {"id": [sid]}
     cust = {c: [None] for c in RAW_CUSTOMER_COLUMNS} | {"CLOSEDATE": ["2000-01-01"], "MRR": ["1"], "id": [ph]}
     ucols = [c.name for c in RAW_CONTRACTS["usage"]]
-    urows = []
-    for i, u in enumerate(req.usage):
-        extra = sorted(set(u) - set(ucols))
-        if extra:
-            raise HsmlError(f"usage[{i}]: unknown field(s) {extra}; expected {ucols}")
-        if "id" in u and _raw(u["id"]) != sid:
-            raise HsmlError(f"usage[{i}].id {u['id']!r} differs from id {req.id}")
-        urows.append({c: _raw(u.get(c)) for c in ucols} | {"id": sid})
+    urows = _usage_rows(req, ucols)
     urows.append({c: "0" for c in ucols} | {"id": ph, "WHEN_TIMESTAMP": "2000-01-01 00:00:00.000"})
     return {
         "customers": pl.DataFrame(cust, schema={c: pl.String for c in cust}),
@@ -1275,31 +1287,9 @@ def create_app(
 
         bundle = load_model(bundle, root=registry)
     guard = Guard(max_in_flight)  # in-flight limit and readiness (hsml.serve_guard)
-    st = ServeState(
-        bundle,
-        token,
-        max_records,
-        log_path,
-        flush_seconds,
-        log_sink,
-        guard,
-        drain_seconds,
-        experiment,
-        holdout_share,
-    )
-    b = st.bundle
-    app = FastAPI(
-        title=f"hsml model service: {b.name}",
-        version=str(b.version if b.version is not None else b.digest[:12]),
-        description=service_description(st.max_records, st.max_body, bool(st.token)),  # type: ignore[arg-type]
-        lifespan=lifespan,
-    )
-    app.state.serve, app.state.bundle, app.state.guard, app.state.log_to = st, b, st.guard, st.log_to
-    app.add_middleware(InFlightLimit, guard=st.guard)
-    for exc in (Problem, StarletteHTTPException, RequestValidationError):
-        app.add_exception_handler(exc, problem_handler)
-    add_routes(app, st)
-    return app
+    st = ServeState(bundle, token, max_records, log_path, flush_seconds, log_sink, guard, drain_seconds,
+                    experiment, holdout_share)  # fmt: skip
+    return _fastapi_app(st)
 
 # %% ../nbs/32_serve.ipynb #38ba29f1
 def log_sink_from_catalog(
@@ -1397,9 +1387,7 @@ def serve(
     port: int = 8000,  # TCP port
     registry: str | Path | None = None,  # registry directory (default $HSML_REGISTRY or ./registry)
     token: str | None = None,  # bearer token (default $HSML_API_TOKEN)
-    log_path: str
-    | Path
-    | None = None,  # prediction log (default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl)
+    log_path: str | Path | None = None,  # JSONL log (default $HSML_PREDICTION_LOG or .hsml/predictions.jsonl)
     workers: int = 1,  # server processes (each loads and verifies the bundle; they share the prediction log)
     log_level: str = "warning",  # uvicorn log level
     experiment: str | None = None,  # holdout experiment's name: answers and log carry each company's arm
