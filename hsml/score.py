@@ -244,6 +244,35 @@ def _ranked_list(
     out = out.with_columns(**_model_columns(bundle)).sort("rank")
     return out.with_columns(pl.lit(method).alias("reasons_method")) if reasons else out
 
+# %% ../nbs/33_score.ipynb #f94f5a17fa734d288763e7d9a3758173
+def _nobody_to_score(
+    population: str,  # the population policy
+    day: dt.date,  # the scoring date
+    outside: pl.DataFrame,  # the prospects outside the population
+) -> HsmlError:
+    "The error when the population is empty at `day`: how many prospects are outside it, or that there are none."
+    return HsmlError(
+        f"nobody to score: no company is in the population {population!r} at {day}",
+        hint=f"{outside.height} prospect(s) are outside it ({outside_reason(population)})"
+        if outside.height
+        else "no prospect at all: is as_of within the data?",
+    )
+
+# %% ../nbs/33_score.ipynb #40c1800d1c114147a536b8aa907907c7
+def _with_unscored(
+    out: pl.DataFrame,  # the ranked list (`_ranked_list`)
+    outside: pl.DataFrame,  # `id, unscored_reason` of the prospects outside the population
+    day: dt.date,  # the scoring date
+    bundle: Bundle,  # the bundle that scored
+    off: bool,  # `day` is off the usage anchor weekday
+) -> pl.DataFrame:
+    "The ranked list, then the prospects outside the population without a score; `as_of_off_anchor` on every row."
+    out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
+    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason")
+    return pl.concat(
+        [out, unscored.with_columns(**_model_columns(bundle))], how="diagonal_relaxed"
+    ).with_columns(as_of_off_anchor=pl.lit(off))
+
 # %% ../nbs/33_score.ipynb #9075f00cfa8d463f84130041b1e44ca7
 def score_frame(
     bundle: Bundle,  # a loaded bundle (hsml.registry.load_model / hsml.bundle.load_bundle)
@@ -266,12 +295,7 @@ def score_frame(
     companies = tables.companies()
     panel, outside = population_split(companies, tables.usage, day, horizon, population, period)
     if panel.height == 0:
-        raise HsmlError(
-            f"nobody to score: no company is in the population {population!r} at {day}",
-            hint=f"{outside.height} prospect(s) are outside it ({outside_reason(population)})"
-            if outside.height
-            else "no prospect at all: is as_of within the data?",
-        )
+        raise _nobody_to_score(population, day, outside)
     X = _features(bundle, companies, tables.usage, panel, period)
     how = _reasons_how(bundle, reasons_method, X.height) if reasons else None
     show = X.height > chunk_size if progress is None else progress
@@ -281,12 +305,8 @@ def score_frame(
     finally:
         bundle.set_threads(1)
     out = _ranked_list(bundle, X, scores, r_idx, r_val, method, reasons)
-    out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
-    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason")
     off = off_anchor_warning(day, anchor, period) is not None
-    return pl.concat(
-        [out, unscored.with_columns(**_model_columns(bundle))], how="diagonal_relaxed"
-    ).with_columns(as_of_off_anchor=pl.lit(off))
+    return _with_unscored(out, outside, day, bundle, off)
 
 # %% ../nbs/33_score.ipynb #72c31777baf4441b988909d29205560c
 def _check_out(out: str | Path) -> None:
