@@ -28,14 +28,14 @@ __all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', '
            'fold_label', 'edit_distance', 'industry_mapper', 'employee_level', 'Policy', 'Issue', 'TableReport',
            'Report', 'infer_usage_period', 'Tables', 'validate_frames', 'load_tables', 'check']
 
-# %% ../nbs/02_contracts.ipynb #805f36d9
+# %% ../nbs/02_contracts.ipynb #acae54e37e7d407bbb7b55eff062a284
 EMPLOYEE_ENUM = pl.Enum(EMPLOYEE_LEVELS)
 COUNT_COLUMNS: list[str] = [
     "ACTIONS_CRM_CONTACTS", "ACTIONS_CRM_COMPANIES", "ACTIONS_CRM_DEALS", "ACTIONS_EMAIL",
     "USERS_CRM_CONTACTS", "USERS_CRM_COMPANIES", "USERS_CRM_DEALS", "USERS_EMAIL",
 ]  # fmt: skip
 
-
+# %% ../nbs/02_contracts.ipynb #72eea5119410473aa328ad9291626812
 @dataclass(frozen=True)
 class ColumnSpec:
     "One column of a raw table and how it is parsed."
@@ -45,12 +45,13 @@ class ColumnSpec:
     required: bool  # a blank value quarantines the row; an unparseable one stops with HsmlError
     doc: str = ""  # what it means
 
-# %% ../nbs/02_contracts.ipynb #805f36d9s0
+# %% ../nbs/02_contracts.ipynb #8edb47106e1a46a883d545849b8ab81b
 _ID = ColumnSpec("id", "id", True, "company / portal id")
 _RANK = ColumnSpec("ALEXA_RANK", "int", False, "web-traffic rank, 1 = most visited; sentinel = unknown")
 _EMP = ColumnSpec("EMPLOYEE_RANGE", "employee_range", False, "company size bucket")
 _IND = ColumnSpec("INDUSTRY", "industry", False, "industry label, folded to a canonical name")
 
+# %% ../nbs/02_contracts.ipynb #7623eae2785240b9bd12b16a66d81610
 RAW_CONTRACTS: dict[str, list[ColumnSpec]] = {
     "customers": [
         _ID,
@@ -70,13 +71,15 @@ RAW_CONTRACTS: dict[str, list[ColumnSpec]] = {
 def _col(dtype: Any, nullable: bool = True, unique: bool = False, checks: list | None = None) -> pa.Column:
     return pa.Column(dtype, nullable=nullable, unique=unique, checks=checks or [])
 
-# %% ../nbs/02_contracts.ipynb #0d3493e6s0
+# %% ../nbs/02_contracts.ipynb #7cdc8c89c7104fffa095e18ddfef8986
 _COMPANY_COLS = {
     "ALEXA_RANK": _col(pl.Int64, checks=[pa.Check.ge(1)]),
     "ALEXA_RANK_UNKNOWN": _col(pl.Boolean, nullable=False),
     "EMPLOYEE_RANGE": _col(EMPLOYEE_ENUM),
     "INDUSTRY": _col(pl.Utf8),
 }
+
+# %% ../nbs/02_contracts.ipynb #504fb2a444614c0babb325280ed9130a
 CLEAN_SCHEMAS: dict[str, pa.DataFrameSchema] = {
     "customers": pa.DataFrameSchema(
         {
@@ -102,7 +105,7 @@ CLEAN_SCHEMAS: dict[str, pa.DataFrameSchema] = {
     ),
 }  # fmt: skip
 
-# %% ../nbs/02_contracts.ipynb #858a3ba3
+# %% ../nbs/02_contracts.ipynb #59bbdb311c014d738909a11f9e486628
 INDUSTRY_SYNONYMS: dict[str, list[str]] = {
     "Computer Software": ["Technology - Software", "Software", "SaaS", "Software Development", "Tech - Software", "Software - SaaS"],
     "Information Technology and Services": ["Information Technology", "IT Services", "IT", "Technology - IT Services", "Tech - IT"],
@@ -116,6 +119,10 @@ INDUSTRY_SYNONYMS: dict[str, list[str]] = {
     "Publishing": ["Media - Publishing"],
     "Entertainment": ["Media - Entertainment"],
     "Management Consulting": ["Consulting", "Business Consulting", "Professional Services - Consulting", "Services - Consulting"],
+}  # fmt: skip
+
+# %% ../nbs/02_contracts.ipynb #c3933fab20d04ec698c2621248eb3be0
+INDUSTRY_SYNONYMS |= {
     "Financial Services": ["Finance - Financial Services", "Finance", "Fintech", "Finance - Services"],
     "Banking": ["Finance - Banking", "Bank"],
     "Insurance": ["Finance - Insurance"],
@@ -131,6 +138,10 @@ INDUSTRY_SYNONYMS: dict[str, list[str]] = {
     "E-Learning": ["Online Education", "EdTech", "Education - E-Learning"],
     "Non-Profit Organization Management": ["Nonprofit", "NGO", "Charity"],
     "Government Administration": ["Government", "Public Sector"],
+}  # fmt: skip
+
+# %% ../nbs/02_contracts.ipynb #3ed186c9a28b402fb0bc4494df01f08d
+INDUSTRY_SYNONYMS |= {
     "Retail": ["Consumer - Retail", "Retail - General", "Shop", "Ecommerce"],
     "Consumer Goods": ["Consumer - Goods", "CPG"],
     "Consumer Services": ["Consumer - Services"],
@@ -178,11 +189,24 @@ def edit_distance(a: str, b: str) -> int:
         prev2, prev = prev, cur
     return prev[-1]
 
-# %% ../nbs/02_contracts.ipynb #858a3ba3d
+# %% ../nbs/02_contracts.ipynb #379cbbc1e968416e875cc15c1202d7eb
 def _match_key(folded: str) -> str:
     return "_".join(w for w in folded.split("_") if w != "AND")
 
+# %% ../nbs/02_contracts.ipynb #916684f9a58a4a2aa5f864670399430d
+def _typo_match(
+    key: str,  # a folded label (6+ characters) with no exact match
+    keys: list[str],  # the folded known labels
+    typo_cutoff: float,  # difflib ratio needed to accept a typo
+) -> str | None:
+    "The known label `key` is a typo of, or None: difflib's closest, else one within an edit per 10 characters."
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=typo_cutoff)
+    if not close:  # one edit (two for long labels) away, e.g. a swapped pair of letters
+        near = sorted((edit_distance(key, k), k) for k in keys if abs(len(k) - len(key)) <= 2)
+        close = [near[0][1]] if near and near[0][0] <= max(1, len(key) // 10) else []
+    return close[0] if close else None
 
+# %% ../nbs/02_contracts.ipynb #f6fa52606d8c4a75a9b52967216f8f3f
 def industry_mapper(
     synonyms: Mapping[str, list[str]] = INDUSTRY_SYNONYMS,  # canonical -> other labels
     typo_cutoff: float = 0.88,  # difflib ratio needed to accept a typo
@@ -203,11 +227,8 @@ def industry_mapper(
         key = _match_key(folded)
         canon = index.get(key)
         if canon is None and len(key) >= 6:
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=typo_cutoff)
-            if not close:  # one edit (two for long labels) away, e.g. a swapped pair of letters
-                near = sorted((edit_distance(key, k), k) for k in keys if abs(len(k) - len(key)) <= 2)
-                close = [near[0][1]] if near and near[0][0] <= max(1, len(key) // 10) else []
-            canon = index[close[0]] if close else None
+            close = _typo_match(key, keys, typo_cutoff)
+            canon = index[close] if close is not None else None
         if canon is None:
             return folded, "unknown"
         return canon, "canonical" if raw.strip() == canon else "folded"
@@ -289,7 +310,7 @@ class TableReport:
             "issues": [i.to_dict() for i in self.issues],
         }
 
-# %% ../nbs/02_contracts.ipynb #8ab9e100b
+# %% ../nbs/02_contracts.ipynb #28d3efd5258a48a79c179ea5c6759f01
 @dataclass
 class Report:
     "The validation report of the three tables: `to_dict()` is `hsml data check --json`."
@@ -306,20 +327,30 @@ class Report:
             for t in self.tables.values()
         )
 
-    @property
-    def issues(self) -> list[Issue]:
-        return [i for t in self.tables.values() for i in t.issues]
+# %% ../nbs/02_contracts.ipynb #5b09d5ef5b5e4bb6ab9b829b10b6a29f
+@patch(as_prop=True)
+def issues(self: Report) -> list[Issue]:
+    "Every table's issues, in table order."
+    return [i for t in self.tables.values() for i in t.issues]
 
-    def count(self, table: str, rule: str, column: str | None = None) -> int:
-        "Rows of `table` hit by `rule` (in `column`, or any)."
-        return sum(
-            i.count for i in self.tables[table].issues if i.rule == rule and column in (None, i.column)
-        )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**{t: r.to_dict() for t, r in self.tables.items()}, **self.timing}
+@patch
+def count(
+    self: Report,
+    table: str,  # customers | noncustomers | usage
+    rule: str,  # rule name (see the policy table)
+    column: str | None = None,  # only issues about this column; None: any
+) -> int:
+    "Rows of `table` hit by `rule` (in `column`, or any)."
+    return sum(i.count for i in self.tables[table].issues if i.rule == rule and column in (None, i.column))
 
-# %% ../nbs/02_contracts.ipynb #8ab9e100h
+# %% ../nbs/02_contracts.ipynb #1944c39560714e6e80c856f20744a8e5
+@patch
+def to_dict(self: Report) -> dict[str, Any]:
+    "The JSON of `hsml data check --json`: each table's accounting, then the timing and data end."
+    return {**{t: r.to_dict() for t, r in self.tables.items()}, **self.timing}
+
+# %% ../nbs/02_contracts.ipynb #f61877af4e7f4313ad8234302950b331
 @patch
 def _timing_lines(self: Report) -> list[str]:
     "The usage period, anchor and data end in words (none without timing)."
@@ -332,7 +363,7 @@ def _timing_lines(self: Report) -> list[str]:
            f"{t['data_end']} (labels observed through it); latest as-of date {t['latest_as_of']}"]  # fmt: skip
     return out + [f"! {w}" for w in t.get("data_end_warnings", [])]
 
-
+# %% ../nbs/02_contracts.ipynb #76127f4a2f6a44fba749ea7800e59d51
 @patch
 def _problems(self: Report) -> list[str]:
     "Why the data is not usable, and the conversions lost to the quarantine."
@@ -380,7 +411,7 @@ def _repr_markdown_(self: Report) -> str:
         md += ["", *[f"- **{p}**" for p in probs]]
     return "\n".join(md)
 
-# %% ../nbs/02_contracts.ipynb #9f7fffb6
+# %% ../nbs/02_contracts.ipynb #903197826d2e44dfa0208e8f97c69327
 _DT_FORMATS = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d"]
 _EXPECTED = {
     "id": "an integer id",
@@ -391,7 +422,7 @@ _EXPECTED = {
     "datetime": "a timestamp (YYYY-MM-DD HH:MM:SS.mmm)",
 }
 
-
+# %% ../nbs/02_contracts.ipynb #9075f00cfa8d463f84130041b1e44ca7
 def _parse_int(s: pl.Expr) -> pl.Expr:
     f = s.cast(pl.Float64, strict=False)
     as_float = pl.when(f.is_finite() & (f == f.floor()) & (f.abs() < 2.0**53)).then(f).cast(pl.Int64)
@@ -432,7 +463,7 @@ def _parse_series(kind: str, v: pl.Series) -> pl.Series:
         return pl.select(_parse(kind, pl.lit(v))).to_series().alias(v.name)
     return fast
 
-# %% ../nbs/02_contracts.ipynb #9f7fffb6s2
+# %% ../nbs/02_contracts.ipynb #5e20a2a0e21149b5b06860e930401eb5
 def _blank_to_null(s: pl.Expr) -> pl.Expr:
     t = s.cast(pl.Utf8).str.strip_chars()
     return pl.when(t != "").then(t)
@@ -479,7 +510,7 @@ def _row_rule_failures(table: str, typed: pl.DataFrame) -> pl.DataFrame:
         .select("_row", "_rule", "_column")
     )
 
-# %% ../nbs/02_contracts.ipynb #54187c64
+# %% ../nbs/02_contracts.ipynb #27531e93873647d9a5bf1112f2051a59
 class _Ctx:
     "What one table's validation accumulates."
 
@@ -488,24 +519,39 @@ class _Ctx:
         self.issues: list[Issue] = []
         self.rejected: list[pl.DataFrame] = []  # (_row, _rule, _column)
 
-    def issue(self, column: str, rule: str, count: int, action: str) -> None:
-        if count:
-            self.issues.append(Issue(self.table, column, rule, int(count), action))
+# %% ../nbs/02_contracts.ipynb #9141936c6c8a4c478a75aea4ff665469
+@patch
+def issue(
+    self: _Ctx,
+    column: str,  # the column the rule is about
+    rule: str,  # rule name
+    count: int,  # rows affected (nothing is recorded for 0)
+    action: str,  # quarantined | set null | kept | folded | info
+) -> None:
+    "Count an issue of this table."
+    if count:
+        self.issues.append(Issue(self.table, column, rule, int(count), action))
 
-    def reject(
-        self, rows: pl.Series | pl.DataFrame, rule: str | None = None, column: str | None = None
-    ) -> None:
-        df = rows.to_frame("_row") if isinstance(rows, pl.Series) else rows
-        if rule is not None:
-            df = df.select("_row", _rule=pl.lit(rule), _column=pl.lit(column))
-        if df.height:
-            self.rejected.append(
-                df.select(
-                    pl.col("_row").cast(pl.UInt32),
-                    pl.col("_rule").cast(pl.Utf8),
-                    pl.col("_column").cast(pl.Utf8),
-                )
+
+@patch
+def reject(
+    self: _Ctx,
+    rows: pl.Series | pl.DataFrame,  # `_row` numbers, or (`_row`, `_rule`, `_column`) rows
+    rule: str | None = None,  # the rule, when `rows` are bare row numbers
+    column: str | None = None,  # its column
+) -> None:
+    "Quarantine rows of this table."
+    df = rows.to_frame("_row") if isinstance(rows, pl.Series) else rows
+    if rule is not None:
+        df = df.select("_row", _rule=pl.lit(rule), _column=pl.lit(column))
+    if df.height:
+        self.rejected.append(
+            df.select(
+                pl.col("_row").cast(pl.UInt32),
+                pl.col("_rule").cast(pl.Utf8),
+                pl.col("_column").cast(pl.Utf8),
             )
+        )
 
 # %% ../nbs/02_contracts.ipynb #54187c64s0
 def _without(df: pl.DataFrame, rows: pl.DataFrame | pl.Series) -> pl.DataFrame:
@@ -531,7 +577,7 @@ def _check_header(table: str, columns: list[str], name: str) -> None:
             hint=f"{table} needs the columns {', '.join(c.name for c in RAW_CONTRACTS[table])}",
         )
 
-# %% ../nbs/02_contracts.ipynb #54187c64b0
+# %% ../nbs/02_contracts.ipynb #b427a666a1b549ef9b573d6f946bfc3b
 def _fast_parse(kind: str, s: pl.Expr) -> pl.Expr:
     "The strict-format parse `_parse_series` tries first: null where a value needs the full `_parse`."
     if kind == "float":
@@ -543,7 +589,7 @@ def _fast_parse(kind: str, s: pl.Expr) -> pl.Expr:
         return s.str.to_date("%Y-%m-%d", strict=False)
     return s.cast(pl.Int64, strict=False)
 
-
+# %% ../nbs/02_contracts.ipynb #7c10029e1707434ab3fe295caea7d13f
 def _typed_columns(
     table: str,  # customers | noncustomers | usage
     raw: pl.DataFrame,  # its raw string columns
@@ -569,7 +615,7 @@ def _typed_columns(
         bad[c.name], blank[c.name] = need, raw[c.name].null_count() + v.null_count()
     return p, bad, blank
 
-# %% ../nbs/02_contracts.ipynb #54187c64b
+# %% ../nbs/02_contracts.ipynb #f68f0888c55a4478ace3eac39384dff4
 def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.DataFrame:
     "Strip and parse every contract column in one pass; stop on unparseable required values."
     specs = RAW_CONTRACTS[table]
@@ -592,52 +638,64 @@ def _parse_columns(table: str, raw: pl.DataFrame, name: str, ctx: _Ctx) -> pl.Da
             ctx.issue(c.name, "missing_value", blank[c.name], "set null")
     return pl.concat([raw.select("_row", "_line"), p], how="horizontal")
 
-# %% ../nbs/02_contracts.ipynb #54187c64c
-def _normalise_company(df: pl.DataFrame, ctx: _Ctx, policy: Policy) -> pl.DataFrame:
-    "Rank sentinel, employee range enum, industry folding, MRR sign."
+# %% ../nbs/02_contracts.ipynb #421b839107204e409e0496d3d944026c
+def _fold_rank(df: pl.DataFrame, ctx: _Ctx, policy: Policy) -> pl.DataFrame:
+    "`ALEXA_RANK` at or above the sentinel: null, flagged in `ALEXA_RANK_UNKNOWN`; below 1: null."
     rank = pl.col("ALEXA_RANK")
     sentinel = rank >= policy.rank_sentinel
     invalid = rank < 1
     ctx.issue("ALEXA_RANK", "rank_sentinel", int(df.select(sentinel.sum()).item()), "set null + flag")
     ctx.issue("ALEXA_RANK", "invalid_rank", int(df.select(invalid.sum()).item()), "set null")
-    df = df.with_columns(
+    return df.with_columns(
         ALEXA_RANK_UNKNOWN=sentinel.fill_null(False),
         ALEXA_RANK=pl.when(~sentinel & ~invalid).then(rank),
     )
-    # EMPLOYEE_RANGE and INDUSTRY: map each distinct raw label once
-    for col, mapper, unknown_rule, unknown_action in [
-        ("EMPLOYEE_RANGE", employee_level, "unknown_employee_range", "set null"),
-        (
-            "INDUSTRY",
-            industry_mapper(policy.industry_synonyms, policy.industry_typo_cutoff),
-            "unknown_industry",
-            "kept",
-        ),
-    ]:
-        labels = df[col].unique().to_list()
-        mapped = {lab: mapper(lab) for lab in labels}
-        lut = pl.DataFrame(
-            {
-                col: labels,
-                "_value": [mapped[lab][0] for lab in labels],
-                "_status": [mapped[lab][1] for lab in labels],
-            },
-            schema={col: pl.Utf8, "_value": pl.Utf8, "_status": pl.Utf8},
-        )
-        df = df.join(lut, on=col, how="left", nulls_equal=True)
-        counts = dict(df["_status"].value_counts().iter_rows())
-        ctx.issue(col, "missing_value", counts.get("missing", 0), "set null")
-        ctx.issue(col, col.lower() + "_folded", counts.get("folded", 0), "folded")
-        ctx.issue(col, unknown_rule, counts.get("unknown", 0), unknown_action)
-        df = df.with_columns(pl.col("_value").alias(col)).drop("_value", "_status")
+
+# %% ../nbs/02_contracts.ipynb #9082857fd66e4025bba99b1a80c5d976
+def _map_labels(
+    df: pl.DataFrame,  # the table, `col` still raw strings
+    col: str,  # EMPLOYEE_RANGE | INDUSTRY
+    mapper: Any,  # raw label -> (value, status), e.g. `employee_level`, an `industry_mapper`
+    unknown_rule: str,  # the rule counted for labels the mapper does not know
+    unknown_action: str,  # what happens to them: set null | kept
+    ctx: _Ctx,  # collects the issues
+) -> pl.DataFrame:
+    "`col` mapped through `mapper`, each distinct raw label once; missing, folded and unknown labels counted."
+    labels = df[col].unique().to_list()
+    mapped = {lab: mapper(lab) for lab in labels}
+    lut = pl.DataFrame(
+        {
+            col: labels,
+            "_value": [mapped[lab][0] for lab in labels],
+            "_status": [mapped[lab][1] for lab in labels],
+        },
+        schema={col: pl.Utf8, "_value": pl.Utf8, "_status": pl.Utf8},
+    )
+    df = df.join(lut, on=col, how="left", nulls_equal=True)
+    counts = dict(df["_status"].value_counts().iter_rows())
+    ctx.issue(col, "missing_value", counts.get("missing", 0), "set null")
+    ctx.issue(col, col.lower() + "_folded", counts.get("folded", 0), "folded")
+    ctx.issue(col, unknown_rule, counts.get("unknown", 0), unknown_action)
+    return df.with_columns(pl.col("_value").alias(col)).drop("_value", "_status")
+
+# %% ../nbs/02_contracts.ipynb #82ca0f16c5be4617b5535c40faa36c79
+def _flag_mrr(df: pl.DataFrame, ctx: _Ctx) -> pl.DataFrame:
+    "`MRR` <= 0: null, flagged in `MRR_NONPOSITIVE` (a table without `MRR` is returned as is)."
+    if "MRR" not in df.columns:
+        return df
+    nonpos = pl.col("MRR") <= 0
+    ctx.issue("MRR", "nonpositive_mrr", int(df.select(nonpos.sum()).item()), "set null + flag")
+    return df.with_columns(MRR_NONPOSITIVE=nonpos.fill_null(False), MRR=pl.when(~nonpos).then(pl.col("MRR")))
+
+# %% ../nbs/02_contracts.ipynb #e0a51dd6baab431990c6adcc83aa7fba
+def _normalise_company(df: pl.DataFrame, ctx: _Ctx, policy: Policy) -> pl.DataFrame:
+    "Rank sentinel, employee range enum, industry folding, MRR sign."
+    df = _fold_rank(df, ctx, policy)
+    df = _map_labels(df, "EMPLOYEE_RANGE", employee_level, "unknown_employee_range", "set null", ctx)
+    mapper = industry_mapper(policy.industry_synonyms, policy.industry_typo_cutoff)
+    df = _map_labels(df, "INDUSTRY", mapper, "unknown_industry", "kept", ctx)
     df = df.with_columns(pl.col("EMPLOYEE_RANGE").cast(EMPLOYEE_ENUM))
-    if "MRR" in df.columns:
-        nonpos = pl.col("MRR") <= 0
-        ctx.issue("MRR", "nonpositive_mrr", int(df.select(nonpos.sum()).item()), "set null + flag")
-        df = df.with_columns(
-            MRR_NONPOSITIVE=nonpos.fill_null(False), MRR=pl.when(~nonpos).then(pl.col("MRR"))
-        )
-    return df.sort("_row")
+    return _flag_mrr(df, ctx).sort("_row")
 
 # %% ../nbs/02_contracts.ipynb #7e88bb79
 def _finish(
@@ -667,7 +725,7 @@ def _finish(
     CLEAN_SCHEMAS[table].validate(clean)  # the contract on the output: a failure here is a bug
     return clean, quarantine, report
 
-# %% ../nbs/02_contracts.ipynb #ec4c18e3
+# %% ../nbs/02_contracts.ipynb #deb6c23654f54f5b91a38c31054c5587
 def _timing_counts(
     usage: pl.DataFrame | pl.LazyFrame,  # clean usage rows of whole companies (one bucket, or all)
     time: str = "WHEN_TIMESTAMP",  # stamp column
@@ -682,7 +740,7 @@ def _timing_counts(
     return {"gaps": gaps.group_by("gap").len(), "days": u.select(day=pl.col(time).dt.weekday()).group_by("day").len(),
             "stamps": u.height}  # fmt: skip
 
-# %% ../nbs/02_contracts.ipynb #ec4c18e3s0
+# %% ../nbs/02_contracts.ipynb #061962c182f9482c8b1341b2a6f73cd5
 def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     "Period, anchor, and the counts behind them, from the `_timing_counts` of disjoint sets of companies."
     from hsml.snapshots import WEEKDAYS
@@ -701,7 +759,7 @@ def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "usage_stamps": stamps, "usage_stamps_off_anchor": stamps - count(days, anchor),
             "usage_gaps": int(gaps["len"].sum()), "usage_gaps_at_period": count(gaps, period)}  # fmt: skip
 
-# %% ../nbs/02_contracts.ipynb #ec4c18e3s1
+# %% ../nbs/02_contracts.ipynb #ab13b4b6e2874167b7f2debb11dcd1d9
 def _usage_timing(
     usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
     time: str = "WHEN_TIMESTAMP",  # stamp column
@@ -710,7 +768,7 @@ def _usage_timing(
     "Period, anchor, and the counts behind them (stamps, off-anchor stamps, gaps, gaps equal to the period)."
     return _timing_from_counts([_timing_counts(usage, time, key)])
 
-
+# %% ../nbs/02_contracts.ipynb #1c9cbe9d9a794dbd8aaa1fa72bce99a9
 def infer_usage_period(
     usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
     time: str = "WHEN_TIMESTAMP",  # stamp column
@@ -720,7 +778,7 @@ def infer_usage_period(
     t = _usage_timing(usage, time, key)
     return {"usage_period_days": t["usage_period_days"], "usage_anchor_weekday": t["usage_anchor_weekday"]}
 
-# %% ../nbs/02_contracts.ipynb #d828de14
+# %% ../nbs/02_contracts.ipynb #b434e0d67d894725aa1f6d707a143313
 @dataclass
 class Tables:
     "The clean tables, the quarantined rows, the report and the data fingerprints."
@@ -734,42 +792,46 @@ class Tables:
     report: Report
     fingerprints: dict[str, str]  # table -> sha256
 
-    def companies(self) -> pl.DataFrame:
-        "Customers and prospects in one frame, with `is_customer` (CLOSEDATE, MRR null for prospects)."
-        pros = self.noncustomers.with_columns(
-            CLOSEDATE=pl.lit(None, pl.Date),
-            MRR=pl.lit(None, pl.Float64),
-            MRR_NONPOSITIVE=pl.lit(False),
-        )
-        cols = [
-            "id",
-            "CLOSEDATE",
-            "MRR",
-            "MRR_NONPOSITIVE",
-            "ALEXA_RANK",
-            "ALEXA_RANK_UNKNOWN",
-            "EMPLOYEE_RANGE",
-            "INDUSTRY",
-        ]
-        return pl.concat(
-            [
-                self.customers.select(cols).with_columns(is_customer=pl.lit(True)),
-                pros.select(cols).with_columns(is_customer=pl.lit(False)),
-            ]
-        ).sort("id")
-
-    @property
-    def usage_period_days(self) -> int:
-        "Length of the usage logging period in days, inferred from the data (see `infer_usage_period`)."
-        return int(self.report.timing.get("usage_period_days", 7))
-
-    @property
-    def usage_anchor_weekday(self) -> str:
-        "The weekday usage stamps fall on, inferred from the data."
-        return str(self.report.timing.get("usage_anchor_weekday", "Monday"))
-
     def _repr_markdown_(self) -> str:
         return self.report._repr_markdown_()
+
+# %% ../nbs/02_contracts.ipynb #4d59fedcae41437686ad1a71a1884d48
+@patch
+def companies(self: Tables) -> pl.DataFrame:
+    "Customers and prospects in one frame, with `is_customer` (CLOSEDATE, MRR null for prospects)."
+    pros = self.noncustomers.with_columns(
+        CLOSEDATE=pl.lit(None, pl.Date),
+        MRR=pl.lit(None, pl.Float64),
+        MRR_NONPOSITIVE=pl.lit(False),
+    )
+    cols = [
+        "id",
+        "CLOSEDATE",
+        "MRR",
+        "MRR_NONPOSITIVE",
+        "ALEXA_RANK",
+        "ALEXA_RANK_UNKNOWN",
+        "EMPLOYEE_RANGE",
+        "INDUSTRY",
+    ]
+    return pl.concat(
+        [
+            self.customers.select(cols).with_columns(is_customer=pl.lit(True)),
+            pros.select(cols).with_columns(is_customer=pl.lit(False)),
+        ]
+    ).sort("id")
+
+# %% ../nbs/02_contracts.ipynb #472c087bdaf047c4bd2daf3102168774
+@patch(as_prop=True)
+def usage_period_days(self: Tables) -> int:
+    "Length of the usage logging period in days, inferred from the data (see `infer_usage_period`)."
+    return int(self.report.timing.get("usage_period_days", 7))
+
+
+@patch(as_prop=True)
+def usage_anchor_weekday(self: Tables) -> str:
+    "The weekday usage stamps fall on, inferred from the data."
+    return str(self.report.timing.get("usage_anchor_weekday", "Monday"))
 
 # %% ../nbs/02_contracts.ipynb #5a1e0c01
 def _prepare(table: str, raw: pl.LazyFrame, name: str) -> pl.LazyFrame:
@@ -786,7 +848,7 @@ def _prepare(table: str, raw: pl.LazyFrame, name: str) -> pl.LazyFrame:
         [pl.col(c).cast(pl.Utf8) for c, d in schema.items() if c != "_line" and d != pl.Utf8]
     )
 
-# %% ../nbs/02_contracts.ipynb #5a1e0c01s0
+# %% ../nbs/02_contracts.ipynb #a0755c77c2af48ad9c17a637f99c96f7
 def _collect(lf: pl.LazyFrame, name: str) -> pl.DataFrame:
     "Collect a raw scan; a reader's error becomes an HsmlError naming the source."
     try:
@@ -796,7 +858,7 @@ def _collect(lf: pl.LazyFrame, name: str) -> pl.DataFrame:
     except Exception as e:
         raise HsmlError(f"{name}: cannot read: {' '.join(str(e).split())[:300]}") from None
 
-
+# %% ../nbs/02_contracts.ipynb #8b9c4a8a72cf4b1f8d918f50ea71471d
 def _chunks(lf: pl.LazyFrame, name: str, rows: int) -> Iterator[pl.DataFrame]:
     "The raw rows in chunks of about `rows`, read by polars' streaming engine, each with a local `_row`."
     try:
@@ -844,11 +906,11 @@ def _validate_companies(
             reports[t].issues.append(Issue(t, "id", rule, lost, "info"))
     return out, quarantine, reports, typed
 
-# %% ../nbs/02_contracts.ipynb #5a1e0c03
+# %% ../nbs/02_contracts.ipynb #ac66cc227d6849679926c348b4c9ff06
 _USAGE_COLS = list(CLEAN_SCHEMAS["usage"].columns)
 _SPOOL = {"compression": "lz4", "statistics": False}  # scratch Parquet: fast to write and read back
 
-
+# %% ../nbs/02_contracts.ipynb #ed4fcf6e28df446b8d68a4fd0ab5311a
 def _usage_chunk(
     raw: pl.DataFrame,  # one chunk of raw usage rows (with `_line` and a local `_row`)
     name: str,  # label for messages
@@ -882,13 +944,13 @@ def _buckets(
     k = max(1, -(-s.len() // max(per_bucket, 1)))
     return s.gather([s.len() * j // k for j in range(1, k)]) if k > 1 else s.head(0)
 
-# %% ../nbs/02_contracts.ipynb #5a1e0c04
+# %% ../nbs/02_contracts.ipynb #26b9e19d572d4a358a6466b5ae101f4b
 _USAGE_SCHEMA = copy.deepcopy(
     CLEAN_SCHEMAS["usage"]
 )  # the clean contract; its key is checked on the sorted rows, cheaper
 _USAGE_SCHEMA.unique = None
 
-
+# %% ../nbs/02_contracts.ipynb #285292c481204fb9827713150300700d
 def _usage_bucket(
     files: list[Path],  # one bucket's typed rows (whole companies: an id range)
     known: pl.Series,  # ids of the clean companies (imploded)
@@ -913,7 +975,28 @@ def _usage_bucket(
     clean.write_parquet(out, **_SPOOL)
     return pl.concat(rej), clean.height, post.height, _timing_counts(clean, is_sorted=True)
 
-# %% ../nbs/02_contracts.ipynb #5a1e0c05
+# %% ../nbs/02_contracts.ipynb #d8f3ad71ef4e4fb28db20bbdf1072eaf
+def _usage_quarantine(
+    raw: pl.LazyFrame,  # the `_prepare`d raw usage scan
+    rejected: list[pl.DataFrame],  # the buckets' cross-row rejects (`_line`, `_rule`, `_column`)
+    raw_cols: list[str] | None,  # the raw columns (None: the table had no rows)
+    spool: Path,  # the scratch directory; `quarantine/` holds the chunks' broken rows
+) -> pl.LazyFrame:
+    "Every quarantined usage row in line order: the chunks' and, read again, the raw text of the cross-row rejects."
+    rej = (
+        pl.concat(rejected)
+        if rejected
+        else pl.DataFrame(schema={"_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8})
+    )
+    if rej.height:  # their raw text: read again, only those lines
+        lines = raw.filter(pl.col("_line").is_in(rej["_line"].implode())).collect()
+        q = lines.join(rej, on="_line").select(*raw_cols, pl.col("_line").cast(pl.Int64), "_rule", "_column")
+        q.write_parquet(spool / "quarantine" / "cross_row.parquet", **_SPOOL)
+    qfiles = sorted((spool / "quarantine").glob("*.parquet"))
+    empty = {**{c: pl.Utf8 for c in raw_cols or []}, "_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8}
+    return pl.scan_parquet(qfiles).sort("_line") if qfiles else pl.LazyFrame(schema=empty)
+
+# %% ../nbs/02_contracts.ipynb #880ea7564f88472abbb323838811e9bb
 def _validate_usage(
     raw: pl.LazyFrame,  # the `_prepare`d raw usage scan
     name: str,  # label for messages
@@ -941,18 +1024,7 @@ def _validate_usage(
         rejected.append(rej)
         clean, post, parts = clean + n, post + p, parts + ([out] if n else [])
         timing.append(t)
-    rej = (
-        pl.concat(rejected)
-        if rejected
-        else pl.DataFrame(schema={"_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8})
-    )
-    if rej.height:  # their raw text: read again, only those lines
-        lines = raw.filter(pl.col("_line").is_in(rej["_line"].implode())).collect()
-        q = lines.join(rej, on="_line").select(*raw_cols, pl.col("_line").cast(pl.Int64), "_rule", "_column")
-        q.write_parquet(spool / "quarantine" / "cross_row.parquet", **_SPOOL)
-    qfiles = sorted((spool / "quarantine").glob("*.parquet"))
-    empty = {**{c: pl.Utf8 for c in raw_cols or []}, "_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8}
-    quarantine = pl.scan_parquet(qfiles).sort("_line") if qfiles else pl.LazyFrame(schema=empty)
+    quarantine = _usage_quarantine(raw, rejected, raw_cols, spool)
     counts = quarantine.group_by("_column", "_rule").len().sort("_column", "_rule").collect()
     issues = [Issue("usage", col, rule, n, "quarantined") for col, rule, n in counts.iter_rows()]
     report = TableReport(
@@ -963,7 +1035,7 @@ def _validate_usage(
         report.issues.append(Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info"))
     return parts, quarantine, report, _timing_from_counts(timing or [_timing_counts(_empty_usage())])
 
-# %% ../nbs/02_contracts.ipynb #5a1e0c05s0
+# %% ../nbs/02_contracts.ipynb #dbfb6be3a914446a944d34ac5dc2a2dc
 def _merged(issues: list[Issue]) -> list[Issue]:
     "The issues of every chunk, one per (column, rule, action) with the counts added, in first-seen order."
     out: dict[tuple, Issue] = {}
@@ -972,7 +1044,7 @@ def _merged(issues: list[Issue]) -> list[Issue]:
         out[k] = Issue(i.table, i.column, i.rule, out[k].count + i.count, i.action) if k in out else i
     return list(out.values())
 
-
+# %% ../nbs/02_contracts.ipynb #471949106b36446989bda27c11c07ffe
 def _empty_usage() -> pl.DataFrame:
     return pl.DataFrame(
         schema={"id": pl.Int64, "WHEN_TIMESTAMP": pl.Datetime("ms"), **{c: pl.Int64 for c in COUNT_COLUMNS}}

@@ -64,7 +64,7 @@ def off_anchor_warning(
         f"the model was trained on {anchor}s (nearest earlier: {snap_to_anchor(day, anchor)})"
     )
 
-# %% ../nbs/33_score.ipynb #c4a1e002
+# %% ../nbs/33_score.ipynb #4dd4641cc4064e0191573fe9c69df29b
 OUTSIDE_REASONS = {
     "active_unconverted": "no usage before as_of"
 }  # why a prospect is outside a policy, by policy name
@@ -76,7 +76,7 @@ def outside_reason(
     "The `unscored_reason` of a prospect outside `population`."
     return "outside_population: " + OUTSIDE_REASONS.get(population, f"not in the population {population!r}")
 
-
+# %% ../nbs/33_score.ipynb #cb1e1581032b452c9409d6c6813c49d1
 def population_split(
     companies: pl.DataFrame,  # tables.companies()
     usage: pl.DataFrame,  # tables.usage
@@ -126,6 +126,34 @@ def rank_scores(
     rank[np.lexsort((ids, -scores))] = np.arange(1, n + 1)
     return rank, np.minimum(10, (rank - 1) * 10 // max(n, 1) + 1).astype(np.int8)
 
+# %% ../nbs/33_score.ipynb #1671c31a24314836a5b85d7ef7fbf015
+def _features(
+    bundle: Bundle, companies: pl.DataFrame, usage: pl.DataFrame, panel: pl.DataFrame, period: int
+) -> pl.DataFrame:
+    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`."
+    from hsml.bundle import polars_dtype
+    from hsml.features import compute_features
+
+    feature_set = bundle.info.get("feature_set") or "default"
+    ids = panel.select("id", "as_of")
+    feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
+    missing = [c for c in bundle.feature_names if c not in feats.columns]
+    if missing:
+        raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
+    fields = bundle.input_schema["fields"]
+    return feats.select(
+        "id", "as_of", *[pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in fields]
+    )
+
+# %% ../nbs/33_score.ipynb #f5a1fa73e5044315a093ec459c9be902
+def _reasons_how(bundle: Bundle, how: str, n: int) -> str:
+    "auto: TreeSHAP up to 20,000 rows and tree paths beyond for a LightGBM bundle, occlusion otherwise."
+    if how != "auto":
+        return how
+    c = bundle.compiled
+    tree = c is not None and c.booster is not None and c.z_inputs is not None
+    return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
+
 # %% ../nbs/33_score.ipynb #7eecf52b
 def _score_chunks(
     bundle: Bundle,  # the loaded bundle
@@ -163,35 +191,7 @@ def _score_chunks(
             r_idx[s : s + part.height, : i.shape[1]], r_val[s : s + part.height, : i.shape[1]] = i, v
     return scores, r_idx, r_val, method
 
-# %% ../nbs/33_score.ipynb #f750ef21
-def _features(
-    bundle: Bundle, companies: pl.DataFrame, usage: pl.DataFrame, panel: pl.DataFrame, period: int
-) -> pl.DataFrame:
-    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`."
-    from hsml.bundle import polars_dtype
-    from hsml.features import compute_features
-
-    feature_set = bundle.info.get("feature_set") or "default"
-    ids = panel.select("id", "as_of")
-    feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
-    missing = [c for c in bundle.feature_names if c not in feats.columns]
-    if missing:
-        raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
-    fields = bundle.input_schema["fields"]
-    return feats.select(
-        "id", "as_of", *[pl.col(f["name"]).cast(polars_dtype(f), strict=False) for f in fields]
-    )
-
-
-def _reasons_how(bundle: Bundle, how: str, n: int) -> str:
-    "auto: TreeSHAP up to 20,000 rows and tree paths beyond for a LightGBM bundle, occlusion otherwise."
-    if how != "auto":
-        return how
-    c = bundle.compiled
-    tree = c is not None and c.booster is not None and c.z_inputs is not None
-    return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
-
-# %% ../nbs/33_score.ipynb #4fcc1bc2
+# %% ../nbs/33_score.ipynb #5b09d5ef5b5e4bb6ab9b829b10b6a29f
 def _reason_values(
     X: pl.DataFrame,  # the feature columns
     names: list[str],  # the features, in contribution column order
@@ -205,7 +205,7 @@ def _reason_values(
     back[order] = np.arange(len(order))
     return pl.concat(parts).gather(back) if parts else pl.Series(dtype=pl.String)
 
-
+# %% ../nbs/33_score.ipynb #1944c39560714e6e80c856f20744a8e5
 def _reason_columns(X: pl.DataFrame, names: list[str], r_idx: np.ndarray, r_val: np.ndarray) -> pl.DataFrame:
     "reason_j, reason_j_value (the feature's value as text), reason_j_contribution for j = 1..3, in that order."
     name_s = pl.Series(names, dtype=pl.String)
@@ -217,7 +217,7 @@ def _reason_columns(X: pl.DataFrame, names: list[str], r_idx: np.ndarray, r_val:
         )
     ])  # fmt: skip
 
-
+# %% ../nbs/33_score.ipynb #84d5ab97d17b4c38ab41a2b065bbd0c0
 def _model_columns(bundle: Bundle) -> dict:
     "model, model_version, model_digest: which bundle scored the list."
     return dict(
@@ -226,7 +226,54 @@ def _model_columns(bundle: Bundle) -> dict:
         model_digest=pl.lit(bundle.digest),
     )
 
-# %% ../nbs/33_score.ipynb #a400be94
+# %% ../nbs/33_score.ipynb #903197826d2e44dfa0208e8f97c69327
+def _ranked_list(
+    bundle: Bundle,  # the bundle that scored
+    X: pl.DataFrame,  # id, as_of and the features, as scored
+    scores: np.ndarray,  # one score per row of `X`
+    r_idx: np.ndarray,  # reason indices (`_score_chunks`)
+    r_val: np.ndarray,  # reason contributions
+    method: str | None,  # how the contributions were computed
+    reasons: bool,  # add the reason columns and `reasons_method`
+) -> pl.DataFrame:
+    "The scored companies by rank: score, rank, decile, the reasons and the model's name, version and digest."
+    rank, decile = rank_scores(X["id"].to_numpy(), scores)
+    out = X.select("id", "as_of", score=pl.Series(scores), rank=pl.Series(rank), decile=pl.Series(decile))
+    if reasons:
+        out = pl.concat([out, _reason_columns(X, bundle.feature_names, r_idx, r_val)], how="horizontal")
+    out = out.with_columns(**_model_columns(bundle)).sort("rank")
+    return out.with_columns(pl.lit(method).alias("reasons_method")) if reasons else out
+
+# %% ../nbs/33_score.ipynb #f94f5a17fa734d288763e7d9a3758173
+def _nobody_to_score(
+    population: str,  # the population policy
+    day: dt.date,  # the scoring date
+    outside: pl.DataFrame,  # the prospects outside the population
+) -> HsmlError:
+    "The error when the population is empty at `day`: how many prospects are outside it, or that there are none."
+    return HsmlError(
+        f"nobody to score: no company is in the population {population!r} at {day}",
+        hint=f"{outside.height} prospect(s) are outside it ({outside_reason(population)})"
+        if outside.height
+        else "no prospect at all: is as_of within the data?",
+    )
+
+# %% ../nbs/33_score.ipynb #40c1800d1c114147a536b8aa907907c7
+def _with_unscored(
+    out: pl.DataFrame,  # the ranked list (`_ranked_list`)
+    outside: pl.DataFrame,  # `id, unscored_reason` of the prospects outside the population
+    day: dt.date,  # the scoring date
+    bundle: Bundle,  # the bundle that scored
+    off: bool,  # `day` is off the usage anchor weekday
+) -> pl.DataFrame:
+    "The ranked list, then the prospects outside the population without a score; `as_of_off_anchor` on every row."
+    out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
+    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason")
+    return pl.concat(
+        [out, unscored.with_columns(**_model_columns(bundle))], how="diagonal_relaxed"
+    ).with_columns(as_of_off_anchor=pl.lit(off))
+
+# %% ../nbs/33_score.ipynb #9075f00cfa8d463f84130041b1e44ca7
 def score_frame(
     bundle: Bundle,  # a loaded bundle (hsml.registry.load_model / hsml.bundle.load_bundle)
     tables: Any,  # clean tables (hsml.contracts.Tables)
@@ -248,12 +295,7 @@ def score_frame(
     companies = tables.companies()
     panel, outside = population_split(companies, tables.usage, day, horizon, population, period)
     if panel.height == 0:
-        raise HsmlError(
-            f"nobody to score: no company is in the population {population!r} at {day}",
-            hint=f"{outside.height} prospect(s) are outside it ({outside_reason(population)})"
-            if outside.height
-            else "no prospect at all: is as_of within the data?",
-        )
+        raise _nobody_to_score(population, day, outside)
     X = _features(bundle, companies, tables.usage, panel, period)
     how = _reasons_how(bundle, reasons_method, X.height) if reasons else None
     show = X.height > chunk_size if progress is None else progress
@@ -262,20 +304,11 @@ def score_frame(
         scores, r_idx, r_val, method = _score_chunks(bundle, X, how, chunk_size, show)
     finally:
         bundle.set_threads(1)
-    rank, decile = rank_scores(X["id"].to_numpy(), scores)
-    out = X.select("id", "as_of", score=pl.Series(scores), rank=pl.Series(rank), decile=pl.Series(decile))
-    if reasons:
-        out = pl.concat([out, _reason_columns(X, bundle.feature_names, r_idx, r_val)], how="horizontal")
-    out = out.with_columns(**_model_columns(bundle)).sort("rank")
-    out = out.with_columns(pl.lit(method).alias("reasons_method")) if reasons else out
-    out = out.with_columns(unscored_reason=pl.lit(None, dtype=pl.String))
-    unscored = outside.select("id", as_of=pl.lit(day), unscored_reason="unscored_reason")
+    out = _ranked_list(bundle, X, scores, r_idx, r_val, method, reasons)
     off = off_anchor_warning(day, anchor, period) is not None
-    return pl.concat(
-        [out, unscored.with_columns(**_model_columns(bundle))], how="diagonal_relaxed"
-    ).with_columns(as_of_off_anchor=pl.lit(off))
+    return _with_unscored(out, outside, day, bundle, off)
 
-# %% ../nbs/33_score.ipynb #0059e5b7
+# %% ../nbs/33_score.ipynb #72c31777baf4441b988909d29205560c
 def _check_out(out: str | Path) -> None:
     ext = Path(out).suffix.lower()
     if ext not in (".parquet", ".csv"):
@@ -283,7 +316,7 @@ def _check_out(out: str | Path) -> None:
             f"{out}: unknown output format {ext or '(none)'}", hint="use FILE.parquet or FILE.csv"
         )
 
-
+# %% ../nbs/33_score.ipynb #f3041e9ffdb2416ea2009d3a6a4c5716
 def write_scores(
     frame: pl.DataFrame,  # score_frame output
     out: str | Path,  # FILE.parquet or FILE.csv
@@ -522,6 +555,31 @@ def _score_engine(
     fr, p, warn = score_ray(model, data_dir, as_of, out, registry, population, partitions)
     return fr, [str(p)] if p else [], warn
 
+# %% ../nbs/33_score.ipynb #e46ef14e
+def _report(fr: pl.DataFrame, done: list[str], seconds: float, holdout_share: float | None) -> None:
+    ranked = fr.filter(pl.col("unscored_reason").is_null())
+    ver = fr["model_version"][0]
+    typer.echo(
+        f"scored {ranked.height:,} prospects as of {fr['as_of'][0]} with {fr['model'][0]}"
+        + (f" v{ver}" if ver is not None else "")
+        + f" in {seconds:.1f}s -> {done[0]}"
+    )
+    for d in done[1:]:
+        typer.echo(f"  -> {d}")
+    for why, n in fr.group_by("unscored_reason").len().drop_nulls().sort("unscored_reason").iter_rows():
+        typer.echo(f"listed without a score: {n:,} prospects ({why})")
+    arm = ["arm"] if "arm" in fr.columns else []
+    if arm:
+        n = dict(ranked.group_by("arm").len().iter_rows())
+        typer.echo(
+            f"experiment {fr['experiment'].drop_nulls()[0]}: {n.get('treatment', 0):,} treatment, "
+            f"{n.get('holdout', 0):,} holdout (share {holdout_share}); call the treatment companies from rank 1"
+        )
+    with pl.Config(tbl_rows=10, tbl_cols=9, fmt_str_lengths=40):
+        typer.echo(
+            ranked.select("rank", "id", "score", "decile", *arm, "reason_1", "reason_2", "reason_3").head(10)
+        )
+
 # %% ../nbs/33_score.ipynb #6976eea3
 def score_cmd(
     model: str = SCORE_OPTIONS["model"],
@@ -560,28 +618,3 @@ def score_cmd(
     if warn:
         typer.echo(f"warning: {warn}", err=True)
     _report(fr, done, time.perf_counter() - t0, holdout_share)
-
-# %% ../nbs/33_score.ipynb #e46ef14e
-def _report(fr: pl.DataFrame, done: list[str], seconds: float, holdout_share: float | None) -> None:
-    ranked = fr.filter(pl.col("unscored_reason").is_null())
-    ver = fr["model_version"][0]
-    typer.echo(
-        f"scored {ranked.height:,} prospects as of {fr['as_of'][0]} with {fr['model'][0]}"
-        + (f" v{ver}" if ver is not None else "")
-        + f" in {seconds:.1f}s -> {done[0]}"
-    )
-    for d in done[1:]:
-        typer.echo(f"  -> {d}")
-    for why, n in fr.group_by("unscored_reason").len().drop_nulls().sort("unscored_reason").iter_rows():
-        typer.echo(f"listed without a score: {n:,} prospects ({why})")
-    arm = ["arm"] if "arm" in fr.columns else []
-    if arm:
-        n = dict(ranked.group_by("arm").len().iter_rows())
-        typer.echo(
-            f"experiment {fr['experiment'].drop_nulls()[0]}: {n.get('treatment', 0):,} treatment, "
-            f"{n.get('holdout', 0):,} holdout (share {holdout_share}); call the treatment companies from rank 1"
-        )
-    with pl.Config(tbl_rows=10, tbl_cols=9, fmt_str_lengths=40):
-        typer.echo(
-            ranked.select("rank", "id", "score", "decile", *arm, "reason_1", "reason_2", "reason_3").head(10)
-        )
