@@ -333,6 +333,8 @@ def _gather_slices(
     population: str,  # population policy
 ) -> tuple[pl.DataFrame, list[int], tuple]:
     "Run `_trainset_part` on every partition: (the rows sorted by as_of, id; rows per task; worker peak MiB)."
+    from hsml.trainset import no_rows
+
     refs = [
         remote(_trainset_part).remote(data, p, dates, horizon_days, shipped, population)
         for p in range(data.n)
@@ -340,8 +342,7 @@ def _gather_slices(
     parts, peaks = zip(*gather(refs))
     frame = pl.concat([f for f in parts if f.height] or parts[:1]).sort("as_of", "id").rechunk()
     if frame.height == 0:
-        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
-                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+        raise no_rows(dates)
     return frame, [f.height for f in parts], peaks
 
 # %% ../nbs/50_scale.ipynb #9075f00cfa8d463f84130041b1e44ca7
@@ -405,13 +406,14 @@ def _write_slices(
     root: Path,  # where the slices go, `<partition>.parquet`
 ) -> tuple[tuple, tuple, tuple]:
     "Run `_trainset_slice` on every partition: (files, None for an empty slice; rows; worker peak MiB)."
+    from hsml.trainset import no_rows
+
     root.mkdir(exist_ok=True)
     refs = [remote(_trainset_slice).remote(data, p, dates, horizon_days, shipped, population,
                                            str(root / f"{p}.parquet")) for p in range(data.n)]  # fmt: skip
     files, rows, peaks = zip(*gather(refs))
     if not any(files):
-        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
-                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+        raise no_rows(dates)
     return files, rows, peaks
 
 # %% ../nbs/50_scale.ipynb #27531e93873647d9a5bf1112f2051a59
@@ -494,26 +496,11 @@ def _score_part(data: Partitioned, p: int, bundle: Any, shipped: tuple, day: Any
 
 # %% ../nbs/50_scale.ipynb #91f166d9f0ce4939b04b8e9245f75c27
 def _rank(frame: pl.DataFrame) -> pl.DataFrame:
-    "Rank and decile over all scored rows, as `score_frame` does: score descending, ties by id."
-    n = frame.height
-    order = np.lexsort((frame["id"].to_numpy(), -frame["score"].to_numpy()))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
-    decile = np.minimum(10, (rank - 1) * 10 // n + 1).astype(np.int8)
-    return frame.with_columns(rank=pl.Series(rank), decile=pl.Series(decile)).sort("rank")
+    "Rank and decile over all scored rows with `score_frame`'s own `rank_scores`: score descending, ties by id."
+    from hsml.score import rank_scores
 
-# %% ../nbs/50_scale.ipynb #421b839107204e409e0496d3d944026c
-def _reasons_method(
-    bundle: Any,  # the loaded bundle
-    how: str,  # the asked method; 'auto' is settled here
-    total: int,  # rows to score, over every partition
-) -> str:
-    "The reasons method `score_frame` would pick for `total` rows: `how`, or for 'auto' shap / path / occlusion."
-    if how != "auto":
-        return how
-    c = bundle.compiled
-    tree = c is not None and c.booster is not None and c.z_inputs is not None
-    return ("shap" if total <= 20_000 else "path") if tree else "occlusion"
+    rank, decile = rank_scores(frame["id"].to_numpy(), frame["score"].to_numpy())
+    return frame.with_columns(rank=pl.Series(rank), decile=pl.Series(decile)).sort("rank")
 
 # %% ../nbs/50_scale.ipynb #62234bff
 def _combine_scores(parts: Sequence[pl.DataFrame], bundle: Any, day: Any) -> pl.DataFrame:
@@ -545,7 +532,7 @@ def score_frame_ray(
     stats: dict | None = None,  # filled with partitions and worker peak memory (MiB)
 ) -> pl.DataFrame:
     "`score_frame` as Ray tasks over id-hash partitions: the same scored list."
-    from hsml.score import _resolve_as_of, outside_reason
+    from hsml.score import _reasons_how, _resolve_as_of, outside_reason
 
     bundle.check_features()
     t = bundle.training
@@ -560,7 +547,7 @@ def score_frame_ray(
         if sum(sizes) == 0:
             raise HsmlError(f"nobody to score: no company is in the population {population!r} at {day}",
                             hint=outside_reason(population))  # fmt: skip
-        how = _reasons_method(bundle, reasons_method, sum(sizes))
+        how = _reasons_how(bundle, reasons_method, sum(sizes))
         b, shipped = ray.put(bundle), ship_features(bundle.info.get("feature_set") or "default")
         parts, peaks = zip(*gather([remote(_score_part).remote(data, p, b, shipped, day, population, how, s > 0)
                                      for p, s in enumerate(sizes)]))  # fmt: skip

@@ -25,8 +25,8 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['LEAD_COLUMNS', 'features_app', 'OutOpt', 'DataDirOpt', 'EngineOpt', 'PartitionsOpt', 'PartsOpt', 'content_hash',
            'TrainingSet', 'manifest_path', 'scan_training_set', 'write_parts', 'usage_timing', 'check_labels_observed',
-           'TablesLike', 'build_training_set', 'scoring_frame', 'audit_by_columns', 'build_training_set_parts',
-           'features_build']
+           'TablesLike', 'no_rows', 'build_training_set', 'scoring_frame', 'audit_by_columns',
+           'build_training_set_parts', 'features_build']
 
 # %% ../nbs/13_trainset.ipynb #83c9c9d8
 from .core import HsmlError, atomic_path, atomic_write_json, sha256_json
@@ -370,6 +370,12 @@ def _build_config(
         "data_fingerprints": dict(getattr(tables, "fingerprints", {}) or {}),
     }
 
+# %% ../nbs/13_trainset.ipynb #c7d2e4f1
+def no_rows(dates: Sequence) -> HsmlError:  # the as-of dates asked for
+    "The error for a training set with nobody in the population at any as-of date (every builder raises it)."
+    return HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
+                     hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+
 # %% ../nbs/13_trainset.ipynb #40cf34cb
 def _frame(
     companies: pl.DataFrame,  # clean companies
@@ -415,8 +421,7 @@ def build_training_set(
     names = [f.name for f in resolve_features(feature_set)]
     frame, spec = _frame(companies, usage, dates, horizon_days, names, population, period)
     if frame.height == 0:
-        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
-                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+        raise no_rows(dates)
     report: AuditReport | None = None
     with ThreadPoolExecutor(
         max_workers=1
@@ -466,8 +471,7 @@ def _build_parts(
             frame.write_parquet(root / f"{d}.parquet", statistics=True)
             parts, spec = [*parts, f"{d}.parquet"], spec or s
     if not parts:
-        raise HsmlError(f"no rows: nobody is in the population at any as-of date {dates[0]} .. {dates[-1]}",
-                        hint="choose as-of dates inside the span of the usage data")  # fmt: skip
+        raise no_rows(dates)
     return parts, spec
 
 # %% ../nbs/13_trainset.ipynb #094681d6
