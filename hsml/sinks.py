@@ -237,6 +237,12 @@ class _PgWrite:
         cols = ", ".join(f"{_ident(c)} {pg_type(t)}" for c, t in self.frame.schema.items())
         return f"create table if not exists {self.table} ({cols})"
 
+    def index(self) -> str:
+        name = (self.table.rsplit(".", 1)[-1].strip('"') + "_hsml_keys")[:63]
+        return (
+            f"create index if not exists {_ident(name)} on {self.table} ({', '.join(map(_ident, self.keys))})"
+        )
+
     def stage(self) -> str:
         return f"create temp table _hsml_new (like {self.table} including defaults) on commit drop"
 
@@ -244,7 +250,8 @@ class _PgWrite:
         return f"copy _hsml_new ({', '.join(map(_ident, self.frame.columns))}) from stdin (format csv, header true)"
 
     def delete(self) -> str:
-        on = " and ".join(f"t.{_ident(k)} is not distinct from n.{_ident(k)}" for k in self.keys)
+        eq = {k: "=" if self.frame[k].null_count() == 0 else "is not distinct from" for k in self.keys}
+        on = " and ".join(f"t.{_ident(k)} {eq[k]} n.{_ident(k)}" for k in self.keys)
         return f"delete from {self.table} t using (select distinct {', '.join(map(_ident, self.keys))} from _hsml_new) n where {on}"
 
     def insert(self) -> str:
@@ -257,8 +264,10 @@ def run(
     self: _PgWrite,
     cur: Any,  # a psycopg cursor inside an open transaction
 ) -> None:
-    "Create the table if needed, stage the rows, delete those they replace, insert them."
-    for sql in (self.create(), self.stage()):
+    "Create the table if needed (indexed on the keys), stage the rows, delete those they replace, insert them."
+    cur.execute("select to_regclass(%s) is null", (self.table,))
+    new = cur.fetchone()[0]
+    for sql in [self.create()] + [self.index()] * (new and bool(self.keys)) + [self.stage()]:
         cur.execute(sql)
     with cur.copy(self.copy()) as cp:
         cp.write(self.frame.write_csv())

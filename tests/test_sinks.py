@@ -72,3 +72,32 @@ def test_keyed_rewrites_from_two_processes_lose_nothing(tmp_path):
     assert out.height == 1 + 2 * 15 * 3  # the seed week untouched, every week of both writers once
     assert out.filter(pl.col("as_of") != "seed")["attempt"].unique().to_list() == [2]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.postgres
+def test_keyed_delete_is_served_by_the_key_index():
+    "A table created by a keyed write is indexed on its keys, and the replacing delete can use that index."
+    import psycopg
+
+    from hsml.sinks import _PgWrite
+    from hsml.testing import local_postgres
+
+    weeks = pl.DataFrame({"as_of": [f"w{i // 50}" for i in range(5000)], "model": "m", "id": range(5000)})
+    with local_postgres() as url:
+        PostgresSink(url, "scores").write(weeks, keys=["as_of", "model"])
+        PostgresSink(url, "scores").write(weeks.filter(pl.col("as_of") == "w3"), keys=["as_of", "model"])
+        assert PostgresSink(url, "scores").read().height == 5000  # replaced, not appended
+        new = weeks.filter(pl.col("as_of") == "w7").with_columns(pl.col("id").cast(pl.String))
+        w = _PgWrite('"scores"', new, ["as_of", "model"])
+        with psycopg.connect(url) as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute("select indexdef from pg_indexes where tablename = 'scores'")
+            assert [r[0] for r in cur.fetchall()] == [
+                "CREATE INDEX scores_hsml_keys ON public.scores USING btree (as_of, model)"
+            ]
+            cur.execute(w.stage())
+            with cur.copy(w.copy()) as cp:
+                cp.write(new.write_csv())
+            cur.execute("set local enable_seqscan = off")
+            cur.execute("explain " + w.delete())
+            plan = "\n".join(r[0] for r in cur.fetchall())
+    assert "scores_hsml_keys" in plan, plan
