@@ -21,7 +21,7 @@ import polars as pl
 from fastcore.basics import patch
 
 from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, sha256_bytes
-from .sources import TABLES, Catalog
+from .sources import TABLES, Catalog, file_stamp
 
 # %% auto #0
 __all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', 'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS', 'ColumnSpec',
@@ -994,6 +994,18 @@ _USAGE_SCHEMA = copy.deepcopy(
 )  # the clean contract; its key is checked on the sorted rows, cheaper
 _USAGE_SCHEMA.unique = None
 
+# %% ../nbs/02_contracts.ipynb #1a05252f8db9484ab57d572e7c9fac20
+def _sorted_by(
+    df: pl.DataFrame,  # the rows
+    cols: list[str],  # the sort keys, most significant first
+) -> bool:
+    "Whether `df` is in ascending order of `cols` (a pair of rows holding a null in the keys: not known, so False)."
+    lt, eq = pl.lit(False), pl.lit(True)  # row < next row, row == next row, on the keys so far
+    for c in cols:
+        x, y = pl.col(c), pl.col(c).shift(-1)
+        lt, eq = lt | (eq & (x < y)), eq & (x == y)
+    return df.height < 2 or df.select((lt | eq).head(df.height - 1).fill_null(False).all()).item()
+
 # %% ../nbs/02_contracts.ipynb #285292c481204fb9827713150300700d
 def _usage_bucket(
     u: pl.DataFrame,  # one bucket's typed rows (whole companies: an id range, or all of them)
@@ -1003,7 +1015,8 @@ def _usage_bucket(
     "The cross-row rules on one bucket: (rejected `_line, _rule, _column`, clean rows, post-conversion rows, timing counts)."
     unknown = ~pl.col("id").is_in(known)
     rej = [u.filter(unknown).select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
-    u = u.filter(~unknown).sort("id", "WHEN_TIMESTAMP", "_line")
+    u, keys = u.filter(~unknown), ["id", "WHEN_TIMESTAMP", "_line"]
+    u = u.with_columns(pl.col("id").set_sorted()) if _sorted_by(u, keys) else u.sort(keys)
     same = lambda c: pl.col(c) == pl.col(c).shift(1)  # noqa: E731
     dup = same("id") & same("WHEN_TIMESTAMP")
     rej.append(u.filter(dup).select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
@@ -1178,22 +1191,37 @@ def _data_end_json(tables: Tables) -> dict[str, Any]:
     return {"last_usage_stamp": s(e["last_usage_stamp"]), "last_close_date": s(e["last_close_date"]),
             "data_end": s(e["data_end"]), "latest_as_of": s(e["latest_as_of"]), "data_end_warnings": e["warnings"]}  # fmt: skip
 
-# %% ../nbs/02_contracts.ipynb #fbebbd83
+# %% ../nbs/02_contracts.ipynb #ac829f4f67f84ca38342277005c7880b
+def _check_unchanged(
+    cat: Catalog,  # the sources
+    names: dict[str, str],  # table -> label for messages
+    before: dict[str, str],  # table -> fingerprint before reading
+    stamps: dict[str, Any],  # table -> `file_stamp` before reading (None: no file)
+) -> None:
+    "Raise HsmlError naming the first source that changed while it was read."
+    for t, st in stamps.items():
+        if st is not None and file_stamp(cat[t]) == st:
+            continue
+        fp = cat[t].fingerprint()
+        if st is None and fp == before[t]:
+            continue
+        raise HsmlError(
+            f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after"
+            + ("; the file's size, modification time or inode moved)" if st else ")"),
+            hint="read it again once nothing writes to it: the tables would not match their fingerprint",
+        )
+
+# %% ../nbs/02_contracts.ipynb #b71585d839ff4c2d8e80fb9b94416e8d
 def load_tables(
     source: Catalog | str | Path,  # a directory of the three CSVs, a catalog YAML, or a Catalog
     policy: Policy | None = None,  # normalisation knobs
 ) -> Tables:
     "Load the three tables through the catalog and the contracts, streaming usage; stop if a source changed while read."
     cat = Catalog.resolve(source)
-    names = {t: cat[t].describe() for t in TABLES}
+    names, stamps = {t: cat[t].describe() for t in TABLES}, cat.stamps()
     before = cat.fingerprints()
     tables = _validate({t: cat[t].load() for t in TABLES}, names, before, policy or Policy())
-    for t, fp in cat.fingerprints().items():
-        if fp != before[t]:
-            raise HsmlError(
-                f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after)",
-                hint="read it again once nothing writes to it: the tables would not match their fingerprint",
-            )
+    _check_unchanged(cat, names, before, stamps)
     return tables
 
 # %% ../nbs/02_contracts.ipynb #fbebbd83s0
