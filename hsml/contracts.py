@@ -480,10 +480,25 @@ def _rules_schema(table: str) -> pa.DataFrameSchema:
 
 RULE_SCHEMAS: dict[str, pa.DataFrameSchema] = {t: _rules_schema(t) for t in RAW_CONTRACTS}
 
+# %% ../nbs/02_contracts.ipynb #05cd49541f4e45ba91485a8ee56c6ed7
+def _may_break_rules(
+    table: str,  # customers | noncustomers | usage
+    typed: pl.DataFrame,  # its parsed columns
+) -> bool:
+    "Whether a row of `typed` may break a row rule: a null in a required column, a count below 0 (or a column missing)."
+    specs = RAW_CONTRACTS[table]
+    if any(c.name not in typed.columns for c in specs):
+        return True  # pandera says what is wrong
+    ok = [pl.col(c.name).null_count() == 0 for c in specs if c.required]
+    ok += [pl.col(c.name).min().fill_null(0) >= 0 for c in specs if c.kind == "count"]
+    return bool(ok) and not typed.select(pl.all_horizontal(ok)).item()
+
 # %% ../nbs/02_contracts.ipynb #4e4a8a52s0
 def _row_rule_failures(table: str, typed: pl.DataFrame) -> pl.DataFrame:
     "(_row, _rule, _column) for each row failing a pandera row rule: the first rule in column order."
     try:
+        if not _may_break_rules(table, typed):
+            return pl.DataFrame(schema={"_row": pl.UInt32, "_rule": pl.Utf8, "_column": pl.Utf8})
         RULE_SCHEMAS[table].validate(typed, lazy=True)
         return pl.DataFrame(schema={"_row": pl.UInt32, "_rule": pl.Utf8, "_column": pl.Utf8})
     except pa.errors.SchemaErrors as e:
