@@ -1065,6 +1065,25 @@ def _usage_quarantine(
     empty = {**{c: pl.Utf8 for c in raw_cols or []}, "_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8}
     return pl.scan_parquet(qfiles).sort("_line") if qfiles else pl.LazyFrame(schema=empty)
 
+# %% ../nbs/02_contracts.ipynb #35144b8d25ae48169031ebf26c024a44
+def _cross_row_rules(
+    typed: _Typed,  # every chunk's typed rows
+    known: pl.Series,  # ids of the clean companies
+    closed: pl.DataFrame,  # clean customers' id, CLOSEDATE
+    spool: Path,  # `spool/usage/` gets the clean rows by bucket when the typed rows were spooled
+) -> tuple[list[pl.DataFrame], list[pl.DataFrame], list[dict], int, int]:
+    "Bucket by bucket: (clean rows kept in memory, rejects, timing counts, clean rows, post-conversion rows)."
+    frames, rejected, timing, clean, post = [], [], [], 0, 0
+    for j, u in enumerate(typed.buckets()):
+        rej, c, p, t = _usage_bucket(u, known.implode(), closed)
+        del u
+        if c.height and typed.mem is None:  # spooled: the clean rows too
+            c.write_parquet(spool / "usage" / f"part-{j:04d}.parquet", **_SPOOL)
+        elif c.height:
+            frames.append(c)
+        rejected, timing, clean, post = rejected + [rej], timing + [t], clean + c.height, post + p
+    return frames, rejected, timing, clean, post
+
 # %% ../nbs/02_contracts.ipynb #2b1c49a07ba241ffb98a432e503f5052
 def _clean_usage(
     frames: list[pl.DataFrame],  # the buckets' clean rows, when they stayed in memory (else empty)
@@ -1091,10 +1110,8 @@ def _validate_usage(
     "Stream usage through its contract: (clean usage in (id, time) order, quarantine scan, report, timing)."
     ctx = _Ctx("usage", name)
     known = pl.concat([companies["customers"]["id"], companies["noncustomers"]["id"]])
-    bounds, typed = (
-        _buckets(known, policy.companies_per_bucket),
-        _Typed(spool / "typed", policy.usage_in_memory_rows),
-    )
+    bounds = _buckets(known, policy.companies_per_bucket)
+    typed = _Typed(spool / "typed", policy.usage_in_memory_rows)
     (spool / "quarantine").mkdir(parents=True)
     (spool / "usage").mkdir()
     rows_in, raw_cols = 0, None
@@ -1103,19 +1120,7 @@ def _validate_usage(
         rows_in += chunk.height
         typed.add(_usage_chunk(chunk, name, ctx, bounds, spool, i), i)
     closed = companies["customers"].select("id", "CLOSEDATE")
-    parts, rejected, timing, clean, post = [], [], [], 0, 0
-    for j, u in enumerate(typed.buckets()):
-        rej, c, p, t = _usage_bucket(u, known.implode(), closed)
-        del u
-        if c.height and typed.mem is None:  # spooled: the clean rows too, by bucket
-            c.write_parquet(spool / "usage" / f"part-{j:04d}.parquet", **_SPOOL)
-        rejected.append(rej)
-        clean, post, parts = (
-            clean + c.height,
-            post + p,
-            parts + [c] * bool(c.height and typed.mem is not None),
-        )
-        timing.append(t)
+    frames, rejected, timing, clean, post = _cross_row_rules(typed, known, closed, spool)
     quarantine = _usage_quarantine(raw, rejected, raw_cols, spool)
     counts = quarantine.group_by("_column", "_rule").len().sort("_column", "_rule").collect()
     issues = [Issue("usage", col, rule, n, "quarantined") for col, rule, n in counts.iter_rows()]
@@ -1126,7 +1131,7 @@ def _validate_usage(
     if post:
         report.issues.append(Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info"))
     return (
-        _clean_usage(parts, clean, policy, spool),
+        _clean_usage(frames, clean, policy, spool),
         quarantine,
         report,
         _timing_from_counts(timing or [_timing_counts(_empty_usage())]),
