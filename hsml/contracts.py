@@ -275,6 +275,7 @@ class Policy:
     usage_in_memory_rows: int = (
         10_000_000  # above this many clean usage rows, `Tables.usage` is a lazy Parquet scan
     )
+    typed_in_memory_rows: int = 6_000_000  # usage rows held in memory for the cross-row rules (else spooled)
 
 # %% ../nbs/02_contracts.ipynb #8ab9e100
 @dataclass
@@ -1021,6 +1022,15 @@ def _sorted_by(
         lt, eq = lt | (eq & (x < y)), eq & (x == y)
     return df.height < 2 or df.select((lt | eq).head(df.height - 1).fill_null(False).all()).item()
 
+# %% ../nbs/02_contracts.ipynb #d274cac685e245b1bbc3a130a9499d59
+def _split(
+    df: pl.DataFrame,  # the rows
+    mask: pl.Expr,  # True on the rows to take out (null: kept)
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    "(the rows taken out, the others); the others are `df` itself, not a copy, when none is taken out."
+    m = df.select(mask.fill_null(False)).to_series()
+    return (df.filter(m), df.filter(~m)) if m.any() else (df.clear(), df)
+
 # %% ../nbs/02_contracts.ipynb #285292c481204fb9827713150300700d
 def _usage_bucket(
     u: pl.DataFrame,  # one bucket's typed rows (whole companies: an id range, or all of them)
@@ -1028,14 +1038,14 @@ def _usage_bucket(
     closed: pl.DataFrame,  # clean customers' id, CLOSEDATE
 ) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
     "The cross-row rules on one bucket: (rejected `_line, _rule, _column`, clean rows, post-conversion rows, timing counts)."
-    unknown = ~pl.col("id").is_in(known)
-    rej = [u.filter(unknown).select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
-    u, keys = u.filter(~unknown), ["id", "WHEN_TIMESTAMP", "_line"]
+    out, u = _split(u, ~pl.col("id").is_in(known))
+    rej = [out.select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
+    keys = ["id", "WHEN_TIMESTAMP", "_line"]
     u = u.with_columns(pl.col("id").set_sorted()) if _sorted_by(u, keys) else u.sort(keys)
     same = lambda c: pl.col(c) == pl.col(c).shift(1)  # noqa: E731
-    dup = same("id") & same("WHEN_TIMESTAMP")
-    rej.append(u.filter(dup).select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
-    clean = u.filter(~dup.fill_null(False)).select(_USAGE_COLS)
+    dup, clean = _split(u, same("id") & same("WHEN_TIMESTAMP"))
+    rej.append(dup.select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
+    clean = clean.select(_USAGE_COLS)
     del u
     _USAGE_SCHEMA.validate(clean)  # the contract on the output: a failure here is a bug
     assert not clean.select((same("id") & same("WHEN_TIMESTAMP")).any()).item(), "usage: a duplicate key left"
@@ -1111,7 +1121,7 @@ def _validate_usage(
     ctx = _Ctx("usage", name)
     known = pl.concat([companies["customers"]["id"], companies["noncustomers"]["id"]])
     bounds = _buckets(known, policy.companies_per_bucket)
-    typed = _Typed(spool / "typed", policy.usage_in_memory_rows)
+    typed = _Typed(spool / "typed", min(policy.typed_in_memory_rows, policy.usage_in_memory_rows))
     (spool / "quarantine").mkdir(parents=True)
     (spool / "usage").mkdir()
     rows_in, raw_cols = 0, None

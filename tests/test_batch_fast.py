@@ -120,8 +120,11 @@ def test_usage_in_memory_or_spooled_is_the_same(dirty):
     "Usage kept in memory (one bucket) and usage spooled by id bucket through Parquet: the same everything."
     mem = load_tables(dirty)
     assert isinstance(mem.usage, pl.DataFrame)
-    for policy in [Policy(usage_in_memory_rows=0), Policy(usage_in_memory_rows=30_000, chunk_rows=4000,
-                                                          companies_per_bucket=300)]:  # fmt: skip
+    spooled = [  # all spooled, the clean usage a lazy scan; typed rows spooled, the clean usage read back
+        Policy(usage_in_memory_rows=0),
+        Policy(typed_in_memory_rows=5000, chunk_rows=4000, companies_per_bucket=300),
+    ]
+    for policy in spooled:
         assert _digests(load_tables(dirty, policy), dirty) == _digests(mem, dirty), policy
 
 
