@@ -988,7 +988,9 @@ def add(self: _Typed, ok: pl.DataFrame, i: int) -> None:  # chunk `i`'s typed ro
         for j, part in enumerate(self.mem):
             self._write(part, j)
         self.mem = None
-    self._write(ok, i) if self.mem is None else self.mem.append(ok)
+    self._write(ok, i) if self.mem is None else self.mem.append(
+        ok.rechunk()
+    )  # aligned: concat copies nothing
 
 
 @patch
@@ -996,7 +998,7 @@ def buckets(self: _Typed) -> Iterator[pl.DataFrame]:
     "Each bucket's rows (whole companies) in id-range order; all the rows as one when they stayed in memory."
     if self.mem is not None:
         if self.rows:
-            yield pl.concat(self.mem).drop("_b")
+            yield pl.concat([part.drop("_b") for part in self.mem])  # drop, then concat: no copy
         self.mem = []
         return
     for b in sorted(self.root.glob("b*")) if self.root.exists() else []:
@@ -1041,7 +1043,10 @@ def _usage_bucket(
     out, u = _split(u, ~pl.col("id").is_in(known))
     rej = [out.select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
     keys = ["id", "WHEN_TIMESTAMP", "_line"]
-    u = u.with_columns(pl.col("id").set_sorted()) if _sorted_by(u, keys) else u.sort(keys)
+    if _sorted_by(u, keys):  # flag it sorted by id, as a sort would (`with_columns` would copy it whole)
+        u = pl.DataFrame([s.set_sorted() if s.name == "id" else s for s in u.get_columns()])
+    else:
+        u = u.sort(keys)
     same = lambda c: pl.col(c) == pl.col(c).shift(1)  # noqa: E731
     dup, clean = _split(u, same("id") & same("WHEN_TIMESTAMP"))
     rej.append(dup.select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
@@ -1049,8 +1054,10 @@ def _usage_bucket(
     del u
     _USAGE_SCHEMA.validate(clean)  # the contract on the output: a failure here is a bug
     assert not clean.select((same("id") & same("WHEN_TIMESTAMP")).any()).item(), "usage: a duplicate key left"
-    post = clean.join(closed, on="id").filter(
-        pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms"))
+    post = (
+        clean.select("id", "WHEN_TIMESTAMP")
+        .join(closed, on="id")
+        .filter(pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms")))
     )
     return pl.concat(rej), clean, post.height, _timing_counts(clean, is_sorted=True)
 
