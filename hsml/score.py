@@ -24,10 +24,10 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path, to_date
 
 # %% auto #0
-__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'PIECE_ROWS', 'SCORE_KEYS', 'SCORE_OPTIONS', 'off_anchor_warning', 'outside_reason',
-           'population_split', 'top_reasons', 'rank_scores', 'score_threads', 'score_frame', 'write_scores',
-           'sink_scores', 'scores_sink', 'add_arms', 'prediction_log', 'log_scores', 'prepare_delivery', 'deliver',
-           'score', 'score_cmd']
+__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'FEATURE_ROWS', 'PIECE_ROWS', 'SCORE_KEYS', 'SCORE_OPTIONS', 'off_anchor_warning',
+           'outside_reason', 'population_split', 'top_reasons', 'rank_scores', 'score_threads', 'score_frame',
+           'write_scores', 'sink_scores', 'scores_sink', 'add_arms', 'prediction_log', 'log_scores', 'prepare_delivery',
+           'deliver', 'score', 'score_cmd']
 
 # %% ../nbs/33_score.ipynb #0c8a495f
 def _resolve_as_of(
@@ -128,17 +128,46 @@ def rank_scores(
     rank[np.lexsort((ids, -scores))] = np.arange(1, n + 1)
     return rank, np.minimum(10, (rank - 1) * 10 // max(n, 1) + 1).astype(np.int8)
 
+# %% ../nbs/33_score.ipynb #aff0bd23f61d482ea208c5afe3d35c83
+FEATURE_ROWS = 50_000  # a batch's features are computed in id ranges of at least this many companies
+
+
+def _id_ranges(
+    ids: pl.Series,  # the population's company ids
+    parts: int,  # ranges wanted: fewer when there are fewer than `parts * FEATURE_ROWS` companies
+) -> list[pl.Expr]:
+    "Filters cutting the ids into ranges of about equal size, in id order; `[]` when one range would hold them all."
+    s = ids.unique().sort()
+    parts = max(1, min(parts, len(s) // FEATURE_ROWS))
+    bounds = [None, *[s[len(s) * j // parts] for j in range(1, parts)], None]
+    col = pl.col("id")
+    return [
+        (col >= lo if lo is not None else pl.lit(True)) & (col < hi if hi is not None else pl.lit(True))
+        for lo, hi in zip(bounds, bounds[1:])
+    ] if parts > 1 else []  # fmt: skip
+
 # %% ../nbs/33_score.ipynb #1671c31a24314836a5b85d7ef7fbf015
 def _features(
-    bundle: Bundle, companies: pl.DataFrame, usage: pl.DataFrame, panel: pl.DataFrame, period: int
+    bundle: Bundle,  # the loaded bundle: its feature set and input schema
+    companies: pl.DataFrame,  # tables.companies()
+    usage: pl.DataFrame | pl.LazyFrame,  # tables.usage
+    panel: pl.DataFrame,  # the population: id, as_of
+    period: int,  # the model's usage period (days)
+    threads: int = 1,  # id ranges computed at once (`_id_ranges`)
 ) -> pl.DataFrame:
-    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`."
+    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`, in (as_of, id) order."
     from hsml.bundle import polars_dtype
     from hsml.features import compute_features
 
-    feature_set = bundle.info.get("feature_set") or "default"
-    ids = panel.select("id", "as_of")
-    feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
+    feature_set, ids = bundle.info.get("feature_set") or "default", panel.select("id", "as_of")
+    run = lambda m: compute_features(companies.filter(m), usage.filter(m), ids.filter(m), feature_set=feature_set, usage_period_days=period)  # noqa: E731  # fmt: skip
+    ranges = _id_ranges(ids["id"], threads)
+    if not ranges:
+        feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
+    else:
+        with ThreadPoolExecutor(len(ranges)) as ex:
+            feats = pl.concat(list(ex.map(run, ranges)))  # ranges in id order: one as_of is (as_of, id) order
+        feats = feats.sort("as_of", "id") if ids["as_of"].n_unique() > 1 else feats
     missing = [c for c in bundle.feature_names if c not in feats.columns]
     if missing:
         raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
@@ -301,7 +330,7 @@ def score_frame(
     reasons: bool = True,  # compute the top three reasons
     reasons_method: str = "auto",  # auto | shap | path | occlusion (auto: TreeSHAP up to 20,000 rows, then tree paths)
     progress: bool | None = None,  # tqdm progress bar; default on when more than one chunk
-    threads: int | None = None,  # pieces scored at once (`score_threads`); None = all cores
+    threads: int | None = None,  # id ranges and pieces computed at once (`score_threads`); None = all cores
 ) -> pl.DataFrame:
     "Rank the prospects in the population at `as_of` (score, rank, decile, reasons, model version); list the others after them, unscored."
     bundle.check_features()  # the feature code here must be the code the model was trained with
@@ -313,7 +342,7 @@ def score_frame(
     panel, outside = population_split(companies, tables.usage, day, horizon, population, period)
     if panel.height == 0:
         raise _nobody_to_score(population, day, outside)
-    X = _features(bundle, companies, tables.usage, panel, period)
+    X = _features(bundle, companies, tables.usage, panel, period, score_threads(threads))
     how = _reasons_how(bundle, reasons_method, X.height) if reasons else None
     show = X.height > chunk_size if progress is None else progress
     bundle.set_threads(1)  # one LightGBM thread per piece: the pieces run in parallel

@@ -188,7 +188,7 @@ def _plain_list(b, X: pl.DataFrame) -> pl.DataFrame:
 
 
 def test_pieces_on_threads_score_as_one_serial_pass(dirty, tmp_path):
-    "The list scored in pieces on 1 to 3 threads equals the plain serial list, whatever the piece size."
+    "The list scored in pieces on 1 to 3 threads, features in id ranges, equals the plain serial list."
     from hsml.bundle import load_bundle, save_bundle
     from hsml.models import columns_from_spec, fit_model, make_model
     from hsml.score import _features, population_split, score_frame, score_threads
@@ -205,8 +205,17 @@ def test_pieces_on_threads_score_as_one_serial_pass(dirty, tmp_path):
     b = load_bundle(
         save_bundle(tmp_path / "b", fit_model(model, f, horizon_days=56), ts.spec, {}, meta, train_frame=f)
     )
-    lists = [score_frame(b, tb, "latest", chunk_size=ch, reasons_method="path", progress=False, threads=th)
-             for ch, th in [(100_000, None), (97, 3), (10**6, 1), (1, 2)]]  # fmt: skip
+    import hsml.score
+
+    lists, rows = [], hsml.score.FEATURE_ROWS
+    try:
+        for ch, th, feature_rows in [(100_000, None, rows), (97, 3, 150), (10**6, 1, rows), (1, 2, 100)]:
+            hsml.score.FEATURE_ROWS = feature_rows  # small: the features are computed in id ranges too
+            lists.append(
+                score_frame(b, tb, "latest", chunk_size=ch, reasons_method="path", progress=False, threads=th)
+            )
+    finally:
+        hsml.score.FEATURE_ROWS = rows
     assert score_threads() >= 1
     ranked = lists[0].filter(pl.col("unscored_reason").is_null())
     assert ranked.height > 1000 and lists[0].height > ranked.height  # some prospects are listed unscored
@@ -214,7 +223,7 @@ def test_pieces_on_threads_score_as_one_serial_pass(dirty, tmp_path):
         assert other.equals(lists[0])
     day = ranked["as_of"][0]
     panel, _ = population_split(tb.companies(), tb.usage, day, 56, b.population, 7)
-    X = _features(b, tb.companies(), tb.usage, panel, 7)
+    X = _features(b, tb.companies(), tb.usage, panel, 7, threads=1)  # one range
     want = _plain_list(b, X)
     assert ranked.select(want.columns).equals(want)
 
