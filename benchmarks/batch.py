@@ -12,7 +12,8 @@ runs, in order:
 - `write_s`: `hsml.score.write_scores` to Parquet.
 
 One JSON line: `batch_end_to_end_rows_per_s` is the prospects on the list divided by the sum of the three, with
-each stage's wall and CPU seconds (`*_cpu_s`, all threads: on a shared machine the wall time grows with the load,
+`threads` (the pieces `hsml score` scores at once by default: every core, `hsml.score.score_threads`), each
+stage's wall and CPU seconds (`*_cpu_s`, all threads: on a shared machine the wall time grows with the load,
 the CPU time much less), the peak resident memory and the load averages (1, 5, 15 minutes).
 `run_batch_end_to_end` returns the same dict (`benchmarks/serve.py` imports it).
 """
@@ -71,7 +72,7 @@ def run_batch_end_to_end(
     from hsml import synth
     from hsml.bundle import load_bundle
     from hsml.contracts import load_tables
-    from hsml.score import score_frame, write_scores
+    from hsml.score import score_frame, score_threads, write_scores
 
     work = Path(work)
     t = time.perf_counter()
@@ -104,6 +105,7 @@ def run_batch_end_to_end(
         "usage_rows": tables.report.tables["usage"].rows_in,
         "batch_end_to_end_rows_per_s": round(out.height / total),
         "batch_end_to_end_s": round(total, 2),
+        "threads": score_threads(),  # what `hsml score` uses by default, not a benchmark setting
         **{k: round(v, 2) for k, v in stages.items()},
         **{
             k: round(v, 2) for k, v in cpu.items()

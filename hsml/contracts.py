@@ -21,7 +21,7 @@ import polars as pl
 from fastcore.basics import patch
 
 from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, sha256_bytes
-from .sources import TABLES, Catalog
+from .sources import TABLES, Catalog, file_stamp
 
 # %% auto #0
 __all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', 'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS', 'ColumnSpec',
@@ -275,6 +275,7 @@ class Policy:
     usage_in_memory_rows: int = (
         10_000_000  # above this many clean usage rows, `Tables.usage` is a lazy Parquet scan
     )
+    typed_in_memory_rows: int = 6_000_000  # usage rows held in memory for the cross-row rules (else spooled)
 
 # %% ../nbs/02_contracts.ipynb #8ab9e100
 @dataclass
@@ -480,10 +481,25 @@ def _rules_schema(table: str) -> pa.DataFrameSchema:
 
 RULE_SCHEMAS: dict[str, pa.DataFrameSchema] = {t: _rules_schema(t) for t in RAW_CONTRACTS}
 
+# %% ../nbs/02_contracts.ipynb #05cd49541f4e45ba91485a8ee56c6ed7
+def _may_break_rules(
+    table: str,  # customers | noncustomers | usage
+    typed: pl.DataFrame,  # its parsed columns
+) -> bool:
+    "Whether a row of `typed` may break a row rule: a null in a required column, a count below 0 (or a column missing)."
+    specs = RAW_CONTRACTS[table]
+    if any(c.name not in typed.columns for c in specs):
+        return True  # pandera says what is wrong
+    ok = [pl.col(c.name).null_count() == 0 for c in specs if c.required]
+    ok += [pl.col(c.name).min().fill_null(0) >= 0 for c in specs if c.kind == "count"]
+    return bool(ok) and not typed.select(pl.all_horizontal(ok)).item()
+
 # %% ../nbs/02_contracts.ipynb #4e4a8a52s0
 def _row_rule_failures(table: str, typed: pl.DataFrame) -> pl.DataFrame:
     "(_row, _rule, _column) for each row failing a pandera row rule: the first rule in column order."
     try:
+        if not _may_break_rules(table, typed):
+            return pl.DataFrame(schema={"_row": pl.UInt32, "_rule": pl.Utf8, "_column": pl.Utf8})
         RULE_SCHEMAS[table].validate(typed, lazy=True)
         return pl.DataFrame(schema={"_row": pl.UInt32, "_rule": pl.Utf8, "_column": pl.Utf8})
     except pa.errors.SchemaErrors as e:
@@ -869,6 +885,13 @@ def _chunks(lf: pl.LazyFrame, name: str, rows: int) -> Iterator[pl.DataFrame]:
     except Exception as e:
         raise HsmlError(f"{name}: cannot read: {' '.join(str(e).split())[:300]}") from None
 
+# %% ../nbs/02_contracts.ipynb #f5127444fdfa42b594d8a6dab6dc8069
+def _repeat(
+    key: str,  # the key column; the rows are sorted by it and it has no nulls
+) -> pl.Expr:
+    "True on every row after the first of its key."
+    return (pl.col(key) == pl.col(key).shift(1)).fill_null(False)
+
 # %% ../nbs/02_contracts.ipynb #5a1e0c02
 def _validate_companies(
     frames: dict[str, pl.DataFrame],  # raw customers and noncustomers (`_prepare`d, collected, with `_row`)
@@ -884,7 +907,7 @@ def _validate_companies(
     # customers: one row per id, the earliest CLOSEDATE wins
     c, cx = typed["customers"], ctxs["customers"]
     ok = _without(c, _rejected_rows(cx)).filter(pl.col("id").is_not_null())
-    dup = ok.sort("id", "CLOSEDATE", "_line").filter(pl.int_range(pl.len()).over("id") > 0)
+    dup = ok.sort("id", "CLOSEDATE", "_line").filter(_repeat("id"))
     cx.reject(dup["_row"], "duplicate_id", "id")
     customer_ids = _without(ok, dup.select("_row"))["id"]
     # noncustomers: a customer id wins; then one row per id, the earliest line
@@ -893,7 +916,7 @@ def _validate_companies(
     is_cust = ok.filter(pl.col("id").is_in(customer_ids.implode()))
     nx.reject(is_cust["_row"], "duplicate_id", "id")
     ok = _without(ok, is_cust.select("_row"))
-    dup = ok.sort("id", "_line").filter(pl.int_range(pl.len()).over("id") > 0)
+    dup = ok.sort("id", "_line").filter(_repeat("id"))
     nx.reject(dup["_row"], "duplicate_id", "id")
     out, quarantine, reports = {}, {}, {}
     for t in ("customers", "noncustomers"):
@@ -916,10 +939,10 @@ def _usage_chunk(
     name: str,  # label for messages
     ctx: _Ctx,  # collects the issues of every chunk
     bounds: pl.Series,  # id bucket boundaries (`_buckets`)
-    spool: Path,  # where the chunk's rows go
+    spool: Path,  # the scratch directory: the chunk's broken rows go to `spool/quarantine/`
     i: int,  # chunk number
-) -> None:
-    "Parse one chunk and apply the row rules: typed rows to `spool/typed/b<bucket>/`, broken rows to `spool/quarantine/`."
+) -> pl.DataFrame:
+    "Parse one chunk and apply the row rules: broken rows to `spool/quarantine/`; the typed rows, with their bucket `_b`."
     typed = _parse_columns("usage", raw, name, ctx)
     bad = _row_rule_failures("usage", typed)
     raw_cols = [c for c in raw.columns if c not in ("_row", "_line")]
@@ -929,10 +952,7 @@ def _usage_chunk(
             spool / "quarantine" / f"c{i:06d}.parquet", **_SPOOL
         )
     ok = _without(typed, bad).select(*_USAGE_COLS, pl.col("_line").cast(pl.Int64))
-    ok = ok.with_columns(_b=bounds.search_sorted(ok["id"], side="right"))
-    for (b,), part in ok.partition_by("_b", as_dict=True, include_key=False).items():
-        (spool / "typed" / f"b{b:04d}").mkdir(parents=True, exist_ok=True)
-        part.write_parquet(spool / "typed" / f"b{b:04d}" / f"c{i:06d}.parquet", **_SPOOL)
+    return ok.with_columns(_b=bounds.search_sorted(ok["id"], side="right"))
 
 # %% ../nbs/02_contracts.ipynb #5a1e0c03s0
 def _buckets(
@@ -944,36 +964,102 @@ def _buckets(
     k = max(1, -(-s.len() // max(per_bucket, 1)))
     return s.gather([s.len() * j // k for j in range(1, k)]) if k > 1 else s.head(0)
 
+# %% ../nbs/02_contracts.ipynb #75518f7910d64e4f9a09dfcc1c7af30e
+class _Typed:
+    "The typed usage rows of every chunk: in memory up to `limit` rows, else spooled by id bucket under `root`."
+
+    def __init__(
+        self,
+        root: Path,  # the spool directory of the buckets (`root/b<bucket>/c<chunk>.parquet`)
+        limit: int,  # rows kept in memory at most
+    ):
+        self.root, self.limit, self.rows, self.mem = root, limit, 0, []  # mem: None once spooled
+
+    def _write(self, ok: pl.DataFrame, i: int) -> None:
+        for (b,), part in ok.partition_by("_b", as_dict=True, include_key=False).items():
+            (self.root / f"b{b:04d}").mkdir(parents=True, exist_ok=True)
+            part.write_parquet(self.root / f"b{b:04d}" / f"c{i:06d}.parquet", **_SPOOL)
+
+# %% ../nbs/02_contracts.ipynb #3e7b4a96336a43e7914f54c40ef26e29
+@patch
+def add(self: _Typed, ok: pl.DataFrame, i: int) -> None:  # chunk `i`'s typed rows, with `_b`
+    self.rows += ok.height
+    if self.mem is not None and self.rows > self.limit:  # too many: spool all so far, then the rest
+        for j, part in enumerate(self.mem):
+            self._write(part, j)
+        self.mem = None
+    self._write(ok, i) if self.mem is None else self.mem.append(
+        ok.rechunk()
+    )  # aligned: concat copies nothing
+
+
+@patch
+def buckets(self: _Typed) -> Iterator[pl.DataFrame]:
+    "Each bucket's rows (whole companies) in id-range order; all the rows as one when they stayed in memory."
+    if self.mem is not None:
+        if self.rows:
+            yield pl.concat([part.drop("_b") for part in self.mem])  # drop, then concat: no copy
+        self.mem = []
+        return
+    for b in sorted(self.root.glob("b*")) if self.root.exists() else []:
+        u = pl.read_parquet(sorted(b.glob("*.parquet")))
+        shutil.rmtree(b)
+        yield u
+
 # %% ../nbs/02_contracts.ipynb #26b9e19d572d4a358a6466b5ae101f4b
 _USAGE_SCHEMA = copy.deepcopy(
     CLEAN_SCHEMAS["usage"]
 )  # the clean contract; its key is checked on the sorted rows, cheaper
 _USAGE_SCHEMA.unique = None
 
+# %% ../nbs/02_contracts.ipynb #1a05252f8db9484ab57d572e7c9fac20
+def _sorted_by(
+    df: pl.DataFrame,  # the rows
+    cols: list[str],  # the sort keys, most significant first
+) -> bool:
+    "Whether `df` is in ascending order of `cols` (a pair of rows holding a null in the keys: not known, so False)."
+    lt, eq = pl.lit(False), pl.lit(True)  # row < next row, row == next row, on the keys so far
+    for c in cols:
+        x, y = pl.col(c), pl.col(c).shift(-1)
+        lt, eq = lt | (eq & (x < y)), eq & (x == y)
+    return df.height < 2 or df.select((lt | eq).head(df.height - 1).fill_null(False).all()).item()
+
+# %% ../nbs/02_contracts.ipynb #d274cac685e245b1bbc3a130a9499d59
+def _split(
+    df: pl.DataFrame,  # the rows
+    mask: pl.Expr,  # True on the rows to take out (null: kept)
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    "(the rows taken out, the others); the others are `df` itself, not a copy, when none is taken out."
+    m = df.select(mask.fill_null(False)).to_series()
+    return (df.filter(m), df.filter(~m)) if m.any() else (df.clear(), df)
+
 # %% ../nbs/02_contracts.ipynb #285292c481204fb9827713150300700d
 def _usage_bucket(
-    files: list[Path],  # one bucket's typed rows (whole companies: an id range)
+    u: pl.DataFrame,  # one bucket's typed rows (whole companies: an id range, or all of them)
     known: pl.Series,  # ids of the clean companies (imploded)
     closed: pl.DataFrame,  # clean customers' id, CLOSEDATE
-    out: Path,  # the bucket's clean Parquet file
-) -> tuple[pl.DataFrame, int, int, dict[str, Any]]:
+) -> tuple[pl.DataFrame, pl.DataFrame, int, dict[str, Any]]:
     "The cross-row rules on one bucket: (rejected `_line, _rule, _column`, clean rows, post-conversion rows, timing counts)."
-    u = pl.read_parquet(files)
-    unknown = ~pl.col("id").is_in(known)
-    rej = [u.filter(unknown).select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
-    u = u.filter(~unknown).sort("id", "WHEN_TIMESTAMP", "_line")
+    out, u = _split(u, ~pl.col("id").is_in(known))
+    rej = [out.select("_line", _rule=pl.lit("unknown_id"), _column=pl.lit("id"))]
+    keys = ["id", "WHEN_TIMESTAMP", "_line"]
+    if _sorted_by(u, keys):  # flag it sorted by id, as a sort would (`with_columns` would copy it whole)
+        u = pl.DataFrame([s.set_sorted() if s.name == "id" else s for s in u.get_columns()])
+    else:
+        u = u.sort(keys)
     same = lambda c: pl.col(c) == pl.col(c).shift(1)  # noqa: E731
-    dup = same("id") & same("WHEN_TIMESTAMP")
-    rej.append(u.filter(dup).select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
-    clean = u.filter(~dup.fill_null(False)).select(_USAGE_COLS)
+    dup, clean = _split(u, same("id") & same("WHEN_TIMESTAMP"))
+    rej.append(dup.select("_line", _rule=pl.lit("duplicate_key"), _column=pl.lit("WHEN_TIMESTAMP")))
+    clean = clean.select(_USAGE_COLS)
     del u
     _USAGE_SCHEMA.validate(clean)  # the contract on the output: a failure here is a bug
     assert not clean.select((same("id") & same("WHEN_TIMESTAMP")).any()).item(), "usage: a duplicate key left"
-    post = clean.join(closed, on="id").filter(
-        pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms"))
+    post = (
+        clean.select("id", "WHEN_TIMESTAMP")
+        .join(closed, on="id")
+        .filter(pl.col("WHEN_TIMESTAMP") >= pl.col("CLOSEDATE").cast(pl.Datetime("ms")))
     )
-    clean.write_parquet(out, **_SPOOL)
-    return pl.concat(rej), clean.height, post.height, _timing_counts(clean, is_sorted=True)
+    return pl.concat(rej), clean, post.height, _timing_counts(clean, is_sorted=True)
 
 # %% ../nbs/02_contracts.ipynb #d8f3ad71ef4e4fb28db20bbdf1072eaf
 def _usage_quarantine(
@@ -996,34 +1082,62 @@ def _usage_quarantine(
     empty = {**{c: pl.Utf8 for c in raw_cols or []}, "_line": pl.Int64, "_rule": pl.Utf8, "_column": pl.Utf8}
     return pl.scan_parquet(qfiles).sort("_line") if qfiles else pl.LazyFrame(schema=empty)
 
+# %% ../nbs/02_contracts.ipynb #35144b8d25ae48169031ebf26c024a44
+def _cross_row_rules(
+    typed: _Typed,  # every chunk's typed rows
+    known: pl.Series,  # ids of the clean companies
+    closed: pl.DataFrame,  # clean customers' id, CLOSEDATE
+    spool: Path,  # `spool/usage/` gets the clean rows by bucket when the typed rows were spooled
+) -> tuple[list[pl.DataFrame], list[pl.DataFrame], list[dict], int, int]:
+    "Bucket by bucket: (clean rows kept in memory, rejects, timing counts, clean rows, post-conversion rows)."
+    frames, rejected, timing, clean, post = [], [], [], 0, 0
+    for j, u in enumerate(typed.buckets()):
+        rej, c, p, t = _usage_bucket(u, known.implode(), closed)
+        del u
+        if c.height and typed.mem is None:  # spooled: the clean rows too
+            c.write_parquet(spool / "usage" / f"part-{j:04d}.parquet", **_SPOOL)
+        elif c.height:
+            frames.append(c)
+        rejected, timing, clean, post = rejected + [rej], timing + [t], clean + c.height, post + p
+    return frames, rejected, timing, clean, post
+
+# %% ../nbs/02_contracts.ipynb #2b1c49a07ba241ffb98a432e503f5052
+def _clean_usage(
+    frames: list[pl.DataFrame],  # the buckets' clean rows, when they stayed in memory (else empty)
+    rows: int,  # clean rows in all
+    policy: Policy,  # `usage_in_memory_rows`
+    spool: Path,  # `usage/` holds the clean Parquet parts when spooled
+) -> pl.DataFrame | pl.LazyFrame:
+    "The clean usage: in memory up to `usage_in_memory_rows` rows, else a lazy scan of the clean Parquet parts."
+    if frames:
+        return pl.concat(frames)
+    parts = sorted((spool / "usage").glob("part-*.parquet"))
+    if not parts:
+        return _empty_usage()
+    return pl.scan_parquet(parts) if rows > policy.usage_in_memory_rows else pl.read_parquet(parts)
+
 # %% ../nbs/02_contracts.ipynb #880ea7564f88472abbb323838811e9bb
 def _validate_usage(
     raw: pl.LazyFrame,  # the `_prepare`d raw usage scan
     name: str,  # label for messages
     companies: dict[str, pl.DataFrame],  # clean customers and noncustomers
-    policy: Policy,  # chunk and bucket sizes
+    policy: Policy,  # chunk and bucket sizes, rows kept in memory
     spool: Path,  # an empty scratch directory
-) -> tuple[list[Path], pl.LazyFrame, TableReport, dict[str, Any]]:
-    "Stream usage through its contract: (clean Parquet parts in (id, time) order, quarantine scan, report, timing)."
+) -> tuple[pl.DataFrame | pl.LazyFrame, pl.LazyFrame, TableReport, dict[str, Any]]:
+    "Stream usage through its contract: (clean usage in (id, time) order, quarantine scan, report, timing)."
     ctx = _Ctx("usage", name)
     known = pl.concat([companies["customers"]["id"], companies["noncustomers"]["id"]])
     bounds = _buckets(known, policy.companies_per_bucket)
+    typed = _Typed(spool / "typed", min(policy.typed_in_memory_rows, policy.usage_in_memory_rows))
     (spool / "quarantine").mkdir(parents=True)
     (spool / "usage").mkdir()
     rows_in, raw_cols = 0, None
     for i, chunk in enumerate(_chunks(raw, name, policy.chunk_rows)):
         raw_cols = raw_cols or [c for c in chunk.columns if c not in ("_row", "_line")]
         rows_in += chunk.height
-        _usage_chunk(chunk, name, ctx, bounds, spool, i)
+        typed.add(_usage_chunk(chunk, name, ctx, bounds, spool, i), i)
     closed = companies["customers"].select("id", "CLOSEDATE")
-    parts, rejected, timing, clean, post = [], [], [], 0, 0
-    for b in sorted((spool / "typed").glob("b*")) if (spool / "typed").exists() else []:
-        out = spool / "usage" / f"part-{b.name}.parquet"
-        rej, n, p, t = _usage_bucket(sorted(b.glob("*.parquet")), known.implode(), closed, out)
-        shutil.rmtree(b)
-        rejected.append(rej)
-        clean, post, parts = clean + n, post + p, parts + ([out] if n else [])
-        timing.append(t)
+    frames, rejected, timing, clean, post = _cross_row_rules(typed, known, closed, spool)
     quarantine = _usage_quarantine(raw, rejected, raw_cols, spool)
     counts = quarantine.group_by("_column", "_rule").len().sort("_column", "_rule").collect()
     issues = [Issue("usage", col, rule, n, "quarantined") for col, rule, n in counts.iter_rows()]
@@ -1033,7 +1147,12 @@ def _validate_usage(
     assert report.rows_in == report.rows_clean + report.rows_quarantined, "usage: rows lost"
     if post:
         report.issues.append(Issue("usage", "WHEN_TIMESTAMP", "post_conversion_usage", post, "info"))
-    return parts, quarantine, report, _timing_from_counts(timing or [_timing_counts(_empty_usage())])
+    return (
+        _clean_usage(frames, clean, policy, spool),
+        quarantine,
+        report,
+        _timing_from_counts(timing or [_timing_counts(_empty_usage())]),
+    )
 
 # %% ../nbs/02_contracts.ipynb #dbfb6be3a914446a944d34ac5dc2a2dc
 def _merged(issues: list[Issue]) -> list[Issue]:
@@ -1057,18 +1176,14 @@ def _validate(
     fingerprints: Mapping[str, str],  # table -> sha256
     policy: Policy,  # normalisation knobs, chunk and bucket sizes
 ) -> Tables:
-    "The three tables through their contracts; usage streamed through Parquet in a scratch directory."
+    "The three tables through their contracts; usage streamed, through Parquet in a scratch directory when it does not fit in memory."
     lfs = {t: _prepare(t, raw[t], names[t]) for t in TABLES}
     frames = {t: _collect(lfs[t], names[t]).with_row_index("_row") for t in ("customers", "noncustomers")}
     out, quarantine, reports, _ = _validate_companies(frames, names, policy)
     spool = Path(tempfile.mkdtemp(prefix="hsml-tables-"))
     try:
-        parts, q, reports["usage"], timing = _validate_usage(lfs["usage"], names["usage"], out, policy, spool)
+        usage, q, reports["usage"], timing = _validate_usage(lfs["usage"], names["usage"], out, policy, spool)
         quarantine["usage"] = q.collect()
-        if reports["usage"].rows_clean > policy.usage_in_memory_rows:
-            usage = pl.scan_parquet(parts)
-        else:
-            usage = pl.read_parquet(parts) if parts else _empty_usage()
     except BaseException:
         shutil.rmtree(spool, ignore_errors=True)
         raise
@@ -1113,22 +1228,37 @@ def _data_end_json(tables: Tables) -> dict[str, Any]:
     return {"last_usage_stamp": s(e["last_usage_stamp"]), "last_close_date": s(e["last_close_date"]),
             "data_end": s(e["data_end"]), "latest_as_of": s(e["latest_as_of"]), "data_end_warnings": e["warnings"]}  # fmt: skip
 
-# %% ../nbs/02_contracts.ipynb #fbebbd83
+# %% ../nbs/02_contracts.ipynb #ac829f4f67f84ca38342277005c7880b
+def _check_unchanged(
+    cat: Catalog,  # the sources
+    names: dict[str, str],  # table -> label for messages
+    before: dict[str, str],  # table -> fingerprint before reading
+    stamps: dict[str, Any],  # table -> `file_stamp` before reading (None: no file)
+) -> None:
+    "Raise HsmlError naming the first source that changed while it was read."
+    for t, st in stamps.items():
+        if st is not None and file_stamp(cat[t]) == st:
+            continue
+        fp = cat[t].fingerprint()
+        if st is None and fp == before[t]:
+            continue
+        raise HsmlError(
+            f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after"
+            + ("; the file's size, modification time or inode moved)" if st else ")"),
+            hint="read it again once nothing writes to it: the tables would not match their fingerprint",
+        )
+
+# %% ../nbs/02_contracts.ipynb #b71585d839ff4c2d8e80fb9b94416e8d
 def load_tables(
     source: Catalog | str | Path,  # a directory of the three CSVs, a catalog YAML, or a Catalog
     policy: Policy | None = None,  # normalisation knobs
 ) -> Tables:
     "Load the three tables through the catalog and the contracts, streaming usage; stop if a source changed while read."
     cat = Catalog.resolve(source)
-    names = {t: cat[t].describe() for t in TABLES}
+    names, stamps = {t: cat[t].describe() for t in TABLES}, cat.stamps()
     before = cat.fingerprints()
     tables = _validate({t: cat[t].load() for t in TABLES}, names, before, policy or Policy())
-    for t, fp in cat.fingerprints().items():
-        if fp != before[t]:
-            raise HsmlError(
-                f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after)",
-                hint="read it again once nothing writes to it: the tables would not match their fingerprint",
-            )
+    _check_unchanged(cat, names, before, stamps)
     return tables
 
 # %% ../nbs/02_contracts.ipynb #fbebbd83s0

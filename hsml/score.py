@@ -10,6 +10,8 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,10 @@ from .bundle import Bundle
 from .core import HsmlError, atomic_path, to_date
 
 # %% auto #0
-__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'SCORE_KEYS', 'SCORE_OPTIONS', 'off_anchor_warning', 'outside_reason',
-           'population_split', 'top_reasons', 'rank_scores', 'score_frame', 'write_scores', 'sink_scores',
-           'scores_sink', 'add_arms', 'prediction_log', 'log_scores', 'prepare_delivery', 'deliver', 'score',
-           'score_cmd']
+__all__ = ['OUTSIDE_REASONS', 'N_REASONS', 'FEATURE_ROWS', 'PIECE_ROWS', 'SCORE_KEYS', 'SCORE_OPTIONS', 'off_anchor_warning',
+           'outside_reason', 'population_split', 'top_reasons', 'rank_scores', 'score_threads', 'score_frame',
+           'write_scores', 'sink_scores', 'scores_sink', 'add_arms', 'prediction_log', 'log_scores', 'prepare_delivery',
+           'deliver', 'score', 'score_cmd']
 
 # %% ../nbs/33_score.ipynb #0c8a495f
 def _resolve_as_of(
@@ -126,17 +128,46 @@ def rank_scores(
     rank[np.lexsort((ids, -scores))] = np.arange(1, n + 1)
     return rank, np.minimum(10, (rank - 1) * 10 // max(n, 1) + 1).astype(np.int8)
 
+# %% ../nbs/33_score.ipynb #aff0bd23f61d482ea208c5afe3d35c83
+FEATURE_ROWS = 50_000  # a batch's features are computed in id ranges of at least this many companies
+
+
+def _id_ranges(
+    ids: pl.Series,  # the population's company ids
+    parts: int,  # ranges wanted: fewer when there are fewer than `parts * FEATURE_ROWS` companies
+) -> list[pl.Expr]:
+    "Filters cutting the ids into ranges of about equal size, in id order; `[]` when one range would hold them all."
+    s = ids.unique().sort()
+    parts = max(1, min(parts, len(s) // FEATURE_ROWS))
+    bounds = [None, *[s[len(s) * j // parts] for j in range(1, parts)], None]
+    col = pl.col("id")
+    return [
+        (col >= lo if lo is not None else pl.lit(True)) & (col < hi if hi is not None else pl.lit(True))
+        for lo, hi in zip(bounds, bounds[1:])
+    ] if parts > 1 else []  # fmt: skip
+
 # %% ../nbs/33_score.ipynb #1671c31a24314836a5b85d7ef7fbf015
 def _features(
-    bundle: Bundle, companies: pl.DataFrame, usage: pl.DataFrame, panel: pl.DataFrame, period: int
+    bundle: Bundle,  # the loaded bundle: its feature set and input schema
+    companies: pl.DataFrame,  # tables.companies()
+    usage: pl.DataFrame | pl.LazyFrame,  # tables.usage
+    panel: pl.DataFrame,  # the population: id, as_of
+    period: int,  # the model's usage period (days)
+    threads: int = 1,  # id ranges computed at once (`_id_ranges`)
 ) -> pl.DataFrame:
-    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`."
+    "id, as_of and the input schema's fields (cast to their dtypes) of the companies in `panel`, in (as_of, id) order."
     from hsml.bundle import polars_dtype
     from hsml.features import compute_features
 
-    feature_set = bundle.info.get("feature_set") or "default"
-    ids = panel.select("id", "as_of")
-    feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
+    feature_set, ids = bundle.info.get("feature_set") or "default", panel.select("id", "as_of")
+    run = lambda m: compute_features(companies.filter(m), usage.filter(m), ids.filter(m), feature_set=feature_set, usage_period_days=period)  # noqa: E731  # fmt: skip
+    ranges = _id_ranges(ids["id"], threads)
+    if not ranges:
+        feats = compute_features(companies, usage, ids, feature_set=feature_set, usage_period_days=period)
+    else:
+        with ThreadPoolExecutor(len(ranges)) as ex:
+            feats = pl.concat(list(ex.map(run, ranges)))  # ranges in id order: one as_of is (as_of, id) order
+        feats = feats.sort("as_of", "id") if ids["as_of"].n_unique() > 1 else feats
     missing = [c for c in bundle.feature_names if c not in feats.columns]
     if missing:
         raise HsmlError(f"feature set {feature_set!r} did not produce the model's features {missing}")
@@ -154,41 +185,56 @@ def _reasons_how(bundle: Bundle, how: str, n: int) -> str:
     tree = c is not None and c.booster is not None and c.z_inputs is not None
     return ("shap" if n <= 20_000 else "path") if tree else "occlusion"
 
-# %% ../nbs/33_score.ipynb #7eecf52b
-def _score_chunks(
+# %% ../nbs/33_score.ipynb #fb2fab87308b4031bef2e625862552d1
+def _score_piece(
     bundle: Bundle,  # the loaded bundle
+    part: pl.DataFrame,  # a slice of the scoring frame: id, as_of and the input schema's fields
+    how: str | None,  # reasons method (`_reasons_how`), None: no reasons
+    one: bool,  # one pass over the trees gives scores and tree paths (`hsml.bundle_explain.one_pass`)
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str | None]:
+    "(scores, top reason indices, their contributions, method) of one slice; None for the reasons when not asked."
+    from hsml.bundle_explain import score_and_path
+
+    if one:
+        scores, contrib, method = score_and_path(bundle, part)
+    else:
+        scores = bundle.predict(part)
+        contrib, _, method = bundle.contributions(part, method=how) if how is not None else (None, None, None)
+    return (scores, *top_reasons(contrib), method) if contrib is not None else (scores, None, None, method)
+
+# %% ../nbs/33_score.ipynb #346b152a2bf3445494fe4ff2218ba233
+def score_threads(
+    threads: int | None = None,  # threads asked for; None or 0: all cores
+) -> int:
+    "The threads a batch is scored with: `threads`, else every core of the machine."
+    return int(threads or os.cpu_count() or 1)
+
+# %% ../nbs/33_score.ipynb #f15ef18910c84fd8b40ae853903f5208
+PIECE_ROWS = 16_384  # rows per LightGBM call in a batch
+
+
+def _score_chunks(
+    bundle: Bundle,  # the loaded bundle (its LightGBM calls run on one thread each here)
     X: pl.DataFrame,  # id, as_of and the input schema's fields
     how: str | None,  # reasons method (`_reasons_how`), None: no reasons
-    chunk_size: int,  # rows per step
+    chunk_size: int,  # rows per piece at most (`PIECE_ROWS` caps it)
     show: bool,  # progress bar
+    threads: int = 1,  # pieces scored at once
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
-    "(scores, reason indices, reason contributions, method) in chunks, with a progress bar."
-    from hsml.bundle_explain import one_pass, score_and_path
+    "(scores, reason indices, reason contributions, method): pieces on `threads` threads, put back in row order."
+    from hsml.bundle_explain import one_pass
 
-    n, method, one = X.height, None, how == "path" and one_pass(bundle)
-    scores, r_idx, r_val = (
-        np.empty(n),
-        np.zeros((n, N_REASONS), dtype=np.int64),
-        np.full((n, N_REASONS), np.nan),
-    )
-    for s in tqdm(
-        range(0, n, chunk_size),
-        desc=f"scoring {n:,} prospects",
-        unit="chunk",
-        disable=not show,
-        file=sys.stderr,
-    ):
-        part = X.slice(s, chunk_size)
-        if one:  # one pass over the trees gives both
-            scores[s : s + part.height], contrib, method = score_and_path(bundle, part)
-        else:
-            scores[s : s + part.height] = bundle.predict(part)
-            contrib, _, method = (
-                bundle.contributions(part, method=how) if how is not None else (None, None, None)
-            )
-        if contrib is not None:
-            i, v = top_reasons(contrib)
-            r_idx[s : s + part.height, : i.shape[1]], r_val[s : s + part.height, : i.shape[1]] = i, v
+    n, one, step = X.height, how == "path" and one_pass(bundle), max(1, min(chunk_size, PIECE_ROWS))
+    scores, method = np.empty(n), None
+    r_idx, r_val = np.zeros((n, N_REASONS), dtype=np.int64), np.full((n, N_REASONS), np.nan)
+    run = lambda s: (s, _score_piece(bundle, X.slice(s, step), how, one))  # noqa: E731
+    bar = tqdm(total=n, desc=f"scoring {n:,} prospects", unit="rows", disable=not show, file=sys.stderr)
+    with ThreadPoolExecutor(max(1, threads)) as ex, bar:
+        for s, (sc, i, v, m) in chain([run(0)], ex.map(run, range(step, n, step))) if n else ():
+            scores[s : s + len(sc)], method = sc, m
+            if i is not None:
+                r_idx[s : s + len(sc), : i.shape[1]], r_val[s : s + len(sc), : i.shape[1]] = i, v
+            bar.update(len(sc))
     return scores, r_idx, r_val, method
 
 # %% ../nbs/33_score.ipynb #5b09d5ef5b5e4bb6ab9b829b10b6a29f
@@ -280,11 +326,11 @@ def score_frame(
     as_of: str | dt.date | None = "latest",  # scoring date; 'latest' = the day after the last usage event
     population: str
     | None = None,  # population policy (hsml.snapshots); None: the bundle's training population
-    chunk_size: int = 100_000,  # rows scored per step (progress bar and memory)
+    chunk_size: int = 100_000,  # rows scored per step at most (memory); `PIECE_ROWS` caps it
     reasons: bool = True,  # compute the top three reasons
     reasons_method: str = "auto",  # auto | shap | path | occlusion (auto: TreeSHAP up to 20,000 rows, then tree paths)
     progress: bool | None = None,  # tqdm progress bar; default on when more than one chunk
-    threads: int | None = None,  # LightGBM threads for this batch; None = all cores
+    threads: int | None = None,  # id ranges and pieces computed at once (`score_threads`); None = all cores
 ) -> pl.DataFrame:
     "Rank the prospects in the population at `as_of` (score, rank, decile, reasons, model version); list the others after them, unscored."
     bundle.check_features()  # the feature code here must be the code the model was trained with
@@ -296,14 +342,11 @@ def score_frame(
     panel, outside = population_split(companies, tables.usage, day, horizon, population, period)
     if panel.height == 0:
         raise _nobody_to_score(population, day, outside)
-    X = _features(bundle, companies, tables.usage, panel, period)
+    X = _features(bundle, companies, tables.usage, panel, period, score_threads(threads))
     how = _reasons_how(bundle, reasons_method, X.height) if reasons else None
     show = X.height > chunk_size if progress is None else progress
-    bundle.set_threads(threads)
-    try:
-        scores, r_idx, r_val, method = _score_chunks(bundle, X, how, chunk_size, show)
-    finally:
-        bundle.set_threads(1)
+    bundle.set_threads(1)  # one LightGBM thread per piece: the pieces run in parallel
+    scores, r_idx, r_val, method = _score_chunks(bundle, X, how, chunk_size, show, score_threads(threads))
     out = _ranked_list(bundle, X, scores, r_idx, r_val, method, reasons)
     off = off_anchor_warning(day, anchor, period) is not None
     return _with_unscored(out, outside, day, bundle, off)

@@ -20,7 +20,7 @@ from .core import HsmlError, sha256_bytes, sha256_file
 
 # %% auto #0
 __all__ = ['SOURCE_TYPES', 'TABLES', 'DEFAULT_FILES', 'Source', 'type_registrar', 'register_source', 'CsvSource', 'ParquetSource',
-           'mask_uri', 'SqlSource', 'interpolate_env', 'source_from_spec', 'Catalog']
+           'mask_uri', 'SqlSource', 'interpolate_env', 'source_from_spec', 'Catalog', 'file_stamp']
 
 # %% ../nbs/01_sources.ipynb #5c694f92
 @runtime_checkable
@@ -155,16 +155,15 @@ def _flag_lines(
     encoding: str = "utf8",  # "utf8" or "utf8-lossy"
 ) -> pl.DataFrame:
     "The data lines that are blank or whose field count differs from the header's: `_line`, `blank`, `n`."
+    raw, fields = pl.col("raw"), lambda s: s.str.count_matches(sep, literal=True) + 1  # noqa: E731
     return (
         pl.scan_csv(path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False,
                     new_columns=["raw"], row_index_name="_line", row_index_offset=1, encoding=encoding)
-        .with_columns(pl.col("raw").str.strip_chars_end("\r"))
+        .with_columns(raw.str.strip_chars_end("\r"))
         .filter(pl.col("_line") > 1)
-        .select(
-            "_line",
-            blank=pl.col("raw").fill_null("").str.strip_chars() == "",
-            n=pl.col("raw").str.replace_all(r'"[^"]*"', "").str.count_matches(sep, literal=True) + 1,
-        )
+        .with_columns(blank=raw.fill_null("").str.strip_chars() == "")
+        .filter(pl.col("blank") | raw.str.contains('"', literal=True) | (fields(raw) != n_header))
+        .select("_line", "blank", n=fields(raw.str.replace_all(r'"[^"]*"', "")))  # quoted separators do not count
         .filter(pl.col("blank") | (pl.col("n") != n_header))
         .collect()
         .sort("_line")
@@ -469,6 +468,23 @@ def describe(self: Catalog) -> str:
     return "\n".join(
         f"{t:13s} {type(self.sources[t]).__name__}: {self.sources[t].describe()}" for t in TABLES
     )
+
+# %% ../nbs/01_sources.ipynb #db21644b996c4db69fd1b659e080b3a7
+def file_stamp(
+    source: Any,  # a source; file sources have a `path`
+) -> tuple[int, int, int] | None:
+    "(size, modification time in ns, inode) of a file source's file; None for a source without one."
+    path = getattr(source, "path", None)
+    if not isinstance(path, Path) or not path.is_file():
+        return None
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@patch
+def stamps(self: Catalog) -> dict[str, tuple[int, int, int] | None]:
+    "The `file_stamp` of each table's source."
+    return {t: file_stamp(self.sources[t]) for t in TABLES}
 
 # %% ../nbs/01_sources.ipynb #cec9c81c
 @patch(cls_method=True)
