@@ -31,9 +31,9 @@ __all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_C
            'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks',
            'PredictionLog', 'CompanyRequest', 'request_frames', 'validate_request', 'company_features',
            'experiment_arms', 'service_description', 'Problem', 'problem_response', 'problem_handler',
-           'validation_problem', 'arrow_table', 'arrow_problem', 'ArrowRecords', 'ServeState', 'require_token',
-           'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
-           'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
+           'validation_problem', 'arrow_table', 'arrow_problem', 'ArrowRecords', 'ServeState', 'predictions_json',
+           'require_token', 'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready',
+           'model', 'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
            'worker_env', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #acae54e37e7d407bbb7b55eff062a284
@@ -329,22 +329,53 @@ def _cat_bytes(col: list) -> list[bytes]:
 
 # %% ../nbs/32_serve.ipynb #8309879909854d7188b41380fd92a7c3
 def _row_hashes(num: np.ndarray, cats: list[list], n: int) -> list[str]:
-    "`features_hash` of each of the n rows (the numeric block read from one contiguous buffer)."
+    "`features_hash` of each of the n rows (each row's bytes taken from one contiguous buffer by numpy, not sliced in Python)."
     num = np.ascontiguousarray(num, dtype="<f8")
-    w, nb = (num.shape[1] * 8 if num.ndim == 2 else 0), num.tobytes()
-    tails = list(map(b"".join, zip(*map(_cat_bytes, cats)))) if cats else [b""] * n
-    sha = hashlib.sha256
-    return [sha(nb[i * w : i * w + w] + tail).hexdigest()[:16] for i, tail in enumerate(tails)]
+    w = num.shape[1] * 8 if num.ndim == 2 else 0
+    rows = num.view(np.dtype((np.void, w))).ravel().tolist() if w and n else [b""] * n
+    if cats:
+        rows = list(map(bytes.__add__, rows, map(b"".join, zip(*map(_cat_bytes, cats)))))
+    return [h.hexdigest()[:16] for h in map(hashlib.sha256, rows)]
 
 # %% ../nbs/32_serve.ipynb #cb1e1581032b452c9409d6c6813c49d1
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    "1 = highest score, ties in request order, NaN last."
+    r = np.empty(len(scores), dtype=np.int64)
+    r[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    return r
+
+
 def score_ranks(
     scores: np.ndarray,  # one request's scores (NaN: not scored)
 ) -> list[int | None]:
     "Rank of each score within the request, 1 = highest (ties in request order); None where there is no score."
-    order = np.argsort(-scores, kind="stable")  # NaN sorts last
-    r = np.empty(len(scores), dtype=np.int64)
-    r[order] = np.arange(1, len(scores) + 1)
-    return [None if s != s else k for s, k in zip(scores.tolist(), r.tolist())]
+    return [None if s != s else k for s, k in zip(scores.tolist(), _ranks(scores).tolist())]
+
+# %% ../nbs/32_serve.ipynb #b215916b
+def _float_texts(
+    x: np.ndarray,  # float64 values (NaN: null)
+) -> list[str]:
+    "`repr` of each value ('null' for NaN): orjson's text where it is repr's (0, and 1e-4 <= |x| < 1e16), repr elsewhere."
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = orjson.dumps(x, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if len(x) else []
+    a = np.abs(x)
+    for j in np.flatnonzero(((a < 1e-4) & (a != 0)) | (a >= 1e16)):  # NaN compares False: orjson wrote null
+        out[j] = repr(float(x[j]))
+    return out
+
+
+def _rank_texts(
+    scores: np.ndarray,  # one request's scores (NaN: not scored)
+) -> list[str]:
+    "`score_ranks` as JSON texts ('null' where there is no score)."
+    out = (
+        orjson.dumps(_ranks(scores), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",")
+        if len(scores)
+        else []
+    )
+    for j in np.flatnonzero(np.isnan(scores)):
+        out[j] = "null"
+    return out
 
 # %% ../nbs/32_serve.ipynb #17df65c7
 def _jsonl(batch: list[tuple]) -> bytes:
@@ -356,12 +387,11 @@ def _jsonl(batch: list[tuple]) -> bytes:
         )[:-1]
         n = len(scores)
         rids = ["null" if r is None else (str(r) if type(r) is int else json.dumps(r)) for r in ids]
-        ss = ["null" if s != s else repr(s) for s in scores.tolist()]
         ams = ["null" if a is None else f'"{a}"' for a in arms] if arms else ["null"] * n
-        rks = ["null" if k is None else str(k) for k in score_ranks(scores)]
+        hashes, ss, rks = _row_hashes(num, cats, n), _float_texts(scores), _rank_texts(scores)
         out += [
             f'{head},"id":{r},"score":{s},"features_hash":"{h}","arm":{a},"rank":{k}}}'
-            for r, s, h, a, k in zip(rids, ss, _row_hashes(num, cats, n), ams, rks)
+            for r, s, h, a, k in zip(rids, ss, hashes, ams, rks)
         ]
     return ("\n".join(out) + "\n").encode() if out else b""
 
@@ -805,7 +835,7 @@ def validation_problem(
     more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", detail)
 
-# %% ../nbs/32_serve.ipynb #3f46c6e9
+# %% ../nbs/32_serve.ipynb #332892db
 ARROW_STREAM = "application/vnd.apache.arrow.stream"  # the Arrow IPC stream format's media type
 
 
@@ -818,7 +848,7 @@ def arrow_table(
     except (pa.ArrowException, ValueError, OSError) as e:  # garbage, a truncated message, a bad schema
         raise Problem(400, f"malformed Arrow IPC stream: {e}") from None
 
-# %% ../nbs/32_serve.ipynb #487214a3
+# %% ../nbs/32_serve.ipynb #cbc57854
 _KIND_TESTS = (("int", pa.types.is_integer), ("float", pa.types.is_floating), ("bool", pa.types.is_boolean),
                ("str", pa.types.is_string), ("str", pa.types.is_large_string), ("str", pa.types.is_string_view),
                ("null", pa.types.is_null))  # fmt: skip
@@ -832,7 +862,7 @@ def _arrow_kind(
     t = t.value_type if pa.types.is_dictionary(t) else t
     return next((kind for kind, test in _KIND_TESTS if test(t)), "other")
 
-# %% ../nbs/32_serve.ipynb #afdd2256
+# %% ../nbs/32_serve.ipynb #cb007fa7
 _KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its message)
     "number": ({"int", "float", "null"}, "float_type", "Input should be a valid number"),
     "integer": ({"int", "null"}, "int_type", "Input should be a valid integer"),
@@ -841,7 +871,7 @@ _KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its 
     "id": ({"int", "str", "null"}, "id_type", "Input should be a valid integer or string"),
 }
 
-# %% ../nbs/32_serve.ipynb #38f2f6b6
+# %% ../nbs/32_serve.ipynb #526f5a71
 def _col_error(
     row: int | None,  # the first offending row (None: the table as a whole)
     col: str | None,  # the column
@@ -864,7 +894,7 @@ def arrow_problem(
     more = f" (and {len(errs) - 20} more)" if len(errs) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", errs)
 
-# %% ../nbs/32_serve.ipynb #5144604a
+# %% ../nbs/32_serve.ipynb #80556b10
 class ArrowRecords:
     "An Arrow table of records checked column-wise with the JSON path's rules: `(ids, numeric matrix, category lists)`."
 
@@ -888,7 +918,7 @@ class ArrowRecords:
             n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _cat_rule(fields[n])[1]
         }
 
-# %% ../nbs/32_serve.ipynb #c3171b6f
+# %% ../nbs/32_serve.ipynb #af79aeff
 @patch
 def columns(
     self: ArrowRecords,
@@ -913,7 +943,7 @@ def columns(
     if errs:
         raise arrow_problem(errs)
 
-# %% ../nbs/32_serve.ipynb #dacaa15b
+# %% ../nbs/32_serve.ipynb #e7e55a28
 def _first(mask: np.ndarray) -> int:
     "The first True row of a boolean mask."
     return int(np.argmax(mask))
@@ -934,7 +964,7 @@ def types(
             errs.append(_col_error(row, n, typ, msg, col[row].as_py()))
     return errs
 
-# %% ../nbs/32_serve.ipynb #a0ac7b61
+# %% ../nbs/32_serve.ipynb #73b8e5fb
 def _decoded(
     col: pa.ChunkedArray,  # a column
 ) -> pa.ChunkedArray:
@@ -958,7 +988,7 @@ def _float_column(
         col = pc.cast(_decoded(col), pa.float64())
     return col.to_numpy()
 
-# %% ../nbs/32_serve.ipynb #2bc54fe4
+# %% ../nbs/32_serve.ipynb #2332f39c
 @patch
 def nonfinite(
     self: ArrowRecords,
@@ -979,7 +1009,7 @@ def nonfinite(
         )
     return errs
 
-# %% ../nbs/32_serve.ipynb #8f536745
+# %% ../nbs/32_serve.ipynb #0f3f44bb
 @patch
 def numeric(
     self: ArrowRecords,
@@ -1001,7 +1031,7 @@ def numeric(
             errs.append(_col_error(row, f["name"], f"{word}_than_equal", msg, X[row, j].item()))
     return X, errs
 
-# %% ../nbs/32_serve.ipynb #05043210
+# %% ../nbs/32_serve.ipynb #03311c18
 @patch
 def bad_levels(
     self: ArrowRecords,
@@ -1016,7 +1046,7 @@ def bad_levels(
     long = pc.fill_null(pc.greater(pc.utf8_length(col), 200), False).to_numpy(zero_copy_only=False)
     return long, "string_too_long", "String should have at most 200 characters"
 
-# %% ../nbs/32_serve.ipynb #0ee7dc90
+# %% ../nbs/32_serve.ipynb #b7134732
 @patch
 def categories(
     self: ArrowRecords,
@@ -1037,7 +1067,7 @@ def categories(
         cats.append(col.to_pylist())
     return cats, errs
 
-# %% ../nbs/32_serve.ipynb #ad3cf34e
+# %% ../nbs/32_serve.ipynb #2784e8fb
 @patch
 def check(
     self: ArrowRecords,
@@ -1179,7 +1209,7 @@ def score_rows(self: ServeState, rows: list) -> tuple[np.ndarray, list[list], np
     Xn, cs = self.bundle.split_rows(rows)
     return Xn, cs, self.bundle.predict_split(Xn, cs)
 
-# %% ../nbs/32_serve.ipynb #9476ef01
+# %% ../nbs/32_serve.ipynb #38fb2d56
 @patch
 def score_arrow(
     self: ServeState,
@@ -1237,9 +1267,31 @@ def log_rows(
     }
     self.log.append(meta, ids, Xn, cs, scores, arms)
 
+# %% ../nbs/32_serve.ipynb #df6a8a10
+def predictions_json(
+    ids: list,  # company id per row (None: left out of its prediction)
+    scores: np.ndarray,  # score per row (NaN: null)
+    arms: list | None = None,  # experiment arm per row, or None without an experiment
+) -> orjson.Fragment:
+    'The answer\'s `predictions`, `[{"score", "id"?, "arm"?}, ...]`, as the JSON orjson writes for those dicts.'
+    if not len(scores):
+        return orjson.Fragment(b"[]")
+    ss = orjson.dumps(np.ascontiguousarray(scores, np.float64), option=orjson.OPT_SERIALIZE_NUMPY)[
+        1:-1
+    ].split(b",")
+    if all(i is None for i in ids) and arms is None:
+        return orjson.Fragment(b'[{"score":' + b'},{"score":'.join(ss) + b"}]")
+    idj = [b"" if i is None else b',"id":' + orjson.dumps(i) for i in ids]
+    amj = [b',"arm":' + orjson.dumps(a) for a in arms] if arms is not None else [b""] * len(ss)
+    return orjson.Fragment(
+        b"[" + b",".join([b'{"score":' + s + i + a + b"}" for s, i, a in zip(ss, idj, amj)]) + b"]"
+    )
+
 # %% ../nbs/32_serve.ipynb #b76bc3dc
 @patch
-def json_response(self: ServeState, rid: str, preds: list[dict], extra: dict | None = None) -> Response:
+def json_response(
+    self: ServeState, rid: str, preds: list[dict] | orjson.Fragment, extra: dict | None = None
+) -> Response:
     "The answer: model, version, request id, predictions, then `extra`; the request id in `x-request-id` too."
     b = self.bundle
     body = {"model": b.name, "version": b.version, "request_id": rid, "predictions": preds} | (extra or {})
@@ -1261,11 +1313,9 @@ def respond(
     "Log and answer one request's scores (with each company's arm, the experiment and its share under an experiment)."
     arms = self.arms_of(ids) if self.arms_of else None
     self.log_rows(rid, endpoint, ids, Xn, cs, scores, as_of, arms)
-    preds = [{"score": s} if i is None else {"score": s, "id": i} for i, s in zip(ids, scores.tolist())]
     if arms is not None:  # an experiment: each company's arm, and the experiment's name and share
-        preds = [p | {"arm": a} for p, a in zip(preds, arms)]
         extra = (extra or {}) | {"experiment": self.experiment, "holdout_share": self.holdout_share}
-    return self.json_response(rid, preds, extra)
+    return self.json_response(rid, predictions_json(ids, scores, arms), extra)
 
 # %% ../nbs/32_serve.ipynb #45bdd81f
 async def require_token(request: Request) -> None:
@@ -1302,7 +1352,7 @@ async def json_body(request: Request) -> bytes:
         raise Problem(415, f"content-type {ct!r} is not supported: send application/json")
     return await _sized_body(request, "a JSON object")
 
-# %% ../nbs/32_serve.ipynb #67c197a5
+# %% ../nbs/32_serve.ipynb #b02da2f5
 async def predict_body(
     request: Request,  # a /predict request
 ) -> tuple[bool, bytes]:
