@@ -351,7 +351,7 @@ def score_ranks(
     "Rank of each score within the request, 1 = highest (ties in request order); None where there is no score."
     return [None if s != s else k for s, k in zip(scores.tolist(), _ranks(scores).tolist())]
 
-# %% ../nbs/32_serve.ipynb #b215916b
+# %% ../nbs/32_serve.ipynb #dc100c38
 def _float_texts(
     x: np.ndarray,  # float64 values (NaN: null)
 ) -> list[str]:
@@ -835,7 +835,7 @@ def validation_problem(
     more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", detail)
 
-# %% ../nbs/32_serve.ipynb #332892db
+# %% ../nbs/32_serve.ipynb #ddea1d3c
 ARROW_STREAM = "application/vnd.apache.arrow.stream"  # the Arrow IPC stream format's media type
 
 
@@ -848,7 +848,7 @@ def arrow_table(
     except (pa.ArrowException, ValueError, OSError) as e:  # garbage, a truncated message, a bad schema
         raise Problem(400, f"malformed Arrow IPC stream: {e}") from None
 
-# %% ../nbs/32_serve.ipynb #cbc57854
+# %% ../nbs/32_serve.ipynb #9c70b0fe
 _KIND_TESTS = (("int", pa.types.is_integer), ("float", pa.types.is_floating), ("bool", pa.types.is_boolean),
                ("str", pa.types.is_string), ("str", pa.types.is_large_string), ("str", pa.types.is_string_view),
                ("null", pa.types.is_null))  # fmt: skip
@@ -862,7 +862,7 @@ def _arrow_kind(
     t = t.value_type if pa.types.is_dictionary(t) else t
     return next((kind for kind, test in _KIND_TESTS if test(t)), "other")
 
-# %% ../nbs/32_serve.ipynb #cb007fa7
+# %% ../nbs/32_serve.ipynb #164d3555
 _KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its message)
     "number": ({"int", "float", "null"}, "float_type", "Input should be a valid number"),
     "integer": ({"int", "null"}, "int_type", "Input should be a valid integer"),
@@ -871,7 +871,7 @@ _KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its 
     "id": ({"int", "str", "null"}, "id_type", "Input should be a valid integer or string"),
 }
 
-# %% ../nbs/32_serve.ipynb #526f5a71
+# %% ../nbs/32_serve.ipynb #6a61bd93
 def _col_error(
     row: int | None,  # the first offending row (None: the table as a whole)
     col: str | None,  # the column
@@ -894,7 +894,7 @@ def arrow_problem(
     more = f" (and {len(errs) - 20} more)" if len(errs) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", errs)
 
-# %% ../nbs/32_serve.ipynb #80556b10
+# %% ../nbs/32_serve.ipynb #9e2e5195
 class ArrowRecords:
     "An Arrow table of records checked column-wise with the JSON path's rules: `(ids, numeric matrix, category lists)`."
 
@@ -918,7 +918,7 @@ class ArrowRecords:
             n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _cat_rule(fields[n])[1]
         }
 
-# %% ../nbs/32_serve.ipynb #af79aeff
+# %% ../nbs/32_serve.ipynb #f7a8bdc8
 @patch
 def columns(
     self: ArrowRecords,
@@ -943,7 +943,7 @@ def columns(
     if errs:
         raise arrow_problem(errs)
 
-# %% ../nbs/32_serve.ipynb #e7e55a28
+# %% ../nbs/32_serve.ipynb #6184823c
 def _first(mask: np.ndarray) -> int:
     "The first True row of a boolean mask."
     return int(np.argmax(mask))
@@ -964,7 +964,7 @@ def types(
             errs.append(_col_error(row, n, typ, msg, col[row].as_py()))
     return errs
 
-# %% ../nbs/32_serve.ipynb #73b8e5fb
+# %% ../nbs/32_serve.ipynb #22e7dfc5
 def _decoded(
     col: pa.ChunkedArray,  # a column
 ) -> pa.ChunkedArray:
@@ -978,17 +978,14 @@ def _decoded(
 def _float_column(
     col: pa.ChunkedArray,  # an integer, float, boolean or null column
 ) -> np.ndarray:
-    "The column as float64 values, NaN for null."
-    if (
-        col.null_count
-        and pa.types.is_boolean(col.type)
-        or pa.types.is_dictionary(col.type)
-        or pa.types.is_null(col.type)
-    ):
-        col = pc.cast(_decoded(col), pa.float64())
-    return col.to_numpy()
+    "The column as float64 values, NaN for null (a column of nulls of any type is all NaN)."
+    if col.null_count == len(col):
+        return np.full(len(col), np.nan)
+    if _arrow_kind(col.type) in ("int", "float") and not pa.types.is_dictionary(col.type):
+        return col.to_numpy()  # in place without nulls; with nulls, float64 and NaN
+    return pc.cast(_decoded(col), pa.float64()).to_numpy()  # booleans
 
-# %% ../nbs/32_serve.ipynb #2332f39c
+# %% ../nbs/32_serve.ipynb #e7b58e73
 @patch
 def nonfinite(
     self: ArrowRecords,
@@ -1009,7 +1006,7 @@ def nonfinite(
         )
     return errs
 
-# %% ../nbs/32_serve.ipynb #0f3f44bb
+# %% ../nbs/32_serve.ipynb #218c7544
 @patch
 def numeric(
     self: ArrowRecords,
@@ -1031,7 +1028,7 @@ def numeric(
             errs.append(_col_error(row, f["name"], f"{word}_than_equal", msg, X[row, j].item()))
     return X, errs
 
-# %% ../nbs/32_serve.ipynb #03311c18
+# %% ../nbs/32_serve.ipynb #2a46c935
 @patch
 def bad_levels(
     self: ArrowRecords,
@@ -1046,7 +1043,7 @@ def bad_levels(
     long = pc.fill_null(pc.greater(pc.utf8_length(col), 200), False).to_numpy(zero_copy_only=False)
     return long, "string_too_long", "String should have at most 200 characters"
 
-# %% ../nbs/32_serve.ipynb #b7134732
+# %% ../nbs/32_serve.ipynb #baf0e600
 @patch
 def categories(
     self: ArrowRecords,
@@ -1056,7 +1053,10 @@ def categories(
     cats, errs = [], []
     for n in self.cat:
         col, f = t.column(n), self.fields[n]
-        col = col if pa.types.is_string(col.type) else pc.cast(_decoded(col), pa.string())
+        if col.null_count == len(col):  # a column of nulls, of whatever type
+            col = pa.chunked_array([pa.nulls(len(col), pa.string())])
+        elif not pa.types.is_string(col.type):
+            col = pc.cast(_decoded(col), pa.string())
         valid = col.is_valid().to_numpy(zero_copy_only=False)
         if not f.get("nullable", True) and not valid.all():
             errs.append(_col_error(_first(~valid), n, "string_type", "Input should be a valid string", None))
@@ -1067,7 +1067,7 @@ def categories(
         cats.append(col.to_pylist())
     return cats, errs
 
-# %% ../nbs/32_serve.ipynb #2784e8fb
+# %% ../nbs/32_serve.ipynb #02a72416
 @patch
 def check(
     self: ArrowRecords,
@@ -1209,7 +1209,7 @@ def score_rows(self: ServeState, rows: list) -> tuple[np.ndarray, list[list], np
     Xn, cs = self.bundle.split_rows(rows)
     return Xn, cs, self.bundle.predict_split(Xn, cs)
 
-# %% ../nbs/32_serve.ipynb #38fb2d56
+# %% ../nbs/32_serve.ipynb #c686e124
 @patch
 def score_arrow(
     self: ServeState,
@@ -1218,7 +1218,15 @@ def score_arrow(
     "(ids, numeric matrix, category lists, scores) of an Arrow /predict body; a problem naming the column and row when it breaks a rule."
     if self.arrow is None:
         raise Problem(415, f"this model's inputs cannot be read from {ARROW_STREAM}: send application/json")
-    ids, Xn, cs = self.arrow.check(arrow_table(body))
+    t = arrow_table(body)
+    try:
+        ids, Xn, cs = self.arrow.check(t)
+    except (
+        pa.ArrowException,
+        TypeError,
+        ValueError,
+    ) as e:  # a column Arrow cannot convert: the client's, not a 500
+        raise Problem(400, f"unreadable Arrow column: {e}") from None
     return ids, Xn, cs, self.bundle.predict_split(Xn, cs)
 
 # %% ../nbs/32_serve.ipynb #4730884f
@@ -1267,7 +1275,7 @@ def log_rows(
     }
     self.log.append(meta, ids, Xn, cs, scores, arms)
 
-# %% ../nbs/32_serve.ipynb #df6a8a10
+# %% ../nbs/32_serve.ipynb #9847dfa6
 def predictions_json(
     ids: list,  # company id per row (None: left out of its prediction)
     scores: np.ndarray,  # score per row (NaN: null)
@@ -1352,7 +1360,7 @@ async def json_body(request: Request) -> bytes:
         raise Problem(415, f"content-type {ct!r} is not supported: send application/json")
     return await _sized_body(request, "a JSON object")
 
-# %% ../nbs/32_serve.ipynb #b02da2f5
+# %% ../nbs/32_serve.ipynb #77ccd9c2
 async def predict_body(
     request: Request,  # a /predict request
 ) -> tuple[bool, bytes]:

@@ -113,6 +113,11 @@ def test_arrow_gives_the_json_scores_and_log_lines(served):
     assert a2.status_code == 200, a2.text
     assert [p["score"] for p in a2.json()["predictions"]] == [p["score"] for p in pj]
     assert all("id" not in p for p in a2.json()["predictions"])
+    # a column of nulls is nulls whatever its type (a client's untyped empty column), as JSON's nulls are
+    nulls = df.head(4).with_columns(alexa_rank_log10=pl.Series([None] * 4, dtype=pl.String))
+    a3 = post(served["url"], ipc(nulls), ARROW)
+    j3 = post(served["url"], _json_body(nulls), "application/json")
+    assert a3.status_code == j3.status_code == 200 and a3.json()["predictions"] == j3.json()["predictions"]
 
 
 def _error_cases(served) -> list[tuple[str, pl.DataFrame, str | None]]:
@@ -135,6 +140,7 @@ def _error_cases(served) -> list[tuple[str, pl.DataFrame, str | None]]:
         ("unknown category", g.with_columns(at(2, "industry", "Space Tourism")), "records.2.industry"),
         ("missing column", g.drop("users_crm_contacts_28d"), "records.0.users_crm_contacts_28d"),
         ("extra column", g.with_columns(typo=pl.lit(1)), "records.0.typo"),
+        ("list column for a number", g.with_columns(actions_email_28d=pl.Series([[1.0]] * 20)), "records.0.actions_email_28d"),
         ("float id", g.with_columns(id=pl.lit(1.5)), "records.0.id"),
         ("too many rows", pl.concat([g] * 501), None),
     ]  # fmt: skip
