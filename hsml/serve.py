@@ -338,7 +338,9 @@ def _row_hashes(num: np.ndarray, cats: list[list], n: int) -> list[str]:
     return [h.hexdigest()[:16] for h in map(hashlib.sha256, rows)]
 
 # %% ../nbs/32_serve.ipynb #cb1e1581032b452c9409d6c6813c49d1
-def _ranks(scores: np.ndarray) -> np.ndarray:
+def _ranks(
+    scores: np.ndarray,  # one request's scores (NaN: not scored)
+) -> np.ndarray:
     "1 = highest score, ties in request order, NaN last."
     r = np.empty(len(scores), dtype=np.int64)
     r[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
@@ -351,7 +353,7 @@ def score_ranks(
     "Rank of each score within the request, 1 = highest (ties in request order); None where there is no score."
     return [None if s != s else k for s, k in zip(scores.tolist(), _ranks(scores).tolist())]
 
-# %% ../nbs/32_serve.ipynb #dc100c38
+# %% ../nbs/32_serve.ipynb #964bfefc
 def _float_texts(
     x: np.ndarray,  # float64 values (NaN: null)
 ) -> list[str]:
@@ -835,7 +837,7 @@ def validation_problem(
     more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", detail)
 
-# %% ../nbs/32_serve.ipynb #ddea1d3c
+# %% ../nbs/32_serve.ipynb #538c5ce9
 ARROW_STREAM = "application/vnd.apache.arrow.stream"  # the Arrow IPC stream format's media type
 
 
@@ -848,7 +850,7 @@ def arrow_table(
     except (pa.ArrowException, ValueError, OSError) as e:  # garbage, a truncated message, a bad schema
         raise Problem(400, f"malformed Arrow IPC stream: {e}") from None
 
-# %% ../nbs/32_serve.ipynb #9c70b0fe
+# %% ../nbs/32_serve.ipynb #e51d8338
 _KIND_TESTS = (("int", pa.types.is_integer), ("float", pa.types.is_floating), ("bool", pa.types.is_boolean),
                ("str", pa.types.is_string), ("str", pa.types.is_large_string), ("str", pa.types.is_string_view),
                ("null", pa.types.is_null))  # fmt: skip
@@ -862,7 +864,7 @@ def _arrow_kind(
     t = t.value_type if pa.types.is_dictionary(t) else t
     return next((kind for kind, test in _KIND_TESTS if test(t)), "other")
 
-# %% ../nbs/32_serve.ipynb #164d3555
+# %% ../nbs/32_serve.ipynb #66566fb6
 _KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its message)
     "number": ({"int", "float", "null"}, "float_type", "Input should be a valid number"),
     "integer": ({"int", "null"}, "int_type", "Input should be a valid integer"),
@@ -871,7 +873,7 @@ _KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its 
     "id": ({"int", "str", "null"}, "id_type", "Input should be a valid integer or string"),
 }
 
-# %% ../nbs/32_serve.ipynb #6a61bd93
+# %% ../nbs/32_serve.ipynb #1bc77f8e
 def _col_error(
     row: int | None,  # the first offending row (None: the table as a whole)
     col: str | None,  # the column
@@ -894,7 +896,7 @@ def arrow_problem(
     more = f" (and {len(errs) - 20} more)" if len(errs) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", errs)
 
-# %% ../nbs/32_serve.ipynb #9e2e5195
+# %% ../nbs/32_serve.ipynb #f3ab9a5b
 class ArrowRecords:
     "An Arrow table of records checked column-wise with the JSON path's rules: `(ids, numeric matrix, category lists)`."
 
@@ -918,7 +920,7 @@ class ArrowRecords:
             n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _cat_rule(fields[n])[1]
         }
 
-# %% ../nbs/32_serve.ipynb #f7a8bdc8
+# %% ../nbs/32_serve.ipynb #ab2b8afa
 @patch
 def columns(
     self: ArrowRecords,
@@ -943,8 +945,10 @@ def columns(
     if errs:
         raise arrow_problem(errs)
 
-# %% ../nbs/32_serve.ipynb #6184823c
-def _first(mask: np.ndarray) -> int:
+# %% ../nbs/32_serve.ipynb #a08382c5
+def _first(
+    mask: np.ndarray,  # one boolean per row, some True
+) -> int:
     "The first True row of a boolean mask."
     return int(np.argmax(mask))
 
@@ -964,7 +968,7 @@ def types(
             errs.append(_col_error(row, n, typ, msg, col[row].as_py()))
     return errs
 
-# %% ../nbs/32_serve.ipynb #22e7dfc5
+# %% ../nbs/32_serve.ipynb #a2ab10e0
 def _decoded(
     col: pa.ChunkedArray,  # a column
 ) -> pa.ChunkedArray:
@@ -985,7 +989,7 @@ def _float_column(
         return col.to_numpy()  # in place without nulls; with nulls, float64 and NaN
     return pc.cast(_decoded(col), pa.float64()).to_numpy()  # booleans
 
-# %% ../nbs/32_serve.ipynb #e7b58e73
+# %% ../nbs/32_serve.ipynb #fe1ecb57
 @patch
 def nonfinite(
     self: ArrowRecords,
@@ -1006,7 +1010,7 @@ def nonfinite(
         )
     return errs
 
-# %% ../nbs/32_serve.ipynb #218c7544
+# %% ../nbs/32_serve.ipynb #557fbc62
 @patch
 def numeric(
     self: ArrowRecords,
@@ -1028,7 +1032,7 @@ def numeric(
             errs.append(_col_error(row, f["name"], f"{word}_than_equal", msg, X[row, j].item()))
     return X, errs
 
-# %% ../nbs/32_serve.ipynb #2a46c935
+# %% ../nbs/32_serve.ipynb #066a4dcd
 @patch
 def bad_levels(
     self: ArrowRecords,
@@ -1043,7 +1047,7 @@ def bad_levels(
     long = pc.fill_null(pc.greater(pc.utf8_length(col), 200), False).to_numpy(zero_copy_only=False)
     return long, "string_too_long", "String should have at most 200 characters"
 
-# %% ../nbs/32_serve.ipynb #baf0e600
+# %% ../nbs/32_serve.ipynb #5d0c7196
 @patch
 def categories(
     self: ArrowRecords,
@@ -1067,7 +1071,7 @@ def categories(
         cats.append(col.to_pylist())
     return cats, errs
 
-# %% ../nbs/32_serve.ipynb #02a72416
+# %% ../nbs/32_serve.ipynb #b715ac7a
 @patch
 def check(
     self: ArrowRecords,
@@ -1101,7 +1105,11 @@ def _fast_records(schema: dict, b: Bundle, max_records: int) -> FastRecords | No
         return None
 
 
-def _arrow_records(schema: dict, b: Bundle, max_records: int) -> ArrowRecords | None:
+def _arrow_records(
+    schema: dict,  # input_schema.json content
+    b: Bundle,  # the bundle: its matrix and list order
+    max_records: int,  # rows per request
+) -> ArrowRecords | None:
     "The column-wise checks of Arrow /predict bodies (see `ArrowRecords`); None when the bundle's layout does not allow them."
     try:
         return ArrowRecords(schema, b.num_names, b.cat_names, max_records)
@@ -1209,7 +1217,7 @@ def score_rows(self: ServeState, rows: list) -> tuple[np.ndarray, list[list], np
     Xn, cs = self.bundle.split_rows(rows)
     return Xn, cs, self.bundle.predict_split(Xn, cs)
 
-# %% ../nbs/32_serve.ipynb #c686e124
+# %% ../nbs/32_serve.ipynb #925b1742
 @patch
 def score_arrow(
     self: ServeState,
@@ -1275,7 +1283,7 @@ def log_rows(
     }
     self.log.append(meta, ids, Xn, cs, scores, arms)
 
-# %% ../nbs/32_serve.ipynb #9847dfa6
+# %% ../nbs/32_serve.ipynb #660c2a7a
 def predictions_json(
     ids: list,  # company id per row (None: left out of its prediction)
     scores: np.ndarray,  # score per row (NaN: null)
@@ -1360,7 +1368,7 @@ async def json_body(request: Request) -> bytes:
         raise Problem(415, f"content-type {ct!r} is not supported: send application/json")
     return await _sized_body(request, "a JSON object")
 
-# %% ../nbs/32_serve.ipynb #77ccd9c2
+# %% ../nbs/32_serve.ipynb #524b2e1d
 async def predict_body(
     request: Request,  # a /predict request
 ) -> tuple[bool, bytes]:
