@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gc
 import hashlib
 import hmac
@@ -26,18 +27,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
 # %% auto #0
-__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'JsonBody',
-           'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks', 'PredictionLog',
-           'CompanyRequest', 'request_frames', 'validate_request', 'company_features', 'experiment_arms',
-           'service_description', 'Problem', 'problem_response', 'problem_handler', 'validation_problem', 'ServeState',
-           'require_token', 'json_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
-           'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
+__all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'ARROW_STREAM',
+           'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks',
+           'PredictionLog', 'CompanyRequest', 'request_frames', 'validate_request', 'company_features',
+           'experiment_arms', 'service_description', 'Problem', 'problem_response', 'problem_handler',
+           'validation_problem', 'arrow_table', 'arrow_problem', 'ArrowRecords', 'ServeState', 'predictions_json',
+           'require_token', 'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready',
+           'model', 'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
            'worker_env', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #acae54e37e7d407bbb7b55eff062a284
 import numpy as np
 import orjson
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import typer
 from fastcore.basics import patch
 from fastapi import Depends, FastAPI, Request
@@ -325,22 +329,55 @@ def _cat_bytes(col: list) -> list[bytes]:
 
 # %% ../nbs/32_serve.ipynb #8309879909854d7188b41380fd92a7c3
 def _row_hashes(num: np.ndarray, cats: list[list], n: int) -> list[str]:
-    "`features_hash` of each of the n rows (the numeric block read from one contiguous buffer)."
+    "`features_hash` of each of the n rows (each row's bytes taken from one contiguous buffer by numpy, not sliced in Python)."
     num = np.ascontiguousarray(num, dtype="<f8")
-    w, nb = (num.shape[1] * 8 if num.ndim == 2 else 0), num.tobytes()
-    tails = list(map(b"".join, zip(*map(_cat_bytes, cats)))) if cats else [b""] * n
-    sha = hashlib.sha256
-    return [sha(nb[i * w : i * w + w] + tail).hexdigest()[:16] for i, tail in enumerate(tails)]
+    w = num.shape[1] * 8 if num.ndim == 2 else 0
+    rows = num.view(np.dtype((np.void, w))).ravel().tolist() if w and n else [b""] * n
+    if cats:
+        rows = list(map(bytes.__add__, rows, map(b"".join, zip(*map(_cat_bytes, cats)))))
+    return [h.hexdigest()[:16] for h in map(hashlib.sha256, rows)]
 
 # %% ../nbs/32_serve.ipynb #cb1e1581032b452c9409d6c6813c49d1
+def _ranks(
+    scores: np.ndarray,  # one request's scores (NaN: not scored)
+) -> np.ndarray:
+    "1 = highest score, ties in request order, NaN last."
+    r = np.empty(len(scores), dtype=np.int64)
+    r[np.argsort(-scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    return r
+
+
 def score_ranks(
     scores: np.ndarray,  # one request's scores (NaN: not scored)
 ) -> list[int | None]:
     "Rank of each score within the request, 1 = highest (ties in request order); None where there is no score."
-    order = np.argsort(-scores, kind="stable")  # NaN sorts last
-    r = np.empty(len(scores), dtype=np.int64)
-    r[order] = np.arange(1, len(scores) + 1)
-    return [None if s != s else k for s, k in zip(scores.tolist(), r.tolist())]
+    return [None if s != s else k for s, k in zip(scores.tolist(), _ranks(scores).tolist())]
+
+# %% ../nbs/32_serve.ipynb #964bfefc
+def _float_texts(
+    x: np.ndarray,  # float64 values (NaN: null)
+) -> list[str]:
+    "`repr` of each value ('null' for NaN): orjson's text where it is repr's (0, and 1e-4 <= |x| < 1e16), repr elsewhere."
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = orjson.dumps(x, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if len(x) else []
+    a = np.abs(x)
+    for j in np.flatnonzero(((a < 1e-4) & (a != 0)) | (a >= 1e16)):  # NaN compares False: orjson wrote null
+        out[j] = repr(float(x[j]))
+    return out
+
+
+def _rank_texts(
+    scores: np.ndarray,  # one request's scores (NaN: not scored)
+) -> list[str]:
+    "`score_ranks` as JSON texts ('null' where there is no score)."
+    out = (
+        orjson.dumps(_ranks(scores), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",")
+        if len(scores)
+        else []
+    )
+    for j in np.flatnonzero(np.isnan(scores)):
+        out[j] = "null"
+    return out
 
 # %% ../nbs/32_serve.ipynb #17df65c7
 def _jsonl(batch: list[tuple]) -> bytes:
@@ -352,12 +389,11 @@ def _jsonl(batch: list[tuple]) -> bytes:
         )[:-1]
         n = len(scores)
         rids = ["null" if r is None else (str(r) if type(r) is int else json.dumps(r)) for r in ids]
-        ss = ["null" if s != s else repr(s) for s in scores.tolist()]
         ams = ["null" if a is None else f'"{a}"' for a in arms] if arms else ["null"] * n
-        rks = ["null" if k is None else str(k) for k in score_ranks(scores)]
+        hashes, ss, rks = _row_hashes(num, cats, n), _float_texts(scores), _rank_texts(scores)
         out += [
             f'{head},"id":{r},"score":{s},"features_hash":"{h}","arm":{a},"rank":{k}}}'
-            for r, s, h, a, k in zip(rids, ss, _row_hashes(num, cats, n), ams, rks)
+            for r, s, h, a, k in zip(rids, ss, hashes, ams, rks)
         ]
     return ("\n".join(out) + "\n").encode() if out else b""
 
@@ -730,13 +766,15 @@ def service_description(
     )
     return (
         "Scores prospects' probability of converting. `POST /predict` takes computed features (schema below, "
-        "from the bundle's input_schema.json); `POST /predict/company` takes raw company and usage rows and "
+        "from the bundle's input_schema.json), as JSON records or as an Arrow IPC stream (`Content-Type: "
+        "application/vnd.apache.arrow.stream`, one column per feature and an optional `id`: cheaper for batches of hundreds of rows); "
+        "`POST /predict/company` takes raw company and usage rows and "
         "computes the features with the training code.\n\n"
         f"**Who may call**: {who}; `/health`, `/ready` and these docs are open.\n\n"
         "**What it trusts**: the registry directory: a bundle's model is a pickle, so loading one runs code; "
         "digests (checked at start) prove only that the files are the published ones.\n\n"
         "**What it refuses**: unknown fields, wrong JSON types, NaN or infinity, unknown levels of a closed "
-        "category (422); malformed JSON (400); a body that is not JSON (415).\n\n"
+        "category (422), in an Arrow column as in JSON; malformed JSON or Arrow (400); a body of another type (415).\n\n"
         f"**Limits**: at most {max_records:,} records per request and {max_body:,} body bytes (413); 50,000 usage rows "
         "per company (422); past `--max-in-flight` concurrent requests, 503 with `Retry-After`."
     )
@@ -799,6 +837,258 @@ def validation_problem(
     more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
     return Problem(422, f"invalid request: {msg}{more}", detail)
 
+# %% ../nbs/32_serve.ipynb #538c5ce9
+ARROW_STREAM = "application/vnd.apache.arrow.stream"  # the Arrow IPC stream format's media type
+
+
+def arrow_table(
+    body: bytes,  # a request body holding an Arrow IPC stream
+) -> pa.Table:
+    "The body's Arrow IPC stream as one table, read without copying the body; a 400 problem when it is not one."
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+    except (pa.ArrowException, ValueError, OSError) as e:  # garbage, a truncated message, a bad schema
+        raise Problem(400, f"malformed Arrow IPC stream: {e}") from None
+
+# %% ../nbs/32_serve.ipynb #e51d8338
+_KIND_TESTS = (("int", pa.types.is_integer), ("float", pa.types.is_floating), ("bool", pa.types.is_boolean),
+               ("str", pa.types.is_string), ("str", pa.types.is_large_string), ("str", pa.types.is_string_view),
+               ("null", pa.types.is_null))  # fmt: skip
+
+
+@functools.cache
+def _arrow_kind(
+    t: pa.DataType,  # a column's Arrow type
+) -> str:
+    "The JSON kind an Arrow type stands for: 'int', 'float', 'bool', 'str', 'null' (no values) or 'other'."
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return next((kind for kind, test in _KIND_TESTS if test(t)), "other")
+
+# %% ../nbs/32_serve.ipynb #66566fb6
+_KIND_RULES = {  # field type: (allowed Arrow kinds, pydantic's error type, its message)
+    "number": ({"int", "float", "null"}, "float_type", "Input should be a valid number"),
+    "integer": ({"int", "null"}, "int_type", "Input should be a valid integer"),
+    "boolean": ({"bool", "null"}, "bool_type", "Input should be a valid boolean"),
+    "category": ({"str", "null"}, "string_type", "Input should be a valid string"),
+    "id": ({"int", "str", "null"}, "id_type", "Input should be a valid integer or string"),
+}
+
+# %% ../nbs/32_serve.ipynb #1bc77f8e
+def _col_error(
+    row: int | None,  # the first offending row (None: the table as a whole)
+    col: str | None,  # the column
+    typ: str,  # pydantic's error type
+    msg: str,  # pydantic's message
+    inp: Any = None,  # the offending value
+) -> dict:
+    "One `detail` entry: `loc` records.ROW.COLUMN, as the JSON path's."
+    d = {"loc": ["records"] if col is None else ["records", row, col], "msg": msg, "type": typ}
+    if isinstance(inp, str | int | float | bool) or inp is None:
+        d["input"] = inp if not (isinstance(inp, float) and not math.isfinite(inp)) else str(inp)
+    return d
+
+
+def arrow_problem(
+    errs: list[dict],  # `_col_error` entries
+) -> Problem:
+    "The 422 problem of column errors, worded as the JSON path's: `invalid request: records.ROW.COLUMN: message; ...`."
+    msg = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in errs[:20])
+    more = f" (and {len(errs) - 20} more)" if len(errs) > 20 else ""
+    return Problem(422, f"invalid request: {msg}{more}", errs)
+
+# %% ../nbs/32_serve.ipynb #f3ab9a5b
+class ArrowRecords:
+    "An Arrow table of records checked column-wise with the JSON path's rules: `(ids, numeric matrix, category lists)`."
+
+    def __init__(
+        self,
+        schema: dict,  # input_schema.json content
+        num: list[str],  # numeric inputs in matrix order (Bundle.num_names)
+        cat: list[str],  # category inputs in list order (Bundle.cat_names)
+        max_records: int,  # more rows than this: 413
+    ):
+        self.fields = fields = {f["name"]: f for f in schema["fields"]}
+        if [fields.get(n, {}).get("type") == "category" for n in num + cat] != [False] * len(num) + [
+            True
+        ] * len(cat):
+            raise ValueError("num must hold the schema's numeric fields and cat its categories")
+        if len(fields) != len(num) + len(cat):
+            raise ValueError("num and cat must split the schema's fields")
+        self.num, self.cat, self.max_records = num, cat, max_records
+        self.lo, self.hi = (np.array([_num_rule(fields[n])[k] for n in num]) for k in (1, 2))
+        self.levels = {
+            n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _cat_rule(fields[n])[1]
+        }
+
+# %% ../nbs/32_serve.ipynb #ab2b8afa
+@patch
+def columns(
+    self: ArrowRecords,
+    t: pa.Table,  # the request's table
+) -> None:
+    "A 413 or 422 problem unless the table has 1 to max_records rows and exactly the features' columns (and maybe `id`)."
+    if t.num_rows > self.max_records:
+        raise Problem(413, f"too many records: {t.num_rows} > {self.max_records} per request")
+    if t.num_rows == 0:
+        raise arrow_problem(
+            [_col_error(None, None, "too_short", "List should have at least 1 item after validation, not 0")]
+        )
+    names = t.column_names
+    errs = [_col_error(0, n, "missing", "Field required") for n in self.fields if n not in names]
+    errs += [_col_error(0, n, "extra_forbidden", "Extra inputs are not permitted")
+             for n in dict.fromkeys(names) if n not in self.fields and n != "id"]  # fmt: skip
+    errs += [
+        _col_error(0, n, "duplicate_column", "column given twice")
+        for n in dict.fromkeys(names)
+        if names.count(n) > 1
+    ]
+    if errs:
+        raise arrow_problem(errs)
+
+# %% ../nbs/32_serve.ipynb #a08382c5
+def _first(
+    mask: np.ndarray,  # one boolean per row, some True
+) -> int:
+    "The first True row of a boolean mask."
+    return int(np.argmax(mask))
+
+
+@patch
+def types(
+    self: ArrowRecords,
+    t: pa.Table,  # the request's table (its columns checked by `columns`)
+) -> list[dict]:
+    "An error per column whose Arrow type is not one its field's JSON values may have, at its first non-null row."
+    errs = []
+    for n in [*self.fields, *(["id"] if "id" in t.column_names else [])]:
+        col = t.column(n)
+        kinds, typ, msg = _KIND_RULES["id" if n == "id" else self.fields[n]["type"]]
+        if _arrow_kind(col.type) not in kinds and col.null_count < len(col):
+            row = _first(col.is_valid().to_numpy(zero_copy_only=False))
+            errs.append(_col_error(row, n, typ, msg, col[row].as_py()))
+    return errs
+
+# %% ../nbs/32_serve.ipynb #a2ab10e0
+def _decoded(
+    col: pa.ChunkedArray,  # a column
+) -> pa.ChunkedArray:
+    "A dictionary-encoded column as plain values (polars sends its `Categorical` columns so)."
+    if not pa.types.is_dictionary(col.type):
+        return col
+    vt = pa.string() if _arrow_kind(col.type) == "str" else col.type.value_type
+    return pa.chunked_array([c.dictionary.cast(vt).take(c.indices) for c in col.chunks], vt)
+
+
+def _float_column(
+    col: pa.ChunkedArray,  # an integer, float, boolean or null column
+) -> np.ndarray:
+    "The column as float64 values, NaN for null (a column of nulls of any type is all NaN)."
+    if col.null_count == len(col):
+        return np.full(len(col), np.nan)
+    if _arrow_kind(col.type) in ("int", "float") and not pa.types.is_dictionary(col.type):
+        return col.to_numpy()  # in place without nulls; with nulls, float64 and NaN
+    return pc.cast(_decoded(col), pa.float64()).to_numpy()  # booleans
+
+# %% ../nbs/32_serve.ipynb #fe1ecb57
+@patch
+def nonfinite(
+    self: ArrowRecords,
+    col: pa.ChunkedArray,  # a numeric column
+    f: dict,  # its field
+    bad: np.ndarray,  # its rows whose float value is not finite
+    x: np.ndarray,  # its float values
+) -> list[dict]:
+    "The errors of a column with non-finite cells: a null where the field is not nullable, a NaN or infinity anywhere."
+    valid = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else np.ones(len(x), bool)
+    errs = []
+    if not f.get("nullable", True) and not valid.all():
+        errs.append(_col_error(_first(~valid), f["name"], *_KIND_RULES[f["type"]][1:], None))
+    if (bad & valid).any():
+        row = _first(bad & valid)
+        errs.append(
+            _col_error(row, f["name"], "finite_number", "Input should be a finite number", float(x[row]))
+        )
+    return errs
+
+# %% ../nbs/32_serve.ipynb #557fbc62
+@patch
+def numeric(
+    self: ArrowRecords,
+    t: pa.Table,  # the request's table (its columns' types checked by `types`)
+) -> tuple[np.ndarray, list[dict]]:
+    "The n x len(num) float64 matrix (NaN for null) and an error per column at its first null (not nullable), NaN/inf or out-of-range row."
+    X = np.empty((t.num_rows, len(self.num)))
+    for j, n in enumerate(self.num):
+        X[:, j] = _float_column(t.column(n))
+    errs = []
+    nonfinite = ~np.isfinite(X)
+    for j in np.flatnonzero(nonfinite.any(axis=0)):
+        errs += self.nonfinite(t.column(self.num[j]), self.fields[self.num[j]], nonfinite[:, j], X[:, j])
+    for lim, above, word in ((self.lo, False, "greater"), (self.hi, True, "less")):
+        out = X > lim if above else X < lim  # NaN compares False
+        for j in np.flatnonzero(out.any(axis=0)):
+            row, f = _first(out[:, j]), self.fields[self.num[j]]
+            msg = f"Input should be {word} than or equal to {f['maximum' if above else 'minimum']}"
+            errs.append(_col_error(row, f["name"], f"{word}_than_equal", msg, X[row, j].item()))
+    return X, errs
+
+# %% ../nbs/32_serve.ipynb #066a4dcd
+@patch
+def bad_levels(
+    self: ArrowRecords,
+    n: str,  # a category feature
+    col: pa.ChunkedArray,  # its column, as strings
+) -> tuple[np.ndarray, str, str]:
+    "(rows breaking the category's rule, pydantic's error type, message): an unknown level of a closed category, over 200 characters in an open one."
+    if n in self.levels:
+        levels = ", ".join(map(repr, self.fields[n]["categories"]))
+        out = ~pc.is_in(col, value_set=self.levels[n]).to_numpy(zero_copy_only=False)
+        return out, "literal_error", f"Input should be one of {levels}"
+    long = pc.fill_null(pc.greater(pc.utf8_length(col), 200), False).to_numpy(zero_copy_only=False)
+    return long, "string_too_long", "String should have at most 200 characters"
+
+# %% ../nbs/32_serve.ipynb #5d0c7196
+@patch
+def categories(
+    self: ArrowRecords,
+    t: pa.Table,  # the request's table (its columns' types checked by `types`)
+) -> tuple[list[list], list[dict]]:
+    "One list per category feature and an error per column at its first null (not nullable), unknown level or over-long value."
+    cats, errs = [], []
+    for n in self.cat:
+        col, f = t.column(n), self.fields[n]
+        if col.null_count == len(col):  # a column of nulls, of whatever type
+            col = pa.chunked_array([pa.nulls(len(col), pa.string())])
+        elif not pa.types.is_string(col.type):
+            col = pc.cast(_decoded(col), pa.string())
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        if not f.get("nullable", True) and not valid.all():
+            errs.append(_col_error(_first(~valid), n, "string_type", "Input should be a valid string", None))
+        out, typ, msg = self.bad_levels(n, col)
+        if (out & valid).any():
+            row = _first(out & valid)
+            errs.append(_col_error(row, n, typ, msg, col[row].as_py()))
+        cats.append(col.to_pylist())
+    return cats, errs
+
+# %% ../nbs/32_serve.ipynb #b715ac7a
+@patch
+def check(
+    self: ArrowRecords,
+    t: pa.Table,  # the request's table
+) -> tuple[list, np.ndarray, list[list]]:
+    "(ids, Xnum, cats) of a table that passes every rule, else the problem naming each offending column at its first row."
+    self.columns(t)
+    errs = self.types(t)
+    if errs:
+        raise arrow_problem(errs)
+    X, errs = self.numeric(t)
+    cats, cat_errs = self.categories(t)
+    if errs or cat_errs:
+        raise arrow_problem(errs + cat_errs)
+    ids = t.column("id").to_pylist() if "id" in t.column_names else [None] * t.num_rows
+    return ids, X, cats
+
 # %% ../nbs/32_serve.ipynb #91f166d9f0ce4939b04b8e9245f75c27
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -811,6 +1101,18 @@ def _fast_records(schema: dict, b: Bundle, max_records: int) -> FastRecords | No
     "The column-wise fast path for /predict bodies (see `FastRecords`); None when the schema does not allow it."
     try:
         return FastRecords(schema, b.num_names, b.cat_names, max_records)
+    except ValueError:
+        return None
+
+
+def _arrow_records(
+    schema: dict,  # input_schema.json content
+    b: Bundle,  # the bundle: its matrix and list order
+    max_records: int,  # rows per request
+) -> ArrowRecords | None:
+    "The column-wise checks of Arrow /predict bodies (see `ArrowRecords`); None when the bundle's layout does not allow them."
+    try:
+        return ArrowRecords(schema, b.num_names, b.cat_names, max_records)
     except ValueError:
         return None
 
@@ -854,6 +1156,7 @@ class ServeState:
         b.check_features()  # refuse to serve features computed by other code than the model was trained with
         self.arms_of = experiment_arms(self.experiment, self.holdout_share)  # None without an experiment
         self.fast: FastRecords | None = _fast_records(self.schema, b, self.max_records)
+        self.arrow: ArrowRecords | None = _arrow_records(self.schema, b, self.max_records)
         # the log hashes features in input-schema order; the bundle's matrix may order them otherwise
         self.num_perm, self.cat_perm, self.same_order = _schema_order(self.schema, b)
 
@@ -914,6 +1217,26 @@ def score_rows(self: ServeState, rows: list) -> tuple[np.ndarray, list[list], np
     Xn, cs = self.bundle.split_rows(rows)
     return Xn, cs, self.bundle.predict_split(Xn, cs)
 
+# %% ../nbs/32_serve.ipynb #925b1742
+@patch
+def score_arrow(
+    self: ServeState,
+    body: bytes,  # a /predict body holding an Arrow IPC stream
+) -> tuple[list, np.ndarray, list[list], np.ndarray]:
+    "(ids, numeric matrix, category lists, scores) of an Arrow /predict body; a problem naming the column and row when it breaks a rule."
+    if self.arrow is None:
+        raise Problem(415, f"this model's inputs cannot be read from {ARROW_STREAM}: send application/json")
+    t = arrow_table(body)
+    try:
+        ids, Xn, cs = self.arrow.check(t)
+    except (
+        pa.ArrowException,
+        TypeError,
+        ValueError,
+    ) as e:  # a column Arrow cannot convert: the client's, not a 500
+        raise Problem(400, f"unreadable Arrow column: {e}") from None
+    return ids, Xn, cs, self.bundle.predict_split(Xn, cs)
+
 # %% ../nbs/32_serve.ipynb #4730884f
 @patch
 def records(self: ServeState, body: bytes) -> list[dict]:
@@ -960,9 +1283,31 @@ def log_rows(
     }
     self.log.append(meta, ids, Xn, cs, scores, arms)
 
+# %% ../nbs/32_serve.ipynb #660c2a7a
+def predictions_json(
+    ids: list,  # company id per row (None: left out of its prediction)
+    scores: np.ndarray,  # score per row (NaN: null)
+    arms: list | None = None,  # experiment arm per row, or None without an experiment
+) -> orjson.Fragment:
+    'The answer\'s `predictions`, `[{"score", "id"?, "arm"?}, ...]`, as the JSON orjson writes for those dicts.'
+    if not len(scores):
+        return orjson.Fragment(b"[]")
+    ss = orjson.dumps(np.ascontiguousarray(scores, np.float64), option=orjson.OPT_SERIALIZE_NUMPY)[
+        1:-1
+    ].split(b",")
+    if all(i is None for i in ids) and arms is None:
+        return orjson.Fragment(b'[{"score":' + b'},{"score":'.join(ss) + b"}]")
+    idj = [b"" if i is None else b',"id":' + orjson.dumps(i) for i in ids]
+    amj = [b',"arm":' + orjson.dumps(a) for a in arms] if arms is not None else [b""] * len(ss)
+    return orjson.Fragment(
+        b"[" + b",".join([b'{"score":' + s + i + a + b"}" for s, i, a in zip(ss, idj, amj)]) + b"]"
+    )
+
 # %% ../nbs/32_serve.ipynb #b76bc3dc
 @patch
-def json_response(self: ServeState, rid: str, preds: list[dict], extra: dict | None = None) -> Response:
+def json_response(
+    self: ServeState, rid: str, preds: list[dict] | orjson.Fragment, extra: dict | None = None
+) -> Response:
     "The answer: model, version, request id, predictions, then `extra`; the request id in `x-request-id` too."
     b = self.bundle
     body = {"model": b.name, "version": b.version, "request_id": rid, "predictions": preds} | (extra or {})
@@ -984,11 +1329,9 @@ def respond(
     "Log and answer one request's scores (with each company's arm, the experiment and its share under an experiment)."
     arms = self.arms_of(ids) if self.arms_of else None
     self.log_rows(rid, endpoint, ids, Xn, cs, scores, as_of, arms)
-    preds = [{"score": s} if i is None else {"score": s, "id": i} for i, s in zip(ids, scores.tolist())]
     if arms is not None:  # an experiment: each company's arm, and the experiment's name and share
-        preds = [p | {"arm": a} for p, a in zip(preds, arms)]
         extra = (extra or {}) | {"experiment": self.experiment, "holdout_share": self.holdout_share}
-    return self.json_response(rid, preds, extra)
+    return self.json_response(rid, predictions_json(ids, scores, arms), extra)
 
 # %% ../nbs/32_serve.ipynb #45bdd81f
 async def require_token(request: Request) -> None:
@@ -1001,21 +1344,41 @@ async def require_token(request: Request) -> None:
         raise Problem(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 # %% ../nbs/32_serve.ipynb #d1d26f34
-async def json_body(request: Request) -> bytes:
-    "Dependency: the raw body of a JSON request (415 when not JSON, 413 over the size limit, 400 when empty)."
+async def _sized_body(
+    request: Request,  # the request
+    what: str,  # what the body should hold, for the message
+) -> bytes:
+    "The raw body within the size limit, checked before and after reading (413), and not empty (400)."
     max_body = request.app.state.serve.max_body
-    ct = request.headers.get("content-type", "")
-    if ct and "json" not in ct.split(";")[0].lower():
-        raise Problem(415, f"content-type {ct!r} is not supported: send application/json")
     cl = request.headers.get("content-length")
     if cl is not None and cl.isdigit() and int(cl) > max_body:
         raise Problem(413, f"request body of {cl} bytes is over the limit of {max_body} bytes")
     body = await request.body()
     if len(body) > max_body:
         raise Problem(413, f"request body of {len(body)} bytes is over the limit of {max_body} bytes")
-    if not body.strip():
-        raise Problem(400, "empty request body: send a JSON object")
+    if not body or body.isspace():  # `not body.strip()` without copying the body
+        raise Problem(400, f"empty request body: send {what}")
     return body
+
+
+async def json_body(request: Request) -> bytes:
+    "Dependency: the raw body of a JSON request (415 when not JSON, 413 over the size limit, 400 when empty)."
+    ct = request.headers.get("content-type", "")
+    if ct and "json" not in ct.split(";")[0].lower():
+        raise Problem(415, f"content-type {ct!r} is not supported: send application/json")
+    return await _sized_body(request, "a JSON object")
+
+# %% ../nbs/32_serve.ipynb #524b2e1d
+async def predict_body(
+    request: Request,  # a /predict request
+) -> tuple[bool, bytes]:
+    "The /predict body and whether it is an Arrow IPC stream (else JSON, the default); 415 naming both types for any other."
+    ct = request.headers.get("content-type", "")
+    kind = ct.split(";")[0].strip().lower()
+    arrow = kind == ARROW_STREAM
+    if ct and not arrow and "json" not in kind:
+        raise Problem(415, f"content-type {ct!r} is not supported: send application/json or {ARROW_STREAM}")
+    return arrow, await _sized_body(request, "an Arrow IPC stream" if arrow else "a JSON object")
 
 # %% ../nbs/32_serve.ipynb #39062598
 async def request_id(request: Request) -> str:
@@ -1029,10 +1392,13 @@ RequestId = Annotated[str, Depends(request_id)]
 
 # %% ../nbs/32_serve.ipynb #f4948fd0
 async def predict(request: Request) -> Response:
-    "`POST /predict`: score feature records."
+    "`POST /predict`: score feature records, sent as JSON or as an Arrow IPC stream."
     st: ServeState = request.app.state.serve
     await require_token(request)  # called, not injected: the route is a `DirectRoute`
-    body, rid = await json_body(request), await request_id(request)
+    (arrow, body), rid = await predict_body(request), await request_id(request)
+    if arrow:
+        got = await run_in_threadpool(st.score_arrow, body) if len(body) > 65536 else st.score_arrow(body)
+        return st.respond(rid, "predict", *got)
     if st.fast is not None:
         got = await run_in_threadpool(st.score_fast, body) if len(body) > 65536 else st.score_fast(body)
         if got is not None:
@@ -1166,8 +1532,13 @@ def _openapi_schema(model: Any) -> tuple[dict, dict]:
     return s, defs
 
 
-def _body_spec(s: dict) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": s}}}}
+def _body_spec(s: dict, arrow: bool = False) -> dict:
+    "A request body of JSON schema `s`; with `arrow`, an Arrow IPC stream of the same records too."
+    content = {"application/json": {"schema": s}}
+    if arrow:
+        desc = "an Arrow IPC stream: one column per property of Record, named so, and an optional `id` column"
+        content[ARROW_STREAM] = {"schema": {"type": "string", "format": "binary", "description": desc}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def _openapi(app: FastAPI, defs: dict) -> dict:
@@ -1180,10 +1551,10 @@ def _openapi(app: FastAPI, defs: dict) -> dict:
 def error_responses(max_records: int, max_in_flight: int) -> dict:
     "The error statuses the model routes document."
     return {
-        "400": {"description": "malformed JSON"},
+        "400": {"description": "malformed JSON or Arrow IPC stream"},
         "401": {"description": "missing or wrong bearer token (when HSML_API_TOKEN is set)"},
         "413": {"description": f"more than {max_records} records, or body too large"},
-        "415": {"description": "not application/json"},
+        "415": {"description": f"not application/json (nor, on /predict, {ARROW_STREAM})"},
         "422": {"description": "field-level validation errors: detail[].loc/msg/type"},
         "503": {"description": f"over {max_in_flight} requests in flight: retry after Retry-After seconds"},
     }
@@ -1209,7 +1580,7 @@ def add_routes(app: FastAPI, st: ServeState) -> None:
     app.router.add_api_route(  # calls require_token itself
         "/predict",
         predict,
-        openapi_extra=_body_spec(req),
+        openapi_extra=_body_spec(req, arrow=True),
         summary="Score feature records",
         route_class_override=DirectRoute,
         **(post | {"dependencies": []}),
