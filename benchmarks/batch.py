@@ -53,7 +53,7 @@ def _train_bundle(work: Path, companies: int = 5200) -> Path:
     if int(frame["label"].sum()) < 5:  # tiny data: make sure the model can be fitted
         frame = frame.with_columns(label=pl.Series(np.random.default_rng(0).integers(0, 2, frame.height)))
     num, cat = columns_from_spec(ts.spec)
-    pipe = fit_model(make_model("lgbm", num, cat, seed=0), frame)
+    pipe = fit_model(make_model("lgbm", num, cat, seed=0), frame, horizon_days=56)
     meta = {"name": "bench-lgbm", "model": "lgbm", "feature_set": "default", "horizon_days": 56,
             "data_fingerprints": tables.fingerprints}  # fmt: skip
     return save_bundle(work / "model", pipe, ts.spec, {}, meta, train_frame=frame)

@@ -100,7 +100,7 @@ def train_bundle(work: Path, companies: int) -> tuple[Path, pl.DataFrame]:
         rng = np.random.default_rng(0)
         frame = frame.with_columns(label=pl.Series(rng.integers(0, 2, frame.height)))
     num, cat = columns_from_spec(ts.spec)
-    pipe = fit_model(make_model("lgbm", num, cat, seed=0), frame)
+    pipe = fit_model(make_model("lgbm", num, cat, seed=0), frame, horizon_days=56)
     meta = {
         "name": "bench-lgbm",
         "model": "lgbm",
