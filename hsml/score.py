@@ -204,10 +204,12 @@ def _score_piece(
 
 # %% ../nbs/33_score.ipynb #346b152a2bf3445494fe4ff2218ba233
 def score_threads(
-    threads: int | None = None,  # threads asked for; None or 0: all cores
+    threads: int | None = None,  # threads asked for; None or 0: every core this process may run on
 ) -> int:
-    "The threads a batch is scored with: `threads`, else every core of the machine."
-    return int(threads or os.cpu_count() or 1)
+    "The threads a batch is scored with: `threads`, else the cores this process may use (its CPU affinity)."
+    if threads:
+        return int(threads)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 # %% ../nbs/33_score.ipynb #f15ef18910c84fd8b40ae853903f5208
 PIECE_ROWS = 16_384  # rows per LightGBM call in a batch
@@ -508,7 +510,7 @@ def deliver(
 # %% ../nbs/33_score.ipynb #23f813ae
 def _score(
     model, data_dir=None, as_of="latest", out=None, registry=None, population=None, chunk_size=100_000,
-    progress=None, sink=None, catalog=None, experiment=None, holdout_share=None, log=None,
+    progress=None, sink=None, catalog=None, experiment=None, holdout_share=None, log=None, threads=None,
 ):  # fmt: skip
     "(the scored list, where it went, an off-anchor warning): the command reports from these, never re-reads a file."
     from hsml.contracts import load_tables
@@ -522,8 +524,9 @@ def _score(
     target = prepare_delivery(out, sink, catalog, data_dir, experiment, holdout_share)
     b = model if isinstance(model, Bundle) else load_model(model, root=registry)
     fr = score_frame(
-        b, load_tables(data), as_of, population=population, chunk_size=chunk_size, progress=progress
-    )
+        b, load_tables(data), as_of, population=population, chunk_size=chunk_size, progress=progress,
+        threads=threads,
+    )  # fmt: skip
     if experiment is not None:
         fr = add_arms(fr, experiment, holdout_share)
     done = deliver(fr, out, target, log, holdout_share)
@@ -545,11 +548,12 @@ def score(
     experiment: str | None = None,  # holdout experiment: adds `experiment` and `arm`
     holdout_share: float | None = None,  # its holdout share
     log: str | Path | None = None,  # append the prediction-log lines to this JSONL file
+    threads: int | None = None,  # pieces scored at once; None: every core this process may use
 ) -> pl.DataFrame:
     "Load the model and the data, score the population at `as_of`, deliver the list where asked; return it."
     fr, _, warn = _score(
         model, data_dir, as_of, out, registry, population, chunk_size, progress, sink, catalog, experiment,
-        holdout_share, log,
+        holdout_share, log, threads,
     )  # fmt: skip
     if warn:
         warnings.warn(warn, stacklevel=2)
@@ -571,6 +575,8 @@ SCORE_OPTIONS = dict(  # `hsml score`'s options, by parameter name (score_cmd's 
     experiment=typer.Option(None, "--experiment", help="holdout experiment name: adds `experiment` and `arm` to every scored company"),
     holdout_share=typer.Option(None, "--holdout-share", help="share of scored companies held out (not called), with --experiment"),
     log=typer.Option(None, "--log", help="append one prediction-log line per scored company to this JSONL file"),
+    threads=typer.Option(None, "--threads", min=1, help="score this many pieces at once (default: every core "
+                         "this process may use; the list is the same whatever the number)"),
     engine=typer.Option("local", help="local, or ray: a task per id-hash partition ($RAY_ADDRESS or a local Ray)"),
     partitions=typer.Option(None, help="with --engine ray: number of partitions (default: the cluster's CPUs)"),
 )  # fmt: skip
@@ -585,7 +591,7 @@ def _score_engine(
     out: Path | None,  # FILE.parquet or FILE.csv
     registry: Path | None,  # registry directory
     population: str | None,  # population policy
-    **deliver: Any,  # sink, catalog, experiment, holdout_share, log: local only
+    **deliver: Any,  # sink, catalog, experiment, holdout_share, log, threads: local only
 ) -> tuple[pl.DataFrame, list[str], str | None]:
     "(the scored list, where it went, an off-anchor warning) from the engine asked for."
     if engine == "local":
@@ -595,6 +601,10 @@ def _score_engine(
     check_engine(engine)
     if deliver["sink"] or deliver["experiment"] or deliver["log"]:
         raise HsmlError("--engine ray writes --out only: run --sink, --experiment and --log locally")
+    if deliver["threads"]:
+        raise HsmlError(
+            "--threads is for --engine local: with ray, each task scores its partition on one core"
+        )
     fr, p, warn = score_ray(model, data_dir, as_of, out, registry, population, partitions)
     return fr, [str(p)] if p else [], warn
 
@@ -636,6 +646,7 @@ def score_cmd(
     experiment: str | None = SCORE_OPTIONS["experiment"],
     holdout_share: float | None = SCORE_OPTIONS["holdout_share"],
     log: Path | None = SCORE_OPTIONS["log"],
+    threads: int | None = SCORE_OPTIONS["threads"],
     engine: str = SCORE_OPTIONS["engine"],
     partitions: int | None = SCORE_OPTIONS["partitions"],
 ) -> None:
@@ -654,7 +665,8 @@ def score_cmd(
     t0 = time.perf_counter()
     try:
         fr, done, warn = _score_engine(engine, partitions, model, data_dir, as_of, out, registry, population, sink=sink,
-                                       catalog=catalog, experiment=experiment, holdout_share=holdout_share, log=log)  # fmt: skip
+                                       catalog=catalog, experiment=experiment, holdout_share=holdout_share, log=log,
+                                       threads=threads)  # fmt: skip
     except HsmlError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -241,3 +241,16 @@ def test_batch_benchmark_states_its_threads(tmp_path):
     spec.loader.exec_module(mod)
     r = mod.run_batch_end_to_end(rows=300, work=tmp_path, train_companies=600)
     assert r["threads"] == score_threads() and r["list_rows"] > 0
+
+
+def test_score_threads_follow_the_cpu_affinity():
+    "With no number asked for, the cores this process may run on (taskset, a container's cpuset), not the machine's."
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    code = "import os; os.sched_setaffinity(0, {0}); from hsml.score import score_threads; print(score_threads(), score_threads(3))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["1", "3"]

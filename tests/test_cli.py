@@ -160,3 +160,19 @@ def test_score_off_anchor_as_of_is_scored_and_flagged(industry_model, tmp_path):
     assert f"warning: as_of {thursday} is a Thursday, not a Monday (the usage anchor)" in r.stderr
     df = pl.read_parquet(out)
     assert (df["as_of"] == thursday).all() and df["as_of_off_anchor"].all()
+
+
+def test_score_threads_option_gives_the_same_list(industry_model, tmp_path):
+    "`hsml score --threads 1` and `--threads 2` write the same list; 0 threads and Ray with --threads are refused."
+    import polars as pl
+
+    m = industry_model
+    base = ["score", "--model", str(m["bundle"]), "--data-dir", str(m["data"]), "--as-of", "latest"]
+    for n in (1, 2):
+        r = run(*base, "--threads", str(n), "--out", str(tmp_path / f"s{n}.parquet"))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert pl.read_parquet(tmp_path / "s1.parquet").equals(pl.read_parquet(tmp_path / "s2.parquet"))
+    r = run(*base, "--threads", "0", "--out", str(tmp_path / "s0.parquet"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--threads" in r.stderr, r.stderr
+    r = run(*base, "--threads", "2", "--engine", "ray", "--out", str(tmp_path / "sr.parquet"))
+    assert r.returncode == 2 and "--threads is for --engine local" in r.stderr, r.stderr
