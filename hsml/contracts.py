@@ -24,9 +24,10 @@ from .core import EMPLOYEE_LEVELS, RANK_SENTINEL, HsmlError, sha256_bytes
 from .sources import TABLES, Catalog, file_stamp
 
 # %% auto #0
-__all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', 'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS', 'ColumnSpec',
-           'fold_label', 'edit_distance', 'industry_mapper', 'employee_level', 'Policy', 'Issue', 'TableReport',
-           'Report', 'infer_usage_period', 'Tables', 'validate_frames', 'load_tables', 'check']
+__all__ = ['EMPLOYEE_ENUM', 'COUNT_COLUMNS', 'RAW_CONTRACTS', 'CLEAN_SCHEMAS', 'INDUSTRY_SYNONYMS', 'RULE_SCHEMAS',
+           'TIMING_BUCKET_ROWS', 'ColumnSpec', 'fold_label', 'edit_distance', 'industry_mapper', 'employee_level',
+           'Policy', 'Issue', 'TableReport', 'Report', 'infer_usage_period', 'Tables', 'validate_frames', 'load_tables',
+           'check']
 
 # %% ../nbs/02_contracts.ipynb #acae54e37e7d407bbb7b55eff062a284
 EMPLOYEE_ENUM = pl.Enum(EMPLOYEE_LEVELS)
@@ -776,13 +777,20 @@ def _timing_from_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "usage_gaps": int(gaps["len"].sum()), "usage_gaps_at_period": count(gaps, period)}  # fmt: skip
 
 # %% ../nbs/02_contracts.ipynb #ab13b4b6e2874167b7f2debb11dcd1d9
+TIMING_BUCKET_ROWS = 5_000_000  # usage rows per bucket when a lazy scan is timed
+
+
 def _usage_timing(
     usage: pl.DataFrame | pl.LazyFrame,  # the clean usage table
     time: str = "WHEN_TIMESTAMP",  # stamp column
     key: str = "id",  # company column
 ) -> dict[str, Any]:
     "Period, anchor, and the counts behind them (stamps, off-anchor stamps, gaps, gaps equal to the period)."
-    return _timing_from_counts([_timing_counts(usage, time, key)])
+    if isinstance(usage, pl.DataFrame):
+        return _timing_from_counts([_timing_counts(usage, time, key)])
+    k = -(-usage.select(pl.len()).collect().item() // TIMING_BUCKET_ROWS) or 1
+    bucket = pl.col(key).hash(seed=0) % k
+    return _timing_from_counts([_timing_counts(usage.filter(bucket == i), time, key) for i in range(k)])
 
 # %% ../nbs/02_contracts.ipynb #1c9cbe9d9a794dbd8aaa1fa72bce99a9
 def infer_usage_period(

@@ -254,3 +254,25 @@ def test_score_threads_follow_the_cpu_affinity():
     code = "import os; os.sched_setaffinity(0, {0}); from hsml.score import score_threads; print(score_threads(), score_threads(3))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["1", "3"]
+
+
+def test_a_lazy_usage_scan_is_timed_in_buckets_exactly(dirty, tmp_path, monkeypatch):
+    "A lazy usage scan is timed a bucket of companies at a time (bounded memory), with the whole table's counts."
+    import hsml.contracts
+    from hsml.contracts import _usage_timing
+
+    usage = load_tables(dirty).usage
+    usage.write_parquet(tmp_path / "usage.parquet")
+    whole = _usage_timing(usage)
+    monkeypatch.setattr(hsml.contracts, "TIMING_BUCKET_ROWS", 3000, raising=False)  # several buckets
+    seen, counts = [], hsml.contracts._timing_counts
+
+    def counted(u, *a, **kw):  # the rows each call reads
+        seen.append(u.lazy().select(pl.len()).collect().item())
+        return counts(u, *a, **kw)
+
+    monkeypatch.setattr(hsml.contracts, "_timing_counts", counted)
+    assert usage.height > 4 * 3000
+    assert _usage_timing(pl.scan_parquet(tmp_path / "usage.parquet")) == whole
+    assert len(seen) > 4 and max(seen) < 2 * 3000 and sum(seen) == usage.height
+    assert whole["usage_stamps"] == usage.height and whole["usage_gaps"] > 0
