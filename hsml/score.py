@@ -344,11 +344,12 @@ def score_frame(
     panel, outside = population_split(companies, tables.usage, day, horizon, population, period)
     if panel.height == 0:
         raise _nobody_to_score(population, day, outside)
-    X = _features(bundle, companies, tables.usage, panel, period, score_threads(threads))
+    threads = score_threads(threads)
+    X = _features(bundle, companies, tables.usage, panel, period, threads)
     how = _reasons_how(bundle, reasons_method, X.height) if reasons else None
     show = X.height > chunk_size if progress is None else progress
     bundle.set_threads(1)  # one LightGBM thread per piece: the pieces run in parallel
-    scores, r_idx, r_val, method = _score_chunks(bundle, X, how, chunk_size, show, score_threads(threads))
+    scores, r_idx, r_val, method = _score_chunks(bundle, X, how, chunk_size, show, threads)
     out = _ranked_list(bundle, X, scores, r_idx, r_val, method, reasons)
     off = off_anchor_warning(day, anchor, period) is not None
     return _with_unscored(out, outside, day, bundle, off)

@@ -28,12 +28,12 @@ from typing import Annotated, Any, Literal, NotRequired
 
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_CUSTOMER_COLUMNS', 'RawValue', 'ARROW_STREAM',
-           'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash', 'score_ranks',
-           'PredictionLog', 'CompanyRequest', 'request_frames', 'validate_request', 'company_features',
-           'experiment_arms', 'service_description', 'Problem', 'problem_response', 'problem_handler',
-           'validation_problem', 'arrow_table', 'arrow_problem', 'ArrowRecords', 'ServeState', 'predictions_json',
-           'require_token', 'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready',
-           'model', 'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
+           'arrow_problem', 'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash',
+           'score_ranks', 'PredictionLog', 'CompanyRequest', 'request_frames', 'validate_request', 'company_features',
+           'experiment_arms', 'service_description', 'Problem', 'problem_response', 'problem_handler', 'fields_problem',
+           'validation_problem', 'arrow_table', 'ArrowRecords', 'ServeState', 'predictions_json', 'require_token',
+           'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
+           'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
            'worker_env', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #acae54e37e7d407bbb7b55eff062a284
@@ -354,13 +354,19 @@ def score_ranks(
     return [None if s != s else k for s, k in zip(scores.tolist(), _ranks(scores).tolist())]
 
 # %% ../nbs/32_serve.ipynb #964bfefc
+def _json_items(
+    x: np.ndarray,  # a 1-D int64 or float64 array (NaN: null)
+) -> list[str]:
+    "orjson's JSON text of each element, from one `dumps` of the whole array."
+    return orjson.dumps(np.ascontiguousarray(x), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if len(x) else []  # fmt: skip
+
+
 def _float_texts(
     x: np.ndarray,  # float64 values (NaN: null)
 ) -> list[str]:
     "`repr` of each value ('null' for NaN): orjson's text where it is repr's (0, and 1e-4 <= |x| < 1e16), repr elsewhere."
     x = np.ascontiguousarray(x, dtype=np.float64)
-    out = orjson.dumps(x, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",") if len(x) else []
-    a = np.abs(x)
+    out, a = _json_items(x), np.abs(x)
     for j in np.flatnonzero(((a < 1e-4) & (a != 0)) | (a >= 1e16)):  # NaN compares False: orjson wrote null
         out[j] = repr(float(x[j]))
     return out
@@ -370,11 +376,7 @@ def _rank_texts(
     scores: np.ndarray,  # one request's scores (NaN: not scored)
 ) -> list[str]:
     "`score_ranks` as JSON texts ('null' where there is no score)."
-    out = (
-        orjson.dumps(_ranks(scores), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",")
-        if len(scores)
-        else []
-    )
+    out = _json_items(_ranks(scores))
     for j in np.flatnonzero(np.isnan(scores)):
         out[j] = "null"
     return out
@@ -823,6 +825,15 @@ def _detail(e: ValidationError, prefix: tuple = ()) -> list[dict]:
     return out
 
 # %% ../nbs/32_serve.ipynb #0310869696a145bf841235dd6c036af8
+def fields_problem(
+    detail: list[dict],  # pydantic-style entries: loc, msg, type (and input)
+) -> Problem:
+    "The 422 problem naming each offending field: `invalid request: records.ROW.FIELD: message; ...` (20 at most)."
+    msg = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail[:20])
+    more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
+    return Problem(422, f"invalid request: {msg}{more}", detail)
+
+
 def validation_problem(
     e: ValidationError,  # pydantic's errors for a request body
     prefix: tuple = (),  # `loc` prefix of the body's root
@@ -833,9 +844,7 @@ def validation_problem(
         return Problem(400, "malformed JSON: " + "; ".join(d["msg"] for d in detail), detail)
     if any(d["type"] in ("model_type", "dict_type") and len(d["loc"]) <= len(prefix) for d in detail):
         return Problem(422, "the body must be a JSON object", detail)
-    msg = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail[:20])
-    more = f" (and {len(detail) - 20} more)" if len(detail) > 20 else ""
-    return Problem(422, f"invalid request: {msg}{more}", detail)
+    return fields_problem(detail)
 
 # %% ../nbs/32_serve.ipynb #538c5ce9
 ARROW_STREAM = "application/vnd.apache.arrow.stream"  # the Arrow IPC stream format's media type
@@ -888,13 +897,7 @@ def _col_error(
     return d
 
 
-def arrow_problem(
-    errs: list[dict],  # `_col_error` entries
-) -> Problem:
-    "The 422 problem of column errors, worded as the JSON path's: `invalid request: records.ROW.COLUMN: message; ...`."
-    msg = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in errs[:20])
-    more = f" (and {len(errs) - 20} more)" if len(errs) > 20 else ""
-    return Problem(422, f"invalid request: {msg}{more}", errs)
+arrow_problem = fields_problem  # column errors are worded as the JSON path's field errors
 
 # %% ../nbs/32_serve.ipynb #f3ab9a5b
 class ArrowRecords:
@@ -1229,11 +1232,8 @@ def score_arrow(
     t = arrow_table(body)
     try:
         ids, Xn, cs = self.arrow.check(t)
-    except (
-        pa.ArrowException,
-        TypeError,
-        ValueError,
-    ) as e:  # a column Arrow cannot convert: the client's, not a 500
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        # a column Arrow cannot convert: the client's, not a 500
         raise Problem(400, f"unreadable Arrow column: {e}") from None
     return ids, Xn, cs, self.bundle.predict_split(Xn, cs)
 
@@ -1292,15 +1292,13 @@ def predictions_json(
     'The answer\'s `predictions`, `[{"score", "id"?, "arm"?}, ...]`, as the JSON orjson writes for those dicts.'
     if not len(scores):
         return orjson.Fragment(b"[]")
-    ss = orjson.dumps(np.ascontiguousarray(scores, np.float64), option=orjson.OPT_SERIALIZE_NUMPY)[
-        1:-1
-    ].split(b",")
+    ss = _json_items(np.asarray(scores, np.float64))
     if all(i is None for i in ids) and arms is None:
-        return orjson.Fragment(b'[{"score":' + b'},{"score":'.join(ss) + b"}]")
-    idj = [b"" if i is None else b',"id":' + orjson.dumps(i) for i in ids]
-    amj = [b',"arm":' + orjson.dumps(a) for a in arms] if arms is not None else [b""] * len(ss)
+        return orjson.Fragment('[{"score":' + '},{"score":'.join(ss) + "}]")
+    idj = ["" if i is None else ',"id":' + orjson.dumps(i).decode() for i in ids]
+    amj = [',"arm":' + orjson.dumps(a).decode() for a in arms] if arms is not None else [""] * len(ss)
     return orjson.Fragment(
-        b"[" + b",".join([b'{"score":' + s + i + a + b"}" for s, i, a in zip(ss, idj, amj)]) + b"]"
+        "[" + ",".join(['{"score":' + s + i + a + "}" for s, i, a in zip(ss, idj, amj)]) + "]"
     )
 
 # %% ../nbs/32_serve.ipynb #b76bc3dc
@@ -1391,24 +1389,27 @@ JsonBody = Annotated[bytes, Depends(json_body)]
 RequestId = Annotated[str, Depends(request_id)]
 
 # %% ../nbs/32_serve.ipynb #f4948fd0
+async def _off_loop(
+    big: bool,  # whether the work is big enough to be worth a hop to a worker thread
+    fn: Callable,  # the work
+    *args: Any,  # its arguments
+) -> Any:
+    "`fn(*args)` on a worker thread when `big`, so the event loop keeps answering meanwhile; else inline."
+    return await run_in_threadpool(fn, *args) if big else fn(*args)
+
+
 async def predict(request: Request) -> Response:
     "`POST /predict`: score feature records, sent as JSON or as an Arrow IPC stream."
     st: ServeState = request.app.state.serve
     await require_token(request)  # called, not injected: the route is a `DirectRoute`
     (arrow, body), rid = await predict_body(request), await request_id(request)
     if arrow:
-        got = await run_in_threadpool(st.score_arrow, body) if len(body) > 65536 else st.score_arrow(body)
+        return st.respond(rid, "predict", *await _off_loop(len(body) > 65536, st.score_arrow, body))
+    if st.fast is not None and (got := await _off_loop(len(body) > 65536, st.score_fast, body)) is not None:
         return st.respond(rid, "predict", *got)
-    if st.fast is not None:
-        got = await run_in_threadpool(st.score_fast, body) if len(body) > 65536 else st.score_fast(body)
-        if got is not None:
-            return st.respond(rid, "predict", *got)
     recs = st.records(body)  # the full validation: every error, with its field-level message
     ids = [r.get("id") for r in recs]
-    if len(recs) <= 64:
-        Xn, cs, scores = st.score_records(recs)
-    else:
-        Xn, cs, scores = await run_in_threadpool(st.score_records, recs)
+    Xn, cs, scores = await _off_loop(len(recs) > 64, st.score_records, recs)
     return st.respond(rid, "predict", ids, Xn, cs, scores)
 
 # %% ../nbs/32_serve.ipynb #8d8f25a3
