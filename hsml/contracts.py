@@ -996,9 +996,10 @@ def add(self: _Typed, ok: pl.DataFrame, i: int) -> None:  # chunk `i`'s typed ro
         for j, part in enumerate(self.mem):
             self._write(part, j)
         self.mem = None
-    self._write(ok, i) if self.mem is None else self.mem.append(
-        ok.rechunk()
-    )  # aligned: concat copies nothing
+    if self.mem is None:
+        self._write(ok, i)
+    else:
+        self.mem.append(ok.rechunk())  # aligned: concat copies nothing
 
 
 @patch
@@ -1246,13 +1247,11 @@ def _check_unchanged(
     "Raise HsmlError naming the first source that changed while it was read."
     for t, st in stamps.items():
         if st is not None and file_stamp(cat[t]) == st:
-            continue
-        fp = cat[t].fingerprint()
-        if st is None and fp == before[t]:
-            continue
+            continue  # the file did not move: no need to hash it again
+        if (fp := cat[t].fingerprint()) == before[t]:
+            continue  # touched, or no file (SQL): the same content
         raise HsmlError(
-            f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after"
-            + ("; the file's size, modification time or inode moved)" if st else ")"),
+            f"{names[t]}: changed while it was read (sha256 {before[t]} before, {fp} after)",
             hint="read it again once nothing writes to it: the tables would not match their fingerprint",
         )
 
