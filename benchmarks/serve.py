@@ -23,7 +23,12 @@ Prints one JSON line per case:
   bare booster's rows per CPU-second), which a busy machine disturbs less. On fairness: the hsml side pays for
   its 4 clients (threads of this process, on the same cores) and may run one booster call while another
   request is parsed (LightGBM releases the GIL, each call uses one thread), so one worker can use two cores
-  where the reference uses one; the CPU ratios cannot. `batch_end_to_end_rows_per_s` comes from
+  where the reference uses one; the CPU ratios cannot.
+  Big batches are scored by the booster's trees compiled to machine code (`hsml.bundle_compile.TreeCode`, with
+  lleaves), built on a background thread at the server's first big batch and used once it gave LightGBM's bytes.
+  The batch cases are timed in that steady state: `warm_up` posts batches until `/model` says `"tree_code": "on"`
+  (`http_tree_code`, `http_warm_up_s`). The goal's reference stays LightGBM's `Booster.predict`;
+  `inproc_tree_code_batch1000_rows_per_s` is the machine code in process, the reference for what HTTP itself costs. `batch_end_to_end_rows_per_s` comes from
   `benchmarks/batch.py`'s `run_batch_end_to_end` (null when that file is absent or with `--case serve`).
 - `batch_score`: `hsml.score.score_frame` over generated prospects (1M by default): rows/s end to end
   (features + scores + top-three reasons) and for the parts, beside the reference pipeline on the same
@@ -134,6 +139,16 @@ def in_process(b, frame: pl.DataFrame, n_single: int) -> dict:
     for _ in range(reps):
         b.predict_rows(batch)
     fast_rows_s = reps * 1000 / (time.perf_counter() - t)
+    # the same, with big batches on the trees' machine code (what the server does once it is on)
+    b.compiled.tree_code = True
+    b.predict_rows(batch)
+    b.compiled.raw_fn.code.wait()
+    t = time.perf_counter()
+    for _ in range(reps):
+        b.predict_rows(batch)
+    code_rows_s = reps * 1000 / (time.perf_counter() - t)
+    code_state = b.compiled.raw_fn.code.state
+    b.compiled.tree_code = False
     # the reference of the batch goal: the bare booster on the same batches, its own input matrix, one thread
     booster = b.compiled.booster
     Zs = [
@@ -157,6 +172,8 @@ def in_process(b, frame: pl.DataFrame, n_single: int) -> dict:
         "inproc_single_p99_ms": round(pct(single, 99) * 1e3, 4),
         "inproc_reference_single_p50_ms": round(pct(ref, 50) * 1e3, 3),
         "inproc_batch1000_rows_per_s": round(fast_rows_s),
+        "inproc_tree_code_batch1000_rows_per_s": round(code_rows_s),
+        "inproc_tree_code": code_state,
         "bare_booster_batch1000_rows_per_s": round(bare_rows_s),
         "bare_booster_batch1000_rows_per_cpu_s": round(bare_rows_cpu_s),
         "inproc_reference_batch1000_rows_per_s": round(ref_rows_s),
@@ -188,10 +205,29 @@ def ipc_stream(df: pl.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def warm_up(url: str, bodies: list[bytes], h: dict, deadline_s: float = 120) -> tuple[str, float]:
+    """Post batches until every server process says big batches run on the trees' machine code (or never will):
+    the steady state is what is timed. (tree_code state, seconds it took). Each round opens new connections, which
+    the kernel spreads over the worker processes, and the state must read "on" 5 rounds in a row."""
+    t, state, streak = time.perf_counter(), "", 0
+    while time.perf_counter() - t < deadline_s:
+        with httpx.Client(base_url=url, headers=h, timeout=60) as c:
+            for body in bodies:
+                assert c.post("/predict", content=body).status_code == 200
+        with httpx.Client(base_url=url, timeout=60) as c:
+            state = c.get("/model").json().get("tree_code", "off")
+        streak = streak + 1 if state == "on" else 0
+        if streak >= 5 or state == "off" or state.startswith("refused"):
+            break
+        if state != "on":
+            time.sleep(0.1)
+    return state, round(time.perf_counter() - t, 2)
+
+
 def batches(
     url: str, bodies: list[bytes], h: dict, n_batches: int, pid: int
-) -> tuple[int, float, float, float]:
-    "4 concurrent clients, client k posting bodies[k] n_batches times: (rows answered, wall s, server CPU s, client CPU s)."
+) -> tuple[int, float, float, float, tuple[str, float]]:
+    "After `warm_up`, 4 concurrent clients, client k posting bodies[k] n_batches times: (rows answered, wall s, server CPU s, client CPU s, warm-up)."
     done = [0] * 4
     errors: list[str] = []
 
@@ -204,9 +240,7 @@ def batches(
                     return
                 done[k] += len(r.json()["predictions"])
 
-    with httpx.Client(base_url=url, headers=h, timeout=60) as c:  # warm up
-        for k in range(4):
-            c.post("/predict", content=bodies[k])
+    warm = warm_up(url, bodies, h)
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     cpu0, client0 = server_cpu(pid), time.process_time()
     t = time.perf_counter()
@@ -218,7 +252,7 @@ def batches(
     server_cpu_s, client_cpu_s = server_cpu(pid) - cpu0, time.process_time() - client0
     if errors:
         raise RuntimeError(errors[0])
-    return sum(done), wall, server_cpu_s, client_cpu_s
+    return sum(done), wall, server_cpu_s, client_cpu_s, warm
 
 
 def over_http(
@@ -296,12 +330,16 @@ def over_http(
                         blat.append(dt_)
         batch_recs = [[recs[(k * 1000 + i) % len(recs)] for i in range(1000)] for k in range(4)]
         batch_bodies = [json.dumps({"records": b}).encode() for b in batch_recs]
-        rows, wall, server_cpu_s, client_cpu_s = batches(url, batch_bodies, h, n_batches, proc.pid)
+        rows, wall, server_cpu_s, client_cpu_s, (code, warm_s) = batches(
+            url, batch_bodies, h, n_batches, proc.pid
+        )
         # the same 1000-row batches as Arrow IPC streams (one column per feature), the same 4 clients
         schema = frame.select(names).schema
         arrow_bodies = [ipc_stream(pl.DataFrame(b, schema=schema)) for b in batch_recs]
         ah = {"content-type": "application/vnd.apache.arrow.stream"}
-        a_rows, a_wall, a_server_cpu_s, a_client_cpu_s = batches(url, arrow_bodies, ah, n_batches, proc.pid)
+        a_rows, a_wall, a_server_cpu_s, a_client_cpu_s, _ = batches(
+            url, arrow_bodies, ah, n_batches, proc.pid
+        )
         logged = (
             sum(1 for _ in open(work / "predictions.jsonl")) if (work / "predictions.jsonl").exists() else 0
         )
@@ -321,6 +359,9 @@ def over_http(
             "http_batch1000_clients": 4,
             "http_batch1000_requests": 4 * n_batches,
             "http_batch1000_rows_per_s": round(rows / wall),
+            # big batches on the trees' machine code once it is on ("on"), after warm_up_s of batches
+            "http_tree_code": code,
+            "http_warm_up_s": warm_s,
             # CPU spent per 1000 rows, by the server processes (with their prediction log writers) and by
             # this process's 4 clients: on a busy machine, rows per server CPU-second is the steadier figure
             "http_batch1000_server_cpu_ms_per_1000_rows": round(server_cpu_s / rows * 1e6, 2),

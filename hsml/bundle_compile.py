@@ -9,9 +9,12 @@ import contextlib
 import copy
 import ctypes
 import operator
+import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +24,8 @@ from fastcore.basics import patch
 from .core import HsmlError
 
 # %% auto #0
-__all__ = ['Inputs', 'split_frame', 'split_rows', 'split_records', 'OneRow', 'BoosterProba', 'Compiled', 'compile_pipeline',
-           'compile_verified']
+__all__ = ['TREE_CODE_MIN_ROWS', 'Inputs', 'split_frame', 'split_rows', 'split_records', 'OneRow', 'TreeCode', 'BoosterProba',
+           'Compiled', 'compile_pipeline', 'compile_verified']
 
 # %% ../nbs/30_bundle_compile.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
 @dataclass
@@ -170,16 +173,123 @@ def __del__(self: OneRow):
     if self.handle:
         self._free(self.handle)
 
+# %% ../nbs/30_bundle_compile.ipynb #758f1dc4
+def _tree_code(
+    booster: Any,  # lightgbm.Booster of a binary classifier
+) -> Any:
+    "The booster as machine code (a compiled `lleaves.Model`), its trees added in LightGBM's order."
+    import lleaves
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.txt"
+        path.write_text(booster.model_to_string())  # the best iteration's trees, as Booster.predict uses
+        model = lleaves.Model(model_file=str(path))
+        model.compile(fblocksize=1)
+    return model
+
+# %% ../nbs/30_bundle_compile.ipynb #7ef2d230
+TREE_CODE_MIN_ROWS = 256  # batches from this many rows use the trees' machine code once it is ready
+
+
+def _probe(
+    Z: np.ndarray,  # a batch of the model's matrix
+) -> np.ndarray:
+    "Rows to check the machine code on: (up to 2048 rows of) the batch, and copies with NaN, 0 and -1 in a fifth of the cells."
+    rng, Z = np.random.default_rng(0), np.asarray(Z[:2048], dtype=np.float64)
+    out = [Z]
+    for v in (np.nan, 0.0, -1.0):
+        c = Z.copy()
+        c[rng.random(c.shape) < 0.2] = v
+        out.append(c)
+    return np.vstack(out)
+
+# %% ../nbs/30_bundle_compile.ipynb #87b9437f
+class TreeCode:
+    "A booster's trees as machine code, compiled on a background thread and used only once it gave LightGBM's bytes."
+
+    def __init__(
+        self,
+        booster: Any,  # lightgbm.Booster of a binary classifier
+        compile: Callable[[Any], Any] = _tree_code,  # booster -> a model with `.predict(Z, n_jobs=)`
+    ):
+        self.booster, self.compile, self.lock = booster, compile, threading.Lock()
+        self.model, self.state, self.why, self.thread = (
+            None,
+            "waiting",
+            None,
+            None,
+        )  # -> compiling -> on | refused
+
+    def __call__(
+        self,
+        Z: np.ndarray,  # the model's matrix
+        threads: int = 1,  # threads for this call
+    ) -> np.ndarray | None:
+        "The positive-class probabilities, or None while the code is not (or will never be) ready."
+        if self.model is not None:
+            return self.model.predict(Z, n_jobs=threads)
+        if self.state == "waiting":
+            self.start(Z)
+        return None
+
+# %% ../nbs/30_bundle_compile.ipynb #12694b21
+@patch
+def start(
+    self: TreeCode,
+    Z: np.ndarray,  # the batch that asked first: the check runs on it
+) -> None:
+    "Compile and check on a background thread (once)."
+    with self.lock:
+        if self.state != "waiting":
+            return
+        self.state = "compiling"
+    probe = _probe(Z)
+    self.thread = threading.Thread(target=self._build, args=(probe,), name="hsml-tree-code", daemon=True)
+    self.thread.start()
+
+
+@patch
+def _build(self: TreeCode, probe: np.ndarray) -> None:
+    try:
+        model = self.compile(self.booster)
+        same = (
+            model.predict(probe, n_jobs=1).tobytes() == self.booster.predict(probe, num_threads=1).tobytes()
+        )
+        why = None if same else "its scores differ from LightGBM's on the first batch"
+    except Exception as e:  # lleaves missing, LLVM refusing the model, ...: LightGBM keeps answering
+        model, why = None, f"{type(e).__name__}: {e}"
+    if why is None:
+        self.model, self.state = model, "on"
+    else:
+        self.state, self.why = "refused", why
+        warnings.warn(
+            f"LightGBM keeps scoring batches: its trees' machine code is not used ({why})", stacklevel=1
+        )
+
+
+@patch
+def wait(self: TreeCode, timeout: float | None = None) -> str:
+    "Wait for the background thread (if any); the state."
+    if self.thread is not None:
+        self.thread.join(timeout)
+    return self.state
+
 # %% ../nbs/30_bundle_compile.ipynb #916684f9a58a4a2aa5f864670399430d
 @dataclass
 class BoosterProba:
-    "The positive-class probability of a LightGBM booster, with its thread count (one row: `OneRow`)."
+    "The positive-class probability of a LightGBM booster, with its thread count (one row: `OneRow`; big batches: `TreeCode` when asked)."
 
     booster: Any  # lightgbm.Booster
     threads: int = 1  # num_threads per call
+    tree_code: bool = (
+        False  # batches of TREE_CODE_MIN_ROWS rows or more through the trees' machine code once it is on
+    )
     one: OneRow | None = field(
         default=None, init=False, repr=False, compare=False
     )  # made at the first single row
+    code: TreeCode | None = field(
+        default=None, init=False, repr=False, compare=False
+    )  # made at the first big batch
 
     def __call__(self, Z: np.ndarray) -> np.ndarray:
         if len(Z) == 1:
@@ -187,10 +297,25 @@ class BoosterProba:
             p = self.one(Z[0])
             if p is not None:
                 return np.array([p])
+        elif self.tree_code and len(Z) >= TREE_CODE_MIN_ROWS:
+            with _MADE:  # two threads' first batches: one TreeCode
+                self.code = self.code or TreeCode(self.booster)
+            p = self.code(Z, self.threads)
+            if p is not None:
+                return p
         return self.booster.predict(Z, num_threads=self.threads)
 
-    def __getstate__(self) -> dict:  # copies and pickles make their own single-row predictor
-        return {"booster": self.booster, "threads": self.threads, "one": None}
+    def __getstate__(self) -> dict:  # copies and pickles make their own single-row predictor and machine code
+        return {
+            "booster": self.booster,
+            "threads": self.threads,
+            "tree_code": self.tree_code,
+            "one": None,
+            "code": None,
+        }
+
+
+_MADE = threading.Lock()
 
 # %% ../nbs/30_bundle_compile.ipynb #33b0902fd34d4ace834912fa1002cf8e
 class _ProbaShim:
@@ -242,6 +367,16 @@ class Compiled:
     def threads(self, n: int) -> None:
         if isinstance(self.raw_fn, BoosterProba):
             self.raw_fn.threads = int(n)
+
+    @property
+    def tree_code(self) -> bool:
+        "Whether big batches use the booster's trees as machine code (`TreeCode`) once it is on."
+        return isinstance(self.raw_fn, BoosterProba) and self.raw_fn.tree_code
+
+    @tree_code.setter
+    def tree_code(self, on: bool) -> None:
+        if isinstance(self.raw_fn, BoosterProba):
+            self.raw_fn.tree_code = bool(on)
 
 # %% ../nbs/30_bundle_compile.ipynb #46a27a456b804aa2a380d5edf15a5daf
 def _num_part(trans: Any, idx: list[int]) -> tuple[Callable, bool]:

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any, Literal, NotRequired
 
@@ -31,12 +30,13 @@ __all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_C
            'arrow_problem', 'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash',
            'score_ranks', 'PredictionLog', 'CompanyRequest', 'request_frames', 'validate_request', 'company_features',
            'experiment_arms', 'service_description', 'Problem', 'problem_response', 'problem_handler', 'fields_problem',
-           'validation_problem', 'arrow_table', 'ArrowRecords', 'ServeState', 'predictions_json', 'require_token',
-           'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
-           'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
+           'validation_problem', 'arrow_table', 'ArrowRecords', 'ServeState', 'tree_code_state', 'predictions_json',
+           'require_token', 'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready',
+           'model', 'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
            'worker_env', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #acae54e37e7d407bbb7b55eff062a284
+import msgspec
 import numpy as np
 import orjson
 import polars as pl
@@ -54,6 +54,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .bundle import Bundle, load_bundle, polars_dtype
+from .bundle_compile import Compiled
 from .score import off_anchor_warning
 from .core import HsmlError
 from .serve_guard import Guard, InFlightLimit, drain_on_sigterm, quiet_sigterm
@@ -152,18 +153,38 @@ def _cat_rule(
     return ok, frozenset(f["categories"]) if closed else None
 
 # %% ../nbs/32_serve.ipynb #ae0925a0
-def _type_groups(
-    types: list[frozenset],  # the allowed Python types of each numeric input, in matrix order (`_num_rule`)
-) -> list[tuple[frozenset, list[int]]]:
-    "(allowed types, the matrix columns that allow exactly them) per distinct set of allowed types."
-    by: dict[frozenset, list[int]] = {}
-    for j, t in enumerate(types):
-        by.setdefault(t, []).append(j)
-    return list(by.items())
+def _spec_type(
+    f: dict,  # one field of the input schema
+) -> Any:
+    "The msgspec type of a field's JSON values (its bounds are checked on the matrix)."
+    kind = f["type"]
+    if kind in _KIND_TYPES:
+        t: Any = {"number": float, "integer": int, "boolean": bool}[kind]
+    elif f.get("unknown_categories") == "reject" and f.get("categories"):
+        t = Literal[tuple(f["categories"])]
+    else:
+        t = Annotated[str, msgspec.Meta(max_length=200)]
+    return t | None if f.get("nullable", True) else t
+
+# %% ../nbs/32_serve.ipynb #cb4a6f41
+def _body_decoder(
+    schema: dict,  # input_schema.json content
+) -> msgspec.json.Decoder:
+    'A decoder of `{"records": [...]}` into typed records (attributes f0, f1, ... in schema order; `id`, None when absent).'
+    fs = schema["fields"]
+    rec = msgspec.defstruct(
+        "Record",
+        [*((f"f{j}", _spec_type(f)) for j, f in enumerate(fs)), ("id", int | str | None, None)],
+        rename={f"f{j}": f["name"] for j, f in enumerate(fs)},
+        forbid_unknown_fields=True,
+        gc=False,  # no cycles: the garbage collector need not track a thousand records a request
+    )
+    body = msgspec.defstruct("Body", [("records", list[rec])], forbid_unknown_fields=True)
+    return msgspec.json.Decoder(body)
 
 # %% ../nbs/32_serve.ipynb #95589789
 class FastRecords:
-    "The /predict body checked column-wise after one `orjson.loads`: `(ids, numeric matrix, category lists)`, or None whenever pydantic must decide (any doubt, every error)."
+    "The /predict body decoded by msgspec into typed records: `(ids, numeric matrix, category lists)`, or None whenever pydantic must decide (any doubt, every error)."
 
     def __init__(
         self,
@@ -175,89 +196,48 @@ class FastRecords:
         fields = {f["name"]: f for f in schema["fields"]}
         if set(fields) != set(num) | set(cat) or len(fields) != len(num) + len(cat):
             raise ValueError("num and cat must split the schema's fields")
-        self.nf, self.num, self.cat, self.max_records = len(fields), num, cat, max_records
-        ok, lo, hi = zip(*[_num_rule(fields[n]) for n in num]) if num else ((), (), ())
-        self.lo, self.hi, self.groups = np.array(lo), np.array(hi), _type_groups(list(ok))
-        self.get_num = (
-            operator.itemgetter(*num) if len(num) > 1 else (lambda r, k=num[0] if num else "": (r[k],))
-        )
+        attr = {f["name"]: f"f{j}" for j, f in enumerate(schema["fields"])}
+        self.num, self.cat, self.max_records, self.decoder = num, cat, max_records, _body_decoder(schema)
+        self.lo, self.hi = (np.array([_num_rule(fields[n])[k] for n in num]) for k in (1, 2))
         self.bounded = bool(np.isfinite(self.lo).any() or np.isfinite(self.hi).any())
-        self.cat_rules = [_cat_rule(fields[n]) for n in cat]
+        one = (lambda r, a=attr[num[0]]: (getattr(r, a),)) if len(num) == 1 else None
+        self.get_num = one or (operator.attrgetter(*[attr[n] for n in num]) if num else None)
+        self.get_cats = [operator.attrgetter(attr[n]) for n in cat]
 
 # %% ../nbs/32_serve.ipynb #b8030675
 @patch
-def ids(
+def matrix(
     self: FastRecords,
-    obj: Any,  # the parsed body
-) -> list | None:
-    "The records' ids (None where there is none) when the body's shape is surely right, else None."
-    recs = obj.get("records") if type(obj) is dict and len(obj) == 1 else None
-    if type(recs) is not list or not recs or len(recs) > self.max_records:
-        return None
-    if set(map(type, recs)) != {dict}:
-        return None
-    lens, nf = set(map(len, recs)), self.nf
-    if lens == {nf}:
-        return [None] * len(recs)
-    if not lens <= {nf, nf + 1} or not all("id" in r for r in recs if len(r) != nf):
-        return None
-    ids = [r.get("id") for r in recs]
-    return ids if set(map(type, ids)) <= {int, str, _NONE} else None
-
-# %% ../nbs/32_serve.ipynb #04781881
-@patch
-def numeric(
-    self: FastRecords,
-    recs: list[dict],  # the records (shape checked by `ids`)
+    recs: list,  # typed records (`_body_decoder`)
 ) -> np.ndarray | None:
-    "The n x len(num) float64 matrix of the numeric features when every value is surely valid, else None."
+    "The n x len(num) float64 matrix of the numeric features (null as NaN), or None when a value breaks a bound."
     if not self.num:
         return np.empty((len(recs), 0))
     try:
-        rows = list(map(self.get_num, recs))
-    except KeyError:
+        X = np.array(list(map(self.get_num, recs)), dtype=np.float64)
+    except OverflowError:  # an integer beyond float64: pydantic decides
         return None
-    cols = list(zip(*rows))
-    for ok, idx in self.groups:
-        if not set(map(type, chain.from_iterable([cols[j] for j in idx]))) <= ok:
-            return None
-    X = np.array(rows, dtype=np.float64)
     if self.bounded and ((X < self.lo).any() or (X > self.hi).any()):
         return None
     return X
 
-# %% ../nbs/32_serve.ipynb #17445339
+# %% ../nbs/32_serve.ipynb #04781881
 @patch
-def categories(
+def decode(
     self: FastRecords,
-    recs: list[dict],  # the records (shape checked by `ids`)
-) -> list[list] | None:
-    "One list per category feature when every value is surely valid, else None."
-    try:
-        cats = [[r[c] for r in recs] for c in self.cat]
-    except KeyError:
-        return None
-    for col, (ok, levels) in zip(cats, self.cat_rules):
-        if not set(map(type, col)) <= ok:
-            return None
-        if levels is None:
-            if max(map(len, filter(None, col)), default=0) > 200:
-                return None
-        elif not set(col) - {None} <= levels:
-            return None
-    return cats
-
-# %% ../nbs/32_serve.ipynb #8f165e9d
-@patch
-def check(
-    self: FastRecords,
-    obj: Any,  # the parsed /predict body
+    body: bytes,  # a raw /predict body
 ) -> tuple[list, np.ndarray, list[list]] | None:
-    "(ids, Xnum, cats) of a parsed body that surely passes the request model, else None."
-    ids = self.ids(obj)
-    X = None if ids is None else self.numeric(obj["records"])
-    cats = None if X is None else self.categories(obj["records"])
-    return None if cats is None else (ids, X, cats)
+    "(ids, Xnum, cats) of a body that surely passes the request model, else None."
+    try:
+        recs = self.decoder.decode(body).records
+    except (
+        msgspec.DecodeError
+    ):  # malformed, a wrong type, a missing or unknown key: pydantic writes the message
+        return None
+    if not recs or len(recs) > self.max_records:
+        return None
+    X = self.matrix(recs)
+    return None if X is None else ([r.id for r in recs], X, [list(map(g, recs)) for g in self.get_cats])
 
 # %% ../nbs/32_serve.ipynb #8763a12b2bbd4a93a75aff182afb95dc
 LOG_FIELDS = (
@@ -1101,7 +1081,7 @@ def _now_iso() -> str:
 
 # %% ../nbs/32_serve.ipynb #f94f5a17fa734d288763e7d9a3758173
 def _fast_records(schema: dict, b: Bundle, max_records: int) -> FastRecords | None:
-    "The column-wise fast path for /predict bodies (see `FastRecords`); None when the schema does not allow it."
+    "The msgspec fast path for /predict bodies (see `FastRecords`); None when the schema does not allow it."
     try:
         return FastRecords(schema, b.num_names, b.cat_names, max_records)
     except ValueError:
@@ -1143,6 +1123,9 @@ class ServeState:
     experiment: str | None = None  # holdout experiment: answers and log carry each company's arm
     holdout_share: float | None = None  # the experiment's share of companies held out (not called)
     log: PredictionLog | None = None  # the prediction log, opened by the app's lifespan
+    tree_code: bool | None = (
+        None  # batches through the trees' machine code (TreeCode); default $HSML_TREE_CODE != "0"
+    )
 
     def __post_init__(self):
         b, self.schema = self.bundle, self.bundle.input_schema
@@ -1157,6 +1140,12 @@ class ServeState:
         self.horizon = int(b.info.get("horizon_days") or 28)
         self.period, self.anchor = b.training["usage_period_days"], b.training["usage_anchor_weekday"]
         b.check_features()  # refuse to serve features computed by other code than the model was trained with
+        if self.tree_code is None:
+            self.tree_code = os.environ.get("HSML_TREE_CODE", "1") != "0"
+        if (
+            b.compiled is not None
+        ):  # the same bytes as LightGBM's, so a bundle shared with batch scoring may use it
+            b.compiled.tree_code = self.tree_code
         self.arms_of = experiment_arms(self.experiment, self.holdout_share)  # None without an experiment
         self.fast: FastRecords | None = _fast_records(self.schema, b, self.max_records)
         self.arrow: ArrowRecords | None = _arrow_records(self.schema, b, self.max_records)
@@ -1168,6 +1157,19 @@ class ServeState:
 def log_to(self: ServeState) -> str:
     "Where the prediction log goes (a sink's description or the JSONL file)."
     return self.log_sink.describe() if self.log_sink is not None else str(self.log_path)
+
+# %% ../nbs/32_serve.ipynb #f6b2ce11
+def tree_code_state(
+    c: Compiled | None,  # the bundle's compiled path
+) -> str:
+    "Where big batches are scored: 'off' (not asked, or no LightGBM booster), 'waiting' (for the first big batch), 'compiling', 'on', or 'refused: why'."
+    raw = getattr(c, "raw_fn", None)
+    if not getattr(raw, "tree_code", False):
+        return "off"
+    code = raw.code
+    if code is None:
+        return "waiting"
+    return f"refused: {code.why}" if code.state == "refused" else code.state
 
 # %% ../nbs/32_serve.ipynb #30ac6c30
 @patch(as_prop=True)
@@ -1182,6 +1184,7 @@ def model_info(self: ServeState) -> dict:
         "digest": b.digest,
         "path": str(b.path),
         "fast_path": b.fast,
+        "tree_code": tree_code_state(b.compiled),
         "bundle": b.info,
         "data_fingerprints": b.info.get("data_fingerprints", {}),
         "training_set_hash": b.info.get("training_set_hash"),
@@ -1197,10 +1200,7 @@ def model_info(self: ServeState) -> dict:
 @patch
 def score_fast(self: ServeState, body: bytes) -> tuple[list, np.ndarray, list[list], np.ndarray] | None:
     "(ids, numeric matrix, category lists, scores) of a /predict body the fast path accepts, else None."
-    try:
-        got = self.fast.check(orjson.loads(body))  # type: ignore[union-attr]
-    except ValueError:  # malformed JSON, NaN, ...: pydantic writes the message
-        return None
+    got = self.fast.decode(body)  # type: ignore[union-attr]
     if got is None:
         return None
     ids, Xn, cs = got
