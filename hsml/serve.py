@@ -1084,7 +1084,7 @@ def _fast_records(schema: dict, b: Bundle, max_records: int) -> FastRecords | No
     "The msgspec fast path for /predict bodies (see `FastRecords`); None when the schema does not allow it."
     try:
         return FastRecords(schema, b.num_names, b.cat_names, max_records)
-    except ValueError:
+    except (ValueError, TypeError):  # e.g. levels msgspec cannot type as a Literal: pydantic reads every body
         return None
 
 
