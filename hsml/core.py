@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -35,6 +36,9 @@ class HsmlError(Exception):
     ):
         self.message, self.hint = message, hint
         super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+# %% ../nbs/00_core.ipynb #911257a0
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto's, when ipywidgets is missing
 
 # %% ../nbs/00_core.ipynb #acae54e37e7d407bbb7b55eff062a284
 EMPLOYEE_LEVELS: list[str] = [
