@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -162,6 +163,21 @@ def _check_out_dir(
             f"{out} already exists and is not an empty directory", hint="export to a new directory"
         )
 
+# %% ../nbs/34_export.ipynb #5d19044f
+@contextmanager
+def _quiet(
+    name: str,  # a logger's name
+    level: int = logging.ERROR,  # what it still says
+) -> Any:
+    "A logger says only `level` and above inside the block (its own level restored after)."
+    log = logging.getLogger(name)
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield log
+    finally:
+        log.setLevel(old)
+
 # %% ../nbs/34_export.ipynb #3ad0884b
 def export_mlflow(
     source: str | Path,  # a bundle/run directory or a registry reference (see resolve_source)
@@ -185,6 +201,7 @@ def export_mlflow(
     with (
         tempfile.TemporaryDirectory() as td,
         _env(MLFLOW_LOG_UV_FILES="false", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"),
+        _quiet("mlflow"),
     ):
         code = Path(td) / "hsml"
         shutil.copytree(Path(hsml.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import polars as pl
 
 from .bundle import Bundle, load_bundle, polars_dtype
@@ -45,7 +46,8 @@ class BundleModel(PythonModel):
         "Verify every file of the bundle artifact against its hashes.json, then load it."
         self.bundle = load_bundle(context.artifacts["bundle"])
 
-    # no type hints on predict: MLflow reads them as a schema, and the signature already is one
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
+    # model_input: a pandas frame is a hint MLflow infers no schema from (the signature already is one), and
+    # without a hint MLflow warns at class creation; any frame works (`frame_for`)
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:  # noqa: ANN001
         "Scores (probability of converting within the model's horizon), one float64 per row."
         return self.bundle.predict(frame_for(self.bundle, model_input))
