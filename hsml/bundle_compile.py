@@ -215,12 +215,8 @@ class TreeCode:
         compile: Callable[[Any], Any] = _tree_code,  # booster -> a model with `.predict(Z, n_jobs=)`
     ):
         self.booster, self.compile, self.lock = booster, compile, threading.Lock()
-        self.model, self.state, self.why, self.thread = (
-            None,
-            "waiting",
-            None,
-            None,
-        )  # -> compiling -> on | refused
+        self.model, self.why, self.thread = None, None, None
+        self.state = "waiting"  # -> compiling -> on | refused
 
     def __call__(
         self,
@@ -268,7 +264,7 @@ def _build(self: TreeCode, probe: np.ndarray) -> None:
             f"LightGBM keeps scoring batches: its trees' machine code is not used ({why})", stacklevel=1
         )
 
-
+# %% ../nbs/30_bundle_compile.ipynb #cdcdaaef
 @patch
 def wait(self: TreeCode, timeout: float | None = None) -> str:
     "Wait for the background thread (if any); the state."
