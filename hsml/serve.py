@@ -129,28 +129,26 @@ def request_model(
     return TypeAdapter(req)
 
 # %% ../nbs/32_serve.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
-_NONE = type(None)
-_KIND_TYPES = {"number": frozenset({float, int}), "integer": frozenset({int}), "boolean": frozenset({bool})}
+# the matrix's kinds of field, and the Python types JSON reads them as
+_NUMERIC = {"number": float, "integer": int, "boolean": bool}
 
 
-def _num_rule(
+def _bounds(
     f: dict,  # a number, integer or boolean field of the input schema
-) -> tuple[frozenset, float, float]:
-    "(the Python types its JSON values may parse to, lower bound, upper bound) of a numeric field."
-    if f["type"] not in _KIND_TYPES:
+) -> tuple[float, float]:
+    "(lower bound, upper bound) of a numeric field, infinite where it has none."
+    if f["type"] not in _NUMERIC:
         raise ValueError(f"field {f['name']!r}: {f['type']} is not a numeric kind")
-    t, lo, hi = _KIND_TYPES[f["type"]], f.get("minimum"), f.get("maximum")
-    ok = t | {_NONE} if f.get("nullable", True) else t
-    return ok, (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+    lo, hi = f.get("minimum"), f.get("maximum")
+    return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
 
 # %% ../nbs/32_serve.ipynb #8edb47106e1a46a883d545849b8ab81b
-def _cat_rule(
+def _levels(
     f: dict,  # a category field of the input schema
-) -> tuple[frozenset, frozenset | None]:
-    "(the Python types its values may parse to, the closed set of levels or None when unseen ones are accepted)."
+) -> frozenset | None:
+    "The closed set of a category's levels, or None when unseen ones are accepted."
     closed = f.get("unknown_categories") == "reject" and f.get("categories")
-    ok = frozenset({str, _NONE}) if f.get("nullable", True) else frozenset({str})
-    return ok, frozenset(f["categories"]) if closed else None
+    return frozenset(f["categories"]) if closed else None
 
 # %% ../nbs/32_serve.ipynb #ae0925a0
 def _spec_type(
@@ -158,9 +156,9 @@ def _spec_type(
 ) -> Any:
     "The msgspec type of a field's JSON values (its bounds are checked on the matrix)."
     kind = f["type"]
-    if kind in _KIND_TYPES:
-        t: Any = {"number": float, "integer": int, "boolean": bool}[kind]
-    elif f.get("unknown_categories") == "reject" and f.get("categories"):
+    if kind in _NUMERIC:
+        t: Any = _NUMERIC[kind]
+    elif _levels(f):
         t = Literal[tuple(f["categories"])]
     else:
         t = Annotated[str, msgspec.Meta(max_length=200)]
@@ -198,7 +196,7 @@ class FastRecords:
             raise ValueError("num and cat must split the schema's fields")
         attr = {f["name"]: f"f{j}" for j, f in enumerate(schema["fields"])}
         self.num, self.cat, self.max_records, self.decoder = num, cat, max_records, _body_decoder(schema)
-        self.lo, self.hi = (np.array([_num_rule(fields[n])[k] for n in num]) for k in (1, 2))
+        self.lo, self.hi = (np.array([_bounds(fields[n])[k] for n in num]) for k in (0, 1))
         self.bounded = bool(np.isfinite(self.lo).any() or np.isfinite(self.hi).any())
         one = (lambda r, a=attr[num[0]]: (getattr(r, a),)) if len(num) == 1 else None
         self.get_num = one or (operator.attrgetter(*[attr[n] for n in num]) if num else None)
@@ -228,11 +226,9 @@ def decode(
     body: bytes,  # a raw /predict body
 ) -> tuple[list, np.ndarray, list[list]] | None:
     "(ids, Xnum, cats) of a body that surely passes the request model, else None."
-    try:
+    try:  # malformed, a wrong type, a missing or unknown key: None, and pydantic writes the message
         recs = self.decoder.decode(body).records
-    except (
-        msgspec.DecodeError
-    ):  # malformed, a wrong type, a missing or unknown key: pydantic writes the message
+    except msgspec.DecodeError:
         return None
     if not recs or len(recs) > self.max_records:
         return None
@@ -898,10 +894,8 @@ class ArrowRecords:
         if len(fields) != len(num) + len(cat):
             raise ValueError("num and cat must split the schema's fields")
         self.num, self.cat, self.max_records = num, cat, max_records
-        self.lo, self.hi = (np.array([_num_rule(fields[n])[k] for n in num]) for k in (1, 2))
-        self.levels = {
-            n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _cat_rule(fields[n])[1]
-        }
+        self.lo, self.hi = (np.array([_bounds(fields[n])[k] for n in num]) for k in (0, 1))
+        self.levels = {n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _levels(fields[n])}
 
 # %% ../nbs/32_serve.ipynb #ab2b8afa
 @patch
