@@ -30,6 +30,8 @@ Prints one JSON line per case:
   (`http_tree_code`, `http_warm_up_s`). The goal's reference stays LightGBM's `Booster.predict`;
   `inproc_tree_code_batch1000_rows_per_s` is the machine code in process, the reference for what HTTP itself costs. `batch_end_to_end_rows_per_s` comes from
   `benchmarks/batch.py`'s `run_batch_end_to_end` (null when that file is absent or with `--case serve`).
+  `batch1000_cpu_ms` splits one 1000-record JSON batch's CPU by part, in process: `json_decode` (msgspec's
+  decode and the matrix), `lightgbm` and `tree_code` (the scores either way), `log_lines` (the prediction log).
 - `batch_score`: `hsml.score.score_frame` over generated prospects (1M by default): rows/s end to end
   (features + scores + top-three reasons) and for the parts, beside the reference pipeline on the same
   feature rows.
@@ -178,6 +180,40 @@ def in_process(b, frame: pl.DataFrame, n_single: int) -> dict:
         "bare_booster_batch1000_rows_per_cpu_s": round(bare_rows_cpu_s),
         "inproc_reference_batch1000_rows_per_s": round(ref_rows_s),
     }
+
+
+def batch_parts(b, frame: pl.DataFrame, reps: int = 50) -> dict:
+    """CPU ms of one 1000-record JSON batch by part, in process (median of `reps`): msgspec's decode and matrix
+    (`FastRecords.decode`), the scores by LightGBM and by the trees' machine code (`Bundle.predict_split`), and the
+    prediction log's lines (`_jsonl`, in the server's writer thread)."""
+    from hsml.serve import ServeState, _jsonl
+
+    st = ServeState(b, log_path=Path(tempfile.gettempdir()) / "unused.jsonl", tree_code=False)
+    recs = frame.select(b.feature_names).to_dicts()
+    body = json.dumps({"records": [recs[(i * 997) % len(recs)] for i in range(1000)]}).encode()
+    ids, Xn, cs = st.fast.decode(body)
+
+    def cpu_ms(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            c = time.process_time()
+            fn()
+            ts.append(time.process_time() - c)
+        return round(statistics.median(ts) * 1e3, 2)
+
+    out = {"json_decode": cpu_ms(lambda: st.fast.decode(body))}
+    out["lightgbm"] = cpu_ms(lambda: b.predict_split(Xn, cs))
+    b.compiled.tree_code = True
+    b.predict_split(Xn, cs)
+    b.compiled.raw_fn.code.wait()
+    out["tree_code"] = cpu_ms(lambda: b.predict_split(Xn, cs))
+    b.compiled.tree_code = False
+    scores = b.predict_split(Xn, cs)
+    out["log_lines"] = cpu_ms(
+        lambda: _jsonl([({"request_id": "r", "model": b.name}, ids, Xn, cs, scores, None)])
+    )
+    return {"batch1000_cpu_ms": out}
 
 
 BARE_APP = """
@@ -476,6 +512,7 @@ def main() -> None:
                 "trees": b.compiled.booster.num_trees() if b.compiled and b.compiled.booster else None,
             }
             res |= in_process(b, sample, a.single)
+            res |= batch_parts(b, sample)
             res |= over_http(bdir, sample, b.feature_names, a.single, a.batches, work, bare=True)
             (work / "w2").mkdir()
             w2 = over_http(bdir, sample, b.feature_names, 200, a.batches, work / "w2", workers=2)
