@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import gc
 import operator
+import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -175,6 +176,10 @@ def __del__(self: OneRow):
         self._free(self.handle)
 
 # %% ../nbs/30_bundle_compile.ipynb #758f1dc4
+# run by another process: lleaves compiles the model text argv[1] to the object file argv[2]
+_COMPILE = "import sys, lleaves; lleaves.Model(sys.argv[1]).compile(cache=sys.argv[2], fblocksize=1)"
+
+
 def _tree_code(
     booster: Any,  # lightgbm.Booster of a binary classifier
 ) -> Any:
@@ -182,11 +187,12 @@ def _tree_code(
     import lleaves
 
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "model.txt"
-        path.write_text(booster.model_to_string())  # the best iteration's trees, as Booster.predict uses
-        model = lleaves.Model(model_file=str(path))
-        model.compile(fblocksize=1)
-    gc.collect()  # the compiler's IR is cyclic garbage (about 45 MB for 200 trees): free it now, not mid-request
+        text, obj = Path(d) / "model.txt", Path(d) / "model.o"
+        text.write_text(booster.model_to_string())  # the best iteration's trees, as Booster.predict uses
+        # another process builds the code: building is Python that would hold this process's GIL for seconds
+        subprocess.run([sys.executable, "-c", _COMPILE, str(text), str(obj)], check=True, capture_output=True)
+        model = lleaves.Model(model_file=str(text))
+        model.compile(cache=str(obj), fblocksize=1)  # loads the object file: no compiling here
     return model
 
 # %% ../nbs/30_bundle_compile.ipynb #7ef2d230
