@@ -27,7 +27,8 @@ Prints one JSON line per case:
   Big batches are scored by the booster's trees compiled to machine code (`hsml.bundle_compile.TreeCode`, with
   lleaves), built on a background thread at the server's first big batch and used once it gave LightGBM's bytes.
   The batch cases are timed in that steady state: `warm_up` posts batches until `/model` says `"tree_code": "on"`
-  (`http_tree_code`, `http_warm_up_s`). The goal's reference stays LightGBM's `Booster.predict`;
+  (`http_tree_code`, `http_warm_up_s`). Before that, single records are timed while the code is built
+  (`http_single_p99_ms_while_building`: another process builds it, the server's GIL stays free). The goal's reference stays LightGBM's `Booster.predict`;
   `inproc_tree_code_batch1000_rows_per_s` is the machine code in process, the reference for what HTTP itself costs. `batch_end_to_end_rows_per_s` comes from
   `benchmarks/batch.py`'s `run_batch_end_to_end` (null when that file is absent or with `--case serve`).
   `batch1000_cpu_ms` splits one 1000-record JSON batch's CPU by part, in process: `json_decode` (msgspec's
@@ -241,6 +242,23 @@ def ipc_stream(df: pl.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def single_while_building(url: str, bodies: list[bytes], big: bytes, h: dict) -> list[float]:
+    "Single-record latencies (s) from the first big batch until `/model` says the trees' machine code is built."
+    out: list[float] = []
+    with httpx.Client(base_url=url, headers=h, timeout=60) as c:
+        assert c.post("/predict", content=big).status_code == 200  # the first big batch starts the build
+        deadline = time.monotonic() + 120
+        while (
+            c.get("/model").json().get("tree_code") in ("waiting", "compiling")
+            and time.monotonic() < deadline
+        ):
+            for body in bodies[:50]:
+                t = time.perf_counter()
+                c.post("/predict", content=body)
+                out.append(time.perf_counter() - t)
+    return out
+
+
 def warm_up(url: str, bodies: list[bytes], h: dict, deadline_s: float = 120) -> tuple[str, float]:
     """Post batches until every server process says big batches run on the trees' machine code (or never will):
     the steady state is what is timed. (tree_code state, seconds it took). Each round opens new connections, which
@@ -366,6 +384,7 @@ def over_http(
                         blat.append(dt_)
         batch_recs = [[recs[(k * 1000 + i) % len(recs)] for i in range(1000)] for k in range(4)]
         batch_bodies = [json.dumps({"records": b}).encode() for b in batch_recs]
+        building = single_while_building(url, bodies, batch_bodies[0], h)
         rows, wall, server_cpu_s, client_cpu_s, (code, warm_s) = batches(
             url, batch_bodies, h, n_batches, proc.pid
         )
@@ -392,6 +411,9 @@ def over_http(
             "http_single_p50_ms": round(pct(lat, 50) * 1e3, 3),
             "http_single_p99_ms": round(pct(lat, 99) * 1e3, 3),
             "http_single_mean_ms": round(statistics.fmean(lat) * 1e3, 3),
+            # the same single records while another process builds the trees' machine code (once per server)
+            "http_single_n_while_building": len(building),
+            "http_single_p99_ms_while_building": round(pct(building, 99) * 1e3, 3) if building else None,
             "http_batch1000_clients": 4,
             "http_batch1000_requests": 4 * n_batches,
             "http_batch1000_rows_per_s": round(rows / wall),
