@@ -382,6 +382,14 @@ class Compiled:
         if isinstance(self.raw_fn, BoosterProba):
             self.raw_fn.tree_code = bool(on)
 
+    @property
+    def tree_code_state(self) -> str:
+        "Where big batches are scored: 'off' (not asked, or no booster), 'waiting' (for a big batch), 'compiling', 'on' or 'refused: why'."
+        code = self.raw_fn.code if self.tree_code else None
+        if code is None:
+            return "waiting" if self.tree_code else "off"
+        return f"refused: {code.why}" if code.state == "refused" else code.state
+
 # %% ../nbs/30_bundle_compile.ipynb #46a27a456b804aa2a380d5edf15a5daf
 def _num_part(trans: Any, idx: list[int]) -> tuple[Callable, bool]:
     "(numeric branch on the matrix, whether it passes its columns through unchanged)."

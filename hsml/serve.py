@@ -30,9 +30,9 @@ __all__ = ['LOG_FIELDS', 'LOG_KEYS', 'LOG_SCHEMA', 'RAW_COMPANY_COLUMNS', 'RAW_C
            'arrow_problem', 'JsonBody', 'RequestId', 'record_model', 'request_model', 'FastRecords', 'features_hash',
            'score_ranks', 'PredictionLog', 'CompanyRequest', 'request_frames', 'validate_request', 'company_features',
            'experiment_arms', 'service_description', 'Problem', 'problem_response', 'problem_handler', 'fields_problem',
-           'validation_problem', 'arrow_table', 'ArrowRecords', 'ServeState', 'tree_code_state', 'predictions_json',
-           'require_token', 'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready',
-           'model', 'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
+           'validation_problem', 'arrow_table', 'ArrowRecords', 'ServeState', 'predictions_json', 'require_token',
+           'json_body', 'predict_body', 'request_id', 'predict', 'predict_company', 'health', 'ready', 'model',
+           'error_responses', 'DirectRoute', 'add_routes', 'lifespan', 'create_app', 'log_sink_from_catalog',
            'worker_env', 'app_from_env', 'serve', 'serve_cmd']
 
 # %% ../nbs/32_serve.ipynb #acae54e37e7d407bbb7b55eff062a284
@@ -54,7 +54,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .bundle import Bundle, load_bundle, polars_dtype
-from .bundle_compile import Compiled
 from .score import off_anchor_warning
 from .core import HsmlError
 from .serve_guard import Guard, InFlightLimit, drain_on_sigterm, quiet_sigterm
@@ -134,13 +133,15 @@ _NUMERIC = {"number": float, "integer": int, "boolean": bool}
 
 
 def _bounds(
-    f: dict,  # a number, integer or boolean field of the input schema
-) -> tuple[float, float]:
-    "(lower bound, upper bound) of a numeric field, infinite where it has none."
-    if f["type"] not in _NUMERIC:
-        raise ValueError(f"field {f['name']!r}: {f['type']} is not a numeric kind")
-    lo, hi = f.get("minimum"), f.get("maximum")
-    return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+    fields: dict,  # the input schema's fields by name
+    names: list[str],  # numeric (number, integer or boolean) fields, in matrix order
+) -> tuple[np.ndarray, np.ndarray]:
+    "(lower bounds, upper bounds) of the numeric fields `names` as float64 arrays, infinite where a field has none."
+    for n in names:
+        if fields[n]["type"] not in _NUMERIC:
+            raise ValueError(f"field {n!r}: {fields[n]['type']} is not a numeric kind")
+    lo, hi = (np.array([fields[n].get(k) for n in names], dtype=np.float64) for k in ("minimum", "maximum"))
+    return np.where(np.isnan(lo), -np.inf, lo), np.where(np.isnan(hi), np.inf, hi)  # None read as NaN
 
 # %% ../nbs/32_serve.ipynb #8edb47106e1a46a883d545849b8ab81b
 def _levels(
@@ -196,10 +197,11 @@ class FastRecords:
             raise ValueError("num and cat must split the schema's fields")
         attr = {f["name"]: f"f{j}" for j, f in enumerate(schema["fields"])}
         self.num, self.cat, self.max_records, self.decoder = num, cat, max_records, _body_decoder(schema)
-        self.lo, self.hi = (np.array([_bounds(fields[n])[k] for n in num]) for k in (0, 1))
+        self.lo, self.hi = _bounds(fields, num)
         self.bounded = bool(np.isfinite(self.lo).any() or np.isfinite(self.hi).any())
-        one = (lambda r, a=attr[num[0]]: (getattr(r, a),)) if len(num) == 1 else None
-        self.get_num = one or (operator.attrgetter(*[attr[n] for n in num]) if num else None)
+        self.get_num = (
+            operator.attrgetter(*[attr[n] for n in num]) if num else None
+        )  # one name: a value, not a tuple
         self.get_cats = [operator.attrgetter(attr[n]) for n in cat]
 
 # %% ../nbs/32_serve.ipynb #b8030675
@@ -212,7 +214,7 @@ def matrix(
     if not self.num:
         return np.empty((len(recs), 0))
     try:
-        X = np.array(list(map(self.get_num, recs)), dtype=np.float64)
+        X = np.array(list(map(self.get_num, recs)), dtype=np.float64).reshape(len(recs), len(self.num))
     except OverflowError:  # an integer beyond float64: pydantic decides
         return None
     if self.bounded and ((X < self.lo).any() or (X > self.hi).any()):
@@ -894,7 +896,7 @@ class ArrowRecords:
         if len(fields) != len(num) + len(cat):
             raise ValueError("num and cat must split the schema's fields")
         self.num, self.cat, self.max_records = num, cat, max_records
-        self.lo, self.hi = (np.array([_bounds(fields[n])[k] for n in num]) for k in (0, 1))
+        self.lo, self.hi = _bounds(fields, num)
         self.levels = {n: pa.array(fields[n]["categories"], pa.string()) for n in cat if _levels(fields[n])}
 
 # %% ../nbs/32_serve.ipynb #ab2b8afa
@@ -1152,19 +1154,6 @@ def log_to(self: ServeState) -> str:
     "Where the prediction log goes (a sink's description or the JSONL file)."
     return self.log_sink.describe() if self.log_sink is not None else str(self.log_path)
 
-# %% ../nbs/32_serve.ipynb #f6b2ce11
-def tree_code_state(
-    c: Compiled | None,  # the bundle's compiled path
-) -> str:
-    "Where big batches are scored: 'off' (not asked, or no LightGBM booster), 'waiting' (for the first big batch), 'compiling', 'on', or 'refused: why'."
-    raw = getattr(c, "raw_fn", None)
-    if not getattr(raw, "tree_code", False):
-        return "off"
-    code = raw.code
-    if code is None:
-        return "waiting"
-    return f"refused: {code.why}" if code.state == "refused" else code.state
-
 # %% ../nbs/32_serve.ipynb #30ac6c30
 @patch(as_prop=True)
 def model_info(self: ServeState) -> dict:
@@ -1178,7 +1167,7 @@ def model_info(self: ServeState) -> dict:
         "digest": b.digest,
         "path": str(b.path),
         "fast_path": b.fast,
-        "tree_code": tree_code_state(b.compiled),
+        "tree_code": b.compiled.tree_code_state if b.compiled is not None else "off",
         "bundle": b.info,
         "data_fingerprints": b.info.get("data_fingerprints", {}),
         "training_set_hash": b.info.get("training_set_hash"),
